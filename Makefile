@@ -1,0 +1,25 @@
+# Two commands take a fresh clone to working:
+#   make demo   - installs into .venv, then runs the whole pipeline on built-in synthetic data
+#   make test   - installs into .venv (with test tools), then runs the test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint install
+
+$(BIN)/dpl: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(BIN)/dpl
+
+install: $(BIN)/dpl
+
+demo: install
+	$(BIN)/dpl demo --out dpl-demo
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .

@@ -1,0 +1,1 @@
+"""The dpl command-line interface: one thin typer module per stage."""

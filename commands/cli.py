@@ -1,0 +1,71 @@
+"""Entry point of the ``dpl`` command: registers one sub-command per stage."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from dpl_tools.errors import DplError
+
+app = typer.Typer(
+    name="dpl",
+    help="Pseudo-label polishing for semi-supervised object detection "
+    "(offline form of 'Mind the Gap', AAAI 2023).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _register() -> None:
+    from commands import (
+        convert,
+        demo,
+        evaluate,
+        polish,
+        report,
+        run,
+        show,
+        split,
+        synth_noise,
+        train_polisher,
+        train_student,
+        train_teacher,
+    )
+
+    for name, module in [
+        ("convert", convert),
+        ("split", split),
+        ("train-teacher", train_teacher),
+        ("synth-noise", synth_noise),
+        ("train-polisher", train_polisher),
+        ("polish", polish),
+        ("train-student", train_student),
+        ("evaluate", evaluate),
+        ("run", run),
+        ("demo", demo),
+        ("report", report),
+        ("show", show),
+    ]:
+        app.command(name, help=module.__doc__)(module.command)
+
+
+_register()
+
+
+def main() -> None:
+    """Run the CLI; user errors become one ``error:`` line on stderr and exit status 1."""
+    try:
+        app()
+    except DplError as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("[bold red]interrupted[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data: COCO annotations, robust image decoding, format conversion, splits, Parquet."""

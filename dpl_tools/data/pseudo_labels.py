@@ -1,0 +1,91 @@
+"""The pseudo-label Parquet format written by ``dpl polish`` and read by later stages.
+
+One row per teacher box kept at the initial score threshold, holding both the raw
+(teacher) and the polished view so users can audit and re-threshold without rerunning
+models. An image with no kept box still has one row (box fields null) so "looked at and
+found nothing" differs from "not processed"; an image that could not be decoded has one
+row with ``status = "skipped"`` and the reason in ``error``. Labels are COCO category ids.
+A directory of part files (``part-*.parquet``, from sharded runs) reads as one dataset.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dpl_tools.errors import DplError
+
+BOX_COLUMNS = ("x1", "y1", "x2", "y2")
+
+SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("file_name", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("status", pa.string()),  # "ok" or "skipped"
+        ("error", pa.string()),  # reason an image was skipped, else null
+        *[(f"teacher_{c}", pa.float32()) for c in BOX_COLUMNS],
+        ("teacher_label", pa.int32()),
+        ("teacher_score", pa.float32()),
+        *[(f"polished_{c}", pa.float32()) for c in BOX_COLUMNS],
+        ("polished_label", pa.int32()),
+        ("polisher_prob", pa.float32()),  # classification polisher's best foreground prob
+        ("use_cls", pa.bool_()),  # box is a classification pseudo label
+        ("use_reg", pa.bool_()),  # box is a regression pseudo label
+    ]
+)
+
+# Keys of the file's key-value metadata (values are JSON strings).
+META_CATEGORIES = "dpl.categories"  # [{"id": 1, "name": "..."}, ...]
+META_THRESHOLDS = "dpl.thresholds"  # {"initial": 0.5, "cls_prob": 0.9, "teacher_score": 0.9, ...}
+META_TEACHER = "dpl.teacher_sha256"
+META_POLISHER = "dpl.polisher_sha256"
+META_VERSION = "dpl.version"
+
+
+def encode_metadata(meta: dict[str, Any]) -> dict[bytes, bytes]:
+    """JSON-encode metadata values for a Parquet schema."""
+    return {k.encode(): json.dumps(v).encode() for k, v in meta.items()}
+
+
+def decode_metadata(raw: dict[bytes, bytes] | None) -> dict[str, Any]:
+    """Inverse of ``encode_metadata``; keys other than ``dpl.*`` are ignored."""
+    out: dict[str, Any] = {}
+    for k, v in (raw or {}).items():
+        key = k.decode()
+        if key.startswith("dpl."):
+            out[key] = json.loads(v.decode())
+    return out
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(path.glob("*.parquet"))
+        if not files:
+            raise DplError(f"{path}: directory holds no .parquet part files")
+        return files
+    if not path.is_file():
+        raise DplError(f"{path}: pseudo-label file not found")
+    return [path]
+
+
+def read_pseudo_labels(path: str | Path) -> tuple[pa.Table, dict[str, Any]]:
+    """Read a pseudo-label file or part-file directory: (table, decoded metadata)."""
+    path = Path(path)
+    tables, meta = [], {}
+    for f in _files(path):
+        try:
+            t = pq.read_table(f)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DplError(f"{f}: not a readable Parquet file ({e})") from None
+        missing = [n for n in SCHEMA.names if n not in t.column_names]
+        if missing:
+            raise DplError(f"{f}: not a dpl pseudo-label file (missing {', '.join(missing)})")
+        meta = meta or decode_metadata(t.schema.metadata)
+        tables.append(t.select(SCHEMA.names).cast(SCHEMA))
+    return pa.concat_tables(tables), meta

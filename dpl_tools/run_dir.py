@@ -1,0 +1,43 @@
+"""The run directory: where each stage writes its artifact and finds the earlier ones.
+
+Every command takes ``--run-dir`` (default ``./dpl-run``); explicit paths override.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dpl_tools.errors import DplError
+
+DEFAULT_RUN_DIR = Path("dpl-run")
+
+# Artifact names inside a run directory, one per stage.
+ARTIFACTS = {
+    "labeled": "split/labeled.json",
+    "unlabeled": "split/unlabeled.json",
+    "unlabeled_gt": "split/unlabeled_gt.json",
+    "teacher": "teacher.pt",
+    "noise": "noise.parquet",
+    "polisher": "polisher.pt",
+    "labels": "labels.parquet",
+    "student": "student.pt",
+}
+
+
+def artifact(run_dir: str | Path | None, name: str) -> Path:
+    """Standard path of artifact ``name`` (a key of ARTIFACTS) in ``run_dir``."""
+    return Path(run_dir or DEFAULT_RUN_DIR) / ARTIFACTS[name]
+
+
+def resolve_input(explicit: str | Path | None, run_dir: str | Path | None, name: str) -> Path:
+    """The explicit path if given, else the run directory's artifact; it must exist."""
+    path = Path(explicit) if explicit else artifact(run_dir, name)
+    if not path.exists():
+        hint = "" if explicit else f" (no --{name} given; looked in the run directory)"
+        raise DplError(f"{path}: {name} not found{hint}")
+    return path
+
+
+def resolve_output(explicit: str | Path | None, run_dir: str | Path | None, name: str) -> Path:
+    """The explicit output path if given, else the run directory's artifact path."""
+    return Path(explicit) if explicit else artifact(run_dir, name)

@@ -1,0 +1,22 @@
+"""Shared fixtures: small synthetic detection data made on the fly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpl_tools.data.synthetic import make_synthetic_dataset
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory) -> Path:
+    """24 images of 128x96 px with 1-3 shapes each; returns the COCO JSON path.
+
+    Images live in ``<json dir>/images``. Session-scoped: treat as read-only.
+    """
+    out = tmp_path_factory.mktemp("synth")
+    return make_synthetic_dataset(out, num_images=24, image_size=(128, 96), max_objects=3, seed=0)
