@@ -1,7 +1,113 @@
-"""(not implemented yet)"""
+"""Convert Pascal VOC XML or YOLO txt annotations to one validated COCO JSON.
 
+VOC: SRC is a VOC root (Annotations/, JPEGImages/, ImageSets/Main/) or a
+folder of XML files; boxes follow the VOC 1-based inclusive convention
+(x = xmin - 1, w = xmax - xmin + 1). YOLO: SRC holds images/ and labels/
+(optionally per split) or txt files beside the images; class names come
+from data.yaml or classes.txt. COCO: validated pass-through.
+
+Every problem found is repaired or dropped and counted. File names in the
+output are relative to the images folder printed at the end: pass it to
+later commands as --images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dpl_tools.data.coco import CocoData, ValidationReport, save_coco
+from dpl_tools.data.convert import FORMATS, convert
 from dpl_tools.errors import DplError
 
 
-def command() -> None:
-    raise DplError("this command is not implemented yet")
+def print_report(console: Console, report: ValidationReport) -> None:
+    """A table of every validation problem: count, what was done, first example."""
+    if report.clean:
+        console.print(f"[green]validation: no problems found[/] in {report.path}")
+        return
+    table = Table(title=f"validation of {report.path}", title_justify="left")
+    table.add_column("problem (action)")
+    table.add_column("count", justify="right")
+    table.add_column("first example", overflow="fold")
+    for problem, n in sorted(report.counts.items()):
+        table.add_row(problem, str(n), report.examples[problem])
+    console.print(table)
+
+
+def print_summary(console: Console, coco: CocoData, title: str) -> None:
+    """Images, boxes and classes of a set, with boxes per class."""
+    per_class: dict[int, int] = {c["id"]: 0 for c in coco.categories}
+    for a in coco.annotations:
+        per_class[a["category_id"]] += 1
+    table = Table(title=title, title_justify="left")
+    table.add_column("class", min_width=12)
+    table.add_column("boxes", justify="right")
+    for c in coco.categories:
+        table.add_row(str(c["name"]), str(per_class[c["id"]]))
+    console.print(table)
+    console.print(
+        f"{len(coco.images)} images, {len(coco.annotations)} boxes, {len(coco.categories)} classes"
+    )
+
+
+def command(
+    src: Annotated[
+        Path, typer.Argument(help="VOC root / XML folder, YOLO dataset folder, or COCO JSON.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="COCO JSON file to write.")],
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help=f"Input format: {', '.join(FORMATS)}.")
+    ] = "voc",
+    split: Annotated[
+        str | None,
+        typer.Option(
+            "--split",
+            help="VOC: ImageSets/Main/<split>.txt; YOLO: images/<split>/ (or <split>/images/).",
+        ),
+    ] = None,
+    classes: Annotated[
+        str | None,
+        typer.Option(
+            "--classes",
+            help="Comma-separated class names fixing category order (VOC default: sorted "
+            "names found; YOLO default: data.yaml / classes.txt).",
+        ),
+    ] = None,
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            "--images",
+            help="Images folder (VOC: overrides JPEGImages/; COCO: check that files exist).",
+        ),
+    ] = None,
+    skip_difficult: Annotated[
+        bool,
+        typer.Option(
+            "--skip-difficult",
+            help="VOC: drop objects marked difficult (default: keep them, tagged difficult=1).",
+        ),
+    ] = False,
+) -> None:
+    console = Console()
+    names = [n.strip() for n in classes.split(",") if n.strip()] if classes else None
+    if classes is not None and not names:
+        raise DplError("--classes is empty")
+    fmt = fmt.lower()
+    if fmt not in FORMATS:
+        raise DplError(f"unknown --format '{fmt}' (choose from {', '.join(FORMATS)})")
+    if fmt == "coco" and split is not None:
+        raise DplError("--split applies to --format voc and yolo only")
+    result = convert(fmt, src, split, names, images, skip_difficult)
+    print_report(console, result.coco.report)
+    save_coco(result.coco, out)
+    print_summary(console, result.coco, "converted")
+    console.print(f"wrote {out}")
+    if result.images_dir is not None:
+        console.print(f"images folder (pass as --images): {result.images_dir}")
+    elif fmt != "coco":
+        console.print("[yellow]no images folder found: image files were not checked[/]")

@@ -1,7 +1,66 @@
-"""(not implemented yet)"""
+"""Split a labeled COCO set by the SSOD protocol: P% labeled, rest unlabeled.
 
+The labeled images are drawn reproducibly from --fold and --seed. Writes
+labeled.json (images + boxes), unlabeled.json (images only) and
+unlabeled_gt.json (the unlabeled images with their true boxes, to evaluate
+pseudo labels later) into --out-dir (default: <run-dir>/split).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from commands.convert import print_report
+from commands.options import RunDir, Seed
+from dpl_tools.data.coco import load_coco
+from dpl_tools.data.split import split_coco, write_split
 from dpl_tools.errors import DplError
+from dpl_tools.run_dir import DEFAULT_RUN_DIR, artifact
 
 
-def command() -> None:
-    raise DplError("this command is not implemented yet")
+def command(
+    ann: Annotated[Path, typer.Argument(help="Labeled COCO JSON to split.")],
+    percent: Annotated[
+        float | None,
+        typer.Option("--percent", "-p", help="Percent of images kept labeled (default 10)."),
+    ] = None,
+    labeled_count: Annotated[
+        int | None,
+        typer.Option("--labeled-count", help="Number of labeled images (instead of --percent)."),
+    ] = None,
+    fold: Annotated[
+        int, typer.Option("--fold", help="Fold number: each fold draws a different subset.")
+    ] = 1,
+    seed: Seed = 0,
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            "--images", help="Images folder: drop (and count) images whose file is missing."
+        ),
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out-dir", help="Output folder (default: <run-dir>/split)."),
+    ] = None,
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+) -> None:
+    console = Console()
+    if percent is not None and labeled_count is not None:
+        raise DplError("give --percent or --labeled-count, not both")
+    coco = load_coco(ann, images)
+    print_report(console, coco.report)
+    result = split_coco(coco, percent, labeled_count, fold, seed)
+    out_dir = out_dir or artifact(run_dir, "labeled").parent
+    paths = write_split(result, out_dir)
+    table = Table(title=f"split of {ann} (fold {fold}, seed {seed})", title_justify="left")
+    for column in ("file", "images", "boxes"):
+        table.add_column(column, justify="left" if column == "file" else "right")
+    for name, path in paths.items():
+        part = getattr(result, name)
+        table.add_row(str(path), str(len(part["images"])), str(len(part["annotations"])))
+    console.print(table)

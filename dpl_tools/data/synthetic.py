@@ -72,7 +72,8 @@ def make_synthetic_dataset(
             x1 = rng.uniform(0, width - w)
             y1 = rng.uniform(0, height - h)
             jitter = rng.integers(-35, 36, size=3)
-            colour = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(_BASE_COLOURS[shape], jitter))
+            rgb = np.clip(np.array(_BASE_COLOURS[shape]) + jitter, 0, 255)
+            colour = tuple(int(c) for c in rgb)
             box = (float(x1), float(y1), float(x1 + w), float(y1 + h))
             _draw_shape(draw, shape, box, colour)
             annotations.append(
