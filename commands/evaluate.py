@@ -1,7 +1,102 @@
-"""(not implemented yet)"""
+"""Evaluate a detector checkpoint against COCO ground truth (AP, AP50, AP75, APs/m/l).
 
+Detections use COCO practice (score >= 0.001, at most 100 per image). --json saves
+the metrics, --predictions the COCO results JSON (COCO category ids). With --pseudo,
+scores a dpl polish output instead: teacher view vs polished view against --ann.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from commands.options import Device, RunDir
+from dpl_tools.data.coco import load_coco
+from dpl_tools.data.pseudo_labels import read_pseudo_labels
 from dpl_tools.errors import DplError
+from dpl_tools.evaluation.coco_eval import METRICS
+from dpl_tools.evaluation.detector_eval import evaluate_model
+from dpl_tools.evaluation.pseudo_quality import format_quality_table, pseudo_label_quality
+from dpl_tools.io import write_json
+from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input
 
 
-def command() -> None:
-    raise DplError("this command is not implemented yet")
+def print_metrics(console: Console, metrics: dict[str, float], title: str) -> None:
+    """The COCO metrics as a one-row table (n/a where the ground truth has no such box)."""
+    table = Table(title=title, title_justify="left")
+    for name in METRICS:
+        table.add_column(name, justify="right")
+    table.add_row(*("n/a" if metrics[n] < 0 else f"{metrics[n]:.3f}" for n in METRICS))
+    console.print(table)
+
+
+def evaluate_pseudo(console: Console, pseudo: Path, ann: Path, json_out: Path | None) -> None:
+    """Pseudo-label quality of a ``dpl polish`` output: teacher vs polished view."""
+    table, _ = read_pseudo_labels(pseudo)
+    result = pseudo_label_quality(table, load_coco(ann))
+    console.print(format_quality_table(result))
+    if json_out:
+        write_json(json_out, result, indent=2)
+        console.print(f"figures written to {json_out}")
+
+
+def command(
+    ann: Annotated[Path, typer.Option("--ann", help="Ground-truth COCO JSON.")],
+    pseudo: Annotated[
+        Path | None,
+        typer.Option(
+            "--pseudo",
+            help="Instead of a model: pseudo labels from dpl polish (file or part directory), "
+            "scored against --ann, teacher view vs polished view.",
+        ),
+    ] = None,
+    images: Annotated[
+        Path | None,
+        typer.Option("--images", help="Folder the file names in --ann are relative to."),
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Detector checkpoint (default: <run-dir>/teacher.pt)."),
+    ] = None,
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Images per inference batch.")
+    ] = 4,
+    workers: Annotated[
+        int, typer.Option("--workers", help="DataLoader workers decoding images.")
+    ] = 2,
+    device: Device = "auto",
+    score_thresh: Annotated[
+        float, typer.Option("--score-thresh", help="Keep detections with at least this score.")
+    ] = 0.001,
+    max_dets: Annotated[int, typer.Option("--max-dets", help="Detections kept per image.")] = 100,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Save the metrics as JSON here.")
+    ] = None,
+    predictions: Annotated[
+        Path | None,
+        typer.Option("--predictions", help="Save the detections as COCO results JSON here."),
+    ] = None,
+) -> None:
+    console = Console()
+    if pseudo is not None:
+        evaluate_pseudo(console, pseudo, ann, json_out)
+        return
+    if images is None:
+        raise DplError("evaluating a model needs --images (the folder of the --ann images)")
+    model_path = resolve_input(model, run_dir, "teacher")
+    result = evaluate_model(
+        model_path, ann, images, batch_size, device, workers, score_thresh, max_dets, console
+    )
+    print_metrics(console, result.metrics, f"{model_path} on {ann} ({result.num_images} images)")
+    console.print(f"inference: {result.seconds:.1f} s, {result.images_per_s:.2f} images/s")
+    if json_out:
+        write_json(json_out, {**result.metrics, **result.summary()}, indent=2)
+        console.print(f"metrics written to {json_out}")
+    if predictions:
+        write_json(predictions, result.detections)
+        console.print(f"{len(result.detections)} detections written to {predictions}")

@@ -1,7 +1,57 @@
-"""(not implemented yet)"""
+"""Write a self-contained static HTML report of a pseudo-label file (open <out>/index.html).
 
-from dpl_tools.errors import DplError
+Summary counts, score / probability / box-shift histograms, with --ann the quality against
+ground truth, and a paged gallery of thumbnails (largest corrections first, filterable by
+class). --max-images bounds the gallery so a huge run still reports quickly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dpl_tools.report.build import build_report
 
 
-def command() -> None:
-    raise DplError("this command is not implemented yet")
+def command(
+    labels: Annotated[
+        Path, typer.Argument(help="Pseudo-label Parquet file (or part-file folder) of dpl polish.")
+    ],
+    images: Annotated[
+        Path, typer.Option("--images", help="Folder the file names in the labels are relative to.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Report folder to write (replaced if it holds a report).")
+    ] = Path("report"),
+    ann: Annotated[
+        Path | None,
+        typer.Option("--ann", help="Ground-truth COCO JSON: adds pseudo-label quality plots."),
+    ] = None,
+    max_images: Annotated[
+        int, typer.Option("--max-images", help="Images in the gallery (largest corrections first).")
+    ] = 200,
+    page_size: Annotated[
+        int, typer.Option("--page-size", help="Thumbnails per gallery page.")
+    ] = 50,
+    thumb_size: Annotated[
+        int, typer.Option("--thumb-size", help="Long side of a thumbnail in pixels.")
+    ] = 320,
+) -> None:
+    console = Console()
+    result = build_report(labels, images, out, ann, max_images, page_size, thumb_size, console)
+    s = result.summary
+    table = Table(title=f"Report of {labels}", title_justify="left")
+    for col in ("images", "skipped", "boxes", "changed", "kept cls", "kept reg", "gallery"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        str(s.images_ok), str(s.images_skipped), str(s.teacher_boxes), str(s.labels_changed),
+        str(s.kept_cls), str(s.kept_reg), f"{result.gallery_images} in {result.pages} pages",
+    )  # fmt: skip
+    console.print(table)
+    if result.unreadable:
+        console.print(f"[yellow]{len(result.unreadable)} unreadable image(s) listed in the report")
+    console.print(f"report written to {result.index}")

@@ -1,7 +1,117 @@
-"""(not implemented yet)"""
+"""Train the teacher detector (Faster R-CNN + FPN) on the labeled images.
 
-from dpl_tools.errors import DplError
+SGD with warm-up and step decay, flip + multi-scale resize, AMP on GPU,
+DDP under torchrun (--batch-size is per process). Settings: built-in
+defaults < --config preset < flags. Periodic checkpoints go to
+<out stem>.last.pt; --resume continues from there (or from --out, to
+train a finished teacher further with a larger --iters).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from commands.options import Device, RunDir, Seed
+from dpl_tools.config import load_config
+from dpl_tools.engine.train_detector import train_teacher
+from dpl_tools.models.detector import ARCHS
+from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_output
+from dpl_tools.runtime import cleanup_distributed
 
 
-def command() -> None:
-    raise DplError("this command is not implemented yet")
+def command(
+    ann: Annotated[
+        Path, typer.Option("--ann", help="Labeled COCO JSON (e.g. split/labeled.json).")
+    ],
+    images: Annotated[
+        Path, typer.Option("--images", help="Folder the file names in --ann are relative to.")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Checkpoint to write (default: <run-dir>/teacher.pt)."),
+    ] = None,
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    config: Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            help="Preset name (cpu_mobilenet, coco_r50_fpn, voc_r50_fpn) or a YAML path.",
+        ),
+    ] = None,
+    arch: Annotated[
+        str | None, typer.Option("--arch", help=f"Detector: {', '.join(ARCHS)}.")
+    ] = None,
+    backbone_weights: Annotated[
+        str | None,
+        typer.Option(
+            "--backbone-weights", help="imagenet (torchvision weights), none, or a checkpoint path."
+        ),
+    ] = None,
+    min_size: Annotated[
+        int | None, typer.Option("--min-size", help="Test-time shorter image side (px).")
+    ] = None,
+    max_size: Annotated[
+        int | None, typer.Option("--max-size", help="Longest image side cap (px).")
+    ] = None,
+    iters: Annotated[
+        int | None, typer.Option("--iters", help="Training iterations (total).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Images per iteration per process.")
+    ] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Base SGD learning rate.")] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="DataLoader worker processes.")
+    ] = None,
+    device: Device = "auto",
+    seed: Seed = 0,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the last checkpoint of this --out.")
+    ] = False,
+    checkpoint_every: Annotated[
+        int | None,
+        typer.Option(
+            "--checkpoint-every", help="Write a checkpoint every N iterations (0: only at the end)."
+        ),
+    ] = None,
+) -> None:
+    console = Console()
+    cfg = load_config(
+        config,
+        {
+            "model": {
+                "arch": arch,
+                "backbone_weights": backbone_weights,
+                "min_size": min_size,
+                "max_size": max_size,
+            },
+            "teacher": {
+                "iters": iters,
+                "batch_size": batch_size,
+                "lr": lr,
+                "workers": workers,
+                "checkpoint_every": checkpoint_every,
+            },
+        },
+    )
+    out = resolve_output(out, run_dir, "teacher")
+    try:
+        _, spec, result = train_teacher(ann, images, out, cfg, device, seed, resume, console)
+    finally:
+        cleanup_distributed()
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports
+        return
+    table = Table(title=f"teacher {out}", title_justify="left", show_header=False)
+    table.add_row(
+        "architecture", f"{spec.arch} ({len(spec.categories)} classes, {spec.min_size} px)"
+    )
+    table.add_row("iterations", f"{result.iterations} ({result.iterations_run} in this run)")
+    table.add_row("time", f"{result.seconds:.1f} s ({result.images_per_s:.2f} images/s)")
+    table.add_row("last loss", f"{result.last_loss:.4f}")
+    console.print(table)

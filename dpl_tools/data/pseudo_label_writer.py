@@ -1,0 +1,172 @@
+"""Crash-safe, resumable, sharded writing of pseudo-label Parquet files.
+
+Each batch of images is written as its own small Parquet chunk (tmp file + rename, so a
+chunk is either whole or absent) in a hidden staging folder beside the output,
+``.<name>.staging/``. A rerun reads the chunks' image names and skips those images; when
+every image is done the chunks are merged, streaming, into the output (again tmp +
+rename) and the staging folder is removed. A kill at any moment therefore loses at most
+the batch in flight, never duplicates a row and never leaves a half-written output.
+
+A finished output written with the same teacher, polisher, classes and thresholds counts
+as done: its images are skipped, and new images (e.g. added to the folder) are merged
+into it. Sharded runs write ``part-IIIII-of-NNNNN.parquet`` into an output directory,
+which reads as one dataset (``read_pseudo_labels`` / ``pyarrow.dataset``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dpl_tools.data.pseudo_labels import (
+    META_CATEGORIES,
+    META_POLISHER,
+    META_TEACHER,
+    META_THRESHOLDS,
+    SCHEMA,
+    decode_metadata,
+    encode_metadata,
+)
+from dpl_tools.errors import DplError
+from dpl_tools.io import atomic_path
+
+# Metadata that must match for a rerun to resume or reuse earlier output.
+FINGERPRINT_KEYS = (META_CATEGORIES, META_THRESHOLDS, META_TEACHER, META_POLISHER)
+CHUNK_GLOB = "chunk-*.parquet"
+ROW_GROUP_ROWS = 32768
+
+
+def part_name(index: int, count: int) -> str:
+    """File name of shard ``index`` of ``count`` in a part-file output directory."""
+    return f"part-{index:05d}-of-{count:05d}.parquet"
+
+
+def output_file(out: str | Path, shard_index: int = 0, shard_count: int = 1) -> Path:
+    """The Parquet file this process writes: ``out`` itself for a single ``.parquet`` file,
+    else ``out/part-IIIII-of-NNNNN.parquet`` (sharded runs, or ``out`` a directory)."""
+    out = Path(out)
+    if shard_count == 1 and out.suffix.lower() == ".parquet" and not out.is_dir():
+        return out
+    if out.is_file():
+        raise DplError(f"{out}: a sharded run needs --out to be a directory, not a file")
+    return out / part_name(shard_index, shard_count)
+
+
+def staging_dir(dest: str | Path) -> Path:
+    """Hidden folder beside ``dest`` holding its chunks while a run is under way."""
+    dest = Path(dest)
+    return dest.parent / f".{dest.name}.staging"
+
+
+def _fingerprint(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: meta.get(k) for k in FINGERPRINT_KEYS}
+
+
+def _names(path: Path) -> list[str]:
+    """File names in one Parquet file (only that column is read)."""
+    try:
+        return pq.read_table(path, columns=["file_name"])["file_name"].to_pylist()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DplError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def rows_to_table(columns: dict[str, list], metadata: dict[str, Any] | None = None) -> pa.Table:
+    """A table in the pseudo-label SCHEMA from per-column lists (missing columns are null)."""
+    n = len(columns["file_name"])
+    arrays = [pa.array(columns.get(f.name, [None] * n), type=f.type) for f in SCHEMA]
+    schema = SCHEMA.with_metadata(encode_metadata(metadata)) if metadata else SCHEMA
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+class PseudoLabelWriter:
+    """Writes one pseudo-label file batch by batch, resumably (see module docstring)."""
+
+    def __init__(self, dest: str | Path, metadata: dict[str, Any], overwrite: bool = False):
+        self.dest = Path(dest)
+        self.staging = staging_dir(self.dest)
+        self.metadata = metadata
+        self.schema = SCHEMA.with_metadata(encode_metadata(metadata))
+        self.overwrite = overwrite
+        self._keep_existing = False
+
+    def _check_same_job(self, path: Path, what: str) -> None:
+        try:
+            theirs = decode_metadata(pq.read_schema(path).metadata)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DplError(f"{path}: not a readable Parquet file ({e})") from None
+        if _fingerprint(theirs) != _fingerprint(self.metadata):
+            differ = [
+                k.removeprefix("dpl.")
+                for k in FINGERPRINT_KEYS
+                if theirs.get(k) != self.metadata.get(k)
+            ]
+            raise DplError(
+                f"{path}: {what} was written with a different {', '.join(differ)}; "
+                "pass --overwrite to start again or choose another --out"
+            )
+
+    def open(self) -> set[str]:
+        """Prepare the staging folder; return the file names already written (to skip)."""
+        if self.overwrite:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True, exist_ok=True)
+        for stray in self.staging.glob(".*.tmp"):  # a chunk being written when killed
+            stray.unlink(missing_ok=True)
+        done: set[str] = set()
+        if self.dest.exists() and not self.overwrite:
+            self._check_same_job(self.dest, "the existing output")
+            done.update(_names(self.dest))
+            self._keep_existing = True
+        for chunk in self.chunks():
+            self._check_same_job(chunk, "an unfinished earlier run's chunk")
+            names = _names(chunk)
+            if done.intersection(names) and self._keep_existing:
+                # Killed after the merge was renamed into place but before cleanup.
+                chunk.unlink()
+                continue
+            done.update(names)
+        return done
+
+    def chunks(self) -> list[Path]:
+        """Finished chunk files, in image-list order."""
+        return sorted(self.staging.glob(CHUNK_GLOB)) if self.staging.is_dir() else []
+
+    def write_chunk(self, table: pa.Table, first_index: int) -> Path:
+        """Write one batch's rows atomically; ``first_index`` (position of its first image in
+        this process's image list) names the chunk so the merge keeps list order."""
+        path = self.staging / f"chunk-{first_index:09d}.parquet"
+        with atomic_path(path) as tmp:
+            pq.write_table(table.cast(self.schema), tmp)
+        return path
+
+    def finish(self) -> bool:
+        """Merge the chunks (and an earlier finished output) into ``dest``; drop the staging
+        folder. Returns False when there was nothing new to write."""
+        chunks = self.chunks()
+        if not chunks and self.dest.exists() and self._keep_existing:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            return False
+        sources = ([self.dest] if self._keep_existing else []) + chunks
+        with atomic_path(self.dest) as tmp:
+            with pq.ParquetWriter(tmp, self.schema) as writer:
+                pending: list[pa.Table] = []
+                rows = 0
+                for source in sources:
+                    parquet = pq.ParquetFile(source)
+                    for i in range(parquet.num_row_groups):
+                        group = parquet.read_row_group(i).cast(self.schema)
+                        pending.append(group)
+                        rows += group.num_rows
+                        if rows >= ROW_GROUP_ROWS:
+                            writer.write_table(pa.concat_tables(pending))
+                            pending, rows = [], 0
+                if pending or not sources:
+                    writer.write_table(
+                        pa.concat_tables(pending) if pending else self.schema.empty_table()
+                    )
+        shutil.rmtree(self.staging, ignore_errors=True)
+        return True

@@ -1,0 +1,1 @@
+"""Engines: detector training loop and batched inference."""

@@ -1,0 +1,1 @@
+"""Models: the Faster R-CNN detector builder, detector checkpoints, polishers, student."""

@@ -1,0 +1,118 @@
+"""Single-file detector checkpoints: weights + everything needed to rebuild the model.
+
+A checkpoint is a ``torch.save``'d dict (loadable with ``weights_only=True``) holding the
+format tag, dpl version, the ``DetectorSpec`` (architecture, class list, input size), the
+builder options, the state dict and, while training, the optimizer/iteration state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+
+from dpl_tools import __version__
+from dpl_tools.errors import DplError
+from dpl_tools.io import atomic_path
+
+FORMAT = "dpl-detector"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class DetectorSpec:
+    """What a detector is: architecture, classes (COCO category dicts, label k = entry k-1),
+    test input size, and its role (``teacher`` / ``student``)."""
+
+    arch: str
+    categories: list[dict]
+    min_size: int
+    max_size: int
+    kind: str = "teacher"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)
+
+    @property
+    def label_to_cat(self) -> dict[int, int]:
+        """Contiguous detector label (1..C) -> COCO category id."""
+        return {i + 1: c["id"] for i, c in enumerate(self.categories)}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside a DistributedDataParallel / DataParallel wrapper."""
+    return getattr(model, "module", model)
+
+
+def save_detector(
+    path: str | Path,
+    model: nn.Module,
+    spec: DetectorSpec,
+    train_state: dict | None = None,
+) -> Path:
+    """Write weights + spec (+ training state) to ``path`` atomically; returns the path."""
+    model = unwrap(model)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dpl_version": __version__,
+        "spec": asdict(spec),
+        "build": dict(getattr(model, "dpl_build", {})),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "train_state": train_state,
+    }
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The raw checkpoint dict of a dpl detector file, or a one-line DplError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DplError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DplError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise DplError(f"{path}: not a dpl detector checkpoint")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise DplError(
+            f"{path}: checkpoint format {payload['format_version']} is newer than this dpl "
+            f"({__version__}) reads"
+        )
+    return payload
+
+
+def spec_from_dict(raw: dict[str, Any]) -> DetectorSpec:
+    """A DetectorSpec from its saved dict (unknown keys are ignored)."""
+    names = {f.name for f in fields(DetectorSpec)}
+    return DetectorSpec(**{k: v for k, v in raw.items() if k in names})
+
+
+def load_detector(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[FasterRCNN, DetectorSpec]:
+    """Rebuild the detector saved at ``path`` (eval mode, on ``device``) and its spec."""
+    from dpl_tools.models.detector import build_detector
+
+    payload = read_checkpoint(path)
+    try:
+        spec = spec_from_dict(payload["spec"])
+        model = build_detector(
+            spec.arch, spec.num_classes, "none", spec.min_size, spec.max_size, **payload["build"]
+        )
+        model.load_state_dict(payload["state_dict"])
+    except DplError as e:
+        raise DplError(f"{path}: {e}") from None
+    except (KeyError, TypeError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DplError(f"{path}: corrupt detector checkpoint ({first})") from None
+    return model.to(device).eval(), spec

@@ -1,0 +1,102 @@
+"""The report's plots as PNG files (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+
+from dpl_tools.evaluation.pseudo_quality import VIEW_TITLES  # noqa: E402
+from dpl_tools.report.summary import box_shift_iou, has_teacher_box  # noqa: E402
+
+MAX_SCATTER_POINTS = 20000
+FIGSIZE = (5.0, 3.4)
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def histogram(values: np.ndarray, path: Path, title: str, xlabel: str) -> None:
+    """A 0..1 histogram of ``values`` (NaNs dropped) written to ``path``."""
+    values = values[~np.isnan(values)]
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    ax.hist(values, bins=40, range=(0.0, 1.0), color="#3478b5")
+    ax.set(title=f"{title} ({len(values)} boxes)", xlabel=xlabel, ylabel="boxes", xlim=(0, 1))
+    _save(fig, path)
+
+
+def iou_before_after(before: np.ndarray, after: np.ndarray, path: Path) -> None:
+    """Scatter of each box's IoU to truth before (teacher) and after (polished) polishing."""
+    rng = np.random.default_rng(0)
+    if len(before) > MAX_SCATTER_POINTS:
+        keep = rng.choice(len(before), MAX_SCATTER_POINTS, replace=False)
+        before, after = before[keep], after[keep]
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    ax.scatter(before, after, s=6, alpha=0.4, color="#3478b5", linewidths=0)
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
+    better = float(np.mean(after > before)) if len(before) else 0.0
+    ax.set(
+        title=f"IoU to truth ({better:.0%} improved)",
+        xlabel="teacher box",
+        ylabel="polished box",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
+    _save(fig, path)
+
+
+def pr_curves(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
+    """Precision/recall curves (IoU 0.5, class-aware) of the three pseudo-label views."""
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    for name, curve in curves.items():
+        if curve["recall"]:
+            ax.plot(curve["recall"], curve["precision"], label=VIEW_TITLES[name])
+    ax.set(title="precision / recall at IoU 0.5", xlabel="recall", ylabel="precision")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(fontsize=8, loc="lower left")
+    _save(fig, path)
+
+
+def make_plots(table: pa.Table, out_dir: Path, quality: dict[str, Any] | None) -> list[tuple]:
+    """Write the report's PNGs into ``out_dir``; returns (title, file name) pairs."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    boxes = table.filter(has_teacher_box(table))
+    plots = []
+
+    def column(name: str) -> np.ndarray:
+        return boxes[name].to_numpy(zero_copy_only=False).astype(np.float64)
+
+    histogram(column("teacher_score"), out_dir / "teacher_score.png", "Teacher score", "score")
+    plots.append(("Teacher score", "teacher_score.png"))
+    histogram(
+        column("polisher_prob"),
+        out_dir / "polisher_prob.png",
+        "Polisher probability",
+        "best foreground probability",
+    )
+    plots.append(("Polisher probability", "polisher_prob.png"))
+    histogram(
+        box_shift_iou(boxes),
+        out_dir / "box_shift.png",
+        "Box shift",
+        "IoU between teacher and polished box",
+    )
+    plots.append(("Box shift", "box_shift.png"))
+    if quality is not None:
+        before = np.asarray(quality["iou_to_truth"]["before"], dtype=np.float64)
+        after = np.asarray(quality["iou_to_truth"]["after"], dtype=np.float64)
+        iou_before_after(before, after, out_dir / "iou_to_truth.png")
+        plots.append(("IoU to truth, before vs after", "iou_to_truth.png"))
+        pr_curves(quality["pr_curves"], out_dir / "pr_curves.png")
+        plots.append(("Precision / recall", "pr_curves.png"))
+    return plots

@@ -1,0 +1,192 @@
+"""dpl polish end to end: schema and metadata, bad images, shards, COCO input, exports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import torch
+from dpl_tools.models.polisher import Polisher, save_polisher
+from typer.testing import CliRunner
+
+from commands.cli import app
+from dpl_tools.data.pseudo_label_writer import rows_to_table
+from dpl_tools.data.pseudo_labels import (
+    META_CATEGORIES,
+    META_POLISHER,
+    META_TEACHER,
+    META_THRESHOLDS,
+    SCHEMA,
+    read_pseudo_labels,
+)
+from dpl_tools.data.synthetic import make_synthetic_dataset
+from dpl_tools.io import sha256_file
+from dpl_tools.models.checkpoint import DetectorSpec, save_detector
+from dpl_tools.models.detector import build_detector
+
+# Fast test settings: boxes exist with a random teacher, few per image.
+FAST = ["--initial-threshold", "0.0", "--max-dets", "3", "--workers", "0", "--device", "cpu"]
+
+
+def make_run(root: Path, num_images: int = 8) -> tuple[Path, Path]:
+    """Tiny synthetic images plus an untrained teacher and polisher in ``root/run``.
+
+    Returns (images folder, run dir).
+    """
+    ann = make_synthetic_dataset(root / "data", num_images=num_images, image_size=(80, 64), seed=1)
+    categories = json.loads(ann.read_text())["categories"]
+    run = root / "run"
+    torch.manual_seed(0)
+    teacher = build_detector(
+        "mobilenet_v2_fpn", len(categories), "none", min_size=64, max_size=96,
+        rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=20,
+    )  # fmt: skip
+    spec = DetectorSpec("mobilenet_v2_fpn", categories, 64, 96)
+    save_detector(run / "teacher.pt", teacher, spec)
+    polisher = Polisher(num_classes=len(categories))
+    save_polisher(
+        run / "polisher.pt", polisher, teacher_path=run / "teacher.pt", categories=categories
+    )
+    return ann.parent / "images", run
+
+
+def invoke(*args: str, env: dict | None = None):
+    result = CliRunner().invoke(app, ["polish", *args], env=env)
+    return result
+
+
+@pytest.fixture(scope="module")
+def run_setup(tmp_path_factory) -> tuple[Path, Path]:
+    return make_run(tmp_path_factory.mktemp("polish"))
+
+
+def test_schema_metadata_bad_images_and_exports(run_setup, tmp_path):
+    images, run = run_setup
+    folder = tmp_path / "unlabeled"
+    shutil.copytree(images, folder / "sub")
+    (folder / "zero.jpg").write_bytes(b"")
+    good = sorted((folder / "sub").glob("*.png"))[0].read_bytes()
+    (folder / "truncated.png").write_bytes(good[: len(good) // 2])
+    out = tmp_path / "labels.parquet"
+    result = invoke(
+        "--images", str(folder), "--out", str(out), "--run-dir", str(run),
+        "--coco-out", str(tmp_path / "pseudo.json"), "--yolo-out", str(tmp_path / "yolo"),
+        "--coco-view", "teacher", *FAST,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "zero.jpg" in result.output and "truncated.png" in result.output
+
+    file = pq.ParquetFile(out)
+    assert file.schema_arrow.remove_metadata().equals(SCHEMA)
+    table, meta = read_pseudo_labels(out)
+    assert meta[META_TEACHER] == sha256_file(run / "teacher.pt")
+    assert meta[META_POLISHER] == sha256_file(run / "polisher.pt")
+    assert [c["name"] for c in meta[META_CATEGORIES]] == ["square", "disc", "triangle"]
+    assert meta[META_THRESHOLDS]["initial"] == 0.0 and meta[META_THRESHOLDS]["cls_prob"] == 0.9
+    rows = table.to_pylist()
+    names = {r["file_name"] for r in rows}
+    assert len(names) == 10 and "sub/synth_00000.png" in names
+    skipped = {r["file_name"]: r["error"] for r in rows if r["status"] == "skipped"}
+    assert set(skipped) == {"zero.jpg", "truncated.png"}
+    assert "empty" in skipped["zero.jpg"]
+    boxes = [r for r in rows if r["status"] == "ok"]
+    assert len(boxes) == 8 * 3  # 3 teacher boxes per image with --max-dets 3
+    for r in boxes:
+        assert 0 <= r["polished_x1"] <= r["polished_x2"] <= r["width"]
+        assert r["use_reg"] and r["teacher_score"] >= 0.0
+        assert r["use_cls"] == (r["polisher_prob"] >= 0.9 or r["teacher_score"] > 0.9)
+
+    coco = json.loads((tmp_path / "pseudo.json").read_text())
+    assert len(coco["images"]) == 8 and len(coco["annotations"]) == 24
+    assert len(list((tmp_path / "yolo" / "sub").glob("*.txt"))) == 8
+
+    again = invoke("--images", str(folder), "--out", str(out), "--run-dir", str(run), *FAST)
+    assert again.exit_code == 0 and "nothing to do" in again.output
+    strict = invoke(
+        "--images", str(folder), "--out", str(tmp_path / "s.parquet"), "--run-dir", str(run),
+        "--strict", *FAST,
+    )  # fmt: skip
+    assert strict.exit_code == 1
+    assert not (tmp_path / "s.parquet").exists()
+
+
+def test_shards_and_ranks_partition_the_images(run_setup, tmp_path):
+    images, run = run_setup
+    out = tmp_path / "parts"
+    common = ["--images", str(images), "--out", str(out), "--run-dir", str(run), *FAST]
+    assert invoke(*common, "--shard", "0/2").exit_code == 0
+    # The second half as torchrun rank 1 of 2 would run it.
+    rank1 = invoke(*common, env={"RANK": "1", "WORLD_SIZE": "2"})
+    assert rank1.exit_code == 0, rank1.output
+    assert sorted(p.name for p in out.iterdir()) == [
+        "part-00000-of-00002.parquet",
+        "part-00001-of-00002.parquet",
+    ]
+    parts = [pq.read_table(p)["file_name"].to_pylist() for p in sorted(out.iterdir())]
+    assert set(parts[0]).isdisjoint(parts[1])
+    dataset = ds.dataset(out, format="parquet").to_table()
+    table, _ = read_pseudo_labels(out)
+    assert dataset.num_rows == table.num_rows == 8 * 3
+    assert sorted(set(table["file_name"].to_pylist())) == sorted(p.name for p in images.iterdir())
+    export = invoke("--out", str(out), "--export-only", "--coco-out", str(tmp_path / "all.json"))
+    assert export.exit_code == 0, export.output
+    assert len(json.loads((tmp_path / "all.json").read_text())["images"]) == 8
+
+
+def test_coco_json_image_list_with_image_root(run_setup, tmp_path):
+    images, run = run_setup
+    ann = json.loads((images.parent / "annotations.json").read_text())
+    image_list = tmp_path / "unlabeled.json"
+    image_list.write_text(json.dumps({"images": ann["images"][:3]}))
+    out = tmp_path / "labels.parquet"
+    result = invoke(
+        "--images", str(image_list), "--image-root", str(images), "--out", str(out),
+        "--run-dir", str(run), *FAST,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    table, _ = read_pseudo_labels(out)
+    assert sorted(set(table["image_id"].to_pylist())) == [a["id"] for a in ann["images"][:3]]
+    empty_run = ["--run-dir", str(tmp_path / "empty-run")]
+    missing = invoke("--images", str(image_list), "--out", str(out), *empty_run, *FAST)
+    assert missing.exit_code == 1 and "teacher not found" in str(missing.exception)
+
+
+def test_evaluate_pseudo_compares_teacher_and_polished_views(tmp_path):
+    gt = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 100, "height": 80}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [10, 10, 40, 40],
+                "iscrowd": 0,
+                "area": 1600,
+            },
+        ],  # fmt: skip
+        "categories": [{"id": 1, "name": "square"}, {"id": 2, "name": "disc"}],
+    }
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    row = {
+        "image_id": 1, "file_name": "a.png", "width": 100, "height": 80, "status": "ok",
+        "teacher_x1": 14.0, "teacher_y1": 14.0, "teacher_x2": 54.0, "teacher_y2": 54.0,
+        "teacher_label": 1, "teacher_score": 0.8, "polished_x1": 10.0, "polished_y1": 10.0,
+        "polished_x2": 50.0, "polished_y2": 50.0, "polished_label": 1, "polisher_prob": 0.95,
+        "use_cls": True, "use_reg": True,
+    }  # fmt: skip
+    pq.write_table(rows_to_table({k: [v] for k, v in row.items()}), tmp_path / "p.parquet")
+    result = CliRunner().invoke(
+        app,
+        ["evaluate", "--pseudo", str(tmp_path / "p.parquet"), "--ann", str(tmp_path / "gt.json"),
+         "--json", str(tmp_path / "q.json")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "Pseudo-label quality" in result.output
+    figures = json.loads((tmp_path / "q.json").read_text())
+    assert figures["views"]["reg"]["mean_iou"] == pytest.approx(1.0)
+    assert figures["views"]["teacher"]["mean_iou"] < 0.75
+    assert figures["box_quality"]["improved_fraction"] == 1.0
