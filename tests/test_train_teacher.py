@@ -61,8 +61,8 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 def test_teacher_reload_seed_and_resume(synth_dataset, tmp_path):
     images = synth_dataset.parent / "images"
     a, c, d = tmp_path / "a.pt", tmp_path / "c.pt", tmp_path / "d.pt"
-    model, spec, result = train_teacher(synth_dataset, images, a, _config(3), "cpu", seed=0)
-    assert result.iterations == 3 and result.images_per_s > 0
+    model, spec, result = train_teacher(synth_dataset, images, a, _config(2), "cpu", seed=0)
+    assert result.iterations == 2 and result.images_per_s > 0
     assert spec.min_size == 64 and [x["name"] for x in spec.categories] == CLASSES
 
     # The checkpoint alone rebuilds the trained model: identical predictions.
@@ -77,17 +77,18 @@ def test_teacher_reload_seed_and_resume(synth_dataset, tmp_path):
         assert rec_a is rec_b and len(pred_a[0]) > 0
         assert all(torch.equal(x, y) for x, y in zip(pred_a, pred_b, strict=True))
 
-    # 2 iterations with periodic checkpoints, twice: the same seed gives the same weights.
-    train_teacher(synth_dataset, images, c, _config(2, 1), "cpu", seed=0)
-    train_teacher(synth_dataset, images, d, _config(2, 1), "cpu", seed=0)
-    assert not c.with_name("c.last.pt").exists()  # removed once the final file is written
-    assert read_checkpoint(c)["train_state"]["iteration"] == 2
+    # 1 iteration, twice: the same seed gives the same weights.
+    train_teacher(synth_dataset, images, c, _config(1), "cpu", seed=0)
+    train_teacher(synth_dataset, images, d, _config(1), "cpu", seed=0)
+    assert read_checkpoint(c)["train_state"]["iteration"] == 1
     assert _same(_weights(c), _weights(d))
     assert not _same(_weights(c), _weights(a))
 
-    # --resume to 3 iterations ends exactly where the uninterrupted 3-iteration run did.
-    _, _, result = train_teacher(synth_dataset, images, c, _config(3), "cpu", seed=0, resume=True)
-    assert result.iterations == 3 and result.iterations_run == 1
+    # --resume to 2 iterations ends exactly where the uninterrupted 2-iteration run did.
+    _, _, result = train_teacher(
+        synth_dataset, images, c, _config(2, 1), "cpu", seed=0, resume=True
+    )
+    assert result.iterations == 2 and result.iterations_run == 1
     assert _same(_weights(c), _weights(a))
 
 
@@ -98,17 +99,18 @@ def test_cli_train_teacher_then_evaluate(synth_dataset, tmp_path):
     preset.write_text(json.dumps({"model": {"detector_kwargs": FAST}}))  # JSON is YAML
     train = [
         sys.executable, "-m", "commands", "train-teacher", "--ann", str(synth_dataset),
-        "--images", str(images), "--run-dir", str(run_dir), "--min-size", "96", "--max-size",
-        "128", "--iters", "3", "--batch-size", "2", "--workers", "0", "--device", "cpu",
-        "--config", str(preset),
+        "--images", str(images), "--run-dir", str(run_dir), "--min-size", "64", "--max-size",
+        "96", "--iters", "2", "--batch-size", "2", "--workers", "0", "--device", "cpu",
+        "--config", str(preset), "--checkpoint-every", "1",
     ]  # fmt: skip
     proc = subprocess.run(train, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     teacher = run_dir / "teacher.pt"
+    assert not (run_dir / "teacher.last.pt").exists()  # periodic file replaced by the final
     ckpt = read_checkpoint(teacher)
-    assert ckpt["spec"]["arch"] == "mobilenet_v2_fpn" and ckpt["spec"]["min_size"] == 96
+    assert ckpt["spec"]["arch"] == "mobilenet_v2_fpn" and ckpt["spec"]["min_size"] == 64
     assert ckpt["spec"]["kind"] == "teacher" and ckpt["dpl_version"]
-    assert ckpt["train_state"]["iteration"] == 3
+    assert ckpt["train_state"]["iteration"] == 2
 
     metrics = tmp_path / "m.json"
     evaluate = [
@@ -122,7 +124,7 @@ def test_cli_train_teacher_then_evaluate(synth_dataset, tmp_path):
     assert saved["images"] == 24 and 0.0 <= saved["AP"] <= 1.0
 
     bad = subprocess.run(
-        train[:4] + [str(tmp_path / "missing.json"), *train[5:]],
+        train[:5] + [str(tmp_path / "missing.json"), *train[6:]],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -1,0 +1,566 @@
+"""Synthesized training pairs for the polishers: noisy boxes around ground-truth boxes.
+
+Noise models turn each GT box into noisy copies:
+
+* ``GaussianNoise`` (the paper's): each coordinate gets independent Gaussian noise with
+  std ``s*w`` (x1, x2) or ``s*h`` (y1, y2).
+* ``EmpiricalNoise`` (beyond the paper): the teacher's own box errors, as offsets relative
+  to the matched GT box's width/height, by object size (and score), resampled.
+
+Per round and GT box: the regression set is ``reg_copies`` noisy copies at ``reg_scale``
+plus the GT (target: the image's best-IoU GT box); the classification set is one group of
+copies per ``(cls_copies[i], cls_scales[i])`` plus the GT (label: the best-IoU GT's class
+if that IoU >= ``fg_iou``, else background 0). Boxes with x2 <= x1 or y2 <= y1 are dropped.
+Everything is vectorized over chunks of images and written to Parquet in row groups, so
+memory does not grow with the dataset.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torchvision.ops import box_iou
+
+from dpl_tools.config import register_defaults
+from dpl_tools.data.coco import CocoData
+from dpl_tools.errors import DplError
+from dpl_tools.io import atomic_path
+
+REG = "reg"
+CLS = "cls"
+META_KEY = b"dpl_noise"
+GT_GROUP = -1  # ``group`` of the GT boxes themselves (noise groups are 0, 1, ...)
+
+register_defaults(
+    "polisher",
+    {
+        "rounds": 4,
+        "reg_copies": 150,
+        "reg_scale": 0.2,
+        "cls_copies": [50, 50],
+        "cls_scales": [0.06, 0.2],
+        "fg_iou": 0.7,
+        "noise_model": "gaussian",
+        "empirical_min_match_iou": 0.5,
+        "empirical_reg_min_score": 0.5,
+        "empirical_cls_min_score": 0.05,
+        "empirical_inflate": 1.0,
+    },
+)
+
+PAIR_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("round", pa.int32()),
+        ("kind", pa.string()),  # "reg" or "cls"
+        ("x1", pa.float32()),  # noisy box (original image pixels)
+        ("y1", pa.float32()),
+        ("x2", pa.float32()),
+        ("y2", pa.float32()),
+        ("target_x1", pa.float32()),  # best-IoU GT box of the same image
+        ("target_y1", pa.float32()),
+        ("target_x2", pa.float32()),
+        ("target_y2", pa.float32()),
+        ("label", pa.int32()),  # contiguous 1..C; 0 = background (cls below fg_iou)
+        ("iou", pa.float32()),  # IoU with the target box
+        ("scale", pa.float32()),  # Gaussian s of the group (0 for the GT; NaN: empirical)
+        ("group", pa.int32()),  # noise group index, -1 for the GT box itself
+    ]
+)
+
+
+@dataclass
+class PairSettings:
+    """Sample counts and noise scales of the two pair sets (DESIGN's defaults)."""
+
+    reg_copies: int = 150
+    reg_scale: float = 0.2
+    cls_copies: list[int] = field(default_factory=lambda: [50, 50])
+    cls_scales: list[float] = field(default_factory=lambda: [0.06, 0.2])
+    fg_iou: float = 0.7
+    include_gt: bool = True  # the GT boxes themselves join both sets
+
+    def groups(self, kind: str) -> list[tuple[int, float]]:
+        """``(copies, scale)`` per noise group of ``kind`` (``reg`` / ``cls``)."""
+        if kind == REG:
+            return [(self.reg_copies, self.reg_scale)]
+        if len(self.cls_copies) != len(self.cls_scales):
+            raise DplError(
+                f"--cls-copies ({len(self.cls_copies)} groups) and --cls-scales "
+                f"({len(self.cls_scales)} groups) must have the same length"
+            )
+        return list(zip(self.cls_copies, self.cls_scales, strict=True))
+
+    def rows_per_box(self) -> int:
+        """Upper bound of the pairs one GT box yields per round (both kinds)."""
+        return self.reg_copies + sum(self.cls_copies) + (2 if self.include_gt else 0)
+
+
+@dataclass
+class GroundTruth:
+    """All GT boxes of a labeled set, grouped by image: image ``i`` owns rows
+    ``starts[i]:starts[i+1]`` of ``boxes`` (xyxy) and ``labels`` (1..C)."""
+
+    image_ids: np.ndarray
+    starts: np.ndarray
+    boxes: np.ndarray
+    labels: np.ndarray
+
+    @classmethod
+    def from_coco(cls, coco: CocoData) -> GroundTruth:
+        """The non-crowd boxes of every image that has any."""
+        by_image = coco.annotations_by_image()
+        cat_to_label = coco.cat_to_label
+        ids, counts, boxes, labels = [], [], [], []
+        for rec in coco.images:
+            anns = [a for a in by_image.get(rec["id"], []) if not a.get("iscrowd", 0)]
+            if not anns:
+                continue
+            ids.append(rec["id"])
+            counts.append(len(anns))
+            boxes.extend(a["bbox"] for a in anns)
+            labels.extend(cat_to_label[a["category_id"]] for a in anns)
+        b = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        b[:, 2:] += b[:, :2]
+        return cls(
+            np.asarray(ids, dtype=np.int64),
+            np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64),
+            b,
+            np.asarray(labels, dtype=np.int32),
+        )
+
+    def image_boxes(self, k: int) -> np.ndarray:
+        """GT boxes of the ``k``-th image."""
+        return self.boxes[self.starts[k] : self.starts[k + 1]]
+
+
+def _wh4(boxes: np.ndarray) -> np.ndarray:
+    """(w, h, w, h) per box, w and h clamped to >= 1 px."""
+    wh = np.maximum(boxes[:, 2:] - boxes[:, :2], 1.0)
+    return np.concatenate([wh, wh], axis=1)
+
+
+def _box_size(boxes: np.ndarray) -> np.ndarray:
+    """sqrt(w * h) per box (w, h clamped to >= 1 px)."""
+    return np.sqrt(np.prod(np.maximum(boxes[:, 2:] - boxes[:, :2], 1.0), axis=1))
+
+
+class GaussianNoise:
+    """The paper's noise: independent N(0, (s*w)^2) / N(0, (s*h)^2) per coordinate."""
+
+    name = "gaussian"
+
+    def sample(
+        self,
+        boxes: np.ndarray,
+        copies: int,
+        scale: float,
+        kind: str,
+        group: int,
+        rng: np.random.Generator,
+    ) -> np.ndarray:
+        """``copies`` noisy copies per box, a box's copies adjacent: ``(N*copies, 4)``."""
+        noise = rng.standard_normal((len(boxes), copies, 4), dtype=np.float32)
+        noisy = boxes[:, None] + noise * np.float32(scale) * _wh4(boxes)[:, None]
+        return noisy.reshape(-1, 4)
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": self.name}
+
+
+@dataclass
+class EmpiricalNoise:
+    """The teacher's own errors: per matched detection, its offsets from the GT box
+    relative to the GT's (w, h, w, h), the GT size sqrt(w*h), the detection score and IoU.
+
+    A GT box's noisy copies are the GT plus ``inflate`` x resampled relative offsets of
+    detections on GT boxes of the same size bin (``size_edges``): for regression pairs and
+    the first classification group (the small-noise one) only confident detections (score
+    >= ``reg_min_score``), for the other classification groups all detections with score
+    >= ``cls_min_score`` (low-score detections are the ones with large errors).
+    """
+
+    offsets: np.ndarray  # (M, 4) relative
+    sizes: np.ndarray  # (M,)
+    scores: np.ndarray  # (M,)
+    ious: np.ndarray  # (M,) IoU with the matched GT
+    size_edges: list[float] = field(default_factory=list)
+    reg_min_score: float = 0.5
+    cls_min_score: float = 0.05
+    inflate: float = 1.0
+    name: str = "empirical"
+
+    def __post_init__(self) -> None:
+        self.offsets = np.asarray(self.offsets, np.float32).reshape(-1, 4)
+        self.sizes = np.asarray(self.sizes, np.float32)
+        self.scores = np.asarray(self.scores, np.float32)
+        self.ious = np.asarray(self.ious, np.float32)
+        self._bins = np.searchsorted(self.size_edges, self.sizes, side="right")
+
+    def _pool(self, strict: bool, size_bin: int) -> np.ndarray:
+        """Indices of the errors to resample for a GT box of ``size_bin``."""
+        ok = self.scores >= (self.reg_min_score if strict else self.cls_min_score)
+        if not ok.any():
+            ok = np.ones_like(ok)
+        pool = np.flatnonzero(ok & (self._bins == size_bin))
+        return pool if len(pool) else np.flatnonzero(ok)
+
+    def sample(
+        self,
+        boxes: np.ndarray,
+        copies: int,
+        scale: float,
+        kind: str,
+        group: int,
+        rng: np.random.Generator,
+    ) -> np.ndarray:
+        """``copies`` noisy copies per box (``scale`` unused): ``(N*copies, 4)``."""
+        bins = np.searchsorted(self.size_edges, _box_size(boxes), side="right")
+        # One uniform per copy, drawn in box order: the stream does not depend on chunking.
+        u = rng.random((len(boxes), copies))
+        rel = np.empty((len(boxes), copies, 4), dtype=np.float32)
+        strict = kind == REG or group == 0
+        for b in np.unique(bins):
+            rows = np.flatnonzero(bins == b)
+            pool = self._pool(strict, int(b))
+            pick = np.minimum((u[rows] * len(pool)).astype(np.int64), len(pool) - 1)
+            rel[rows] = self.offsets[pool[pick]]
+        noisy = boxes[:, None] + rel * np.float32(self.inflate) * _wh4(boxes)[:, None]
+        return noisy.reshape(-1, 4)
+
+    def describe(self) -> dict[str, Any]:
+        """Counts, relative std (x1, y1, x2, y2) and mean IoU of the fitted errors, overall
+        and per size bin x score bin."""
+        confident = self.scores >= self.reg_min_score
+
+        def stats(m: np.ndarray) -> tuple[list[float], float]:
+            if m.sum() < 2:
+                return [float("nan")] * 4, float("nan")
+            return [round(float(v), 4) for v in self.offsets[m].std(0)], float(self.ious[m].mean())
+
+        cells = []
+        score_edges = [0.0, 0.5, 0.7, 0.9, 1.01]
+        for b in range(len(self.size_edges) + 1):
+            for lo, hi in zip(score_edges[:-1], score_edges[1:], strict=True):
+                m = (self._bins == b) & (self.scores >= lo) & (self.scores < hi)
+                std, iou = stats(m)
+                cells.append(
+                    {
+                        "size_bin": b,
+                        "score": [lo, min(hi, 1.0)],
+                        "count": int(m.sum()),
+                        "relative_std": std,
+                        "mean_iou": iou,
+                    }  # fmt: skip
+                )
+        std, iou = stats(confident)
+        return {
+            "model": self.name,
+            "matched_detections": len(self.scores),
+            "confident_detections": int(confident.sum()),
+            "relative_std_confident": std,
+            "mean_iou_confident": iou,
+            "size_edges": [float(e) for e in self.size_edges],
+            "inflate": self.inflate,
+            "cells": cells,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "offsets": self.offsets.tolist(),
+            "sizes": self.sizes.tolist(),
+            "scores": self.scores.tolist(),
+            "ious": self.ious.tolist(),
+            "size_edges": list(self.size_edges),
+            "reg_min_score": self.reg_min_score,
+            "cls_min_score": self.cls_min_score,
+            "inflate": self.inflate,
+        }
+
+
+def empirical_from_matches(
+    matches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    min_match_iou: float = 0.5,
+    reg_min_score: float = 0.5,
+    cls_min_score: float = 0.05,
+    num_size_bins: int = 3,
+    inflate: float = 1.0,
+) -> EmpiricalNoise:
+    """Fit from ``(det_boxes, det_scores, gt_boxes)`` per image: each detection whose best
+    GT IoU is >= ``min_match_iou`` contributes its relative offsets from that GT box.
+    Size bins are quantiles of the matched GT sizes."""
+    offsets, sizes, scores, ious = [], [], [], []
+    for det, score, gt in matches:
+        det, score, gt = (np.asarray(a, dtype=np.float32).copy() for a in (det, score, gt))
+        if len(det) == 0 or len(gt) == 0:
+            continue
+        iou, idx = box_iou(torch.from_numpy(det), torch.from_numpy(gt)).max(dim=1)
+        ok = (iou >= min_match_iou).numpy()
+        g = gt[idx.numpy()[ok]]
+        offsets.append((det[ok] - g) / _wh4(g))
+        sizes.append(_box_size(g))
+        scores.append(score[ok])
+        ious.append(iou.numpy()[ok])
+    if sum(len(o) for o in offsets) == 0:
+        raise DplError("empirical noise: no teacher detection matched a ground-truth box")
+    sizes_a = np.concatenate(sizes)
+    edges = np.quantile(sizes_a, np.linspace(0, 1, num_size_bins + 1)[1:-1]).tolist()
+    return EmpiricalNoise(
+        np.concatenate(offsets),
+        sizes_a,
+        np.concatenate(scores),
+        np.concatenate(ious),
+        sorted(set(edges)),
+        reg_min_score,
+        cls_min_score,
+        inflate,
+    )
+
+
+def fit_empirical_noise(
+    detector: torch.nn.Module,
+    coco: CocoData,
+    images_dir: str | Path,
+    device: str | torch.device = "cpu",
+    workers: int = 2,
+    batch_size: int = 4,
+    min_match_iou: float = 0.5,
+    reg_min_score: float = 0.5,
+    cls_min_score: float = 0.05,
+    inflate: float = 1.0,
+    progress: Callable[[], None] | None = None,
+) -> EmpiricalNoise:
+    """Run the teacher (test settings: score 0.001, NMS 0.5, 100 per image) on ``coco``'s
+    images and fit the noise to its errors against their ground truth."""
+    from dpl_tools.engine.inference import predict_detections
+    from dpl_tools.models.detector import set_test_settings
+
+    set_test_settings(detector, 0.001, 0.5, 100)
+    gt = GroundTruth.from_coco(coco)
+    rows = {int(i): k for k, i in enumerate(gt.image_ids)}
+
+    def matches() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        for record, boxes, scores, _ in predict_detections(
+            detector, coco.images, images_dir, batch_size, device, workers
+        ):
+            if progress:
+                progress()
+            k = rows.get(record["id"])
+            if k is not None:
+                yield boxes.cpu().numpy(), scores.cpu().numpy(), gt.image_boxes(k)
+
+    return empirical_from_matches(
+        matches(), min_match_iou, reg_min_score, cls_min_score, inflate=inflate
+    )
+
+
+NoiseModel = GaussianNoise | EmpiricalNoise
+
+
+def _pairs_for_chunk(
+    gt: GroundTruth,
+    first: int,
+    last: int,
+    noise: NoiseModel,
+    kind: str,
+    settings: PairSettings,
+    rngs: list[np.random.Generator],
+) -> tuple[np.ndarray, ...]:
+    """The ``kind`` pairs of images ``first..last-1``: (owner image index, noisy box,
+    target box, label, IoU, scale, group), degenerate boxes dropped."""
+    boxes = gt.boxes[gt.starts[first] : gt.starts[last]]
+    owner = np.repeat(np.arange(first, last), np.diff(gt.starts[first : last + 1]))
+    parts, owners, scales, group_ids = [], [], [], []
+    if settings.include_gt:
+        parts.append(boxes)
+        owners.append(owner)
+        scales.append(np.zeros(len(boxes)))
+        group_ids.append(np.full(len(boxes), GT_GROUP))
+    empirical = isinstance(noise, EmpiricalNoise)
+    for g, (copies, scale) in enumerate(settings.groups(kind)):
+        if copies <= 0:
+            continue
+        parts.append(noise.sample(boxes, copies, scale, kind, g, rngs[g]))
+        owners.append(np.repeat(owner, copies))
+        scales.append(np.full(len(boxes) * copies, np.nan if empirical else scale))
+        group_ids.append(np.full(len(boxes) * copies, g))
+    if not parts:
+        parts, owners, scales, group_ids = [np.zeros((0, 4))], [owner[:0]], [[]], [[]]
+    noisy = np.concatenate(parts).astype(np.float32)
+    own = np.concatenate(owners)
+    scale = np.concatenate(scales).astype(np.float32)
+    group = np.concatenate(group_ids).astype(np.int32)
+    valid = (noisy[:, 2] > noisy[:, 0]) & (noisy[:, 3] > noisy[:, 1])
+    order = np.argsort(own[valid], kind="stable")
+    noisy, own = noisy[valid][order], own[valid][order]
+    scale, group = scale[valid][order], group[valid][order]
+    iou = np.zeros(len(noisy), dtype=np.float32)
+    target = np.zeros_like(noisy)
+    label = np.zeros(len(noisy), dtype=np.int32)
+    bounds = np.searchsorted(own, np.arange(first, last + 1))
+    for k in range(first, last):
+        a, b = bounds[k - first], bounds[k - first + 1]
+        if a == b:
+            continue
+        g_boxes = gt.image_boxes(k)
+        best, idx = box_iou(torch.from_numpy(noisy[a:b]), torch.from_numpy(g_boxes)).max(dim=1)
+        idx = idx.numpy()
+        iou[a:b], target[a:b] = best.numpy(), g_boxes[idx]
+        label[a:b] = gt.labels[gt.starts[k] + idx]
+    if kind == CLS:
+        label = np.where(iou >= settings.fg_iou, label, 0).astype(np.int32)
+    return own, noisy, target, label, iou, scale, group
+
+
+def synthesize_pairs(
+    gt: GroundTruth,
+    noise: NoiseModel,
+    settings: PairSettings | None = None,
+    rounds: int = 1,
+    seed: int = 0,
+    max_cells: int = 250_000,
+) -> Iterator[pa.Table]:
+    """Yield the pairs of every round as tables of about ``max_cells`` rows (whole images,
+    at least one; per image its regression then its classification pairs).
+
+    Each round, kind and noise group draws from its own seeded stream in GT-box order, so
+    the output depends on ``seed`` and ``rounds`` but not on ``max_cells``.
+    """
+    settings = settings or PairSettings()
+    settings.groups(CLS)  # validate
+    counts = np.diff(gt.starts)
+    n_images = len(gt.image_ids)
+    per_box = max(settings.rows_per_box(), 1)
+    for round_ in range(rounds):
+        rngs = {
+            kind: [
+                np.random.default_rng([seed, round_, k, g])
+                for g in range(len(settings.groups(kind)))
+            ]
+            for k, kind in enumerate((REG, CLS))
+        }
+        first = 0
+        while first < n_images:
+            rows = np.cumsum(counts[first:]) * per_box
+            last = min(
+                first + max(1, int(np.searchsorted(rows, max_cells, side="right"))), n_images
+            )
+            parts = [
+                _pairs_for_chunk(gt, first, last, noise, kind, settings, rngs[kind])
+                for kind in (REG, CLS)
+            ]
+            columns = [np.concatenate(c) for c in zip(*parts, strict=True)]
+            kinds = np.repeat(np.array([REG, CLS]), [len(parts[0][0]), len(parts[1][0])])
+            order = np.argsort(columns[0], kind="stable")  # per image: reg, then cls
+            own, noisy, target, label, iou, scale, group = (c[order] for c in columns)
+            n = len(own)
+            yield pa.table(
+                {
+                    "image_id": gt.image_ids[own],
+                    "round": np.full(n, round_, dtype=np.int32),
+                    "kind": pa.array(kinds[order]),
+                    **{c: noisy[:, i] for i, c in enumerate(("x1", "y1", "x2", "y2"))},
+                    **{f"target_{c}": target[:, i] for i, c in enumerate(("x1", "y1", "x2", "y2"))},
+                    "label": label,
+                    "iou": iou,
+                    "scale": scale,
+                    "group": group,
+                },
+                schema=PAIR_SCHEMA,
+            )
+            first = last
+
+
+@dataclass
+class NoiseSummary:
+    """What was written: rows, and per kind pairs, mean IoU, foreground share, IoU histogram."""
+
+    rows: int = 0
+    per_kind: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+IOU_BINS = (0.0, 0.3, 0.5, 0.7, 0.9, 1.0)
+
+
+def _summarize(summary: NoiseSummary, table: pa.Table) -> None:
+    kinds = np.asarray(table.column("kind").to_numpy(zero_copy_only=False))
+    iou = table.column("iou").to_numpy()
+    label = table.column("label").to_numpy()
+    summary.rows += table.num_rows
+    names = [f"{a:.1f}-{b:.1f}" for a, b in zip(IOU_BINS[:-1], IOU_BINS[1:], strict=True)]
+    for kind in (REG, CLS):
+        m = kinds == kind
+        s = summary.per_kind.setdefault(
+            kind,
+            {"pairs": 0, "_iou_sum": 0.0, "_fg": 0, "iou_histogram": dict.fromkeys(names, 0)},
+        )
+        s["pairs"] += int(m.sum())
+        s["_iou_sum"] += float(iou[m].sum())
+        s["_fg"] += int((label[m] > 0).sum())
+        hist, _ = np.histogram(iou[m], bins=[*IOU_BINS[:-1], 1.0001])
+        for name, v in zip(names, hist, strict=True):
+            s["iou_histogram"][name] += int(v)
+        s["mean_iou"] = s["_iou_sum"] / s["pairs"] if s["pairs"] else float("nan")
+        s["foreground_fraction"] = s["_fg"] / s["pairs"] if kind == CLS and s["pairs"] else None
+
+
+def noise_metadata(
+    coco: CocoData, noise: NoiseModel, settings: PairSettings, rounds: int, seed: int
+) -> dict[str, Any]:
+    """Key-value metadata of a noise file: classes, rounds, seed, settings, noise model."""
+    meta: dict[str, Any] = {
+        "categories": coco.categories,
+        "source": str(coco.path),
+        "rounds": rounds,
+        "seed": seed,
+        "settings": asdict(settings),
+        "noise": noise.describe(),
+    }
+    if isinstance(noise, EmpiricalNoise):
+        meta["empirical"] = noise.to_dict()
+    return meta
+
+
+def write_noise_parquet(
+    out: str | Path,
+    tables: Iterable[pa.Table],
+    meta: dict[str, Any],
+    on_chunk: Callable[[pa.Table], None] | None = None,
+) -> NoiseSummary:
+    """Stream ``tables`` into ``out`` (one row group each, zstd), atomically; summary."""
+    schema = PAIR_SCHEMA.with_metadata({META_KEY: json.dumps(meta).encode()})
+    summary = NoiseSummary()
+    with atomic_path(out, suffix=".parquet") as tmp:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for table in tables:
+                writer.write_table(table.cast(schema))
+                _summarize(summary, table)
+                if on_chunk:
+                    on_chunk(table)
+    for s in summary.per_kind.values():
+        s.pop("_iou_sum", None)
+        s.pop("_fg", None)
+    return summary
+
+
+def read_noise_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of a noise file, or a one-line DplError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DplError(f"{path}: noise file not found")
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DplError(f"{path}: not a readable Parquet file ({type(e).__name__})") from None
+    raw = (schema.metadata or {}).get(META_KEY)
+    if raw is None or any(n not in schema.names for n in PAIR_SCHEMA.names):
+        raise DplError(f"{path}: not a dpl noise file (make one with dpl synth-noise)")
+    return json.loads(raw)
