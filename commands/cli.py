@@ -55,6 +55,20 @@ def _register() -> None:
 _register()
 
 
+def invoke(argv: list[str]) -> None:
+    """Run one ``dpl`` sub-command in-process (used by ``dpl run`` and ``dpl demo``)."""
+    try:
+        code = app(argv, standalone_mode=False)
+    except DplError:
+        raise
+    except Exception as e:  # click's usage errors (click may be vendored by typer)
+        if not hasattr(e, "format_message"):
+            raise
+        raise DplError(f"dpl {' '.join(argv[:1])}: {e.format_message()}") from None
+    if isinstance(code, int) and code != 0:
+        raise DplError(f"dpl {' '.join(argv[:1])} exited with status {code}")
+
+
 def main() -> None:
     """Run the CLI; user errors become one ``error:`` line on stderr and exit status 1."""
     try:

@@ -1,7 +1,67 @@
-"""(not implemented yet)"""
+"""Run the whole pipeline from one config file.
 
-from dpl_tools.errors import DplError
+Stages: split, train-teacher, synth-noise, train-polisher, polish, train-student, and
+the evaluations (pseudo-label quality; COCO AP on data.test_ann when given). A stage is
+skipped when its output exists and was made from the same command and inputs. The config
+is YAML with a data section, an optional run section and any preset sections
+(model, teacher, polisher, student), e.g.
+
+  data: {ann: train.json, images: images/, percent: 10, fold: 1,
+         test_ann: test.json, test_images: images/}
+  run: {preset: cpu_mobilenet, run_dir: dpl-run}
+  teacher: {iters: 800}
+
+Paths are relative to the config file. The resolved settings (preset < config) are
+written to <run-dir>/config.yaml and passed to every stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from commands.options import Device
+from dpl_tools.pipeline import Stage, load_run_config, pipeline_stages, run_stages
 
 
-def command() -> None:
-    raise DplError("this command is not implemented yet")
+def stage_printer(console: Console):
+    """Print one line per stage as it starts or is skipped."""
+
+    def on_event(event: str, stage: Stage) -> None:
+        if event == "skip":
+            console.print(f"[dim]- {stage.name}: up to date ({stage.output})[/]")
+        else:
+            console.print(f"[bold cyan]> {stage.name}[/]: dpl {' '.join(map(str, stage.argv))}")
+
+    return on_event
+
+
+def command(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML): a data section + presets.")],
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--run-dir", help="Run directory (default: the config's run_dir, else dpl-run)."
+        ),
+    ] = None,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            "--rounds", min=1, help="Self-training rounds: each student teaches the next."
+        ),
+    ] = 1,
+    force: Annotated[bool, typer.Option("--force", help="Rerun every stage.")] = False,
+    device: Device = "auto",
+) -> None:
+    from commands.cli import invoke
+
+    data, run_dir, stage_config = load_run_config(config, run_dir)
+    console = Console()
+    stages = pipeline_stages(data, run_dir, str(stage_config), rounds=rounds, device=device)
+    ran = run_stages(stages, run_dir, invoke, stage_printer(console), force=force)
+    console.print(
+        f"[bold green]done[/]: {len(ran)} stage(s) ran, {len(stages) - len(ran)} up to date"
+    )

@@ -1,0 +1,140 @@
+"""dpl run: the whole pipeline from one config, skipping stages whose output is current."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from dpl_tools.data.synthetic import make_synthetic_dataset
+from dpl_tools.models.checkpoint import load_detector
+from dpl_tools.pipeline import Stage, is_current, run_stages
+
+TINY = {
+    "model": {
+        "arch": "mobilenet_v2_fpn",
+        "backbone_weights": "none",
+        "min_size": 64,
+        "max_size": 80,
+        "detector_kwargs": {
+            "box_batch_size_per_image": 32,
+            "rpn_pre_nms_top_n_train": 100,
+            "rpn_post_nms_top_n_train": 50,
+            "rpn_pre_nms_top_n_test": 100,
+            "rpn_post_nms_top_n_test": 50,
+        },
+    },
+    "teacher": {"iters": 2, "batch_size": 2, "workers": 0, "checkpoint_every": 0},
+    "polisher": {
+        "rounds": 1,
+        "reg_copies": 4,
+        "cls_copies": [2, 2],
+        "iters": 2,
+        "batch_size": 2,
+        "workers": 0,
+        "max_proposals": 50,
+        "val_fraction": 0.0,
+    },
+    "student": {"iters": 2, "batch_size": 2, "workers": 0, "checkpoint_every": 0},
+}
+
+
+def _dpl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "commands", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    root = tmp_path_factory.mktemp("pipeline")
+    make_synthetic_dataset(root / "train", num_images=10, image_size=(80, 64), seed=3)
+    make_synthetic_dataset(root / "test", num_images=3, image_size=(80, 64), seed=4)
+    config = {
+        "data": {
+            "ann": "train/annotations.json",
+            "images": "train/images",
+            "percent": 40,
+            "test_ann": "test/annotations.json",
+            "test_images": "test/images",
+        },
+        "run": {"run_dir": "run"},
+        **TINY,
+    }
+    (root / "run.yaml").write_text(yaml.safe_dump(config))
+    result = _dpl("run", "run.yaml", "--device", "cpu", cwd=root)
+    return root, result
+
+
+def test_run_produces_every_stage_artifact(pipeline_run) -> None:
+    root, result = pipeline_run
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = root / "run"
+    for name in ("teacher.pt", "noise.parquet", "polisher.pt", "labels.parquet", "student.pt"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "split" / "labeled.json").read_text())["images"]
+    _, spec = load_detector(run / "student.pt")
+    assert spec.kind == "student"
+    labels = pq.read_table(run / "labels.parquet")
+    assert set(labels.column("file_name").to_pylist()) == {
+        im["file_name"]
+        for im in json.loads((run / "split" / "unlabeled.json").read_text())["images"]
+    }
+    for name in ("teacher", "student"):
+        metrics = json.loads((run / "eval" / f"{name}.json").read_text())
+        assert 0.0 <= metrics["AP"] <= 1.0 or metrics["AP"] == -1
+    quality = json.loads((run / "pseudo_quality.json").read_text())
+    assert "box_quality" in quality
+    assert yaml.safe_load((run / "config.yaml").read_text())["teacher"]["iters"] == 2
+
+
+def test_rerun_skips_finished_stages_and_reruns_changed_ones(pipeline_run) -> None:
+    root, first = pipeline_run
+    assert first.returncode == 0
+    again = _dpl("run", "run.yaml", "--device", "cpu", cwd=root)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "0 stage(s) ran" in again.stdout
+    teacher_mtime = (root / "run" / "teacher.pt").stat().st_mtime
+
+    (root / "run" / "polisher.pt").unlink()  # a lost artifact is rebuilt; its inputs are not
+    third = _dpl("run", "run.yaml", "--device", "cpu", cwd=root)
+    assert third.returncode == 0, third.stderr[-2000:]
+    for stage in ("split", "train-teacher", "synth-noise", "evaluate-teacher"):
+        assert f"- {stage}: up to date" in third.stdout
+    assert "> train-polisher:" in third.stdout
+    assert (root / "run" / "polisher.pt").is_file()
+    assert (root / "run" / "teacher.pt").stat().st_mtime == teacher_mtime
+
+
+def test_stage_runner_skips_only_current_outputs(tmp_path) -> None:
+    src = tmp_path / "in.txt"
+    src.write_text("a")
+    out = tmp_path / "out.txt"
+    calls: list[list[str]] = []
+
+    def invoke(argv: list[str]) -> None:
+        calls.append(argv)
+        out.write_text(src.read_text())
+
+    stage = Stage("copy", ["copy", str(src)], out, [src])
+    assert run_stages([stage], tmp_path, invoke) == ["copy"]
+    assert is_current(tmp_path, stage)
+    assert run_stages([stage], tmp_path, invoke) == []
+    src.write_text("b")  # input content changed
+    assert not is_current(tmp_path, stage)
+    assert run_stages([stage], tmp_path, invoke) == ["copy"]
+    out.unlink()  # output gone
+    assert run_stages([stage], tmp_path, invoke) == ["copy"]
+    assert len(calls) == 3
