@@ -194,11 +194,14 @@ def main() -> None:
     parser.add_argument("--cls-per-image", type=int, default=128)
     parser.add_argument("--variants", default="gaussian,empirical,gaussian_s008")
     parser.add_argument("--no-append", action="store_true", help="Do not touch RESULTS.md.")
+    parser.add_argument(
+        "--report-only", action="store_true", help="Report the variants in results.json."
+    )
     args = parser.parse_args()
     if not (DATA / "teacher.pt").is_file():
         sys.exit(f"{DATA / 'teacher.pt'} not found: run benchmarks/bccd_baseline.py first")
-    results = []
-    for name in args.variants.split(","):
+    results = json.loads((OUT / "results.json").read_text()) if args.report_only else []
+    for name in [] if args.report_only else args.variants.split(","):
         results.append(run_variant(name, args))
         (OUT / "results.json").write_text(json.dumps(results, indent=1))
 
