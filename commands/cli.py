@@ -19,6 +19,20 @@ app = typer.Typer(
 )
 
 
+def command_help(doc: str | None) -> str:
+    """A command module's docstring as help: prose paragraphs reflowed into one line each
+    (the terminal wraps them), indented blocks such as config examples kept as written."""
+    paragraphs = [p for p in (doc or "").strip().split("\n\n") if p.strip()]
+    out = []
+    for para in paragraphs:
+        lines = para.splitlines()
+        if any(line.startswith((" ", "\t")) for line in lines):
+            out.append(para)
+        else:
+            out.append(" ".join(line.strip() for line in lines))
+    return "\n\n".join(out)
+
+
 def _register() -> None:
     from commands import (
         convert,
@@ -49,7 +63,7 @@ def _register() -> None:
         ("report", report),
         ("show", show),
     ]:
-        app.command(name, help=module.__doc__)(module.command)
+        app.command(name, help=command_help(module.__doc__))(module.command)
 
 
 _register()

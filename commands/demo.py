@@ -1,9 +1,10 @@
-"""Run the whole method on a built-in synthetic dataset (no download) and print its figures.
+"""Run the whole method on built-in synthetic data (no download).
 
-Generates coloured-shape images, labels 25% of the training pool, trains a teacher, the
-polishers, polishes the unlabeled images, trains students on raw and on polished pseudo
-labels (the demo preset: small images, CPU, a few minutes) and prints teacher AP, both
-students' AP and pseudo-label box IoU to truth before/after polishing.
+Generates coloured-shape images, labels 25% of the training pool, trains
+a teacher and the polishers, polishes the unlabeled images, trains
+students on raw and on polished pseudo labels (the demo preset: small
+images, CPU) and prints teacher AP, both students' AP and the pseudo
+labels' box IoU to truth before/after polishing.
 """
 
 from __future__ import annotations

@@ -17,9 +17,13 @@ RunDir = Annotated[
 ]
 Device = Annotated[
     str,
-    typer.Option("--device", help="Torch device: auto (CUDA if present, else CPU), cpu, cuda, cuda:1."),
+    typer.Option(
+        "--device", help="Torch device: auto (CUDA if present, else CPU), cpu, cuda, cuda:1."
+    ),
 ]
-Seed = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same result on CPU.")]
+Seed = Annotated[
+    int, typer.Option("--seed", help="Random seed; the same seed gives the same result on CPU.")
+]
 Config = Annotated[
     Path | None,
     typer.Option("--config", help="YAML preset (see configs/), e.g. configs/cpu_mobilenet.yaml."),

@@ -1,18 +1,18 @@
 """Run the whole pipeline from one config file.
 
-Stages: split, train-teacher, synth-noise, train-polisher, polish, train-student, and
-the evaluations (pseudo-label quality; COCO AP on data.test_ann when given). A stage is
-skipped when its output exists and was made from the same command and inputs. The config
-is YAML with a data section, an optional run section and any preset sections
-(model, teacher, polisher, student), e.g.
+Stages: split, train-teacher, synth-noise, train-polisher, polish,
+train-student and the evaluations (pseudo-label quality; COCO AP on
+data.test_ann when given). A stage is skipped when its output exists and
+was made from the same command and inputs. The config is YAML with a
+data section, an optional run section and any preset sections:
 
   data: {ann: train.json, images: images/, percent: 10, fold: 1,
          test_ann: test.json, test_images: images/}
   run: {preset: cpu_mobilenet, run_dir: dpl-run}
   teacher: {iters: 800}
 
-Paths are relative to the config file. The resolved settings (preset < config) are
-written to <run-dir>/config.yaml and passed to every stage.
+Paths are relative to the config file. The resolved settings (preset <
+config) go to <run-dir>/config.yaml and are passed to every stage.
 """
 
 from __future__ import annotations
