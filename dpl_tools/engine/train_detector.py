@@ -139,6 +139,47 @@ def _progress(console: Console | None, enabled: bool) -> Progress:
     )
 
 
+def optimizer_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    params: list,
+    cfg: TrainConfig,
+    iteration: int,
+) -> float:
+    """One (AMP-scaled, gradient-clipped) SGD step; a non-finite loss is a clear error.
+
+    Shared by every training loop (detector, student, polisher); returns the loss value.
+    """
+    loss_value = float(loss.detach())
+    if not math.isfinite(loss_value):
+        raise DplError(
+            f"training diverged: loss is {loss_value} at iteration {iteration + 1} "
+            f"(try a lower --lr than {cfg.lr})"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg.clip_grad_norm:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss_value
+
+
+def checkpoint_saver(out: str | Path, spec: DetectorSpec, seed: int) -> SaveFn:
+    """The ``save`` callback of ``train_detector``: periodic checkpoints go to
+    ``<out stem>.last.pt``, the final one to ``out`` (and the periodic one is removed)."""
+
+    def save(net: nn.Module, state: dict, final: bool) -> None:
+        state = {**state, "seed": seed}
+        save_detector(out if final else last_checkpoint_path(out), unwrap(net), spec, state)
+        if final:
+            last_checkpoint_path(out).unlink(missing_ok=True)
+
+    return save
+
+
 def train_detector(
     model: nn.Module,
     dataset: Dataset,
@@ -221,19 +262,7 @@ def train_detector(
             with torch.autocast(device.type, enabled=use_amp):
                 losses = loss_fn(net, images, targets)
             loss = sum(losses.values())
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise DplError(
-                    f"training diverged: loss is {loss_value} at iteration {iteration + 1} "
-                    f"(try a lower --lr than {cfg.lr})"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
+            loss_value = optimizer_step(loss, optimizer, scaler, params, cfg, iteration)
             done = iteration + 1
             progress.update(task, completed=done, loss=loss_value, lr=lr)
             periodic = cfg.checkpoint_every and done % cfg.checkpoint_every == 0
@@ -346,12 +375,7 @@ def train_teacher(
     seed_everything(seed + dist.rank)
     dataset = DetectionDataset(coco, images_dir, train=bool(tcfg.get("hflip", True)))
 
-    def save(net: nn.Module, state: dict, final: bool) -> None:
-        state = {**state, "seed": seed}
-        save_detector(out if final else last_checkpoint_path(out), unwrap(net), spec, state)
-        if final:
-            last_checkpoint_path(out).unlink(missing_ok=True)
-
+    save = checkpoint_saver(out, spec, seed)
     result = train_detector(
         model,
         dataset,

@@ -47,7 +47,7 @@ from dpl_tools.config import register_defaults
 from dpl_tools.data.coco import CocoData, load_coco
 from dpl_tools.data.detection import DetectionDataset, collate_detection
 from dpl_tools.engine.ema import ModelEMA
-from dpl_tools.engine.train_detector import StreamSampler, TrainConfig
+from dpl_tools.engine.train_detector import StreamSampler, TrainConfig, optimizer_step
 from dpl_tools.errors import DplError
 from dpl_tools.io import write_json
 from dpl_tools.models.checkpoint import load_detector
@@ -426,19 +426,7 @@ def train_polisher(
             polisher.train()
             with torch.autocast(torch_device.type, enabled=use_amp):
                 losses = step_module(batch)
-            loss = losses["reg"] + losses["cls"]
-            if not math.isfinite(float(loss.detach())):
-                raise DplError(
-                    f"polisher training diverged at iteration {iteration + 1} "
-                    f"(try a lower --lr than {cfg.lr})"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
+            optimizer_step(losses["reg"] + losses["cls"], optimizer, scaler, params, cfg, iteration)
             ema.update(polisher)
             last = {k: float(v.detach()) for k, v in losses.items()}
             progress.update(task, completed=iteration + 1, lr=lr, **last)

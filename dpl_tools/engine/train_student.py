@@ -37,8 +37,8 @@ from dpl_tools.engine.train_detector import (
     LossFn,
     TrainConfig,
     TrainResult,
+    checkpoint_saver,
     find_resume_checkpoint,
-    last_checkpoint_path,
     multiscale_sizes,
     train_detector,
 )
@@ -47,9 +47,7 @@ from dpl_tools.io import sha256_file
 from dpl_tools.models.checkpoint import (
     DetectorSpec,
     read_checkpoint,
-    save_detector,
     spec_from_dict,
-    unwrap,
 )
 from dpl_tools.models.detector import build_detector
 from dpl_tools.models.student import make_disentangled
@@ -299,12 +297,7 @@ def train_student(
     make_disentangled(model)
     seed_everything(seed + dist.rank)
 
-    def save(net: nn.Module, state: dict, final: bool) -> None:
-        state = {**state, "seed": seed}
-        save_detector(out if final else last_checkpoint_path(out), unwrap(net), spec, state)
-        if final:
-            last_checkpoint_path(out).unlink(missing_ok=True)
-
+    save = checkpoint_saver(out, spec, seed)
     result = train_detector(
         model,
         dataset,
