@@ -28,3 +28,14 @@ Config = Annotated[
     Path | None,
     typer.Option("--config", help="YAML preset (see configs/), e.g. configs/cpu_mobilenet.yaml."),
 ]
+Lr = Annotated[float | None, typer.Option("--lr", help="Base SGD learning rate.")]
+Workers = Annotated[int | None, typer.Option("--workers", help="DataLoader worker processes.")]
+Resume = Annotated[
+    bool, typer.Option("--resume", help="Continue from the last checkpoint of this --out.")
+]
+CheckpointEvery = Annotated[
+    int | None,
+    typer.Option(
+        "--checkpoint-every", help="Write a checkpoint every N iterations (0: only at the end)."
+    ),
+]

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from commands.options import Device, RunDir, Seed
+from commands.options import CheckpointEvery, Device, Lr, Resume, RunDir, Seed, Workers
 from dpl_tools.config import load_config
 from dpl_tools.engine.train_student import train_student
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input, resolve_output
@@ -101,21 +101,12 @@ def command(
         int | None,
         typer.Option("--batch-size", help="Labeled images per iteration per process."),
     ] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Base SGD learning rate.")] = None,
-    workers: Annotated[
-        int | None, typer.Option("--workers", help="DataLoader worker processes.")
-    ] = None,
+    lr: Lr = None,
+    workers: Workers = None,
     device: Device = "auto",
     seed: Seed = 0,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the last checkpoint of this --out.")
-    ] = False,
-    checkpoint_every: Annotated[
-        int | None,
-        typer.Option(
-            "--checkpoint-every", help="Write a checkpoint every N iterations (0: only at the end)."
-        ),
-    ] = None,
+    resume: Resume = False,
+    checkpoint_every: CheckpointEvery = None,
 ) -> None:
     console = Console()
     cfg = load_config(
