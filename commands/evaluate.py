@@ -88,7 +88,7 @@ def command(
         return
     if images is None:
         raise DplError("evaluating a model needs --images (the folder of the --ann images)")
-    model_path = resolve_input(model, run_dir, "teacher")
+    model_path = resolve_input(model, run_dir, "teacher", "--model")
     result = evaluate_model(
         model_path, ann, images, batch_size, device, workers, score_thresh, max_dets, console
     )

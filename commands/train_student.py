@@ -129,7 +129,7 @@ def command(
     pseudo = resolve_input(pseudo, run_dir, "labels")
     out = resolve_output(out, run_dir, "student")
     init_from = init if init == "imagenet" else resolve_input(
-        None if init == "teacher" else init, run_dir, "teacher"
+        None if init == "teacher" else init, run_dir, "teacher", "--init"
     )  # fmt: skip
     try:
         _, spec, result, data = train_student(

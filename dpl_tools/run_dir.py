@@ -29,11 +29,24 @@ def artifact(run_dir: str | Path | None, name: str) -> Path:
     return Path(run_dir or DEFAULT_RUN_DIR) / ARTIFACTS[name]
 
 
-def resolve_input(explicit: str | Path | None, run_dir: str | Path | None, name: str) -> Path:
-    """The explicit path if given, else the run directory's artifact; it must exist."""
+# The option that names each artifact where its name differs from the artifact's.
+_OPTIONS = {"labeled": "--ann", "unlabeled": "--images", "labels": "--pseudo"}
+
+
+def resolve_input(
+    explicit: str | Path | None,
+    run_dir: str | Path | None,
+    name: str,
+    option: str | None = None,
+) -> Path:
+    """The explicit path if given, else the run directory's artifact; it must exist.
+
+    ``option`` is the command's flag for this input, named in the error when missing.
+    """
     path = Path(explicit) if explicit else artifact(run_dir, name)
     if not path.exists():
-        hint = "" if explicit else f" (no --{name} given; looked in the run directory)"
+        flag = option or _OPTIONS.get(name, f"--{name}")
+        hint = "" if explicit else f" (no {flag} given; looked in the run directory)"
         raise DplError(f"{path}: {name} not found{hint}")
     return path
 
