@@ -59,36 +59,44 @@ def save_detector(
     """Write weights + spec (+ training state) to ``path`` atomically; returns the path."""
     model = unwrap(model)
     payload = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "dpl_version": __version__,
         "spec": asdict(spec),
         "build": dict(getattr(model, "dpl_build", {})),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "train_state": train_state,
     }
+    return write_payload(path, FORMAT, FORMAT_VERSION, payload)
+
+
+def write_payload(path: str | Path, fmt: str, version: int, payload: dict[str, Any]) -> Path:
+    """Save a dpl checkpoint dict (format tag, version, dpl version + ``payload``) atomically."""
+    full = {"format": fmt, "format_version": version, "dpl_version": __version__, **payload}
     with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(payload, tmp)
+        torch.save(full, tmp)
     return Path(path)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The raw checkpoint dict of a dpl detector file, or a one-line DplError."""
+def read_payload(path: str | Path, fmt: str, version: int, what: str) -> dict[str, Any]:
+    """Load a dpl checkpoint dict of format ``fmt``, or a one-line DplError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise DplError(f"{path}: checkpoint not found")
+        raise DplError(f"{path}: {what} checkpoint not found")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise DplError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise DplError(f"{path}: not a dpl detector checkpoint")
-    if payload.get("format_version", 0) > FORMAT_VERSION:
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise DplError(f"{path}: not a dpl {what} checkpoint")
+    if payload.get("format_version", 0) > version:
         raise DplError(
             f"{path}: checkpoint format {payload['format_version']} is newer than this dpl "
             f"({__version__}) reads"
         )
     return payload
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The raw checkpoint dict of a dpl detector file, or a one-line DplError."""
+    return read_payload(path, FORMAT, FORMAT_VERSION, "detector")
 
 
 def spec_from_dict(raw: dict[str, Any]) -> DetectorSpec:

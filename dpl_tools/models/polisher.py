@@ -20,10 +20,10 @@ from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.ops import MultiScaleRoIAlign
 
-from dpl_tools import __version__
 from dpl_tools.boxes import NUM_VOTE_BOXES, VOTE_FACTOR, clip_boxes, decode_deltas, vote_boxes
 from dpl_tools.errors import DplError
-from dpl_tools.io import atomic_path, sha256_file
+from dpl_tools.io import sha256_file
+from dpl_tools.models.checkpoint import read_payload, write_payload
 
 FEATURE_CHANNELS = 256
 POOL_SIZE = 7
@@ -167,32 +167,18 @@ def save_polisher(
 ) -> Path:
     """Write a polisher checkpoint tied to its teacher (by the teacher file's SHA-256)."""
     payload = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "dpl_version": __version__,
         "teacher_sha256": sha256_file(teacher_path),
         "categories": categories,
         "config": polisher.config(),
         "state_dict": {k: v.detach().cpu() for k, v in polisher.state_dict().items()},
         "extra": extra or {},
     }
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(payload, tmp)
-    return Path(path)
+    return write_payload(path, FORMAT, FORMAT_VERSION, payload)
 
 
 def read_polisher_checkpoint(path: str | Path) -> dict[str, Any]:
     """The raw polisher checkpoint dict, or a one-line DplError."""
-    path = Path(path)
-    if not path.is_file():
-        raise DplError(f"{path}: polisher checkpoint not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DplError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise DplError(f"{path}: not a dpl polisher checkpoint")
-    return payload
+    return read_payload(path, FORMAT, FORMAT_VERSION, "polisher")
 
 
 def load_polisher(
