@@ -7,10 +7,10 @@ import torch
 from torchvision.models import mobilenet_v2, resnet18
 
 from dpl_tools.config import DEFAULTS, load_config
-from dpl_tools.engine.train_detector import TrainConfig, multiscale_sizes
+from dpl_tools.engine.train_detector import TrainConfig
 from dpl_tools.errors import DplError
 from dpl_tools.models.checkpoint import DetectorSpec, load_detector, save_detector
-from dpl_tools.models.detector import build_detector, set_test_settings
+from dpl_tools.models.detector import build_detector, multiscale_sizes, set_test_settings
 
 CATS = [{"id": 7, "name": "a"}, {"id": 3, "name": "b"}]
 

@@ -34,8 +34,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from dpl_tools.data.coco import load_coco
 from dpl_tools.data.detection import DetectionDataset, collate_detection
 from dpl_tools.errors import DplError
-from dpl_tools.models.checkpoint import DetectorSpec, read_checkpoint, save_detector, unwrap
-from dpl_tools.models.detector import build_detector
+from dpl_tools.models.checkpoint import (
+    DetectorSpec,
+    detector_from_checkpoint,
+    read_checkpoint,
+    save_detector,
+    unwrap,
+)
+from dpl_tools.models.detector import build_detector, multiscale_sizes
 from dpl_tools.runtime import (
     DistInfo,
     amp_enabled,
@@ -297,15 +303,6 @@ def find_resume_checkpoint(out: str | Path) -> dict | None:
     return max(candidates, key=lambda c: c["train_state"]["iteration"])
 
 
-def multiscale_sizes(min_size: int, factors: list[float] | None) -> int | tuple[int, ...]:
-    """Training shorter sides for multi-scale resize; the test size is kept last, since
-    torchvision uses ``min_size[-1]`` in eval mode."""
-    if not factors:
-        return min_size
-    sizes = sorted({max(1, round(min_size * f)) for f in factors} - {min_size})
-    return (*sizes, min_size)
-
-
 def train_teacher(
     ann: str | Path,
     images_dir: str | Path,
@@ -340,20 +337,9 @@ def train_teacher(
         console.print(f"no checkpoint to resume at {out}; starting from scratch")
     seed_everything(seed)
     if resume_ckpt is not None:
-        from dpl_tools.models.checkpoint import spec_from_dict
-
-        spec = spec_from_dict(resume_ckpt["spec"])
+        model, spec = detector_from_checkpoint(resume_ckpt, out, tcfg.get("multiscale"))
         if [c["id"] for c in spec.categories] != [c["id"] for c in coco.categories]:
             raise DplError(f"{out}: checkpoint classes differ from {ann}; cannot resume")
-        model = build_detector(
-            spec.arch,
-            spec.num_classes,
-            "none",
-            multiscale_sizes(spec.min_size, tcfg.get("multiscale")),
-            spec.max_size,
-            **resume_ckpt["build"],
-        )
-        model.load_state_dict(resume_ckpt["state_dict"])
     else:
         spec = DetectorSpec(
             arch=mcfg["arch"],

@@ -39,17 +39,16 @@ from dpl_tools.engine.train_detector import (
     TrainResult,
     checkpoint_saver,
     find_resume_checkpoint,
-    multiscale_sizes,
     train_detector,
 )
 from dpl_tools.errors import DplError
 from dpl_tools.io import sha256_file
 from dpl_tools.models.checkpoint import (
     DetectorSpec,
+    detector_from_checkpoint,
     read_checkpoint,
-    spec_from_dict,
 )
-from dpl_tools.models.detector import build_detector
+from dpl_tools.models.detector import build_detector, multiscale_sizes
 from dpl_tools.models.student import make_disentangled
 from dpl_tools.runtime import init_distributed, resolve_device, seed_everything
 
@@ -143,18 +142,8 @@ def build_student(
             **dict(mcfg.get("detector_kwargs") or {}),
         )
         return model, spec
-    ckpt = read_checkpoint(init)
-    teacher = spec_from_dict(ckpt["spec"])
+    model, teacher = detector_from_checkpoint(read_checkpoint(init), init, scfg.get("multiscale"))
     _check_categories(teacher, categories, str(init), ann)
-    model = build_detector(
-        teacher.arch,
-        teacher.num_classes,
-        "none",
-        multiscale_sizes(teacher.min_size, scfg.get("multiscale")),
-        teacher.max_size,
-        **ckpt["build"],
-    )
-    model.load_state_dict(ckpt["state_dict"])
     spec = DetectorSpec(
         arch=teacher.arch,
         categories=categories,
@@ -167,19 +156,10 @@ def build_student(
 
 
 def _resume_student(ckpt: dict, categories: list[dict], out: Path, ann: Path, config: dict):
-    spec = spec_from_dict(ckpt["spec"])
+    model, spec = detector_from_checkpoint(ckpt, out, config["student"].get("multiscale"))
     if spec.kind != "student":
         raise DplError(f"{out}: a {spec.kind} checkpoint, not a student; cannot resume")
     _check_categories(spec, categories, str(out), ann)
-    model = build_detector(
-        spec.arch,
-        spec.num_classes,
-        "none",
-        multiscale_sizes(spec.min_size, config["student"].get("multiscale")),
-        spec.max_size,
-        **ckpt["build"],
-    )
-    model.load_state_dict(ckpt["state_dict"])
     return model, spec
 
 

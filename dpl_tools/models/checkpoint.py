@@ -109,13 +109,29 @@ def load_detector(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[FasterRCNN, DetectorSpec]:
     """Rebuild the detector saved at ``path`` (eval mode, on ``device``) and its spec."""
-    from dpl_tools.models.detector import build_detector
+    model, spec = detector_from_checkpoint(read_checkpoint(path), path)
+    return model.to(device).eval(), spec
 
-    payload = read_checkpoint(path)
+
+def detector_from_checkpoint(
+    payload: dict[str, Any], path: str | Path, train_scales: list[float] | None = None
+) -> tuple[FasterRCNN, DetectorSpec]:
+    """Rebuild the detector of a checkpoint dict (from ``read_checkpoint``) and its spec.
+
+    ``train_scales``: multi-scale training factors of the test size (to continue training
+    it); without them the model has its test input size only.
+    """
+    from dpl_tools.models.detector import build_detector, multiscale_sizes
+
     try:
         spec = spec_from_dict(payload["spec"])
         model = build_detector(
-            spec.arch, spec.num_classes, "none", spec.min_size, spec.max_size, **payload["build"]
+            spec.arch,
+            spec.num_classes,
+            "none",
+            multiscale_sizes(spec.min_size, train_scales),
+            spec.max_size,
+            **payload["build"],
         )
         model.load_state_dict(payload["state_dict"])
     except DplError as e:
@@ -123,4 +139,4 @@ def load_detector(
     except (KeyError, TypeError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DplError(f"{path}: corrupt detector checkpoint ({first})") from None
-    return model.to(device).eval(), spec
+    return model, spec

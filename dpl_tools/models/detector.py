@@ -116,6 +116,15 @@ def resnet_fpn_backbone(arch: str, backbone_weights: str, frozen_bn: bool) -> Ba
     return _resnet_fpn_extractor(net, trainable)
 
 
+def multiscale_sizes(min_size: int, factors: list[float] | None) -> int | tuple[int, ...]:
+    """Training shorter sides for multi-scale resize; the test size is kept last, since
+    torchvision uses ``min_size[-1]`` in eval mode."""
+    if not factors:
+        return min_size
+    sizes = sorted({max(1, round(min_size * f)) for f in factors} - {min_size})
+    return (*sizes, min_size)
+
+
 def build_detector(
     arch: str,
     num_classes: int,
