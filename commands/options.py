@@ -25,9 +25,18 @@ Seed = Annotated[
     int, typer.Option("--seed", help="Random seed; the same seed gives the same result on CPU.")
 ]
 Config = Annotated[
-    Path | None,
-    typer.Option("--config", help="YAML preset (see configs/), e.g. configs/cpu_mobilenet.yaml."),
+    str | None,
+    typer.Option(
+        "--config",
+        help="Preset name (cpu_mobilenet, coco_r50_fpn, voc_r50_fpn, demo) or a YAML path; "
+        "flags given on the command line override it.",
+    ),
 ]
+LabeledAnn = Annotated[
+    Path | None,
+    typer.Option("--ann", help="Labeled COCO JSON (default: <run-dir>/split/labeled.json)."),
+]
+Iters = Annotated[int | None, typer.Option("--iters", help="Training iterations (total).")]
 Lr = Annotated[float | None, typer.Option("--lr", help="Base SGD learning rate.")]
 Workers = Annotated[int | None, typer.Option("--workers", help="DataLoader worker processes.")]
 Resume = Annotated[

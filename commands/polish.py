@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from dpl_tools.models.polisher import load_polisher
 from rich.console import Console
 from rich.table import Table
 
@@ -27,6 +26,7 @@ from dpl_tools.engine.polish import PolishSettings, PolishSummary, polish_images
 from dpl_tools.errors import DplError
 from dpl_tools.io import sha256_file
 from dpl_tools.models.checkpoint import load_detector
+from dpl_tools.models.polisher import load_polisher
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input, resolve_output
 from dpl_tools.runtime import resolve_device
 

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from commands.options import Device, RunDir, Seed
+from commands.options import Config, Device, LabeledAnn, RunDir, Seed
 from dpl_tools.config import load_config
 from dpl_tools.data.coco import load_coco
 from dpl_tools.errors import DplError
@@ -47,19 +47,13 @@ def _floats(text: str | None, what: str) -> list[float] | None:
 
 
 def command(
-    ann: Annotated[
-        Path | None,
-        typer.Option("--ann", help="Labeled COCO JSON (default <run-dir>/split/labeled.json)."),
-    ] = None,
+    ann: LabeledAnn = None,
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Noise Parquet to write (default <run-dir>/noise.parquet)."),
     ] = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
-    config: Annotated[
-        str | None,
-        typer.Option("--config", help="Preset name or YAML path (its 'polisher' section)."),
-    ] = None,
+    config: Config = None,
     rounds: Annotated[
         int | None,
         typer.Option("--rounds", help="Independent noise draws, one per training round (4)."),

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from commands.options import Device, RunDir, Seed
+from commands.options import Config, Device, LabeledAnn, RunDir, Seed
 from dpl_tools.config import load_config
 from dpl_tools.engine.train_polisher import train_polisher
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input, resolve_output
@@ -43,19 +43,13 @@ def command(
             "--noise", help="Pairs from dpl synth-noise (default <run-dir>/noise.parquet)."
         ),
     ] = None,
-    ann: Annotated[
-        Path | None,
-        typer.Option("--ann", help="Labeled COCO JSON (default <run-dir>/split/labeled.json)."),
-    ] = None,
+    ann: LabeledAnn = None,
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Polisher checkpoint to write (default <run-dir>/polisher.pt)."),
     ] = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
-    config: Annotated[
-        str | None,
-        typer.Option("--config", help="Preset name or YAML path (its 'polisher' section)."),
-    ] = None,
+    config: Config = None,
     iters: Annotated[int | None, typer.Option("--iters", help="Training steps (400).")] = None,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="Images per step per process (2).")

@@ -18,7 +18,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from commands.options import CheckpointEvery, Device, Lr, Resume, RunDir, Seed, Workers
+from commands.options import (
+    CheckpointEvery,
+    Config,
+    Device,
+    Iters,
+    LabeledAnn,
+    Lr,
+    Resume,
+    RunDir,
+    Seed,
+    Workers,
+)
 from dpl_tools.config import load_config
 from dpl_tools.engine.train_student import train_student
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input, resolve_output
@@ -30,10 +41,7 @@ def command(
         Path,
         typer.Option("--images", help="Folder the file names in --ann are relative to."),
     ],
-    ann: Annotated[
-        Path | None,
-        typer.Option("--ann", help="Labeled COCO JSON (default: <run-dir>/split/labeled.json)."),
-    ] = None,
+    ann: LabeledAnn = None,
     pseudo: Annotated[
         Path | None,
         typer.Option(
@@ -60,13 +68,7 @@ def command(
         ),
     ] = "teacher",
     run_dir: RunDir = DEFAULT_RUN_DIR,
-    config: Annotated[
-        str | None,
-        typer.Option(
-            "--config",
-            help="Preset name (cpu_mobilenet, coco_r50_fpn, voc_r50_fpn) or a YAML path.",
-        ),
-    ] = None,
+    config: Config = None,
     pseudo_view: Annotated[
         str | None,
         typer.Option(
@@ -94,9 +96,7 @@ def command(
             "--unlabeled-weight", help="Weight of the pseudo-labeled images' loss (default 1.0)."
         ),
     ] = None,
-    iters: Annotated[
-        int | None, typer.Option("--iters", help="Training iterations (total).")
-    ] = None,
+    iters: Iters = None,
     batch_size: Annotated[
         int | None,
         typer.Option("--batch-size", help="Labeled images per iteration per process."),

@@ -17,7 +17,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from commands.options import CheckpointEvery, Device, Lr, Resume, RunDir, Seed, Workers
+from commands.options import (
+    CheckpointEvery,
+    Config,
+    Device,
+    Iters,
+    Lr,
+    Resume,
+    RunDir,
+    Seed,
+    Workers,
+)
 from dpl_tools.config import load_config
 from dpl_tools.engine.train_detector import train_teacher
 from dpl_tools.models.detector import ARCHS
@@ -37,13 +47,7 @@ def command(
         typer.Option("--out", help="Checkpoint to write (default: <run-dir>/teacher.pt)."),
     ] = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
-    config: Annotated[
-        str | None,
-        typer.Option(
-            "--config",
-            help="Preset name (cpu_mobilenet, coco_r50_fpn, voc_r50_fpn) or a YAML path.",
-        ),
-    ] = None,
+    config: Config = None,
     arch: Annotated[
         str | None, typer.Option("--arch", help=f"Detector: {', '.join(ARCHS)}.")
     ] = None,
@@ -59,9 +63,7 @@ def command(
     max_size: Annotated[
         int | None, typer.Option("--max-size", help="Longest image side cap (px).")
     ] = None,
-    iters: Annotated[
-        int | None, typer.Option("--iters", help="Training iterations (total).")
-    ] = None,
+    iters: Iters = None,
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="Images per iteration per process.")
     ] = None,

@@ -10,7 +10,6 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 import torch
-from dpl_tools.models.polisher import Polisher, save_polisher
 from typer.testing import CliRunner
 
 from commands.cli import app
@@ -27,6 +26,7 @@ from dpl_tools.data.synthetic import make_synthetic_dataset
 from dpl_tools.io import sha256_file
 from dpl_tools.models.checkpoint import DetectorSpec, save_detector
 from dpl_tools.models.detector import build_detector
+from dpl_tools.models.polisher import Polisher, save_polisher
 
 # Fast test settings: boxes exist with a random teacher, few per image.
 FAST = ["--initial-threshold", "0.0", "--max-dets", "3", "--workers", "0", "--device", "cpu"]
