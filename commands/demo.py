@@ -20,7 +20,7 @@ from rich.table import Table
 
 from commands.options import Device, Seed
 from commands.run import stage_printer
-from dpl_tools.demo import demo_stages, demo_summary, prepare_demo_data
+from dpl_tools.demo import DEMO_PRESET, demo_stages, demo_summary, prepare_demo_data
 from dpl_tools.io import write_json
 from dpl_tools.pipeline import run_stages
 
@@ -51,6 +51,14 @@ def command(
             "student_polished_ap, pseudo_iou_before, pseudo_iou_after).",
         ),
     ] = None,
+    config: Annotated[
+        str,
+        typer.Option(
+            "--config",
+            help="Settings of every stage: the demo preset (configs/demo.yaml: 128 px, "
+            "a few hundred iterations) or another preset name / YAML path.",
+        ),
+    ] = DEMO_PRESET,
     device: Device = "auto",
     seed: Seed = 0,
 ) -> None:
@@ -60,7 +68,7 @@ def command(
     run_dir = out or Path(tempfile.mkdtemp(prefix="dpl-demo-"))
     try:
         data = prepare_demo_data(run_dir, seed)
-        stages = demo_stages(data, run_dir, device=device)
+        stages = demo_stages(data, run_dir, device=device, config=config)
         run_stages(stages, run_dir, invoke, stage_printer(console))
         figures = demo_summary(run_dir)
     finally:

@@ -48,9 +48,12 @@ def prepare_demo_data(out_dir: Path, seed: int = 0) -> PipelineData:
     )
 
 
-def demo_stages(data: PipelineData, run_dir: Path, device: str = "auto") -> list[Stage]:
-    """The pipeline's stages plus a student on raw pseudo labels and its evaluation."""
-    config = str(preset_path(DEMO_PRESET))
+def demo_stages(
+    data: PipelineData, run_dir: Path, device: str = "auto", config: str | Path = DEMO_PRESET
+) -> list[Stage]:
+    """The pipeline's stages plus a student on raw pseudo labels and its evaluation
+    (``config``: the ``demo`` preset, or another preset name / YAML path)."""
+    config = str(preset_path(config))
     stages = pipeline_stages(data, run_dir, config, rounds=1, device=device)
     raw_student = run_dir / "student_raw.pt"
     labeled = run_dir / "split" / "labeled.json"
