@@ -164,8 +164,9 @@ def append_results(
         box, views = q["box_quality"], q["views"]
         t, c = views["teacher"], views["cls"]
         lines.append(
-            f"| {split} | {q['images']} | {t['boxes']} | {box['mean_iou_before']:.3f} -> "
-            f"{box['mean_iou_after']:.3f} | {c['boxes']} | {t['precision50']:.3f} / "
+            f"| {split} | {q['images']['evaluated']} | {t['boxes']} | "
+            f"{box['mean_iou_before']:.3f} -> {box['mean_iou_after']:.3f} | {c['boxes']} | "
+            f"{t['precision50']:.3f} / "
             f"{t['recall50']:.3f} -> {c['precision50']:.3f} / {c['recall50']:.3f} |"
         )
     lines += [
