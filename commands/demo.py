@@ -20,6 +20,7 @@ from rich.table import Table
 
 from commands.options import Device, Seed
 from commands.run import stage_printer
+from dpl_tools.config import preset_path
 from dpl_tools.demo import DEMO_PRESET, demo_stages, demo_summary, prepare_demo_data
 from dpl_tools.io import write_json
 from dpl_tools.pipeline import run_stages
@@ -65,6 +66,7 @@ def command(
     from commands.cli import invoke
 
     console = Console()
+    preset_path(config)  # a missing or unknown config fails before any data is made
     run_dir = out or Path(tempfile.mkdtemp(prefix="dpl-demo-"))
     try:
         data = prepare_demo_data(run_dir, seed)

@@ -69,3 +69,25 @@ def test_demo_runs_the_method_and_writes_its_figures(tmp_path):
     for stage in ("train-teacher", "polish", "train-student", "train-student-raw"):
         assert f"- {stage}: up to date" in again.stdout
         assert f"> {stage}:" not in again.stdout
+
+
+def test_demo_rejects_a_missing_config_before_making_anything(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "commands",
+            "demo",
+            "--config",
+            str(tmp_path / "nope.yaml"),
+            "--out",
+            str(tmp_path / "run"),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "nope.yaml: config file not found" in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()
