@@ -117,12 +117,17 @@ def pseudo_quality(data: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def run_split(data: Path, iters: int, batch: int, lr: float) -> list[dict]:
-    """Evaluate the teacher and train + evaluate the four same-budget rows."""
+def run_split(
+    data: Path, iters: int, batch: int, lr: float, only: set[int] | None = None
+) -> list[dict]:
+    """Evaluate the teacher and train + evaluate the four same-budget rows (rows 2-5; ``only``
+    trains a subset, e.g. to run rows in parallel processes)."""
     rows = [{"name": "supervised teacher", "cmd": "(teacher.pt)", "train_s": None,
              **evaluate(data / "teacher.pt", data)}]  # fmt: skip
-    folder = data / "student_runs"
+    folder = data / ("student_runs" if lr == 0.01 else f"student_runs_lr{lr:g}")
     for k, (name, extra) in enumerate(ROWS.items()):
+        if only and k + 2 not in only:
+            continue
         out = folder / f"row{k + 2}.pt"
         cmd = [
             "train-student", "--ann", str(data / "labeled.json"), "--images", str(IMAGES),
@@ -194,6 +199,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=120, help="Student iterations per row.")
     parser.add_argument("--batch-size", type=int, default=2, help="Labeled images per step.")
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--rows", default="", help="Train only these rows, e.g. 2,3.")
     parser.add_argument("--prepare", action="store_true", help="Make missing split inputs.")
     parser.add_argument("--teacher-iters", type=int, default=400)
     parser.add_argument("--no-append", action="store_true", help="Do not touch RESULTS.md.")
@@ -212,7 +218,8 @@ def main() -> None:
         if missing:
             print(f"skipping {percent}%: {data} lacks {', '.join(missing)} (try --prepare)")
             continue
-        results[f"{percent}%"] = run_split(data, args.iters, args.batch_size, args.lr)
+        only = {int(r) for r in args.rows.split(",") if r}
+        results[f"{percent}%"] = run_split(data, args.iters, args.batch_size, args.lr, only)
         quality[f"{percent}%"] = pseudo_quality(data)
     for split, rows in results.items():
         for r in rows:
