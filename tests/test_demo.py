@@ -3,39 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
-from test_pipeline import TINY
+from test_pipeline import TINY, _dpl
 
 KEYS = ("teacher_ap", "student_raw_ap", "student_polished_ap", "pseudo_iou_before",
         "pseudo_iou_after")  # fmt: skip
 
 
-def _demo(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+def _demo(tmp_path: Path, *extra: str):
+    """``dpl demo`` on the tiny test preset, run as a user would (a subprocess)."""
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "commands",
-            "demo",
-            "--config",
-            str(config),
-            "--device",
-            "cpu",
-            *extra,
-        ],  # fmt: skip
-        cwd=tmp_path,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    return _dpl("demo", "--config", str(config), "--device", "cpu", *extra, cwd=tmp_path)
 
 
 def test_demo_runs_the_method_and_writes_its_figures(tmp_path):
@@ -72,21 +53,8 @@ def test_demo_runs_the_method_and_writes_its_figures(tmp_path):
 
 
 def test_demo_rejects_a_missing_config_before_making_anything(tmp_path):
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "commands",
-            "demo",
-            "--config",
-            str(tmp_path / "nope.yaml"),
-            "--out",
-            str(tmp_path / "run"),
-        ],  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    missing = tmp_path / "nope.yaml"
+    done = _dpl("demo", "--config", str(missing), "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert done.returncode != 0
     assert "nope.yaml: config file not found" in done.stderr + done.stdout
     assert "Traceback" not in done.stderr
