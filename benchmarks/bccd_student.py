@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BCCD = (ROOT / "../shared/data/bccd").resolve()
@@ -98,9 +99,14 @@ def prepare(data: Path, percent: int, teacher_iters: int) -> None:
             "--workers", "1", "--no-progress")  # fmt: skip
 
 
+def _stale(out: Path, source: Path) -> bool:
+    """``out`` is missing or older than the ``source`` it was computed from."""
+    return not out.exists() or out.stat().st_mtime < source.stat().st_mtime
+
+
 def evaluate(model: Path, data: Path) -> dict:
     metrics = model.with_suffix(".test.json")
-    if not metrics.exists() or metrics.stat().st_mtime < model.stat().st_mtime:
+    if _stale(metrics, model):
         dpl("evaluate", "--model", str(model), "--ann", str(data / "test.json"), "--images",
             str(IMAGES), "--batch-size", "2", "--workers", "1", "--device", "cpu", "--json",
             str(metrics))  # fmt: skip
@@ -111,7 +117,7 @@ def pseudo_quality(data: Path) -> dict:
     """``dpl evaluate --pseudo`` of the split's labels against the unlabeled images' truth."""
     out = data / "pseudo_quality.json"
     labels = data / "labels.parquet"
-    if not out.exists() or out.stat().st_mtime < labels.stat().st_mtime:
+    if _stale(out, labels):
         dpl("evaluate", "--pseudo", str(labels), "--ann", str(data / "unlabeled_gt.json"),
             "--json", str(out))  # fmt: skip
     return json.loads(out.read_text())
@@ -148,13 +154,14 @@ def append_results(
     results: dict[str, list[dict]], quality: dict[str, dict], args: argparse.Namespace
 ) -> None:
     iters, batch, lr = args.iters, args.batch_size, args.lr
+    warmup = yaml.safe_load(CONFIG.read_text())["student"]["warmup_iters"]
     lines = [
         f"\n## BCCD student: raw vs polished vs disentangled pseudo labels — {DATE}\n",
         f"Machine: {platform.machine()} CPU, 2 cores, no GPU; {args.machine_note}. "
         f"Script: `python benchmarks/bccd_student.py --splits {args.splits} --iters {iters}`.",
         f"Every student row starts from the split's teacher and trains {iters} iterations of "
         f"{batch} labeled + {batch} pseudo-labeled images (ratio 1.0, unlabeled weight 1.0), "
-        f"SGD lr {lr}, warm-up 20 (`benchmarks/configs/bccd_student.yaml`), mobilenet_v2_fpn "
+        f"SGD lr {lr}, warm-up {warmup} (`benchmarks/configs/bccd_student.yaml`), mobilenet_v2_fpn "
         "at 480 px (multi-scale + flip), seed 0; 'supervised, +budget' is the same run with "
         "--unlabeled-ratio 0 (labeled images only). Teachers: 400 iterations (bccd_baseline.py "
         "settings); polishers: empirical noise, 300 steps (bccd_polisher.py settings); pseudo "
@@ -199,7 +206,11 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=120, help="Student iterations per row.")
     parser.add_argument("--batch-size", type=int, default=2, help="Labeled images per step.")
     parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--rows", default="", help="Train only these rows, e.g. 2,3.")
+    parser.add_argument(
+        "--rows",
+        default="",
+        help="Train only these rows, e.g. 2,3 (never appends a partial table).",
+    )
     parser.add_argument("--prepare", action="store_true", help="Make missing split inputs.")
     parser.add_argument("--teacher-iters", type=int, default=400)
     parser.add_argument("--no-append", action="store_true", help="Do not touch RESULTS.md.")
@@ -224,7 +235,7 @@ def main() -> None:
     for split, rows in results.items():
         for r in rows:
             print(f"{split:>4} {r['name']:<42} AP {r['AP']:.3f}  AP50 {r['AP50']:.3f}")
-    if results and not args.no_append:
+    if results and not args.no_append and not args.rows:
         append_results(results, quality, args)
 
 
