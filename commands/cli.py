@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -83,16 +84,36 @@ def invoke(argv: list[str]) -> None:
         raise DplError(f"dpl {' '.join(argv[:1])} exited with status {code}")
 
 
+# Exit statuses: 2 for a user error (bad input, as click's usage errors), 3 for a defect.
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 3
+
+
 def main() -> None:
-    """Run the CLI; user errors become one ``error:`` line on stderr and exit status 1."""
+    """Run the CLI; user errors become one ``error:`` line on stderr and exit status 2.
+
+    An unexpected exception is a defect of dpl, not of the input: it is reported in one
+    line too (the traceback with ``DPL_TRACEBACK=1``) and exits with status 3.
+    """
+    err = Console(stderr=True)
     try:
         app()
     except DplError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
-        Console(stderr=True).print("[bold red]interrupted[/]")
+        err.print("[bold red]interrupted[/]")
         sys.exit(130)
+    except Exception as e:
+        if os.environ.get("DPL_TRACEBACK"):
+            raise
+        err.print(
+            f"[bold red]error:[/] internal error: {type(e).__name__}: {e} "
+            "(a defect of dpl: rerun with DPL_TRACEBACK=1 and report the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(EXIT_INTERNAL_ERROR)
 
 
 if __name__ == "__main__":

@@ -220,6 +220,6 @@ def test_cli_error_is_one_line_through_real_entry_point(voc_root, tmp_path):
         capture_output=True,
         text=True,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "error:" in proc.stderr and "img1.xml: not valid XML" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()

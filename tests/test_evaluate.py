@@ -113,5 +113,5 @@ def test_evaluate_cli_on_a_checkpoint(synth_dataset, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_text("nope")
     proc = _dpl("evaluate", "--model", str(bad), "--ann", str(ann), "--images", str(images))
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "error:" in proc.stderr and "bad.pt" in proc.stderr and "Traceback" not in proc.stderr

@@ -179,7 +179,7 @@ def test_report_lists_unreadable_images_and_replaces_old_report(run, tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("x")
     proc = _cli("report", str(labels), "--images", str(images), "--out", str(tmp_path / "other"))
-    assert proc.returncode == 1 and "not a dpl report" in " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and "not a dpl report" in " ".join(proc.stderr.split())
     assert (tmp_path / "other" / "keep.txt").exists()
 
 
@@ -196,7 +196,7 @@ def test_show_renders_boxes(run, tmp_path):
     cyan = (shown[..., 0] < 40) & (shown[..., 1] > 200) & (shown[..., 2] > 230)
     assert orange.sum() > 20 and cyan.sum() > 20
     proc = _cli("show", str(root / "nope.png"), "--labels", str(labels), "--out", str(out))
-    assert proc.returncode == 1 and "no pseudo labels for this image" in " ".join(
+    assert proc.returncode == 2 and "no pseudo labels for this image" in " ".join(
         proc.stderr.split()
     )
 

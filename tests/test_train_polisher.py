@@ -137,6 +137,6 @@ def test_cli_synth_noise_then_train_polisher_then_hash_check(synth_dataset, tmp_
          "--device", "cpu"],
         capture_output=True, text=True,
     )  # fmt: skip
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "error:" in proc.stderr and "trained on teacher" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -259,12 +259,12 @@ def test_cli_train_student_and_bad_inputs(inputs, tmp_path) -> None:
     other_ann = tmp_path / "other.json"
     other_ann.write_text(json.dumps(other))
     bad = _dpl(*common, "--run-dir", str(run_dir), "--ann", str(other_ann), "--init", "imagenet")
-    assert bad.returncode == 1 and "categories" in bad.stderr and "labels.parquet" in bad.stderr
+    assert bad.returncode == 2 and "categories" in bad.stderr and "labels.parquet" in bad.stderr
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
     # Pseudo-labeled images not in the folder.
     empty = tmp_path / "empty"
     empty.mkdir()
     bad = _dpl(*common, "--run-dir", str(run_dir), "--unlabeled-images", str(empty))
-    assert bad.returncode == 1 and "--unlabeled-images" in bad.stderr
+    assert bad.returncode == 2 and "--unlabeled-images" in bad.stderr
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

@@ -129,4 +129,4 @@ def test_cli_train_teacher_then_evaluate(synth_dataset, tmp_path):
         capture_output=True,
         text=True,
     )
-    assert bad.returncode == 1 and "missing.json" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "missing.json" in bad.stderr and "Traceback" not in bad.stderr
