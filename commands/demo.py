@@ -56,7 +56,7 @@ def command(
         str,
         typer.Option(
             "--config",
-            help="Settings of every stage: the demo preset (configs/demo.yaml: 128 px, "
+            help="Settings of every stage: the demo preset (dpl_tools/configs/demo.yaml: 128 px, "
             "a few hundred iterations) or another preset name / YAML path.",
         ),
     ] = DEMO_PRESET,

@@ -1,8 +1,8 @@
-"""Configuration: built-in defaults < YAML preset (configs/*.yaml) < command-line flags.
+"""Configuration: built-in defaults < YAML preset (dpl_tools/configs) < command-line flags.
 
 A config is a nested dict with one section per stage (model / teacher / polisher /
 polish / student). Stages add their defaults with ``register_defaults``; a preset is a
-name in ``configs/`` (e.g. ``cpu_mobilenet``) or a path to a YAML file.
+name in ``dpl_tools/configs/`` (e.g. ``cpu_mobilenet``) or a path to a YAML file.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import yaml
 
 from dpl_tools.errors import DplError
 
-# Presets: the repository's configs/ (source checkout), else the packaged copy.
-PRESET_DIRS = (Path(__file__).resolve().parents[1] / "configs", Path(__file__).parent / "configs")
+# Presets ship inside the package (dpl_tools/configs/), so a wheel install has them too.
+PRESET_DIRS = (Path(__file__).parent / "configs",)
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {
