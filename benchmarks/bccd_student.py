@@ -80,12 +80,12 @@ def prepare(data: Path, percent: int, teacher_iters: int) -> None:
             "--backbone-weights", str(WEIGHTS), "--iters", str(teacher_iters),
             "--batch-size", "2", "--workers", "1", "--device", "cpu", "--seed", "0")  # fmt: skip
     if not (data / "noise.parquet").exists():
-        # the 10% split's chosen variant (bccd_polisher.py): empirical noise, fitted on the
-        # teacher's errors on the test split (the only labeled images it did not train on)
+        # cross-fitting: the teacher's real out-of-fold errors on the labeled images (no
+        # test split: it is used for the final figures only)
         dpl("synth-noise", "--ann", str(data / "labeled.json"), "--out",
-            str(data / "noise.parquet"), "--rounds", "4", "--noise-model", "empirical",
+            str(data / "noise.parquet"), "--rounds", "4", "--noise-model", "crossfit",
             "--teacher", str(data / "teacher.pt"), "--images", str(IMAGES),
-            "--heldout-ann", str(data / "test.json"), "--device", "cpu")  # fmt: skip
+            "--device", "cpu")  # fmt: skip
     if not (data / "polisher.pt").exists():
         dpl("train-polisher", "--teacher", str(data / "teacher.pt"), "--noise",
             str(data / "noise.parquet"), "--ann", str(data / "labeled.json"), "--images",
@@ -164,7 +164,7 @@ def append_results(
         f"SGD lr {lr}, warm-up {warmup} (`benchmarks/configs/bccd_student.yaml`), mobilenet_v2_fpn "
         "at 480 px (multi-scale + flip), seed 0; 'supervised, +budget' is the same run with "
         "--unlabeled-ratio 0 (labeled images only). Teachers: 400 iterations (bccd_baseline.py "
-        "settings); polishers: empirical noise, 300 steps (bccd_polisher.py settings); pseudo "
+        "settings); polishers: crossfit noise, 300 steps (bccd_polisher.py settings); pseudo "
         "labels: `dpl polish` defaults. Test: BCCD test split (72 images), `dpl evaluate` "
         "(score >= 0.001, 100 dets/image).\n",
         "Pseudo labels on the unlabeled split vs its hidden truth (`dpl evaluate --pseudo`):\n",

@@ -39,6 +39,7 @@ def _register() -> None:
         convert,
         demo,
         evaluate,
+        export,
         polish,
         report,
         run,
@@ -57,6 +58,7 @@ def _register() -> None:
         ("synth-noise", synth_noise),
         ("train-polisher", train_polisher),
         ("polish", polish),
+        ("export", export),
         ("train-student", train_student),
         ("evaluate", evaluate),
         ("run", run),
@@ -68,20 +70,6 @@ def _register() -> None:
 
 
 _register()
-
-
-def invoke(argv: list[str]) -> None:
-    """Run one ``dpl`` sub-command in-process (used by ``dpl run`` and ``dpl demo``)."""
-    try:
-        code = app(argv, standalone_mode=False)
-    except DplError:
-        raise
-    except Exception as e:  # click's usage errors (click may be vendored by typer)
-        if not hasattr(e, "format_message"):
-            raise
-        raise DplError(f"dpl {' '.join(argv[:1])}: {e.format_message()}") from None
-    if isinstance(code, int) and code != 0:
-        raise DplError(f"dpl {' '.join(argv[:1])} exited with status {code}")
 
 
 # Exit statuses: 2 for a user error (bad input, as click's usage errors), 3 for a defect.

@@ -6,9 +6,12 @@ folder of XML files; boxes follow the VOC 1-based inclusive convention
 (optionally per split) or txt files beside the images; class names come
 from data.yaml or classes.txt. COCO: validated pass-through.
 
-Every problem found is repaired or dropped and counted. File names in the
-output are relative to the images folder printed at the end: pass it to
-later commands as --images.
+Every problem found is repaired or dropped and counted. A bad annotation
+file (malformed XML, a bad YOLO label file) skips its image and is listed in
+a table at the end (--strict: stop at the first). Nothing is written when no
+image, or none of the input's boxes, is left. File names in the output are
+relative to the images folder printed at the end: pass it to later commands
+as --images.
 """
 
 from __future__ import annotations
@@ -20,23 +23,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dpl_tools.data.coco import CocoData, ValidationReport, save_coco
-from dpl_tools.data.convert import FORMATS, convert
+from commands.options import AllowOutsideRoot, print_report
+from dpl_tools.data.coco import CocoData, save_coco
+from dpl_tools.data.convert import FORMATS, convert, require_usable
 from dpl_tools.errors import DplError
-
-
-def print_report(console: Console, report: ValidationReport) -> None:
-    """A table of every validation problem: count, what was done, first example."""
-    if report.clean:
-        console.print(f"[green]validation: no problems found[/] in {report.path}")
-        return
-    table = Table(title=f"validation of {report.path}", title_justify="left")
-    table.add_column("problem (action)")
-    table.add_column("count", justify="right")
-    table.add_column("first example", overflow="fold")
-    for problem, n in sorted(report.counts.items()):
-        table.add_row(problem, str(n), report.examples[problem])
-    console.print(table)
+from dpl_tools.outputs import check_distinct_outputs
 
 
 def print_summary(console: Console, coco: CocoData, title: str) -> None:
@@ -53,6 +44,18 @@ def print_summary(console: Console, coco: CocoData, title: str) -> None:
     console.print(
         f"{len(coco.images)} images, {len(coco.annotations)} boxes, {len(coco.categories)} classes"
     )
+
+
+def print_skipped_files(console: Console, skipped: list[tuple[str, str]]) -> None:
+    """A table of the files skipped as unusable, with the problem of each."""
+    if not skipped:
+        return
+    table = Table(title=f"{len(skipped)} file(s) skipped", title_justify="left")
+    table.add_column("file", overflow="fold")
+    table.add_column("problem", overflow="fold")
+    for name, problem in skipped:
+        table.add_row(name, problem)
+    console.print(table)
 
 
 def command(
@@ -92,6 +95,14 @@ def command(
             help="VOC: drop objects marked difficult (default: keep them, tagged difficult=1).",
         ),
     ] = False,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="Stop at the first bad annotation file (default: skip it, list it at the end).",
+        ),
+    ] = False,
+    allow_outside_root: AllowOutsideRoot = False,
 ) -> None:
     console = Console()
     names = [n.strip() for n in classes.split(",") if n.strip()] if classes else None
@@ -102,8 +113,17 @@ def command(
         raise DplError(f"unknown --format '{fmt}' (choose from {', '.join(FORMATS)})")
     if fmt == "coco" and split is not None:
         raise DplError("--split applies to --format voc and yolo only")
-    result = convert(fmt, src, split, names, images, skip_difficult)
+    check_distinct_outputs({"SRC": src, "--images": images}, {"--out": out})
+    result = convert(
+        fmt, src, split, names, images, skip_difficult, strict=strict,
+        allow_outside_root=allow_outside_root,
+    )  # fmt: skip
     print_report(console, result.coco.report)
+    try:
+        require_usable(result, src)
+    except DplError:
+        print_skipped_files(console, result.skipped_files)
+        raise
     save_coco(result.coco, out)
     print_summary(console, result.coco, "converted")
     console.print(f"wrote {out}")
@@ -111,3 +131,4 @@ def command(
         console.print(f"images folder (pass as --images): {result.images_dir}")
     elif fmt != "coco":
         console.print("[yellow]no images folder found: image files were not checked[/]")
+    print_skipped_files(console, result.skipped_files)

@@ -18,9 +18,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from commands.options import Device, Seed
-from commands.run import stage_printer
-from dpl_tools.config import preset_path
+from commands.options import Device, Seed, in_process, stage_printer
+from dpl_tools.config import load_config
 from dpl_tools.demo import DEMO_PRESET, demo_stages, demo_summary, prepare_demo_data
 from dpl_tools.io import write_json
 from dpl_tools.pipeline import run_stages
@@ -31,10 +30,16 @@ LABELS = {
     "student_polished_ap": "student AP, polished pseudo labels (full method)",
     "pseudo_iou_before": "pseudo-label box IoU to truth, teacher",
     "pseudo_iou_after": "pseudo-label box IoU to truth, polished",
+    "pseudo_teacher_boxes": "teacher boxes with score >= 0.5",
+    "pseudo_kept": "... kept as classification pseudo labels",
+    "pseudo_recall_lost": "recall at IoU .5 lost by the kept set",
+    "labels_changed": "labels changed by the polisher",
+    "labels_changed_right": "... of which right",
 }
 
 
 def command(
+    ctx: typer.Context,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -49,7 +54,8 @@ def command(
         typer.Option(
             "--json",
             help="Also write the figures as JSON (teacher_ap, student_raw_ap, "
-            "student_polished_ap, pseudo_iou_before, pseudo_iou_after).",
+            "student_polished_ap, pseudo_iou_before, pseudo_iou_after, pseudo_teacher_boxes, "
+            "pseudo_kept, pseudo_recall_lost, labels_changed, labels_changed_right).",
         ),
     ] = None,
     config: Annotated[
@@ -63,15 +69,13 @@ def command(
     device: Device = "auto",
     seed: Seed = 0,
 ) -> None:
-    from commands.cli import invoke
-
     console = Console()
-    preset_path(config)  # a missing or unknown config fails before any data is made
+    load_config(config)  # a missing, unknown or invalid config fails before any data is made
     run_dir = out or Path(tempfile.mkdtemp(prefix="dpl-demo-"))
     try:
         data = prepare_demo_data(run_dir, seed)
         stages = demo_stages(data, run_dir, device=device, config=config)
-        run_stages(stages, run_dir, invoke, stage_printer(console))
+        run_stages(stages, run_dir, in_process(ctx), stage_printer(console))
         figures = demo_summary(run_dir)
     finally:
         if out is None:
@@ -81,7 +85,8 @@ def command(
     table.add_column("value", justify="right")
     for key, label in LABELS.items():
         value = figures[key]
-        table.add_row(label, "n/a" if value is None else f"{value:.3f}")
+        shown = "n/a" if value is None else str(value) if isinstance(value, int) else f"{value:.3f}"
+        table.add_row(label, shown)
     console.print(table)
     if json_out:
         write_json(json_out, figures, indent=2)

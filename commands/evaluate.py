@@ -2,7 +2,8 @@
 
 Detections use COCO practice (score >= 0.001, at most 100 per image). --json saves
 the metrics, --predictions the COCO results JSON (COCO category ids). With --pseudo,
-scores a dpl polish output instead: teacher view vs polished view against --ann.
+scores a dpl polish output instead: teacher view vs polished view against --ann, and
+box IoU before/after polishing per teacher-score bin and per object size.
 """
 
 from __future__ import annotations
@@ -14,15 +15,21 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from commands.options import Device, RunDir
+from commands.options import AllowOutsideRoot, Device, RunDir, within
 from dpl_tools.data.coco import load_coco
-from dpl_tools.data.pseudo_labels import read_pseudo_labels
+from dpl_tools.data.pseudo_labels import META_THRESHOLDS, read_pseudo_labels
+from dpl_tools.defaults import AT_LEAST_1, NON_NEGATIVE, UNIT
 from dpl_tools.errors import DplError
 from dpl_tools.evaluation.coco_eval import METRICS
 from dpl_tools.evaluation.detector_eval import evaluate_model
-from dpl_tools.evaluation.pseudo_quality import format_quality_table, pseudo_label_quality
+from dpl_tools.evaluation.pseudo_quality import (
+    format_box_quality_table,
+    format_quality_table,
+    pseudo_label_quality,
+)
 from dpl_tools.io import write_json
-from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input
+from dpl_tools.outputs import check_distinct_outputs
+from dpl_tools.run_dir import DEFAULT_RUN_DIR, artifact, resolve_input
 
 
 def print_metrics(console: Console, metrics: dict[str, float], title: str) -> None:
@@ -36,9 +43,19 @@ def print_metrics(console: Console, metrics: dict[str, float], title: str) -> No
 
 def evaluate_pseudo(console: Console, pseudo: Path, ann: Path, json_out: Path | None) -> None:
     """Pseudo-label quality of a ``dpl polish`` output: teacher vs polished view."""
-    table, _ = read_pseudo_labels(pseudo)
+    table, meta = read_pseudo_labels(pseudo)
     result = pseudo_label_quality(table, load_coco(ann))
+    result["thresholds"] = meta.get(META_THRESHOLDS)  # those polish used, with their sources
     console.print(format_quality_table(result))
+    if result["thresholds"] and "cls_prob" in result["thresholds"]:
+        t = result["thresholds"]
+        console.print(
+            f"keep rule {t.get('keep_rule', 'n/a')}: cls_prob {t['cls_prob']:g} "
+            f"({t.get('cls_prob_source', 'n/a')}), teacher_score {t['teacher_score']:g} "
+            f"({t.get('teacher_score_source', 'n/a')})",
+            highlight=False,
+        )
+    console.print(format_box_quality_table(result))
     if json_out:
         write_json(json_out, result, indent=2)
         console.print(f"figures written to {json_out}")
@@ -64,16 +81,32 @@ def command(
     ] = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", help="Images per inference batch.")
+        int,
+        typer.Option(
+            "--batch-size", help="Images per inference batch (>= 1).", callback=within(AT_LEAST_1)
+        ),
     ] = 4,
     workers: Annotated[
-        int, typer.Option("--workers", help="DataLoader workers decoding images.")
+        int,
+        typer.Option(
+            "--workers", help="DataLoader workers decoding images.", callback=within(NON_NEGATIVE)
+        ),
     ] = 2,
     device: Device = "auto",
     score_thresh: Annotated[
-        float, typer.Option("--score-thresh", help="Keep detections with at least this score.")
+        float,
+        typer.Option(
+            "--score-thresh",
+            help="Keep detections with at least this score (in [0, 1]).",
+            callback=within(UNIT, float),
+        ),
     ] = 0.001,
-    max_dets: Annotated[int, typer.Option("--max-dets", help="Detections kept per image.")] = 100,
+    max_dets: Annotated[
+        int,
+        typer.Option(
+            "--max-dets", help="Detections kept per image (>= 1).", callback=within(AT_LEAST_1)
+        ),
+    ] = 100,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Save the metrics as JSON here.")
     ] = None,
@@ -81,8 +114,14 @@ def command(
         Path | None,
         typer.Option("--predictions", help="Save the detections as COCO results JSON here."),
     ] = None,
+    allow_outside_root: AllowOutsideRoot = False,
 ) -> None:
     console = Console()
+    model_in = None if pseudo is not None else model or artifact(run_dir, "teacher")
+    check_distinct_outputs(
+        {"--ann": ann, "--pseudo": pseudo, "--images": images, "--model": model_in},
+        {"--json": json_out, "--predictions": predictions},
+    )
     if pseudo is not None:
         evaluate_pseudo(console, pseudo, ann, json_out)
         return
@@ -90,8 +129,9 @@ def command(
         raise DplError("evaluating a model needs --images (the folder of the --ann images)")
     model_path = resolve_input(model, run_dir, "teacher", "--model")
     result = evaluate_model(
-        model_path, ann, images, batch_size, device, workers, score_thresh, max_dets, console
-    )
+        model_path, ann, images, batch_size, device, workers, score_thresh, max_dets, console,
+        allow_outside_root,
+    )  # fmt: skip
     print_metrics(console, result.metrics, f"{model_path} on {ann} ({result.num_images} images)")
     console.print(f"inference: {result.seconds:.1f} s, {result.images_per_s:.2f} images/s")
     if json_out:

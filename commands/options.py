@@ -1,11 +1,56 @@
-"""Options shared by several commands, so they read and behave the same everywhere."""
+"""Options shared by several commands, so they read and behave the same everywhere.
+
+Every numeric option is checked when the command line is parsed (a one-line usage error,
+exit status 2, before any data is read): options of a config setting with that setting's
+rule from the defaults table (``setting``), so a flag and a YAML value obey the same
+range; the others with a range of their own (``within``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from dpl_tools.data.coco import ValidationReport
+from dpl_tools.defaults import NON_NEGATIVE, SETTINGS, Range, Setting, SettingError
+from dpl_tools.errors import DplError
+from dpl_tools.pipeline import Stage
+
+
+def check_with(rule: Setting) -> Callable[[Any], Any]:
+    """A typer callback checking a flag's value against ``rule`` (None: not given)."""
+
+    def callback(value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return rule.check(value)
+        except SettingError as e:
+            raise typer.BadParameter(str(e)) from None
+
+    return callback
+
+
+def setting(section: str, key: str) -> Callable[[Any], Any]:
+    """The callback of a flag that sets config key ``section.key``: the table's rule."""
+    return check_with(SETTINGS[section][key])
+
+
+def default(section: str, key: str) -> str:
+    """A setting's default as shown in help texts (from the table, never retyped)."""
+    value = SETTINGS[section][key].default
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def within(valid: Range, kind: type = int) -> Callable[[Any], Any]:
+    """The callback of a numeric flag that is not a config key: ``valid`` numbers only."""
+    return check_with(Setting(None, range=valid, nullable=True, kind=kind))
+
 
 RunDir = Annotated[
     Path,
@@ -22,7 +67,12 @@ Device = Annotated[
     ),
 ]
 Seed = Annotated[
-    int, typer.Option("--seed", help="Random seed; the same seed gives the same result on CPU.")
+    int,
+    typer.Option(
+        "--seed",
+        help="Random seed (>= 0); the same seed gives the same result on CPU.",
+        callback=within(NON_NEGATIVE),
+    ),
 ]
 Config = Annotated[
     str | None,
@@ -36,15 +86,115 @@ LabeledAnn = Annotated[
     Path | None,
     typer.Option("--ann", help="Labeled COCO JSON (default: <run-dir>/split/labeled.json)."),
 ]
-Iters = Annotated[int | None, typer.Option("--iters", help="Training iterations (total).")]
-Lr = Annotated[float | None, typer.Option("--lr", help="Base SGD learning rate.")]
-Workers = Annotated[int | None, typer.Option("--workers", help="DataLoader worker processes.")]
+Iters = Annotated[
+    int | None,
+    typer.Option(
+        "--iters", help="Training iterations (total, >= 1).", callback=setting("teacher", "iters")
+    ),
+]
+Lr = Annotated[
+    float | None,
+    typer.Option("--lr", help="Base SGD learning rate (> 0).", callback=setting("teacher", "lr")),
+]
+Workers = Annotated[
+    int | None,
+    typer.Option(
+        "--workers", help="DataLoader worker processes.", callback=setting("teacher", "workers")
+    ),
+]
 Resume = Annotated[
     bool, typer.Option("--resume", help="Continue from the last checkpoint of this --out.")
 ]
 CheckpointEvery = Annotated[
     int | None,
     typer.Option(
-        "--checkpoint-every", help="Write a checkpoint every N iterations (0: only at the end)."
+        "--checkpoint-every",
+        help="Write a checkpoint every N iterations (0: only at the end).",
+        callback=setting("teacher", "checkpoint_every"),
     ),
 ]
+NoiseModel = Annotated[
+    str | None,
+    typer.Option(
+        "--noise-model",
+        help="gaussian (the paper's), empirical (teacher errors on --heldout-ann) or crossfit "
+        "(K fold teachers' out-of-fold errors on the labeled images, no test split; costs "
+        "K x crossfit_iters_fraction teacher trainings).",
+        callback=setting("polisher", "noise_model"),
+    ),
+]
+CrossfitFolds = Annotated[
+    int | None,
+    typer.Option(
+        "--crossfit-folds",
+        help=f"crossfit: folds of the labeled images ({default('polisher', 'crossfit_folds')}).",
+        callback=setting("polisher", "crossfit_folds"),
+    ),
+]
+CrossfitItersFraction = Annotated[
+    float | None,
+    typer.Option(
+        "--crossfit-iters-fraction",
+        help="crossfit: fold teacher iterations as a fraction of the teacher's "
+        f"({default('polisher', 'crossfit_iters_fraction')}).",
+        callback=setting("polisher", "crossfit_iters_fraction"),
+    ),
+]
+AllowOutsideRoot = Annotated[
+    bool,
+    typer.Option(
+        "--allow-outside-root",
+        help="Read images whose file_name is absolute or climbs out of the image folder "
+        "with '..' (refused by default).",
+    ),
+]
+
+
+# Shared CLI helpers (console output and in-process sub-commands), so that no command
+# module imports another.
+
+
+def print_report(console: Console, report: ValidationReport) -> None:
+    """A table of every validation problem: count, what was done, first example."""
+    if report.clean:
+        console.print(f"[green]validation: no problems found[/] in {report.path}")
+        return
+    table = Table(title=f"validation of {report.path}", title_justify="left")
+    table.add_column("problem (action)")
+    table.add_column("count", justify="right")
+    table.add_column("first example", overflow="fold")
+    for problem, n in sorted(report.counts.items()):
+        table.add_row(problem, str(n), report.examples[problem])
+    console.print(table)
+
+
+def stage_printer(console: Console) -> Callable[[str, Stage], None]:
+    """Print one line per pipeline stage as it starts (its ``dpl`` command) or is skipped."""
+
+    def on_event(event: str, stage: Stage) -> None:
+        if event == "skip":
+            console.print(f"[dim]- {stage.name}: up to date ({stage.output})[/]")
+        else:
+            console.print(f"[bold cyan]> {stage.name}[/]: dpl {' '.join(stage.argv)}")
+
+    return on_event
+
+
+def in_process(ctx: typer.Context) -> Callable[[list[str]], None]:
+    """Run ``dpl <argv>`` in this process through the same CLI as ``ctx`` (``dpl run`` and
+    ``dpl demo`` run their stages this way, exactly as if typed)."""
+    group = ctx.find_root().command
+
+    def invoke(argv: list[str]) -> None:
+        try:
+            code = group.main(args=[str(a) for a in argv], prog_name="dpl", standalone_mode=False)
+        except DplError:
+            raise
+        except Exception as e:  # click's usage errors (click may be vendored by typer)
+            if not hasattr(e, "format_message"):
+                raise
+            raise DplError(f"dpl {' '.join(argv[:1])}: {e.format_message()}") from None
+        if isinstance(code, int) and code != 0:
+            raise DplError(f"dpl {' '.join(argv[:1])} exited with status {code}")
+
+    return invoke

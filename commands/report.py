@@ -14,6 +14,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from commands.options import AllowOutsideRoot, within
+from dpl_tools.defaults import AT_LEAST_1, NON_NEGATIVE, Range
+from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.report.build import build_report
 
 
@@ -32,17 +35,35 @@ def command(
         typer.Option("--ann", help="Ground-truth COCO JSON: adds pseudo-label quality plots."),
     ] = None,
     max_images: Annotated[
-        int, typer.Option("--max-images", help="Images in the gallery (largest corrections first).")
+        int,
+        typer.Option(
+            "--max-images",
+            help="Images in the gallery (largest corrections first; >= 0).",
+            callback=within(NON_NEGATIVE),
+        ),
     ] = 200,
     page_size: Annotated[
-        int, typer.Option("--page-size", help="Thumbnails per gallery page.")
+        int,
+        typer.Option(
+            "--page-size", help="Thumbnails per gallery page (>= 1).", callback=within(AT_LEAST_1)
+        ),
     ] = 50,
     thumb_size: Annotated[
-        int, typer.Option("--thumb-size", help="Long side of a thumbnail in pixels.")
+        int,
+        typer.Option(
+            "--thumb-size",
+            help="Long side of a thumbnail in pixels (>= 16).",
+            callback=within(Range(16)),
+        ),
     ] = 320,
+    allow_outside_root: AllowOutsideRoot = False,
 ) -> None:
     console = Console()
-    result = build_report(labels, images, out, ann, max_images, page_size, thumb_size, console)
+    inputs = {"LABELS": labels, "--images": images, "--ann": ann}
+    check_distinct_outputs(inputs, {"--out": out}, folders={"--out"})
+    result = build_report(
+        labels, images, out, ann, max_images, page_size, thumb_size, console, allow_outside_root
+    )
     s = result.summary
     table = Table(title=f"Report of {labels}", title_justify="left")
     for col in ("images", "skipped", "boxes", "changed", "kept cls", "kept reg", "gallery"):

@@ -23,23 +23,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from commands.options import Device
-from dpl_tools.pipeline import Stage, load_run_config, pipeline_stages, run_stages
-
-
-def stage_printer(console: Console):
-    """Print one line per stage as it starts or is skipped."""
-
-    def on_event(event: str, stage: Stage) -> None:
-        if event == "skip":
-            console.print(f"[dim]- {stage.name}: up to date ({stage.output})[/]")
-        else:
-            console.print(f"[bold cyan]> {stage.name}[/]: dpl {' '.join(map(str, stage.argv))}")
-
-    return on_event
+from commands.options import Device, in_process, stage_printer, within
+from dpl_tools.defaults import AT_LEAST_1
+from dpl_tools.pipeline import load_run_config, pipeline_stages, run_stages
 
 
 def command(
+    ctx: typer.Context,
     config: Annotated[Path, typer.Argument(help="Run config (YAML): a data section + presets.")],
     run_dir: Annotated[
         Path | None,
@@ -50,18 +40,18 @@ def command(
     rounds: Annotated[
         int,
         typer.Option(
-            "--rounds", min=1, help="Self-training rounds: each student teaches the next."
+            "--rounds",
+            help="Self-training rounds (>= 1): each student teaches the next.",
+            callback=within(AT_LEAST_1),
         ),
     ] = 1,
     force: Annotated[bool, typer.Option("--force", help="Rerun every stage.")] = False,
     device: Device = "auto",
 ) -> None:
-    from commands.cli import invoke
-
     data, run_dir, stage_config = load_run_config(config, run_dir)
     console = Console()
     stages = pipeline_stages(data, run_dir, str(stage_config), rounds=rounds, device=device)
-    ran = run_stages(stages, run_dir, invoke, stage_printer(console), force=force)
+    ran = run_stages(stages, run_dir, in_process(ctx), stage_printer(console), force=force)
     console.print(
         f"[bold green]done[/]: {len(ran)} stage(s) ran, {len(stages) - len(ran)} up to date"
     )

@@ -15,11 +15,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from commands.convert import print_report
-from commands.options import RunDir, Seed
+from commands.options import AllowOutsideRoot, RunDir, Seed, print_report, within
 from dpl_tools.data.coco import load_coco
-from dpl_tools.data.split import split_coco, write_split
+from dpl_tools.data.split import split_coco, split_paths, write_split
+from dpl_tools.defaults import AT_LEAST_1, NON_NEGATIVE, PERCENT
 from dpl_tools.errors import DplError
+from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, artifact
 
 
@@ -27,14 +28,28 @@ def command(
     ann: Annotated[Path, typer.Argument(help="Labeled COCO JSON to split.")],
     percent: Annotated[
         float | None,
-        typer.Option("--percent", "-p", help="Percent of images kept labeled (default 10)."),
+        typer.Option(
+            "--percent",
+            "-p",
+            help="Percent of images kept labeled, in (0, 100] (default 10).",
+            callback=within(PERCENT, float),
+        ),
     ] = None,
     labeled_count: Annotated[
         int | None,
-        typer.Option("--labeled-count", help="Number of labeled images (instead of --percent)."),
+        typer.Option(
+            "--labeled-count",
+            help="Number of labeled images, >= 1 (instead of --percent).",
+            callback=within(AT_LEAST_1),
+        ),
     ] = None,
     fold: Annotated[
-        int, typer.Option("--fold", help="Fold number: each fold draws a different subset.")
+        int,
+        typer.Option(
+            "--fold",
+            help="Fold number (>= 0): each fold draws a different subset.",
+            callback=within(NON_NEGATIVE),
+        ),
     ] = 1,
     seed: Seed = 0,
     images: Annotated[
@@ -48,14 +63,17 @@ def command(
         typer.Option("--out-dir", help="Output folder (default: <run-dir>/split)."),
     ] = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
+    allow_outside_root: AllowOutsideRoot = False,
 ) -> None:
     console = Console()
     if percent is not None and labeled_count is not None:
         raise DplError("give --percent or --labeled-count, not both")
-    coco = load_coco(ann, images)
+    out_dir = out_dir or artifact(run_dir, "labeled").parent
+    outputs = {f"--out-dir {p.name}": p for p in split_paths(out_dir).values()}
+    check_distinct_outputs({"ANN": ann, "--images": images}, outputs)
+    coco = load_coco(ann, images, allow_outside_root=allow_outside_root)
     print_report(console, coco.report)
     result = split_coco(coco, percent, labeled_count, fold, seed)
-    out_dir = out_dir or artifact(run_dir, "labeled").parent
     paths = write_split(result, out_dir)
     table = Table(title=f"split of {ann} (fold {fold}, seed {seed})", title_justify="left")
     for column in ("file", "images", "boxes"):

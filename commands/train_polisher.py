@@ -5,7 +5,15 @@ boxes from the teacher's own RoI pooler). Regression: GIoU loss on --noise's reg
 pairs; classification: cross-entropy on its classification pairs plus the teacher's RPN
 proposals. An EMA copy (momentum 0.99) is saved, tied to the teacher's hash. A held-out
 --val-fraction of the labeled images reports IoU before/after and classification recall.
-AMP on GPU, DDP under torchrun.
+AMP on GPU, DDP under torchrun. Periodic checkpoints go to <out stem>.last.pt; --resume
+continues from there to the same weights as an uninterrupted run.
+After training, the keep thresholds of dpl polish are fitted (best F1 of the
+classification pseudo labels at IoU 0.5, or --precision-target) on --crossfit's
+out-of-fold detections of the labeled images, run through the trained polisher on the
+teacher's features, and stored in the checkpoint. The teacher scores there are honest;
+the polisher saw those images' ground truth through its synthetic pairs, so its
+probabilities are somewhat optimistic. Without cross-fitted detections the paper's
+0.9 / 0.9 stay (said in one line): see dpl_tools/engine/keep_thresholds.py.
 """
 
 from __future__ import annotations
@@ -18,9 +26,26 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from commands.options import Config, Device, LabeledAnn, RunDir, Seed
+from commands.options import (
+    AllowOutsideRoot,
+    CheckpointEvery,
+    Config,
+    CrossfitFolds,
+    CrossfitItersFraction,
+    Device,
+    LabeledAnn,
+    Resume,
+    RunDir,
+    Seed,
+    default,
+    setting,
+)
 from dpl_tools.config import load_config
+from dpl_tools.data.crossfit_detections import CROSSFIT_FILE, read_crossfit_detections
+from dpl_tools.engine.polisher_noise import make_noise_file, print_crossfit
 from dpl_tools.engine.train_polisher import train_polisher
+from dpl_tools.errors import DplError
+from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input, resolve_output
 from dpl_tools.runtime import cleanup_distributed
 
@@ -50,42 +75,139 @@ def command(
     ] = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
     config: Config = None,
-    iters: Annotated[int | None, typer.Option("--iters", help="Training steps (400).")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Images per step per process (2).")
+    iters: Annotated[
+        int | None,
+        typer.Option(
+            "--iters",
+            help=f"Training steps ({default('polisher', 'iters')}).",
+            callback=setting("polisher", "iters"),
+        ),
     ] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Base SGD learning rate (0.01).")] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size",
+            help=f"Images per step per process ({default('polisher', 'batch_size')}).",
+            callback=setting("polisher", "batch_size"),
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lr",
+            help=f"Base SGD learning rate ({default('polisher', 'lr')}).",
+            callback=setting("polisher", "lr"),
+        ),
+    ] = None,
     reg_per_image: Annotated[
         int | None,
-        typer.Option("--reg-per-image", help="Regression pairs sampled per image per step (256)."),
+        typer.Option(
+            "--reg-per-image",
+            help="Regression pairs sampled per image per step "
+            f"({default('polisher', 'reg_per_image')}).",
+            callback=setting("polisher", "reg_per_image"),
+        ),
     ] = None,
     cls_per_image: Annotated[
         int | None,
         typer.Option(
             "--cls-per-image",
-            help="Classification samples (pairs + RPN proposals) per image per step (512).",
+            help="Classification samples (pairs + RPN proposals) per image per step "
+            f"({default('polisher', 'cls_per_image')}).",
+            callback=setting("polisher", "cls_per_image"),
         ),
     ] = None,
     max_proposals: Annotated[
         int | None,
-        typer.Option("--max-proposals", help="Teacher RPN proposals added per image (1000)."),
+        typer.Option(
+            "--max-proposals",
+            help=f"Teacher RPN proposals added per image ({default('polisher', 'max_proposals')}).",
+            callback=setting("polisher", "max_proposals"),
+        ),
     ] = None,
     ema_momentum: Annotated[
-        float | None, typer.Option("--ema-momentum", help="EMA momentum of the saved copy (0.99).")
+        float | None,
+        typer.Option(
+            "--ema-momentum",
+            help=f"EMA momentum of the saved copy ({default('polisher', 'ema_momentum')}).",
+            callback=setting("polisher", "ema_momentum"),
+        ),
     ] = None,
     val_fraction: Annotated[
         float | None,
-        typer.Option("--val-fraction", help="Labeled images held out for validation (0.1; 0 off)."),
+        typer.Option(
+            "--val-fraction",
+            help="Labeled images held out for validation "
+            f"({default('polisher', 'val_fraction')}; 0 off).",
+            callback=setting("polisher", "val_fraction"),
+        ),
     ] = None,
     val_json: Annotated[
         Path | None,
         typer.Option("--val-json", help="Also write the validation figures to this JSON file."),
     ] = None,
     workers: Annotated[
-        int | None, typer.Option("--workers", help="DataLoader worker processes (2).")
+        int | None,
+        typer.Option(
+            "--workers",
+            help=f"DataLoader worker processes ({default('polisher', 'workers')}).",
+            callback=setting("polisher", "workers"),
+        ),
     ] = None,
     device: Device = "auto",
     seed: Seed = 0,
+    resume: Resume = False,
+    checkpoint_every: CheckpointEvery = None,
+    allow_outside_root: AllowOutsideRoot = False,
+    noise_model: Annotated[
+        str | None,
+        typer.Option(
+            "--noise-model",
+            help="Make --noise first with this noise model, as dpl synth-noise would: gaussian, "
+            "empirical or crossfit (K fold teachers trained on K-1 folds of --ann, their "
+            "real errors on the held-out fold as real pairs; rerunning reuses finished "
+            "folds; costs K x crossfit_iters_fraction teacher trainings; no test split). "
+            "Default: use the existing --noise.",
+            callback=setting("polisher", "noise_model"),
+        ),
+    ] = None,
+    crossfit_folds: CrossfitFolds = None,
+    crossfit_iters_fraction: CrossfitItersFraction = None,
+    real_fraction: Annotated[
+        float | None,
+        typer.Option(
+            "--real-fraction",
+            help="Share of real (crossfit) pairs among each image's pairs "
+            f"({default('polisher', 'real_fraction')}; 0: synthetic only).",
+            callback=setting("polisher", "real_fraction"),
+        ),
+    ] = None,
+    crossfit: Annotated[
+        Path | None,
+        typer.Option(
+            "--crossfit",
+            help="Cross-fitted detections (--noise-model crossfit) to fit dpl polish's keep "
+            "thresholds on after training (default: crossfit.parquet beside --noise, else in "
+            "the run directory; none found: the paper's 0.9 / 0.9 stay).",
+        ),
+    ] = None,
+    fit_keep_rule: Annotated[
+        bool | None,
+        typer.Option(
+            "--fit-keep-rule/--no-fit-keep-rule",
+            help="Fit the keep thresholds on the cross-fitted detections "
+            f"({default('polisher', 'fit_keep_rule')}).",
+        ),
+    ] = None,
+    precision_target: Annotated[
+        float | None,
+        typer.Option(
+            "--precision-target",
+            help="Fit the keep thresholds for the best recall at this precision of the "
+            "classification pseudo labels (default: the best F1).",
+            callback=setting("polisher", "precision_target"),
+        ),
+    ] = None,
 ) -> None:
     console = Console()
     cfg = load_config(
@@ -101,24 +223,61 @@ def command(
                 "ema_momentum": ema_momentum,
                 "val_fraction": val_fraction,
                 "workers": workers,
+                "checkpoint_every": checkpoint_every,
+                "fit_keep_rule": fit_keep_rule,
+                "precision_target": precision_target,
+                "noise_model": noise_model,
+                "crossfit_folds": crossfit_folds,
+                "crossfit_iters_fraction": crossfit_iters_fraction,
+                "real_fraction": real_fraction,
             }
         },
     )
     teacher_path = resolve_input(teacher, run_dir, "teacher")
-    noise_path = resolve_input(noise, run_dir, "noise")
+    if noise_model is None:
+        noise_path = resolve_input(noise, run_dir, "noise")
+    else:
+        noise_path = resolve_output(noise, run_dir, "noise")
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise DplError(
+                "--noise-model under torchrun: make the noise file first (dpl synth-noise)"
+            )
     ann_path = resolve_input(ann, run_dir, "labeled")
     out_path = resolve_output(out, run_dir, "polisher")
+    if crossfit is not None:  # a bad file fails now, not after training
+        if not crossfit.is_file():
+            raise DplError(f"{crossfit}: cross-fitted detections (--crossfit) not found")
+        read_crossfit_detections(crossfit)
+    crossfit_candidates = (
+        [crossfit] if crossfit else [noise_path.parent / CROSSFIT_FILE, run_dir / CROSSFIT_FILE]
+    )
+    check_distinct_outputs(
+        {"--teacher": teacher_path, "--noise": noise_path, "--ann": ann_path, "--images": images,
+         "--crossfit": crossfit},
+        {"--out": out_path, "--val-json": val_json},
+    )  # fmt: skip
+    if noise_model is not None:
+        made = make_noise_file(
+            cfg, ann_path, noise_path, seed, teacher_path, images, None, device,
+            int(cfg["polisher"]["workers"]), console, allow_outside_root,
+        )  # fmt: skip
+        if made.crossfit is not None:
+            print_crossfit(made.crossfit, console)
     try:
         _, result = train_polisher(
             teacher_path, noise_path, ann_path, images, out_path, cfg, device, seed,
-            val_json, console,
+            val_json, console, resume=resume, allow_outside_root=allow_outside_root,
+            crossfit=crossfit_candidates,
         )  # fmt: skip
     finally:
         cleanup_distributed()
     if int(os.environ.get("RANK", 0)) != 0:
         return
     table = Table(title=f"polisher {out_path}", title_justify="left", show_header=False)
-    table.add_row("iterations", f"{result.iterations} ({result.seconds:.1f} s)")
+    table.add_row(
+        "iterations",
+        f"{result.iterations} ({result.iterations_run} in this run, {result.seconds:.1f} s)",
+    )
     table.add_row("images", f"{result.train_images} train, {result.val_images} held out")
     table.add_row(
         "last losses",
@@ -134,4 +293,18 @@ def command(
     if val.get("cls_samples"):
         table.add_row("val cls accuracy", _fmt(val["cls_accuracy"]))
         table.add_row("val fg / bg recall", f"{_fmt(val['fg_recall'])} / {_fmt(val['bg_recall'])}")
+    fitted = result.keep_thresholds
+    if fitted:
+        table.add_row(
+            "keep thresholds (fitted)",
+            f"cls_prob {fitted['cls_prob']:g}, teacher_score {fitted['teacher_score']:g}",
+        )
+        table.add_row(
+            "  on cross-fitted boxes",
+            f"{fitted['objective']}: P@.5 {fitted['precision50']:.3f}, R@.5 "
+            f"{fitted['recall50']:.3f}, F1 {fitted['f1']:.3f}; kept {fitted['kept']} of "
+            f"{fitted['detections']} boxes, {fitted['images']} images",
+        )
     console.print(table)
+    if result.keep_note:
+        console.print(result.keep_note, highlight=False)

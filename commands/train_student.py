@@ -4,7 +4,8 @@ Each iteration: --batch-size labeled images and on average --unlabeled-ratio
 pseudo-labeled images per labeled one; loss = L_labeled + --unlabeled-weight *
 L_unlabeled. Disentangled supervision (the paper): RPN and RoI classification learn
 from the classification pseudo labels, RoI box regression from the polished boxes.
-Ablations: --pseudo-view raw, --no-disentangle. Starts from the teacher (--init).
+Ablations: --pseudo-view raw / reg-only / cls-only, --no-disentangle. --negatives: the
+unlabeled images' background (hard, ignore, soft). Starts from the teacher (--init).
 AMP on GPU, DDP under torchrun, periodic checkpoints, --resume as for the teacher.
 """
 
@@ -19,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from commands.options import (
+    AllowOutsideRoot,
     CheckpointEvery,
     Config,
     Device,
@@ -29,9 +31,13 @@ from commands.options import (
     RunDir,
     Seed,
     Workers,
+    default,
+    setting,
 )
 from dpl_tools.config import load_config
 from dpl_tools.engine.train_student import train_student
+from dpl_tools.models.student_criterion import supervision
+from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input, resolve_output
 from dpl_tools.runtime import cleanup_distributed
 
@@ -73,7 +79,21 @@ def command(
         str | None,
         typer.Option(
             "--pseudo-view",
-            help="polished (default) or raw (teacher boxes and labels, unpolished).",
+            help="polished (default); raw (teacher boxes and labels, unpolished); reg-only "
+            "(classification from the teacher boxes, regression from the polished ones); "
+            "cls-only (classification pseudo labels, regression from the teacher boxes).",
+            callback=setting("student", "pseudo_view"),
+        ),
+    ] = None,
+    negatives: Annotated[
+        str | None,
+        typer.Option(
+            "--negatives",
+            help="Background of the unlabeled images: hard (every proposal matching no "
+            "classification pseudo label), ignore (teacher boxes not kept for classification "
+            "are ignore regions), soft (background weighted by the teacher's background "
+            f"probability; loads --init). Default {default('student', 'negatives')}.",
+            callback=setting("student", "negatives"),
         ),
     ] = None,
     disentangle: Annotated[
@@ -87,19 +107,28 @@ def command(
         float | None,
         typer.Option(
             "--unlabeled-ratio",
-            help="Pseudo-labeled images per labeled image in a batch (default 1.0).",
+            help="Pseudo-labeled images per labeled image in a batch "
+            f"(>= 0, default {default('student', 'unlabeled_ratio')}).",
+            callback=setting("student", "unlabeled_ratio"),
         ),
     ] = None,
     unlabeled_weight: Annotated[
         float | None,
         typer.Option(
-            "--unlabeled-weight", help="Weight of the pseudo-labeled images' loss (default 1.0)."
+            "--unlabeled-weight",
+            help="Weight of the pseudo-labeled images' loss "
+            f"(>= 0, default {default('student', 'unlabeled_weight')}).",
+            callback=setting("student", "unlabeled_weight"),
         ),
     ] = None,
     iters: Iters = None,
     batch_size: Annotated[
         int | None,
-        typer.Option("--batch-size", help="Labeled images per iteration per process."),
+        typer.Option(
+            "--batch-size",
+            help="Labeled images per iteration per process (>= 1).",
+            callback=setting("student", "batch_size"),
+        ),
     ] = None,
     lr: Lr = None,
     workers: Workers = None,
@@ -107,6 +136,15 @@ def command(
     seed: Seed = 0,
     resume: Resume = False,
     checkpoint_every: CheckpointEvery = None,
+    allow_outside_root: AllowOutsideRoot = False,
+    allow_empty: Annotated[
+        bool,
+        typer.Option(
+            "--allow-empty",
+            help="Train even when the pseudo labels hold no usable box (warns loudly); "
+            "by default that is an error.",
+        ),
+    ] = False,
 ) -> None:
     console = Console()
     cfg = load_config(
@@ -119,9 +157,11 @@ def command(
                 "workers": workers,
                 "checkpoint_every": checkpoint_every,
                 "pseudo_view": pseudo_view,
+                "negatives": negatives,
                 "disentangle": disentangle,
                 "unlabeled_ratio": unlabeled_ratio,
                 "unlabeled_weight": unlabeled_weight,
+                "allow_empty": allow_empty or None,
             },
         },
     )
@@ -131,10 +171,16 @@ def command(
     init_from = init if init == "imagenet" else resolve_input(
         None if init == "teacher" else init, run_dir, "teacher", "--init"
     )  # fmt: skip
+    check_distinct_outputs(
+        {"--ann": ann, "--pseudo": pseudo, "--images": images,
+         "--unlabeled-images": unlabeled_images,
+         "--init": None if init_from == "imagenet" else init_from},
+        {"--out": out},
+    )  # fmt: skip
     try:
         _, spec, result, data = train_student(
             ann, images, pseudo, out, cfg, init_from, unlabeled_images, device, seed, resume,
-            console,
+            console, allow_outside_root,
         )  # fmt: skip
     finally:
         cleanup_distributed()
@@ -146,10 +192,10 @@ def command(
         "architecture", f"{spec.arch} ({len(spec.categories)} classes, {spec.min_size} px)"
     )
     table.add_row("initialised from", str(spec.extra.get("init", init_from)))
+    two_sets = supervision(scfg["pseudo_view"], scfg["disentangle"]).reg is not None
+    sets = "disentangled" if two_sets else "one set"
     table.add_row(
-        "supervision",
-        f"{scfg['pseudo_view']} pseudo labels, "
-        + ("disentangled" if scfg["disentangle"] and scfg["pseudo_view"] != "raw" else "one set"),
+        "supervision", f"{scfg['pseudo_view']} pseudo labels, {sets}, {scfg['negatives']} negatives"
     )
     table.add_row(
         "images",
@@ -157,6 +203,10 @@ def command(
         f"(ratio {scfg['unlabeled_ratio']}, weight {scfg['unlabeled_weight']})",
     )
     table.add_row("pseudo boxes", f"{data.cls_boxes} classification, {data.reg_boxes} regression")
+    if data.ignore_boxes:
+        table.add_row("ignore regions", f"{data.ignore_boxes} (teacher boxes not kept)")
+    if data.dropped_rows:
+        table.add_row("dropped rows", f"{data.dropped_rows} (unusable box or label)")
     table.add_row("iterations", f"{result.iterations} ({result.iterations_run} in this run)")
     table.add_row("time", f"{result.seconds:.1f} s")
     table.add_row("last loss", f"{result.last_loss:.4f}")

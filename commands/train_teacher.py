@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from commands.options import (
+    AllowOutsideRoot,
     CheckpointEvery,
     Config,
     Device,
@@ -27,10 +28,12 @@ from commands.options import (
     RunDir,
     Seed,
     Workers,
+    setting,
 )
 from dpl_tools.config import load_config
 from dpl_tools.engine.train_detector import train_teacher
 from dpl_tools.models.detector import ARCHS
+from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_output
 from dpl_tools.runtime import cleanup_distributed
 
@@ -49,7 +52,10 @@ def command(
     run_dir: RunDir = DEFAULT_RUN_DIR,
     config: Config = None,
     arch: Annotated[
-        str | None, typer.Option("--arch", help=f"Detector: {', '.join(ARCHS)}.")
+        str | None,
+        typer.Option(
+            "--arch", help=f"Detector: {', '.join(ARCHS)}.", callback=setting("model", "arch")
+        ),
     ] = None,
     backbone_weights: Annotated[
         str | None,
@@ -58,14 +64,29 @@ def command(
         ),
     ] = None,
     min_size: Annotated[
-        int | None, typer.Option("--min-size", help="Test-time shorter image side (px).")
+        int | None,
+        typer.Option(
+            "--min-size",
+            help="Test-time shorter image side (px, >= 1).",
+            callback=setting("model", "min_size"),
+        ),
     ] = None,
     max_size: Annotated[
-        int | None, typer.Option("--max-size", help="Longest image side cap (px).")
+        int | None,
+        typer.Option(
+            "--max-size",
+            help="Longest image side cap (px, >= 1).",
+            callback=setting("model", "max_size"),
+        ),
     ] = None,
     iters: Iters = None,
     batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Images per iteration per process.")
+        int | None,
+        typer.Option(
+            "--batch-size",
+            help="Images per iteration per process (>= 1).",
+            callback=setting("teacher", "batch_size"),
+        ),
     ] = None,
     lr: Lr = None,
     workers: Workers = None,
@@ -73,6 +94,7 @@ def command(
     seed: Seed = 0,
     resume: Resume = False,
     checkpoint_every: CheckpointEvery = None,
+    allow_outside_root: AllowOutsideRoot = False,
 ) -> None:
     console = Console()
     cfg = load_config(
@@ -94,8 +116,14 @@ def command(
         },
     )
     out = resolve_output(out, run_dir, "teacher")
+    weights = None if backbone_weights in (None, "imagenet", "none") else backbone_weights
+    check_distinct_outputs(
+        {"--ann": ann, "--images": images, "--backbone-weights": weights}, {"--out": out}
+    )
     try:
-        _, spec, result = train_teacher(ann, images, out, cfg, device, seed, resume, console)
+        _, spec, result = train_teacher(
+            ann, images, out, cfg, device, seed, resume, console, allow_outside_root
+        )
     finally:
         cleanup_distributed()
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports

@@ -1,8 +1,10 @@
 """Configuration: built-in defaults < YAML preset (dpl_tools/configs) < command-line flags.
 
 A config is a nested dict with one section per stage (model / teacher / polisher /
-polish / student). Stages add their defaults with ``register_defaults``; a preset is a
-name in ``dpl_tools/configs/`` (e.g. ``cpu_mobilenet``) or a path to a YAML file.
+polish / student); every key and its default is in one table, ``dpl_tools.defaults``.
+A preset is a name in ``dpl_tools/configs/`` (e.g. ``cpu_mobilenet``) or a path to a YAML
+file. Every layer is checked against the table: an unknown section or key (with a
+did-you-mean), a wrong type or an out-of-range value is a one-line DplError naming the file.
 """
 
 from __future__ import annotations
@@ -13,44 +15,18 @@ from typing import Any
 
 import yaml
 
+from dpl_tools.defaults import (
+    DEFAULTS,
+    RUN_SETTINGS,
+    SETTINGS,
+    SettingError,
+    check_mapping,
+    unknown,
+)
 from dpl_tools.errors import DplError
 
 # Presets ship inside the package (dpl_tools/configs/), so a wheel install has them too.
 PRESET_DIRS = (Path(__file__).parent / "configs",)
-
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "model": {
-        "arch": "mobilenet_v2_fpn",
-        "backbone_weights": "none",
-        "min_size": 480,  # test-time shorter side
-        "max_size": 800,
-        # extra torchvision FasterRCNN arguments (e.g. rpn_post_nms_top_n_train)
-        "detector_kwargs": {},
-    },
-    "teacher": {
-        "iters": 400,
-        "batch_size": 2,  # per process (per GPU under torchrun)
-        "lr": 0.01,
-        "momentum": 0.9,
-        "weight_decay": 0.0001,
-        "warmup_iters": 100,
-        "warmup_factor": 0.001,
-        "lr_steps": [0.667, 0.889],  # fractions of iters where lr is multiplied by gamma
-        "gamma": 0.1,
-        "clip_grad_norm": 10.0,
-        "multiscale": [0.8, 0.9, 1.0, 1.1, 1.2],  # training shorter sides, x model.min_size
-        "hflip": True,
-        "workers": 2,
-        "checkpoint_every": 100,
-    },
-}
-
-
-def register_defaults(section: str, values: dict[str, Any]) -> None:
-    """Add a stage's default settings (keys already present are kept)."""
-    DEFAULTS.setdefault(section, {})
-    for key, value in values.items():
-        DEFAULTS[section].setdefault(key, value)
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -96,15 +72,49 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
+def check_config(
+    raw: dict[str, Any], source: str | Path, run_config: bool = False
+) -> dict[str, dict[str, Any]]:
+    """``raw``'s sections checked against the defaults table, values in their canonical
+    types; an unknown section or key, a wrong type or range is a one-line DplError that
+    names ``source`` (the file) and the key. ``run_config``: ``data`` and ``run`` sections
+    (``dpl run``'s) are allowed too."""
+    tables = {**SETTINGS, **(RUN_SETTINGS if run_config else {})}
+    out = {}
+    for section, values in raw.items():
+        if section not in tables:
+            if section in RUN_SETTINGS:
+                raise DplError(
+                    f"{source}: section {section!r} belongs in a `dpl run` config; a stage's "
+                    f"--config takes only {', '.join(SETTINGS)}"
+                )
+            raise DplError(f"{source}: {unknown('section ', section, tables)}")
+        if not isinstance(values, dict):
+            raise DplError(f"{source}: section {section} must be a mapping of settings")
+        try:
+            out[section] = check_mapping(values, tables[section], f"{section}.")
+        except SettingError as e:
+            raise DplError(f"{source}: {e}") from None
+    return out
+
+
+def read_config(path: str | Path, run_config: bool = False) -> dict[str, dict[str, Any]]:
+    """A YAML config file, checked against the defaults table (``check_config``)."""
+    path = Path(path)
+    return check_config(read_yaml(path), path, run_config)
+
+
 def load_config(
     preset: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None
 ) -> dict[str, Any]:
-    """Defaults, then the preset (name or YAML path), then ``overrides`` whose None values
-    (flags not given on the command line) are ignored."""
+    """Every section: the defaults table, then the preset (name or YAML path), then
+    ``overrides`` whose None values (flags not given on the command line) are ignored.
+    Each layer is checked against the table (a one-line DplError naming the file)."""
     config = copy.deepcopy(DEFAULTS)
     if preset:
-        config = merge(config, read_yaml(preset_path(preset)))
-    for section, values in (overrides or {}).items():
-        given = {k: v for k, v in values.items() if v is not None}
-        config = merge(config, {section: given})
-    return config
+        config = merge(config, read_config(preset_path(preset)))
+    given = {
+        section: {k: v for k, v in values.items() if v is not None}
+        for section, values in (overrides or {}).items()
+    }
+    return merge(config, check_config(given, "command line"))

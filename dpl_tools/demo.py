@@ -13,7 +13,13 @@ from pathlib import Path
 
 from dpl_tools.config import preset_path
 from dpl_tools.data.synthetic import make_synthetic_dataset
-from dpl_tools.pipeline import PipelineData, Stage, pipeline_stages
+from dpl_tools.pipeline import (
+    PipelineData,
+    Stage,
+    evaluate_model_stage,
+    pipeline_stages,
+    student_stage,
+)
 
 DEMO_PRESET = "demo"
 TRAIN_IMAGES = 80
@@ -56,67 +62,51 @@ def demo_stages(
     config = str(preset_path(config))
     stages = pipeline_stages(data, run_dir, config, rounds=1, device=device)
     raw_student = run_dir / "student_raw.pt"
-    labeled = run_dir / "split" / "labeled.json"
     stages += [
-        Stage(
+        student_stage(
             "train-student-raw",
-            [
-                "train-student",
-                "--ann",
-                labeled,
-                "--images",
-                data.images,
-                "--pseudo",
-                run_dir / "labels.parquet",
-                "--pseudo-view",
-                "raw",
-                "--init",
-                run_dir / "teacher.pt",
-                "--out",
-                raw_student,
-                "--seed",
-                data.seed,
-                "--config",
-                config,
-                "--device",
-                device,
-            ],
+            run_dir / "split" / "labeled.json",
+            data.images,
+            run_dir / "labels.parquet",
+            run_dir / "teacher.pt",
             raw_student,
-            [labeled, run_dir / "labels.parquet", run_dir / "teacher.pt"],
+            data.seed,
+            config,
+            device,
+            pseudo_view="raw",
         ),
-        Stage(
+        evaluate_model_stage(
             "evaluate-student-raw",
-            [
-                "evaluate",
-                "--model",
-                raw_student,
-                "--ann",
-                data.test_ann,
-                "--images",
-                data.test_images,
-                "--json",
-                run_dir / "eval" / "student-raw.json",
-                "--device",
-                device,
-            ],
+            raw_student,
+            data.test_ann,
+            data.test_images,
             run_dir / "eval" / "student-raw.json",
-            [raw_student, data.test_ann],
+            device,
         ),
     ]
     return stages
 
 
-def demo_summary(run_dir: Path) -> dict[str, float | None]:
-    """The demo's headline figures from the stage outputs (AP as COCO AP in 0..1)."""
+def demo_summary(run_dir: Path) -> dict[str, float | int | None]:
+    """The demo's headline figures from the stage outputs (AP as COCO AP in 0..1), with
+    the classification pseudo labels' figures (``pseudo_quality``'s keep_rule and
+    label_changes: boxes kept of the teacher's score >= 0.5 ones, recall lost, labels
+    changed by the polisher and how many of those are right)."""
 
     def ap(name: str) -> float:
         return float(json.loads((run_dir / "eval" / f"{name}.json").read_text())["AP"])
 
-    quality = json.loads((run_dir / "pseudo_quality.json").read_text())["box_quality"]
+    figures = json.loads((run_dir / "pseudo_quality.json").read_text())
+    quality, kept, changes = figures["box_quality"], figures["keep_rule"], figures["label_changes"]
     return {
         "teacher_ap": ap("teacher"),
         "student_raw_ap": ap("student-raw"),
         "student_polished_ap": ap("student"),
         "pseudo_iou_before": quality["mean_iou_before"],
         "pseudo_iou_after": quality["mean_iou_after"],
+        "pseudo_teacher_boxes": kept["teacher_boxes"],
+        "pseudo_kept": kept["kept"],
+        "pseudo_recall_lost": kept["recall_lost"],
+        "labels_changed": changes["changed"],
+        "labels_changed_right": changes["right"],
     }

@@ -6,23 +6,119 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# A temp file or folder of a dead run is removed by the next write of the same output once
+# it is this old (a live writer in another container, whose pid we cannot see, keeps its
+# temp's modification time fresh while it writes).
+STALE_TEMP_S = 60.0
+_RANDOM = "[a-z0-9_]{8}"  # tempfile's random part
+
+
+def _umask() -> int:
+    """This process's umask (read from /proc where possible: os.umask can only be read by
+    setting it, which races with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode ``open``/``mkdir`` would give a new file or folder (0644 / 0755 under the
+    usual umask 022); temp files are made 0600 by ``tempfile`` and fixed to this."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (a process of another user counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def make_temp(dest: str | Path, suffix: str = "", directory: bool = False) -> Path:
+    """Create ``.<name>.<pid>.<random><suffix>.tmp`` beside ``dest`` (a file, or a folder
+    with ``directory``), with the default mode; the pid lets a later run tell it stale."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    prefix, tail = f".{dest.name}.{os.getpid()}.", suffix + ".tmp"
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=tail, dir=dest.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=tail, dir=dest.parent)
+        os.close(fd)
+        tmp = Path(name)
+    os.chmod(tmp, default_mode(directory))
+    return tmp
+
+
+def clean_stale_temps(dest: str | Path, min_age_s: float = STALE_TEMP_S) -> list[Path]:
+    """Remove temps of ``dest`` (made by ``make_temp``) left by a run that died: the pid in
+    the name no longer runs here and the temp is at least ``min_age_s`` old. Temps without
+    a pid (left by older dpl versions) count once an hour old. Returns what was removed."""
+    dest = Path(dest)
+    pattern = re.compile(
+        rf"^\.{re.escape(dest.name)}\.(?:(\d+)\.)?{_RANDOM}(?:\.[A-Za-z0-9]+)?\.tmp$"
+    )
+    removed = []
+    try:
+        entries = list(os.scandir(dest.parent))
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if not match:
+            continue
+        pid = match.group(1)
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        stale = (age >= min_age_s and not pid_alive(int(pid))) if pid else age >= 3600
+        if not stale:
+            continue
+        path = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
 
 @contextlib.contextmanager
-def atomic_path(dest: str | Path, suffix: str = "") -> Iterator[Path]:
+def atomic_path(dest: str | Path, suffix: str = "", clean: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; rename it onto ``dest`` only on success.
 
     A reader never sees a half-written output: either the old file, or the new one whole.
+    The result has the umask's default mode (0644), not tempfile's 0600. With ``clean``,
+    stale temps of ``dest`` left by a killed earlier run are removed first.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=suffix + ".tmp", dir=dest.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    if clean:
+        clean_stale_temps(dest)
+    tmp_path = make_temp(dest, suffix)
     try:
         yield tmp_path
         os.replace(tmp_path, dest)

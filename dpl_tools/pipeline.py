@@ -1,6 +1,8 @@
 """The whole pipeline as a list of stages, each skipped when its output is current.
 
-A stage is a ``dpl`` sub-command line plus the files it reads and the file it writes.
+A stage is a ``dpl`` sub-command with its options, the files it reads and the file it
+writes; each kind of stage is declared once below (``teacher_stage``, ``student_stage``,
+...) and reused by ``dpl run`` and ``dpl demo``.
 After a stage runs, a stamp (``<run-dir>/.stages/<name>.json``) records its command line
 and the content hashes of its inputs; a later run skips the stage when its output exists
 and the stamp still matches, and reruns it (and so every stage after it whose inputs
@@ -14,27 +16,43 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from dpl_tools.config import merge, preset_path, read_yaml
+from dpl_tools.config import merge, preset_path, read_config
 from dpl_tools.errors import DplError
 from dpl_tools.io import atomic_path, sha256_file, write_json
 
 
 @dataclass
 class Stage:
-    """One pipeline step: ``dpl <argv...>`` reading ``inputs`` and writing ``output``."""
+    """One pipeline step: ``dpl <command> <args> <options>`` reading ``inputs`` and writing
+    ``output``. The command line is derived from the declaration, so what a run prints is
+    exactly what a user can type to rerun one stage by hand."""
 
     name: str
-    argv: list[str]
+    command: str
+    options: dict[str, Any]
     output: Path
     inputs: list[Path] = field(default_factory=list)
+    args: list[Any] = field(default_factory=list)
+
+    @property
+    def argv(self) -> list[str]:
+        """The ``dpl`` argument list: command, positional arguments, then each option
+        (``True`` is a bare flag; ``None`` and ``False`` leave the option out)."""
+        argv = [self.command, *map(str, self.args)]
+        for flag, value in self.options.items():
+            if value is None or value is False:
+                continue
+            argv += [flag] if value is True else [flag, str(value)]
+        return argv
 
     def fingerprint(self) -> dict:
         """What the output depends on: the command line and the inputs' contents."""
         return {
-            "argv": [str(a) for a in self.argv],
+            "argv": self.argv,
             "inputs": {str(p): sha256_file(p) if p.is_file() else None for p in self.inputs},
         }
 
@@ -119,7 +137,7 @@ def load_run_config(
     ``<run-dir>/config.yaml``, which every stage then reads with ``--config``.
     """
     path = preset_path(path)
-    raw = read_yaml(path)
+    raw = read_config(path, run_config=True)
     if "data" not in raw:
         raise DplError(f"{path}: a run config needs a data section (ann, images, ...)")
     data = PipelineData.from_config(raw["data"], path.parent)
@@ -127,7 +145,7 @@ def load_run_config(
     run_dir = Path(run_dir or run.get("run_dir", "dpl-run"))
     sections = {k: v for k, v in raw.items() if k not in ("data", "run")}
     if run.get("preset"):
-        sections = merge(read_yaml(preset_path(run["preset"])), sections)
+        sections = merge(read_config(preset_path(run["preset"])), sections)
     resolved = run_dir / "config.yaml"
     text = yaml.safe_dump(sections, sort_keys=True)
     if not resolved.is_file() or resolved.read_text() != text:
@@ -141,58 +159,151 @@ def round_dir(run_dir: Path, k: int) -> Path:
     return run_dir if k == 1 else run_dir / f"round-{k}"
 
 
+# One declaration per stage kind: its command, options, output and inputs. ``config`` is
+# the preset name or YAML path passed with --config; a config *file* is an input, so
+# editing it reruns every stage that reads it.
+
+
+def _config_inputs(config: str | None) -> list[Path]:
+    return [Path(config)] if config and Path(config).is_file() else []
+
+
+def split_stage(data: PipelineData, split_dir: Path) -> Stage:
+    """``dpl split``: the labeled / unlabeled / unlabeled_gt JSONs of the SSOD protocol."""
+    options = {"--percent": data.percent, "--fold": data.fold, "--seed": data.seed}
+    options["--out-dir"] = split_dir
+    return Stage("split", "split", options, split_dir / "labeled.json", [data.ann], [data.ann])
+
+
+def teacher_stage(
+    labeled: Path, images: Path, out: Path, seed: int, config: str | None, device: str
+) -> Stage:
+    """``dpl train-teacher`` on the labeled images."""
+    options = {"--ann": labeled, "--images": images, "--out": out, "--seed": seed}
+    options |= {"--config": config, "--device": device}
+    return Stage("train-teacher", "train-teacher", options, out, [labeled, *_config_inputs(config)])
+
+
+def synth_noise_stage(
+    name: str,
+    labeled: Path,
+    out: Path,
+    seed: int,
+    config: str | None,
+    teacher: tuple[Path, Path, str] | None = None,
+) -> Stage:
+    """``dpl synth-noise``: the polishers' training box pairs from the labeled boxes;
+    ``teacher`` (teacher, images, device) for the noise models that run the teacher
+    (empirical, crossfit: its fold teachers and ``crossfit.parquet`` go beside ``out``)."""
+    options = {"--ann": labeled, "--out": out, "--seed": seed, "--config": config}
+    inputs = [labeled, *_config_inputs(config)]
+    if teacher is not None:
+        options |= {"--teacher": teacher[0], "--images": teacher[1], "--device": teacher[2]}
+        inputs.insert(1, teacher[0])
+    return Stage(name, "synth-noise", options, out, inputs)
+
+
+def _runs_teacher_for_noise(config: str | None) -> bool:
+    """Whether the config's noise model needs the teacher (empirical, crossfit)."""
+    from dpl_tools.config import load_config
+
+    return load_config(config)["polisher"]["noise_model"] != "gaussian"
+
+
+def polisher_stage(
+    name: str,
+    teacher: Path,
+    noise: Path,
+    labeled: Path,
+    images: Path,
+    out: Path,
+    seed: int,
+    config: str | None,
+    device: str,
+) -> Stage:
+    """``dpl train-polisher`` on the frozen teacher's features of the labeled images."""
+    options = {"--teacher": teacher, "--noise": noise, "--ann": labeled, "--images": images}
+    options |= {"--out": out, "--seed": seed, "--config": config, "--device": device}
+    inputs = [teacher, noise, labeled, *_config_inputs(config)]
+    return Stage(name, "train-polisher", options, out, inputs)
+
+
+def polish_stage(
+    name: str,
+    unlabeled: Path,
+    image_root: Path,
+    out: Path,
+    teacher: Path,
+    polisher: Path,
+    config: str | None,
+    device: str,
+    extra: dict[str, Any] | None = None,
+) -> Stage:
+    """``dpl polish``: the pseudo labels of the unlabeled images (rewritten when rerun),
+    with the config's ``polish`` thresholds (``extra``: more options, e.g.
+    ``{"--keep-rule": "paper"}``)."""
+    options = {"--images": unlabeled, "--image-root": image_root, "--out": out}
+    options |= {"--teacher": teacher, "--polisher": polisher, "--overwrite": True}
+    options |= {"--config": config, "--device": device, **(extra or {})}
+    inputs = [teacher, polisher, unlabeled, *_config_inputs(config)]
+    return Stage(name, "polish", options, out, inputs)
+
+
+def student_stage(
+    name: str,
+    labeled: Path,
+    images: Path,
+    labels: Path,
+    init: Path,
+    out: Path,
+    seed: int,
+    config: str | None,
+    device: str,
+    pseudo_view: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Stage:
+    """``dpl train-student`` from the labeled truth and the pseudo labels (``pseudo_view``
+    ``raw``: the unpolished teacher boxes, the baseline; ``extra``: more options, e.g.
+    ``{"--unlabeled-ratio": 0}`` for the labeled-only control)."""
+    options = {"--ann": labeled, "--images": images, "--pseudo": labels}
+    options |= {"--pseudo-view": pseudo_view, "--init": init, "--out": out, "--seed": seed}
+    options |= {"--config": config, "--device": device, **(extra or {})}
+    inputs = [labeled, labels, init, *_config_inputs(config)]
+    return Stage(name, "train-student", options, out, inputs)
+
+
+def evaluate_pseudo_stage(name: str, labels: Path, truth: Path, out: Path) -> Stage:
+    """``dpl evaluate --pseudo``: pseudo-label quality against the unlabeled images' truth."""
+    options = {"--pseudo": labels, "--ann": truth, "--json": out}
+    return Stage(name, "evaluate", options, out, [labels, truth])
+
+
+def evaluate_model_stage(
+    name: str, model: Path, ann: Path, images: Path, out: Path, device: str
+) -> Stage:
+    """``dpl evaluate --model``: COCO AP of a detector on a test set."""
+    options = {"--model": model, "--ann": ann, "--images": images, "--json": out}
+    options["--device"] = device
+    return Stage(name, "evaluate", options, out, [model, ann])
+
+
 def pipeline_stages(
     data: PipelineData, run_dir: Path, config: str | None, rounds: int = 1, device: str = "auto"
 ) -> list[Stage]:
     """The stages of ``dpl run``: split, then per round teacher (round 1) or previous student,
     synth-noise, train-polisher, polish, train-student, and the evaluations."""
-    cfg = ["--config", str(config)] if config else []
-    dev = ["--device", device]
     split = run_dir / "split"
     labeled, unlabeled, unlabeled_gt = (
         split / "labeled.json",
         split / "unlabeled.json",
         split / "unlabeled_gt.json",
     )
-    config_inputs = [Path(config)] if config and Path(config).is_file() else []
-    stages = [
-        Stage(
-            "split",
-            [
-                "split",
-                data.ann,
-                "--percent",
-                data.percent,
-                "--fold",
-                data.fold,
-                "--seed",
-                data.seed,
-                "--out-dir",
-                split,
-            ],
-            labeled,
-            [data.ann],
-        ),
-        Stage(
-            "train-teacher",
-            [
-                "train-teacher",
-                "--ann",
-                labeled,
-                "--images",
-                data.images,
-                "--out",
-                run_dir / "teacher.pt",
-                "--seed",
-                data.seed,
-                *cfg,
-                *dev,
-            ],
-            run_dir / "teacher.pt",
-            [labeled, *config_inputs],
-        ),
-    ]
     teacher = run_dir / "teacher.pt"
+    runs_teacher = _runs_teacher_for_noise(config)
+    stages = [
+        split_stage(data, split),
+        teacher_stage(labeled, data.images, teacher, data.seed, config, device),
+    ]
     for k in range(1, rounds + 1):
         rd = round_dir(run_dir, k)
         tag = "" if k == 1 else f"-round{k}"
@@ -203,98 +314,41 @@ def pipeline_stages(
             rd / "student.pt",
         )
         stages += [
-            Stage(
+            synth_noise_stage(
                 f"synth-noise{tag}",
-                [
-                    "synth-noise",
-                    "--ann",
-                    labeled,
-                    "--out",
-                    noise,
-                    "--seed",
-                    data.seed + k - 1,
-                    *cfg,
-                ],
+                labeled,
                 noise,
-                [labeled, *config_inputs],
+                data.seed + k - 1,
+                config,
+                (teacher, data.images, device) if runs_teacher else None,
             ),
-            Stage(
+            polisher_stage(
                 f"train-polisher{tag}",
-                [
-                    "train-polisher",
-                    "--teacher",
-                    teacher,
-                    "--noise",
-                    noise,
-                    "--ann",
-                    labeled,
-                    "--images",
-                    data.images,
-                    "--out",
-                    polisher,
-                    "--seed",
-                    data.seed,
-                    *cfg,
-                    *dev,
-                ],
+                teacher,
+                noise,
+                labeled,
+                data.images,
                 polisher,
-                [teacher, noise, labeled, *config_inputs],
+                data.seed,
+                config,
+                device,
+            ),  # fmt: skip
+            polish_stage(
+                f"polish{tag}", unlabeled, data.images, labels, teacher, polisher, config, device
             ),
-            Stage(
-                f"polish{tag}",
-                [
-                    "polish",
-                    "--images",
-                    unlabeled,
-                    "--image-root",
-                    data.images,
-                    "--out",
-                    labels,
-                    "--teacher",
-                    teacher,
-                    "--polisher",
-                    polisher,
-                    "--overwrite",
-                    *dev,
-                ],
-                labels,
-                [teacher, polisher, unlabeled],
-            ),
-            Stage(
+            student_stage(
                 f"train-student{tag}",
-                [
-                    "train-student",
-                    "--ann",
-                    labeled,
-                    "--images",
-                    data.images,
-                    "--pseudo",
-                    labels,
-                    "--init",
-                    teacher,
-                    "--out",
-                    student,
-                    "--seed",
-                    data.seed,
-                    *cfg,
-                    *dev,
-                ],
+                labeled,
+                data.images,
+                labels,
+                teacher,
                 student,
-                [labeled, labels, teacher, *config_inputs],
-            ),
-            Stage(
-                f"evaluate-pseudo{tag}",
-                [
-                    "evaluate",
-                    "--pseudo",
-                    labels,
-                    "--ann",
-                    unlabeled_gt,
-                    "--json",
-                    rd / "pseudo_quality.json",
-                ],
-                rd / "pseudo_quality.json",
-                [labels, unlabeled_gt],
+                data.seed,
+                config,
+                device,
+            ),  # fmt: skip
+            evaluate_pseudo_stage(
+                f"evaluate-pseudo{tag}", labels, unlabeled_gt, rd / "pseudo_quality.json"
             ),
         ]
         teacher = student
@@ -306,22 +360,8 @@ def pipeline_stages(
         for name, model in models:
             out = run_dir / "eval" / f"{name}.json"
             stages.append(
-                Stage(
-                    f"evaluate-{name}",
-                    [
-                        "evaluate",
-                        "--model",
-                        model,
-                        "--ann",
-                        data.test_ann,
-                        "--images",
-                        data.test_images,
-                        "--json",
-                        out,
-                        *dev,
-                    ],
-                    out,
-                    [model, data.test_ann],
+                evaluate_model_stage(
+                    f"evaluate-{name}", model, data.test_ann, data.test_images, out, device
                 )
             )
     return stages

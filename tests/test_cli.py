@@ -8,7 +8,7 @@ import sys
 from commands.cli import app, command_help
 
 STAGES = (
-    "convert", "split", "train-teacher", "synth-noise", "train-polisher", "polish",
+    "convert", "split", "train-teacher", "synth-noise", "train-polisher", "polish", "export",
     "train-student", "evaluate", "run", "demo", "report", "show",
 )  # fmt: skip
 

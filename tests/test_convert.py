@@ -99,7 +99,7 @@ def test_voc_split_classes_and_skip_difficult(voc_root):
 def test_voc_plain_xml_folder_and_bad_xml(tmp_path):
     (tmp_path / "annotations").mkdir()
     (tmp_path / "images").mkdir()
-    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "r1.jpg")
+    Image.new("RGB", (64, 48)).save(tmp_path / "images" / "r1.jpg")  # the XML's <size>
     (tmp_path / "annotations" / "r1.xml").write_text(_xml("r1.jpg", [("raccoon", 2, 2, 9, 9, 0)]))
     (tmp_path / "annotations" / "r2.xml").write_text(_xml("r2.jpg", [("raccoon", 2, 2, 9, 9, 0)]))
     for src in (tmp_path, tmp_path / "annotations"):  # dataset root, or the XML folder itself
@@ -110,10 +110,10 @@ def test_voc_plain_xml_folder_and_bad_xml(tmp_path):
         assert result.coco.report.counts["missing image file (image dropped)"] == 1
     (tmp_path / "annotations" / "r3.xml").write_text("<annotation><object>")
     with pytest.raises(DplError, match=r"r3.xml: not valid XML"):
-        convert_voc(tmp_path, progress=False)
+        convert_voc(tmp_path, progress=False, strict=True)
     (tmp_path / "annotations" / "r3.xml").write_text(_xml("r3.jpg", [("a", 1, "x", 3, 4, 0)]))
     with pytest.raises(DplError, match=r"r3.xml: object #0 \(a\) has non-numeric box"):
-        convert_voc(tmp_path, progress=False)
+        convert_voc(tmp_path, progress=False, strict=True)
 
 
 @pytest.fixture
@@ -174,7 +174,7 @@ def test_yolo_without_split_txt_beside_images_and_bad_row(yolo_root, tmp_path):
     assert coco.category_names == ["thing"] and coco.annotations[0]["bbox"] == [10, 5, 20, 10]
     (flat / "x.txt").write_text("0 0.5 0.5 0.5 0.5\n0 0.5 zero 0.5 0.5\n")
     with pytest.raises(DplError, match=r"x.txt:2: non-numeric"):
-        convert_yolo(flat, progress=False)
+        convert_yolo(flat, progress=False, strict=True)
     (flat / "classes.txt").unlink()
     with pytest.raises(DplError, match="no class names found"):
         convert_yolo(flat, progress=False)
@@ -215,8 +215,9 @@ def test_cli_convert_voc_and_yolo(voc_root, yolo_root, tmp_path):
 
 def test_cli_error_is_one_line_through_real_entry_point(voc_root, tmp_path):
     (voc_root / "Annotations" / "img1.xml").write_text("<annotation>")
+    argv = ["convert", str(voc_root), "--out", str(tmp_path / "o"), "--strict"]  # else skipped
     proc = subprocess.run(
-        [sys.executable, "-m", "commands", "convert", str(voc_root), "--out", str(tmp_path / "o")],
+        [sys.executable, "-m", "commands", *argv],
         capture_output=True,
         text=True,
     )

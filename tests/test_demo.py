@@ -9,7 +9,8 @@ import yaml
 from test_pipeline import TINY, _dpl
 
 KEYS = ("teacher_ap", "student_raw_ap", "student_polished_ap", "pseudo_iou_before",
-        "pseudo_iou_after")  # fmt: skip
+        "pseudo_iou_after", "pseudo_teacher_boxes", "pseudo_kept", "pseudo_recall_lost",
+        "labels_changed", "labels_changed_right")  # fmt: skip
 
 
 def _demo(tmp_path: Path, *extra: str):
@@ -37,6 +38,14 @@ def test_demo_runs_the_method_and_writes_its_figures(tmp_path):
     assert figures["pseudo_iou_after"] == quality["mean_iou_after"]
     if quality["boxes"]:  # a 2-iteration teacher may match no truth box (IoU then n/a)
         assert 0.0 < figures["pseudo_iou_after"] <= 1.0
+    pseudo = json.loads((run_dir / "pseudo_quality.json").read_text())
+    kept, changes = pseudo["keep_rule"], pseudo["label_changes"]
+    assert (figures["pseudo_teacher_boxes"], figures["pseudo_kept"]) == (
+        kept["teacher_boxes"], kept["kept"])  # fmt: skip
+    assert figures["pseudo_recall_lost"] == kept["recall_lost"]
+    assert (figures["labels_changed"], figures["labels_changed_right"]) == (
+        changes["changed"], changes["right"])  # fmt: skip
+    assert 0 <= figures["labels_changed_right"] <= figures["labels_changed"]
     for artifact in ("teacher.pt", "polisher.pt", "labels.parquet", "student.pt",
                      "student_raw.pt", "split/labeled.json"):  # fmt: skip
         assert (run_dir / artifact).is_file(), artifact

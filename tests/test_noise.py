@@ -11,10 +11,7 @@ from torchvision.ops import box_iou
 from typer.testing import CliRunner
 
 from commands.cli import app
-from dpl_tools.errors import DplError
-from dpl_tools.models.checkpoint import DetectorSpec, save_detector
-from dpl_tools.models.detector import build_detector
-from dpl_tools.noise import (
+from dpl_tools.data.polisher_pairs import (
     EmpiricalNoise,
     GaussianNoise,
     GroundTruth,
@@ -22,6 +19,9 @@ from dpl_tools.noise import (
     read_noise_metadata,
     synthesize_pairs,
 )
+from dpl_tools.errors import DplError
+from dpl_tools.models.checkpoint import DetectorSpec, save_detector
+from dpl_tools.models.detector import build_detector
 
 
 def _gt(boxes_per_image: list[list[tuple]], labels: list[list[int]]) -> GroundTruth:

@@ -41,7 +41,14 @@ TINY = {
         "max_proposals": 50,
         "val_fraction": 0.0,
     },
-    "student": {"iters": 2, "batch_size": 2, "workers": 0, "checkpoint_every": 0},
+    # a 2-iteration teacher finds no box at polish's 0.5 threshold: let the student run
+    "student": {
+        "iters": 2,
+        "batch_size": 2,
+        "workers": 0,
+        "checkpoint_every": 0,
+        "allow_empty": True,
+    },
 }
 
 
@@ -128,7 +135,7 @@ def test_stage_runner_skips_only_current_outputs(tmp_path) -> None:
         calls.append(argv)
         out.write_text(src.read_text())
 
-    stage = Stage("copy", ["copy", str(src)], out, [src])
+    stage = Stage("copy", "copy", {}, out, [src], args=[src])
     assert run_stages([stage], tmp_path, invoke) == ["copy"]
     assert is_current(tmp_path, stage)
     assert run_stages([stage], tmp_path, invoke) == []
@@ -138,3 +145,36 @@ def test_stage_runner_skips_only_current_outputs(tmp_path) -> None:
     out.unlink()  # output gone
     assert run_stages([stage], tmp_path, invoke) == ["copy"]
     assert len(calls) == 3
+
+
+def test_stage_command_line_is_derived_from_its_declaration(tmp_path) -> None:
+    stage = Stage(
+        "x", "polish", {"--images": tmp_path / "a", "--overwrite": True, "--config": None},
+        tmp_path / "out", args=["pos"],
+    )  # fmt: skip
+    assert stage.argv == ["polish", "pos", "--images", str(tmp_path / "a"), "--overwrite"]
+
+
+def test_demo_raw_student_reruns_when_the_preset_changes(tmp_path) -> None:
+    """The raw-pseudo-label student is declared like the polished one: config is an input."""
+    from dpl_tools.demo import demo_stages
+    from dpl_tools.pipeline import PipelineData
+
+    config = tmp_path / "preset.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    data = PipelineData(tmp_path / "a.json", tmp_path / "img", test_ann=tmp_path / "t.json",
+                        test_images=tmp_path / "img")  # fmt: skip
+    stages = {s.name: s for s in demo_stages(data, tmp_path, "cpu", str(config))}
+    raw, polished = stages["train-student-raw"], stages["train-student"]
+    assert config in raw.inputs and config in polished.inputs
+    assert raw.argv[raw.argv.index("--config") + 1] == str(config)
+    # the two students differ only in the pseudo-label view and the output
+    assert raw.options["--pseudo-view"] == "raw" and polished.options["--pseudo-view"] is None
+    same = {k: v for k, v in raw.options.items() if k not in ("--pseudo-view", "--out")}
+    assert same == {k: v for k, v in polished.options.items() if k in same}
+    # after the raw student ran, editing the preset makes it stale
+    raw.output.write_text("model")
+    run_stages([raw], tmp_path, lambda argv: None)
+    assert is_current(tmp_path, raw)
+    config.write_text(yaml.safe_dump({**TINY, "student": {**TINY["student"], "iters": 3}}))
+    assert not is_current(tmp_path, raw)

@@ -54,6 +54,10 @@ def make_run(root: Path, num_images: int = 8) -> tuple[Path, Path]:
     return ann.parent / "images", run
 
 
+def _rows_of(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
 def invoke(*args: str, env: dict | None = None):
     result = CliRunner().invoke(app, ["polish", *args], env=env)
     return result
@@ -105,7 +109,8 @@ def test_schema_metadata_bad_images_and_exports(run_setup, tmp_path):
     assert len(list((tmp_path / "yolo" / "sub").glob("*.txt"))) == 8
 
     again = invoke("--images", str(folder), "--out", str(out), "--run-dir", str(run), *FAST)
-    assert again.exit_code == 0 and "nothing to do" in again.output
+    assert again.exit_code == 0 and "retried 2 image(s)" in again.output  # only the unreadable
+    assert sorted(map(str, _rows_of(out))) == sorted(map(str, rows))  # same rows, none twice
     strict = invoke(
         "--images", str(folder), "--out", str(tmp_path / "s.parquet"), "--run-dir", str(run),
         "--strict", *FAST,

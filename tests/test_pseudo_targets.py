@@ -1,4 +1,6 @@
-"""Per-image student targets from a pseudo-label table, for each supervision view."""
+"""Per-image student targets from a pseudo-label table, for each supervision view: the
+table's grouping (``pseudo_images``) and the production target builder
+(``student_target``), as the student's dataset uses them."""
 
 from __future__ import annotations
 
@@ -7,8 +9,22 @@ import pyarrow as pa
 import pytest
 
 from dpl_tools.data.pseudo_labels import SCHEMA
-from dpl_tools.data.pseudo_targets import pseudo_targets
+from dpl_tools.data.pseudo_targets import pseudo_images
 from dpl_tools.errors import DplError
+from dpl_tools.models.student_criterion import student_target, supervision
+
+LABELS = {1: 1, 2: 2}  # COCO id -> detector label (the same here)
+
+
+def targets(table: pa.Table, view: str = "polished", disentangle: bool = True) -> dict:
+    """file name -> (image rows, detector target) under a view."""
+    chosen = supervision(view, disentangle)
+    out = {}
+    for image in pseudo_images(table):
+        target, dropped = student_target(image, chosen, LABELS)
+        assert dropped == 0
+        out[image.file_name] = (image, {k: v.numpy() for k, v in target.items()})
+    return out
 
 
 def _row(
@@ -56,35 +72,35 @@ def table() -> pa.Table:
 
 
 def test_disentangled_view_splits_classification_and_regression_labels(table) -> None:
-    by_name = {t.file_name: t for t in pseudo_targets(table)}
+    by_name = targets(table)
     assert set(by_name) == {"a.png", "b.png"}  # skipped image left out
-    a = by_name["a.png"]
-    np.testing.assert_array_equal(a.cls_boxes, [[10, 10, 30, 30], [5, 50, 20, 70]])
-    np.testing.assert_array_equal(a.cls_labels, [2, 2])  # polished labels
-    np.testing.assert_array_equal(a.reg_boxes, [[11, 12, 31, 33], [52, 41, 69, 62]])
-    np.testing.assert_array_equal(a.reg_labels, [1, 1])  # teacher labels
-    b = by_name["b.png"]
-    assert b.cls_boxes.shape == (0, 4) and b.reg_boxes.shape == (0, 4)
-    assert (b.width, b.height) == (100, 80)
+    _, a = by_name["a.png"]
+    np.testing.assert_array_equal(a["boxes"], [[10, 10, 30, 30], [5, 50, 20, 70]])
+    np.testing.assert_array_equal(a["labels"], [2, 2])  # polished labels
+    np.testing.assert_array_equal(a["reg_boxes"], [[11, 12, 31, 33], [52, 41, 69, 62]])
+    np.testing.assert_array_equal(a["reg_labels"], [1, 1])  # teacher labels
+    b_image, b = by_name["b.png"]
+    assert b["boxes"].shape == (0, 4) and b["reg_boxes"].shape == (0, 4)
+    assert (b_image.width, b_image.height, len(b_image)) == (100, 80, 0)
 
 
 def test_polished_without_disentangling_uses_one_set_for_everything(table) -> None:
-    a = {t.file_name: t for t in pseudo_targets(table, disentangle=False)}["a.png"]
-    np.testing.assert_array_equal(a.cls_boxes, [[11, 12, 31, 33], [6, 50, 21, 71]])
-    np.testing.assert_array_equal(a.cls_boxes, a.reg_boxes)
-    np.testing.assert_array_equal(a.cls_labels, [2, 2])
-    np.testing.assert_array_equal(a.reg_labels, [2, 2])
+    _, a = targets(table, disentangle=False)["a.png"]
+    np.testing.assert_array_equal(a["boxes"], [[11, 12, 31, 33], [6, 50, 21, 71]])
+    np.testing.assert_array_equal(a["labels"], [2, 2])
+    assert "reg_boxes" not in a and "reg_labels" not in a  # one set for every loss
 
 
 def test_raw_view_is_every_teacher_box_with_teacher_label(table) -> None:
-    a = {t.file_name: t for t in pseudo_targets(table, view="raw")}["a.png"]
-    np.testing.assert_array_equal(
-        a.cls_boxes, [[10, 10, 30, 30], [50, 40, 70, 60], [5, 50, 20, 70]]
-    )
-    np.testing.assert_array_equal(a.cls_labels, [1, 1, 2])
-    np.testing.assert_array_equal(a.reg_boxes, a.cls_boxes)
+    for disentangle in (True, False):  # raw has one set whatever --disentangle says
+        _, a = targets(table, view="raw", disentangle=disentangle)["a.png"]
+        np.testing.assert_array_equal(
+            a["boxes"], [[10, 10, 30, 30], [50, 40, 70, 60], [5, 50, 20, 70]]
+        )
+        np.testing.assert_array_equal(a["labels"], [1, 1, 2])
+        assert "reg_boxes" not in a
 
 
 def test_unknown_view_is_a_clear_error(table) -> None:
     with pytest.raises(DplError, match="unknown pseudo-label view"):
-        pseudo_targets(table, view="sharpened")
+        supervision("sharpened")

@@ -1,20 +1,46 @@
 """Disentangled supervision: classification targets only from use_cls boxes, regression
-targets only from use_reg boxes (DESIGN, 'Disentangled use by the student')."""
+targets only from use_reg boxes (DESIGN, 'Disentangled use by the student'). Targets come
+from the production builder, ``student_target``, as in the student's dataset."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import MultiScaleRoIAlign, box_iou
 
-from dpl_tools.models.student import (
-    DisentangledRoIHeads,
+from dpl_tools.data.pseudo_targets import ROW_COLUMNS, PseudoImage
+from dpl_tools.models.student_criterion import (
     PseudoLabelTransform,
-    make_disentangled,
-    pseudo_label_target,
+    StudentRoIHeads,
+    make_student,
+    student_target,
+    supervision,
 )
+
+LABELS = {1: 1, 2: 2, 3: 3}  # COCO ids = detector labels here
+
+
+def pseudo_target(cls_box, cls_label, reg_box=None, reg_label=None, size=(128, 128)) -> dict:
+    """The disentangled target of an image with one classification-only pseudo label
+    (teacher box, polished label) and, unless ``reg_box`` is None, one regression-only one
+    (polished box, teacher label), built by ``student_target`` as the dataset does, with
+    hard negatives (under the default ``ignore`` the regression-only box, not kept for
+    classification, would be an ignore region: tests/test_student_negatives.py)."""
+    boxes = [cls_box] + ([] if reg_box is None else [reg_box])
+    n = len(boxes)
+    rows = {c: np.full(n, np.nan, np.float32) for c in ROW_COLUMNS}
+    rows["use_cls"], rows["use_reg"] = np.arange(n) == 0, np.arange(n) == 1
+    for k, c in enumerate(("x1", "y1", "x2", "y2")):
+        rows[f"teacher_{c}"][:] = rows[f"polished_{c}"][:] = [b[k] for b in boxes]
+    rows["teacher_label"][:] = reg_label or 0
+    rows["polished_label"][:] = cls_label
+    image = PseudoImage("x.png", size[1], size[0], rows)
+    target, dropped = student_target(image, supervision("polished", True), LABELS, "hard")
+    assert dropped == 0
+    return target
 
 
 def _tiny_detector(num_classes: int = 3) -> FasterRCNN:
@@ -41,8 +67,8 @@ def _jitter_around(box: torch.Tensor, n: int, scale: float, gen: torch.Generator
 def test_cls_and_reg_targets_come_from_their_own_pseudo_labels() -> None:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    model = make_disentangled(_tiny_detector())
-    heads: DisentangledRoIHeads = model.roi_heads
+    model = make_student(_tiny_detector())
+    heads: StudentRoIHeads = model.roi_heads
     cls_box = torch.tensor([10.0, 10.0, 50.0, 50.0])
     reg_box = torch.tensor([70.0, 60.0, 120.0, 110.0])
     proposals = torch.cat(
@@ -52,7 +78,7 @@ def test_cls_and_reg_targets_come_from_their_own_pseudo_labels() -> None:
             torch.tensor([[0.0, 80.0, 30.0, 120.0]]),
         ]
     )
-    target = pseudo_label_target(cls_box[None], torch.tensor([1]), reg_box[None], torch.tensor([2]))
+    target = pseudo_target(cls_box.tolist(), 1, reg_box.tolist(), 2)
     (c_props, c_labels, _), (r_props, r_labels, r_deltas) = heads.sample_disentangled(
         [proposals], [target]
     )
@@ -79,12 +105,7 @@ def test_cls_and_reg_targets_come_from_their_own_pseudo_labels() -> None:
 def test_transform_resizes_regression_pseudo_labels_with_the_image() -> None:
     transform = PseudoLabelTransform(64, 64, [0.0] * 3, [1.0] * 3)
     image = torch.rand(3, 32, 32)
-    target = pseudo_label_target(
-        torch.tensor([[4.0, 4.0, 12.0, 12.0]]),
-        torch.tensor([1]),
-        torch.tensor([[8.0, 2.0, 16.0, 30.0]]),
-        torch.tensor([1]),
-    )
+    target = pseudo_target([4.0, 4.0, 12.0, 12.0], 1, [8.0, 2.0, 16.0, 30.0], 1, size=(32, 32))
     _, (out,) = transform([image], [target])
     scale = 64 / 32
     torch.testing.assert_close(out["boxes"], torch.tensor([[4.0, 4.0, 12.0, 12.0]]) * scale)
@@ -93,16 +114,12 @@ def test_transform_resizes_regression_pseudo_labels_with_the_image() -> None:
 
 def test_student_trains_on_mixed_labeled_and_pseudo_labeled_targets() -> None:
     torch.manual_seed(0)
-    model = make_disentangled(_tiny_detector())
+    model = make_student(_tiny_detector())
     model.train()
     images = [torch.rand(3, 128, 128), torch.rand(3, 128, 128)]
     labeled = {"boxes": torch.tensor([[10.0, 10.0, 60.0, 60.0]]), "labels": torch.tensor([1])}
-    pseudo = pseudo_label_target(
-        torch.tensor([[20.0, 20.0, 80.0, 70.0]]),
-        torch.tensor([2]),
-        torch.empty(0, 4),
-        torch.empty(0, dtype=torch.long),
-    )
+    pseudo = pseudo_target([20.0, 20.0, 80.0, 70.0], 2)  # no regression pseudo label
+    assert pseudo["reg_boxes"].shape == (0, 4)
     losses = model(images, [labeled, pseudo])
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
     total = sum(losses.values())

@@ -12,6 +12,14 @@ from typer.testing import CliRunner
 from commands.cli import app
 from dpl_tools.data.coco import load_coco
 from dpl_tools.data.detection import DetectionDataset
+from dpl_tools.data.polisher_pairs import (
+    GaussianNoise,
+    GroundTruth,
+    PairSettings,
+    noise_metadata,
+    synthesize_pairs,
+    write_noise_parquet,
+)
 from dpl_tools.engine.train_polisher import (
     NoisePairs,
     PolisherLoss,
@@ -23,14 +31,6 @@ from dpl_tools.io import sha256_file
 from dpl_tools.models.checkpoint import DetectorSpec, save_detector
 from dpl_tools.models.detector import build_detector
 from dpl_tools.models.polisher import Polisher, load_polisher
-from dpl_tools.noise import (
-    GaussianNoise,
-    GroundTruth,
-    PairSettings,
-    noise_metadata,
-    synthesize_pairs,
-    write_noise_parquet,
-)
 
 
 def _teacher(path, categories, seed=0):

@@ -19,11 +19,11 @@ from dpl_tools.data.detection import DetectionDataset
 from dpl_tools.data.pseudo_label_writer import rows_to_table
 from dpl_tools.data.pseudo_labels import META_CATEGORIES
 from dpl_tools.data.student_data import StudentDataset
-from dpl_tools.engine.train_student import load_student_data, student_losses, train_student
+from dpl_tools.engine.train_student import load_student_data, train_student
 from dpl_tools.errors import DplError
 from dpl_tools.models.checkpoint import DetectorSpec, load_detector, read_checkpoint, save_detector
 from dpl_tools.models.detector import build_detector, set_test_settings
-from dpl_tools.models.student import make_disentangled
+from dpl_tools.models.student_criterion import make_student, student_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {
@@ -194,7 +194,7 @@ def test_unlabeled_loss_is_weighted(inputs) -> None:
     for sample in dataset[0]:
         images.append(sample[0])
         targets.append(sample[1])
-    model = make_disentangled(build_detector("mobilenet_v2_fpn", 3, "none", 64, 96, **FAST))
+    model = make_student(build_detector("mobilenet_v2_fpn", 3, "none", 64, 96, **FAST))
     model.train()
     results = {}
     for weight in (1.0, 2.5):

@@ -8,6 +8,7 @@ is what is imported.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -27,6 +28,10 @@ print(json.dumps({"file": dpl_tools.__file__, "presets": names, "sections": sect
 
 
 def test_wheel_ships_presets_and_loads_them(tmp_path):
+    # build from a copy: an in-tree build would leave build/ in the checkout
+    src = tmp_path / "src"
+    skip = shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "dpl-*", "tests")
+    shutil.copytree(ROOT, src, ignore=skip)
     wheels = tmp_path / "wheels"
     subprocess.run(
         [

@@ -1,11 +1,25 @@
 """Load and validate COCO detection JSON, with counted reporting of every problem.
 
-Structural problems (unreadable JSON, missing keys, duplicate ids, images without a
-positive width/height) are fatal ``DplError``s naming the file, with how many items are
-affected and a first example. Per-annotation problems are repaired and counted:
-zero/negative-size or malformed boxes and boxes of unknown images or categories are
-dropped, boxes reaching outside their image are clipped. Missing image files (when an
-image folder is given) drop the image (and its boxes) and are counted too.
+Structural problems (unreadable JSON, missing keys, duplicate ids, ids that are not
+integers, file names that are not strings, images without a positive finite width/height,
+file names leaving the image folder) are fatal ``DplError``s naming the file, with how many
+items are affected and a first example. Ids are normalised to ``int`` (``1.0`` is ``1``).
+Per-annotation problems are repaired and counted: zero/negative-size, sub-pixel
+(< ``MIN_BOX_SIDE``), non-finite or malformed boxes and boxes of unknown images or
+categories are dropped, boxes reaching outside their image are clipped.
+
+With an image folder, each image file's header is read: a missing file drops the image
+(and its boxes); a width/height that differs from the decoded (EXIF-upright) image is
+repaired when the difference is explainable, else the image is dropped, all counted:
+
+* a uniform resize (same aspect ratio, up to rounding): boxes are rescaled to the file;
+* sides swapped by an EXIF rotation, the annotation matching the stored pixels: the boxes
+  were drawn ignoring the rotation, so they are rotated with the image (and rescaled if
+  the stored size differs uniformly too);
+* anything else: the boxes' frame is unknown and the image is dropped.
+
+Orientations that keep the sides (180 degree turn, mirrors) cannot be told apart from an
+upright annotation and are taken as upright.
 """
 
 from __future__ import annotations
@@ -13,14 +27,22 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter, defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from dpl_tools.data.images import ImageGeometry, ImageReadError, image_geometry, outside_root
 from dpl_tools.errors import DplError
 from dpl_tools.io import write_json
 
 REQUIRED_KEYS = ("images", "categories")
+# Boxes narrower or lower than this (px) are dropped: a detector cannot learn them, and
+# in float32 they collapse to zero size, which torchvision rejects mid-training.
+MIN_BOX_SIDE = 0.01
 
 
 @dataclass
@@ -99,15 +121,25 @@ class CocoData:
 def read_json(path: str | Path) -> Any:
     """Parse a JSON file, turning every failure into a one-line DplError."""
     path = Path(path)
+    if path.is_dir():
+        raise DplError(f"{path}: is a directory, not a JSON file")
     if not path.is_file():
         raise DplError(f"{path}: file not found")
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise DplError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DplError(f"{path}: cannot read ({e})") from None
+        raise DplError(
+            f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise DplError(
+            f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+        ) from None
+    except RecursionError:
+        raise DplError(f"{path}: JSON nested too deeply to read") from None
+    except OSError as e:
+        raise DplError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def _check_unique(path: Path, items: list[dict], what: str) -> None:
@@ -141,21 +173,201 @@ def _as_list(path: Path, raw: dict, key: str) -> list:
     return value
 
 
-def _positive(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+def positive_number(value: Any) -> bool:
+    """A finite number above zero (not a bool, a string, NaN or Infinity)."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def as_int_id(value: Any) -> int | None:
+    """``value`` as an integer id (``3`` or ``3.0``), or None when it is not one (a string,
+    ``3.5``, NaN, a bool, null, a list)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value == int(value):
+        return int(value)
+    return None
+
+
+def _normalize_ids(path: Path, items: list[dict], keys: tuple[str, ...], what: str) -> None:
+    """Make ``items[k]`` ints in place, or one DplError naming the first bad record."""
+    for key in keys:
+        bad = [(i, item[key]) for i, item in enumerate(items) if as_int_id(item[key]) is None]
+        if bad:
+            i, value = bad[0]
+            ident = items[i].get("id") if key != "id" else None
+            record = f"{what} #{i}" + (f" (id {ident!r})" if ident is not None else "")
+            raise DplError(
+                f"{path}: {len(bad)} {what}(s) with a non-integer '{key}' (e.g. {record}: "
+                f"{key} = {json.dumps(value)}, a {type(value).__name__}); ids must be integers"
+            )
+        for item in items:
+            item[key] = as_int_id(item[key])
+
+
+def _check_file_names(path: Path, images: list[dict]) -> None:
+    """Every file_name a non-empty string without NUL, or one DplError naming the first."""
+    bad = [
+        im
+        for im in images
+        if not isinstance(im["file_name"], str) or not im["file_name"] or "\0" in im["file_name"]
+    ]
+    if bad:
+        im = bad[0]
+        raise DplError(
+            f"{path}: {len(bad)} image(s) whose file_name is not a file name (e.g. image "
+            f"{im['id']}: file_name = {json.dumps(im['file_name'])}); it must be a non-empty "
+            "string"
+        )
+
+
+def check_inside_root(
+    path: Path, names: list[tuple[Any, str]], root: Path, allow_outside_root: bool
+) -> None:
+    """Refuse (one DplError) file names that leave ``root`` unless ``allow_outside_root``.
+
+    ``names``: (image id or None, file_name) pairs; the first offender is named.
+    """
+    if allow_outside_root:
+        return
+    outside = [(image_id, name) for image_id, name in names if outside_root(name)]
+    if outside:
+        image_id, name = outside[0]
+        record = f"image {image_id}: {name!r}" if image_id is not None else repr(name)
+        raise DplError(
+            f"{path}: {len(outside)} file name(s) outside the image folder {root} (e.g. "
+            f"{record}); dpl reads images only under it unless --allow-outside-root"
+        )
 
 
 def _box(bbox: Any) -> tuple[float, float, float, float] | None:
-    """The four finite numbers of a COCO bbox, or None when it is malformed."""
+    """The four numbers of a COCO bbox (maybe non-finite), or None when it is not four."""
     if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4):
+        return None
+    if any(isinstance(v, (bool, str)) for v in bbox):
         return None
     try:
         x, y, w, h = (float(v) for v in bbox)
-    except (TypeError, ValueError):
-        return None
-    if not all(math.isfinite(v) for v in (x, y, w, h)):
+    except (TypeError, ValueError, OverflowError):
         return None
     return x, y, w, h
+
+
+def _too_small(x: float, y: float, w: float, h: float) -> bool:
+    """Sub-``MIN_BOX_SIDE`` sides, or sides that vanish in float32 (far from the origin)."""
+    if w < MIN_BOX_SIDE or h < MIN_BOX_SIDE:
+        return True
+    corners = np.array([x, y, x + w, y + h], dtype=np.float32)
+    return not (corners[2] > corners[0] and corners[3] > corners[1])
+
+
+BoxMap = Callable[[float, float, float, float], tuple[float, float, float, float]]
+_SIZE_RESCALED = "width/height differ from the image file by a resize (boxes rescaled to it)"
+_SIZE_EXIF = "annotated on the stored pixels of an EXIF-rotated image (boxes rotated upright)"
+_SIZE_DROPPED = "width/height differ from the image file, not by a resize (image dropped)"
+
+
+def _uniform(aw: float, ah: float, w: int, h: int) -> bool:
+    """Whether ``w x h`` is ``aw x ah`` resized with one factor, up to pixel rounding."""
+    return abs(w * ah - h * aw) <= max(aw, ah)
+
+
+def _orient(box: tuple[float, float, float, float], geo: ImageGeometry):
+    """A box in stored pixels mapped into the EXIF-upright image (as exif_transpose does)."""
+    x1, y1, x2, y2 = box
+    sw, sh = geo.stored_width, geo.stored_height
+    point = {
+        5: lambda x, y: (y, x),  # transpose
+        6: lambda x, y: (sh - y, x),  # rotate 90 clockwise
+        7: lambda x, y: (sh - y, sw - x),  # transverse
+        8: lambda x, y: (y, sw - x),  # rotate 90 counter-clockwise
+    }[geo.orientation]
+    (ax, ay), (bx, by) = point(x1, y1), point(x2, y2)
+    return min(ax, bx), min(ay, by), max(ax, bx), max(ay, by)
+
+
+def _frame_fix(im: dict[str, Any], geo: ImageGeometry) -> tuple[str, BoxMap | None] | None:
+    """How an image's boxes reach its decoded frame: None when the sizes agree, else
+    (problem, box map), the map None when the image must be dropped (module docstring)."""
+    aw, ah = float(im["width"]), float(im["height"])
+    width, height = geo.size
+    if (aw, ah) == (width, height):
+        return None
+    if _uniform(aw, ah, width, height):
+        sx, sy = width / aw, height / ah
+        return _SIZE_RESCALED, lambda x, y, w, h: (x * sx, y * sy, w * sx, h * sy)
+    if geo.swaps_sides and _uniform(aw, ah, geo.stored_width, geo.stored_height):
+        sx, sy = geo.stored_width / aw, geo.stored_height / ah
+
+        def rotate(x: float, y: float, w: float, h: float):
+            x1, y1, x2, y2 = _orient((x * sx, y * sy, (x + w) * sx, (y + h) * sy), geo)
+            return x1, y1, x2 - x1, y2 - y1
+
+        return _SIZE_EXIF, rotate
+    return _SIZE_DROPPED, None
+
+
+def _geometries(paths: list[Path]) -> list[ImageGeometry | None]:
+    """Header geometry per path (None when unreadable; decoding reports it later)."""
+
+    def one(p: Path) -> ImageGeometry | None:
+        try:
+            return image_geometry(p)
+        except ImageReadError:
+            return None
+
+    if len(paths) < 64:
+        return [one(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(one, paths, chunksize=64))
+
+
+def size_mismatches(root: Path, images: list[tuple[str, int, int]]) -> list[str]:
+    """File names of ``(file_name, width, height)`` whose file under ``root`` now decodes
+    to another (EXIF-upright) size; unreadable files are left to the decoder to report."""
+    geometries = _geometries([root / name for name, _, _ in images])
+    return [
+        name
+        for (name, width, height), geo in zip(images, geometries, strict=True)
+        if geo is not None and geo.size != (width, height)
+    ]
+
+
+def _fit_images_to_files(
+    images: list[dict[str, Any]], images_dir: Path, report: ValidationReport
+) -> tuple[list[dict[str, Any]], dict[int, BoxMap]]:
+    """Drop images whose file is missing; check each width/height against the file (see
+    the module docstring). Returns the kept images and box maps of repaired ones."""
+    present = []
+    for im in images:
+        if (images_dir / im["file_name"]).is_file():
+            present.append(im)
+        else:
+            report.add("missing image file (image dropped)", str(images_dir / im["file_name"]))
+    kept, maps = [], {}
+    geometries = _geometries([images_dir / im["file_name"] for im in present])
+    for im, geo in zip(present, geometries, strict=True):
+        fix = _frame_fix(im, geo) if geo is not None else None
+        if fix is not None:
+            problem, box_map = fix
+            width, height = geo.size
+            report.add(
+                problem,
+                f"image {im['id']} {im['file_name']}: annotated {im['width']}x{im['height']}, "
+                f"file {width}x{height}",
+            )
+            if box_map is None:
+                continue
+            maps[im["id"]] = box_map
+            im["width"], im["height"] = width, height
+        kept.append(im)
+    return kept, maps
 
 
 def validate_coco(
@@ -163,8 +375,12 @@ def validate_coco(
     path: str | Path,
     images_dir: str | Path | None = None,
     require_annotations: bool = True,
+    allow_outside_root: bool = False,
 ) -> CocoData:
-    """Validate a parsed COCO dict; see the module docstring for what is fatal."""
+    """Validate a parsed COCO dict; see the module docstring for what is fatal.
+
+    With ``images_dir``, file names must stay inside it unless ``allow_outside_root``.
+    """
     path = Path(path)
     if not isinstance(raw, dict):
         raise DplError(f"{path}: top level must be a JSON object with images/categories")
@@ -177,13 +393,25 @@ def validate_coco(
     categories = _as_list(path, raw, "categories")
     _require(path, categories, ("id", "name"), "category")
     categories = [dict(c) for c in categories]
+    _normalize_ids(path, categories, ("id",), "category")
+    bad_names = [c for c in categories if not isinstance(c["name"], str) or not c["name"]]
+    if bad_names:
+        c = bad_names[0]
+        raise DplError(
+            f"{path}: {len(bad_names)} category(s) whose name is not a non-empty string "
+            f"(e.g. category {c['id']}: name = {json.dumps(c['name'])})"
+        )
     _check_unique(path, categories, "category")
 
     images = _as_list(path, raw, "images")
     _require(path, images, ("id", "file_name", "width", "height"), "image")
     images = [dict(im) for im in images]
+    _normalize_ids(path, images, ("id",), "image")
+    _check_file_names(path, images)
     _check_unique(path, images, "image")
-    bad_size = [im for im in images if not (_positive(im["width"]) and _positive(im["height"]))]
+    bad_size = [
+        im for im in images if not (positive_number(im["width"]) and positive_number(im["height"]))
+    ]
     if bad_size:
         im = bad_size[0]
         raise DplError(
@@ -192,21 +420,20 @@ def validate_coco(
         )
     all_image_ids = {im["id"] for im in images}
 
+    box_maps: dict[int, BoxMap] = {}
     if images_dir is not None:
         images_dir = Path(images_dir)
-        kept = []
-        for im in images:
-            if (images_dir / im["file_name"]).is_file():
-                kept.append(im)
-            else:
-                report.add("missing image file (image dropped)", str(images_dir / im["file_name"]))
-        images = kept
+        check_inside_root(
+            path, [(im["id"], im["file_name"]) for im in images], images_dir, allow_outside_root
+        )
+        images, box_maps = _fit_images_to_files(images, images_dir, report)
 
     image_by_id = {im["id"]: im for im in images}
     cat_ids = {c["id"] for c in categories}
     annotations = _as_list(path, raw, "annotations")
     _require(path, annotations, ("id", "image_id", "category_id", "bbox"), "annotation")
     annotations = [dict(a) for a in annotations]
+    _normalize_ids(path, annotations, ("id", "image_id", "category_id"), "annotation")
     _check_unique(path, annotations, "annotation")
 
     kept_anns = []
@@ -225,19 +452,30 @@ def validate_coco(
             report.add("unknown category id (annotation dropped)", f"{ref}: {a['category_id']}")
             continue
         box = _box(a["bbox"])
-        if box is None:
+        if box is None or not all(math.isfinite(v) for v in box):  # NaN/Infinity rejected
             report.add("malformed bbox (annotation dropped)", f"{ref}: {a['bbox']!r}")
             continue
         x, y, w, h = box
         if w <= 0 or h <= 0:
             report.add("zero or negative size box (dropped)", f"{ref}: {a['bbox']}")
             continue
+        area = a.get("area")
+        if "area" in a and not positive_number(area):
+            report.add("missing or invalid area (recomputed)", f"{ref}: area = {area!r}")
+            del a["area"]
+        if im["id"] in box_maps:
+            x, y, w, h = box_maps[im["id"]](x, y, w, h)
+            a.pop("area", None)
         x1, y1 = max(x, 0.0), max(y, 0.0)
         x2, y2 = min(x + w, float(im["width"])), min(y + h, float(im["height"]))
-        if (x1, y1, x2, y2) != (x, y, x + w, y + h):
-            if x2 <= x1 or y2 <= y1:
-                report.add("box entirely outside its image (dropped)", f"{ref}: {a['bbox']}")
-                continue
+        clipped = (x1, y1, x2, y2) != (x, y, x + w, y + h)
+        if clipped and (x2 <= x1 or y2 <= y1):
+            report.add("box entirely outside its image (dropped)", f"{ref}: {a['bbox']}")
+            continue
+        if _too_small(x1, y1, x2 - x1, y2 - y1):
+            report.add(f"box smaller than {MIN_BOX_SIDE} px (dropped)", f"{ref}: {a['bbox']}")
+            continue
+        if clipped:
             report.add("box outside its image (clipped)", f"{ref}: {a['bbox']}")
             a["area"] = min(float(a.get("area", math.inf)), (x2 - x1) * (y2 - y1))
         a["bbox"] = [x1, y1, x2 - x1, y2 - y1]
@@ -253,9 +491,11 @@ def load_coco(
     path: str | Path,
     images_dir: str | Path | None = None,
     require_annotations: bool = True,
+    allow_outside_root: bool = False,
 ) -> CocoData:
     """Read and validate a COCO detection JSON (see ``validate_coco``)."""
-    return validate_coco(read_json(path), path, images_dir, require_annotations)
+    raw = read_json(path)
+    return validate_coco(raw, path, images_dir, require_annotations, allow_outside_root)
 
 
 def save_coco(data: CocoData | dict[str, Any], path: str | Path) -> Path:

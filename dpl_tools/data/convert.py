@@ -18,21 +18,36 @@ Conventions (tested with exact numbers):
   ``[(cx - w/2) * W, (cy - h/2) * H, w * W, h * H]`` with W, H read from the image
   header (EXIF rotation applied); polygon rows (segmentation labels) become their
   bounding box; class ``k`` becomes category id ``k + 1``.
+* One bad annotation file (malformed XML, a bad or non-UTF-8 YOLO label file, a
+  non-finite number) skips that file and its image; ``Conversion.skipped_files`` lists
+  each with the problem (``strict`` stops at the first instead). Image-folder entries that
+  are not readable images (folders named like images, broken or looping links, names
+  that are not UTF-8) are listed there too.
+* A conversion that leaves no image, or drops every box the input had, is a DplError:
+  an empty dataset is never written.
 """
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from rich.progress import track
 
-from dpl_tools.data.coco import CocoData, ValidationReport, load_coco, validate_coco
-from dpl_tools.data.images import IMAGE_EXTENSIONS, ImageReadError, image_size, list_images
+from dpl_tools.data.coco import CocoData, ValidationReport, read_json, validate_coco
+from dpl_tools.data.images import (
+    IMAGE_EXTENSIONS,
+    ImageReadError,
+    display_path,
+    image_size,
+    scan_images,
+    utf8_name,
+)
 from dpl_tools.errors import DplError
 
 FORMATS = ("voc", "yolo", "coco")
@@ -44,6 +59,30 @@ class Conversion:
 
     coco: CocoData
     images_dir: Path | None
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (file, problem)
+    input_boxes: int = 0  # boxes in the input files read, before validation
+
+
+class _Skips:
+    """Collects files skipped as unusable, or re-raises at the first with ``strict``."""
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.files: list[tuple[str, str]] = []
+
+    def add(self, path: Path | str, problem: str) -> None:
+        if self.strict:
+            raise DplError(f"{display_path(path)}: {problem} (--strict)")
+        self.files.append((display_path(path), problem))
+
+    def error(self, path: Path, e: DplError) -> None:
+        """Record a DplError about ``path`` (its message minus the leading path)."""
+        message = str(e)
+        for prefix in (f"{path}:", f"{display_path(path)}:"):
+            message = message.removeprefix(prefix)
+        if self.strict:
+            raise e
+        self.files.append((display_path(path), message.strip()))
 
 
 # --------------------------------------------------------------------------- VOC
@@ -88,6 +127,8 @@ def parse_voc_xml(path: str | Path) -> VocRecord:
     width = height = None
     try:
         w, h = _text(size, "width"), _text(size, "height")
+        if w and h and not (math.isfinite(float(w)) and math.isfinite(float(h))):
+            raise DplError(f"{path}: <size> {w}x{h} is not a finite number")
         if w and h and float(w) > 0 and float(h) > 0:
             width, height = int(float(w)), int(float(h))
     except ValueError:
@@ -103,6 +144,8 @@ def parse_voc_xml(path: str | Path) -> VocRecord:
             xmin, ymin, xmax, ymax = (float(c) for c in coords)
         except ValueError:
             raise DplError(f"{path}: object #{i} ({name}) has non-numeric box {coords}") from None
+        if not all(math.isfinite(v) for v in (xmin, ymin, xmax, ymax)):
+            raise DplError(f"{path}: object #{i} ({name}) has a non-finite box {coords}")
         difficult = (_text(obj, "difficult") or "0") not in ("0", "false", "False")
         objects.append(VocObject(name, xmin, ymin, xmax, ymax, difficult))
     return VocRecord(path, _text(root, "filename"), width, height, objects)
@@ -164,8 +207,10 @@ def convert_voc(
     images_dir: str | Path | None = None,
     skip_difficult: bool = False,
     progress: bool = True,
+    strict: bool = False,
 ) -> Conversion:
-    """Convert a VOC root (Annotations/, JPEGImages/, ImageSets/Main) or an XML folder."""
+    """Convert a VOC root (Annotations/, JPEGImages/, ImageSets/Main) or an XML folder;
+    a bad XML file is skipped and listed (``strict``: a DplError)."""
     src = Path(src)
     xml_dir, images, root = _voc_layout(src, Path(images_dir) if images_dir else None)
     report = ValidationReport(src)
@@ -181,10 +226,14 @@ def convert_voc(
     if not xml_paths:
         raise DplError(f"{xml_dir}: no VOC XML files found")
 
-    records = [
-        parse_voc_xml(p)
-        for p in track(xml_paths, description="reading VOC XML", disable=not progress)
-    ]
+    skips = _Skips(strict)
+    records = []
+    for p in track(xml_paths, description="reading VOC XML", disable=not progress):
+        try:
+            records.append(parse_voc_xml(p))
+        except DplError as e:
+            skips.error(p, e)
+    input_boxes = sum(len(r.objects) for r in records)
     names = classes or sorted({o.name for r in records for o in r.objects})
     cat_id = {n: i + 1 for i, n in enumerate(names)}
     raw_images: list[dict[str, Any]] = []
@@ -231,7 +280,7 @@ def convert_voc(
     coco = validate_coco(raw, src, images)
     report.merge(coco.report)
     coco.report = report
-    return Conversion(coco, images)
+    return Conversion(coco, images, skips.files, input_boxes)
 
 
 # -------------------------------------------------------------------------- YOLO
@@ -295,6 +344,8 @@ def _parse_yolo_row(txt: Path, lineno: int, line: str) -> tuple[int, list[float]
         values = [float(v) for v in line.split()]
     except ValueError:
         raise DplError(f"{where}: non-numeric value in '{line}'") from None
+    if not all(math.isfinite(v) for v in values):
+        raise DplError(f"{where}: non-finite value in '{line}'")
     if len(values) < 5 or values[0] != int(values[0]) or values[0] < 0:
         raise DplError(f"{where}: expected 'class cx cy w h' (class a non-negative integer)")
     cls, rest = int(values[0]), values[1:]
@@ -310,35 +361,44 @@ def convert_yolo(
     split: str | None = None,
     classes: list[str] | None = None,
     progress: bool = True,
+    strict: bool = False,
 ) -> Conversion:
     """Convert a YOLO dataset (images/ + labels/, optional split subfolders, or txt beside
-    images) using image sizes read from the image headers."""
+    images) using image sizes read from the image headers; a bad label file skips its
+    image and is listed (``strict``: a DplError)."""
     src = Path(src)
     images_dir, labels_dir = _yolo_layout(src, split)
     names = classes or yolo_class_names(src, images_dir, labels_dir)
     report = ValidationReport(src)
+    skips = _Skips(strict)
     raw_images: list[dict[str, Any]] = []
     raw_anns: list[dict[str, Any]] = []
     used_labels: set[Path] = set()
-    for path in track(list_images(images_dir), description="reading YOLO", disable=not progress):
+    scan = scan_images(images_dir)
+    for entry, reason in scan.skipped:
+        skips.add(entry, reason)
+    for path in track(scan.files, description="reading YOLO", disable=not progress):
         rel = path.relative_to(images_dir)
         txt = labels_dir / rel.with_suffix(".txt")
         used_labels.add(txt)
+        if not utf8_name(rel):
+            skips.add(path, "file name is not valid UTF-8 (image skipped)")
+            continue
         try:
             width, height = image_size(path)
         except ImageReadError as e:
             report.add("unreadable image (image dropped)", str(e))
             continue
+        try:
+            rows = _read_yolo_labels(txt)
+        except DplError as e:
+            skips.error(txt, e)
+            continue
         image_id = len(raw_images) + 1
         raw_images.append(
             {"id": image_id, "file_name": rel.as_posix(), "width": width, "height": height}
         )
-        if not txt.is_file():
-            continue
-        for lineno, line in enumerate(txt.read_text().splitlines(), 1):
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            cls, (cx, cy, w, h), polygon = _parse_yolo_row(txt, lineno, line)
+        for lineno, cls, (cx, cy, w, h), polygon in rows:
             if polygon:
                 report.add("polygon row (converted to its bounding box)", f"{txt}:{lineno}")
             bbox = [(cx - w / 2) * width, (cy - h / 2) * height, w * width, h * height]
@@ -352,7 +412,7 @@ def convert_yolo(
                     "iscrowd": 0,
                 }
             )
-    if not raw_images and not report.counts:
+    if not raw_images and not report.counts and not skips.files:
         raise DplError(f"{images_dir}: no images found")
     if labels_dir.is_dir():
         for txt in sorted(labels_dir.rglob("*.txt")):
@@ -363,17 +423,65 @@ def convert_yolo(
     coco = validate_coco(raw, src)
     report.merge(coco.report)
     coco.report = report
-    return Conversion(coco, images_dir)
+    return Conversion(coco, images_dir, skips.files, len(raw_anns))
+
+
+def _read_yolo_labels(txt: Path) -> list[tuple[int, int, list[float], bool]]:
+    """(line number, class, [cx, cy, w, h], polygon) of each row of a label file (none when
+    it does not exist); a DplError naming the file and line for a bad file."""
+    if not txt.is_file():
+        return []
+    try:
+        text = txt.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DplError(
+            f"{txt}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+        ) from None
+    except OSError as e:
+        raise DplError(f"{txt}: cannot read ({e.strerror or e})") from None
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            rows.append((lineno, *_parse_yolo_row(txt, lineno, line)))
+    return rows
 
 
 # -------------------------------------------------------------------------- COCO
 
 
-def convert_coco(src: str | Path, images_dir: str | Path | None = None) -> Conversion:
+def convert_coco(
+    src: str | Path, images_dir: str | Path | None = None, allow_outside_root: bool = False
+) -> Conversion:
     """Validate a COCO JSON (checking image files when ``images_dir`` is given)."""
     if images_dir is not None and not Path(images_dir).is_dir():
         raise DplError(f"{images_dir}: images folder not found")
-    return Conversion(load_coco(src, images_dir), Path(images_dir) if images_dir else None)
+    raw = read_json(src)
+    coco = validate_coco(raw, src, images_dir, allow_outside_root=allow_outside_root)
+    anns = raw.get("annotations") if isinstance(raw, dict) else None
+    n_boxes = len(anns) if isinstance(anns, list) else 0
+    return Conversion(coco, Path(images_dir) if images_dir else None, input_boxes=n_boxes)
+
+
+def require_usable(result: Conversion, src: str | Path) -> Conversion:
+    """``result``, or a one-line DplError when nothing usable is left: no image, or every
+    box of the input dropped (the problems table says why)."""
+    coco, skipped = result.coco, len(result.skipped_files)
+    if not coco.images:
+        dropped = {p: n for p, n in coco.report.counts.items() if "image" in p and "dropped" in p}
+        if dropped:
+            problem, n = max(dropped.items(), key=lambda kv: kv[1])
+            why = f"{n} x {problem}, e.g. {coco.report.examples[problem]}"
+        elif skipped:
+            why = f"{skipped} file(s) skipped, e.g. {': '.join(result.skipped_files[0])}"
+        else:
+            why = "the input lists no images"
+        raise DplError(f"{src}: no usable image left, nothing written ({why})")
+    if result.input_boxes and not coco.annotations:
+        raise DplError(
+            f"{src}: all {result.input_boxes} boxes of the input were dropped, nothing written "
+            "(see the problems above: wrong --classes? boxes outside the images?)"
+        )
+    return result
 
 
 def convert(
@@ -384,12 +492,17 @@ def convert(
     images_dir: str | Path | None = None,
     skip_difficult: bool = False,
     progress: bool = True,
+    strict: bool = False,
+    allow_outside_root: bool = False,
 ) -> Conversion:
-    """Dispatch on ``fmt`` (voc, yolo, coco)."""
+    """Dispatch on ``fmt`` (voc, yolo, coco); bad files are skipped unless ``strict``.
+
+    The set is not checked for being usable: see ``require_usable``.
+    """
     if fmt == "voc":
-        return convert_voc(src, split, classes, images_dir, skip_difficult, progress)
+        return convert_voc(src, split, classes, images_dir, skip_difficult, progress, strict)
     if fmt == "yolo":
-        return convert_yolo(src, split, classes, progress)
+        return convert_yolo(src, split, classes, progress, strict)
     if fmt == "coco":
-        return convert_coco(src, images_dir)
+        return convert_coco(src, images_dir, allow_outside_root)
     raise DplError(f"unknown format '{fmt}' (choose from {', '.join(FORMATS)})")

@@ -1,14 +1,19 @@
 """The unlabeled image source of ``dpl polish``: a folder or a COCO JSON image list.
 
-Records are COCO-style dicts ``{"id", "file_name", "path"}``. A folder is listed
-recursively (common extensions, sorted) and numbered 1..N in that order; a COCO JSON
-keeps its own ids and file names (resolved against ``image_root``, by default the JSON's
-folder). ``UnlabeledImages`` decodes them in DataLoader workers and yields the skip
-reason instead of raising for a bad file.
+Records are COCO-style dicts ``{"id", "file_name", "path"}`` (plus ``width``/``height``
+when a COCO list gives them). A folder is listed recursively (common extensions, sorted)
+and numbered 1..N in that order; on a resume ``stable_ids`` keeps the ids an output
+already holds and numbers new images above them. A COCO JSON keeps its own ids (integers;
+``3.0`` is ``3``) and file names (resolved against ``image_root``, by default the JSON's
+folder, and refused when they leave it unless ``allow_outside_root``). Entries of a
+folder passed over while listing (folders named like images, dangling or looping links)
+are in ``ImageList.skipped``. ``UnlabeledImages`` decodes records in DataLoader workers
+and yields the skip reason instead of raising for a bad file.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,24 +22,45 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from dpl_tools.data.coco import read_json
-from dpl_tools.data.images import ImageReadError, list_images, read_image
+from dpl_tools.data.coco import as_int_id, check_inside_root, positive_number, read_json
+from dpl_tools.data.images import (
+    ImageReadError,
+    display_path,
+    read_image,
+    scan_images,
+    utf8_name,
+)
 from dpl_tools.errors import DplError
 
 ImageRecord = dict[str, Any]
 
 
-def _folder_records(root: Path) -> list[ImageRecord]:
-    paths = list_images(root)
-    if not paths:
+class ImageList(list):
+    """Image records (a list) plus ``skipped``: (path, reason) of entries passed over."""
+
+    def __init__(self, records: Sequence[ImageRecord], skipped: Sequence[tuple[str, str]] = ()):
+        super().__init__(records)
+        self.skipped = list(skipped)
+
+
+def _folder_records(root: Path) -> ImageList:
+    scan = scan_images(root)
+    bad_names = [p for p in scan.files if not utf8_name(p.relative_to(root))]
+    if bad_names:
+        raise DplError(
+            f"{display_path(bad_names[0])}: file name is not valid UTF-8 ({len(bad_names)} such "
+            "file(s) in the folder); rename them (e.g. with convmv) so they can be stored"
+        )
+    if not scan.files:
         raise DplError(f"{root}: no image files found (looked recursively for common extensions)")
-    return [
-        {"id": i, "file_name": p.relative_to(root).as_posix(), "path": str(p)}
-        for i, p in enumerate(paths, start=1)
+    records = [
+        {"id": i, "file_name": p.relative_to(root).as_posix(), "path": str(p), "numbered": True}
+        for i, p in enumerate(scan.files, start=1)
     ]
+    return ImageList(records, [(display_path(p), reason) for p, reason in scan.skipped])
 
 
-def _coco_records(path: Path, image_root: Path) -> list[ImageRecord]:
+def _coco_records(path: Path, image_root: Path, allow_outside_root: bool) -> ImageList:
     raw = read_json(path)
     images = raw.get("images") if isinstance(raw, dict) else None
     if not isinstance(images, list):
@@ -43,27 +69,40 @@ def _coco_records(path: Path, image_root: Path) -> list[ImageRecord]:
     for n, image in enumerate(images):
         if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
             raise DplError(f"{path}: image #{n} lacks 'id' or 'file_name'")
-        if image["id"] in seen_ids or image["file_name"] in seen_names:
+        image_id, name = as_int_id(image["id"]), image["file_name"]
+        if image_id is None:
             raise DplError(
-                f"{path}: duplicate image id or file name (e.g. id {image['id']!r}, "
-                f"{image['file_name']!r})"
+                f"{path}: image #{n} has id {json.dumps(image['id'])} (a "
+                f"{type(image['id']).__name__}); image ids must be integers"
             )
-        seen_ids.add(image["id"])
-        seen_names.add(image["file_name"])
-        records.append(
-            {
-                "id": int(image["id"]),
-                "file_name": str(image["file_name"]),
-                "path": str(image_root / image["file_name"]),
-            }
-        )
+        if not isinstance(name, str) or not name or "\0" in name:
+            raise DplError(
+                f"{path}: image #{n} (id {image_id}) has file_name {json.dumps(name)}; it must "
+                "be a non-empty string"
+            )
+        if image_id in seen_ids or name in seen_names:
+            raise DplError(
+                f"{path}: image #{n}: duplicate image id or file name (id {image_id}, {name!r})"
+            )
+        seen_ids.add(image_id)
+        seen_names.add(name)
+        record = {"id": image_id, "file_name": name, "path": str(image_root / name)}
+        if positive_number(image.get("width")) and positive_number(image.get("height")):
+            record["width"], record["height"] = image["width"], image["height"]
+        records.append(record)
     if not records:
         raise DplError(f"{path}: the image list is empty")
-    return records
+    check_inside_root(
+        path, [(r["id"], r["file_name"]) for r in records], image_root, allow_outside_root
+    )
+    return ImageList(records)
 
 
-def load_image_list(source: str | Path, image_root: str | Path | None = None) -> list[ImageRecord]:
-    """Image records of a folder (recursive) or a COCO JSON (file names under ``image_root``)."""
+def load_image_list(
+    source: str | Path, image_root: str | Path | None = None, allow_outside_root: bool = False
+) -> ImageList:
+    """Image records of a folder (recursive) or a COCO JSON (file names under ``image_root``,
+    which they may leave only with ``allow_outside_root``)."""
     source = Path(source)
     if source.is_dir():
         if image_root is not None:
@@ -75,7 +114,44 @@ def load_image_list(source: str | Path, image_root: str | Path | None = None) ->
         raise DplError(f"{source}: image folder or COCO JSON not found")
     if source.suffix.lower() != ".json":
         raise DplError(f"{source}: expected an image folder or a COCO JSON image list")
-    return _coco_records(source, Path(image_root) if image_root is not None else source.parent)
+    root = Path(image_root) if image_root is not None else source.parent
+    return _coco_records(source, root, allow_outside_root)
+
+
+def stable_ids(
+    records: Sequence[ImageRecord], known: dict[str, int], floor: int = 0, source: str = "output"
+) -> list[ImageRecord]:
+    """Records with the ids an earlier run already wrote (``known``: file name -> id).
+
+    Folder records (numbered by dpl) keep the id written for their file and new files are
+    numbered above every id in use (and above ``floor``, e.g. the largest id of sibling
+    part files), so adding an image never renumbers or duplicates ids on a resume. A COCO
+    list's own ids must agree with what ``source`` holds (else a DplError).
+    """
+    if not known:
+        return list(records)
+    owner = {image_id: name for name, image_id in known.items()}
+    next_id = max(max(owner), floor) + 1
+    out = []
+    for record in records:
+        name, old = record["file_name"], known.get(record["file_name"])
+        if record.get("numbered"):
+            if old is None:
+                old, next_id = next_id, next_id + 1
+            out.append({**record, "id": old})
+            continue
+        if old is not None and old != record["id"]:
+            raise DplError(
+                f"{source}: image {name!r} was written with id {old} but the image list now "
+                f"gives it id {record['id']}; pass --overwrite to start again"
+            )
+        if old is None and owner.get(record["id"], name) != name:
+            raise DplError(
+                f"{source}: image id {record['id']} of {name!r} in the image list is already "
+                f"used by {owner[record['id']]!r}; pass --overwrite to start again"
+            )
+        out.append(dict(record))
+    return out
 
 
 def shard_records(records: Sequence[ImageRecord], index: int, count: int) -> list[ImageRecord]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +55,7 @@ def read_image(path: str | Path) -> Image.Image:
     except ImageReadError:
         raise
     except FileNotFoundError:
-        raise ImageReadError(path, "file not found") from None
+        raise ImageReadError(path, _missing_reason(path)) from None
     except IsADirectoryError:
         raise ImageReadError(path, "is a directory, not an image") from None
     except PermissionError:
@@ -61,7 +64,11 @@ def read_image(path: str | Path) -> Image.Image:
         raise ImageReadError(path, "not a recognised image format") from None
     except Image.DecompressionBombError as e:
         raise ImageReadError(path, f"image too large ({e})") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ImageReadError(path, "symbolic link loop") from None
+        raise ImageReadError(path, f"corrupt or truncated image ({e})") from None
+    except (SyntaxError, ValueError) as e:
         raise ImageReadError(path, f"corrupt or truncated image ({e})") from None
     except Exception as e:  # any other decoder failure must not stop a long run
         raise ImageReadError(path, f"cannot decode ({type(e).__name__}: {e})") from None
@@ -86,8 +93,28 @@ def _header_orientation(img: Image.Image) -> int:
     return img.getexif().get(_EXIF_ORIENTATION, 1)
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) of the upright image, read from the header (EXIF rotation applied).
+@dataclass(frozen=True)
+class ImageGeometry:
+    """An image file's stored pixel size and EXIF orientation (1 = upright, 5..8 swap sides)."""
+
+    stored_width: int
+    stored_height: int
+    orientation: int = 1
+
+    @property
+    def swaps_sides(self) -> bool:
+        return self.orientation in (5, 6, 7, 8)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the upright image, as ``read_image`` decodes it."""
+        if self.swaps_sides:
+            return self.stored_height, self.stored_width
+        return self.stored_width, self.stored_height
+
+
+def image_geometry(path: str | Path) -> ImageGeometry:
+    """Stored size and EXIF orientation from the header (no pixels decoded).
 
     Raises ImageReadError when the header cannot be read.
     """
@@ -99,26 +126,121 @@ def image_size(path: str | Path) -> tuple[int, int]:
                 width, height = img.size
                 orientation = _header_orientation(img)
     except FileNotFoundError:
-        raise ImageReadError(path, "file not found") from None
+        raise ImageReadError(path, _missing_reason(path)) from None
+    except IsADirectoryError:
+        raise ImageReadError(path, "is a directory, not an image") from None
     except UnidentifiedImageError:
         raise ImageReadError(path, "not a recognised image format") from None
     except Exception as e:
         raise ImageReadError(path, f"cannot read image header ({type(e).__name__}: {e})") from None
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    if not isinstance(orientation, int) or not 1 <= orientation <= 8:
+        orientation = 1  # exif_transpose ignores such values too
+    return ImageGeometry(width, height, orientation)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of the upright image, read from the header (EXIF rotation applied).
+
+    Raises ImageReadError when the header cannot be read.
+    """
+    return image_geometry(path).size
+
+
+def _missing_reason(path: Path) -> str:
+    """Why an open() found no file: a missing file, a dangling link or a link loop."""
+    return (_link_problem(path) if path.is_symlink() else None) or "file not found"
+
+
+def display_path(path: str | Path) -> str:
+    """A path printable on any console: bytes that are not UTF-8 shown as ``\\xNN``."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+def utf8_name(path: str | Path) -> bool:
+    """Whether a path is valid UTF-8 (it can be stored in JSON and Parquet outputs)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@dataclass
+class ImageScan:
+    """A listed image folder: the image files, and entries passed over with the reason."""
+
+    files: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def _link_problem(path: Path) -> str | None:
+    """The reason a symbolic link cannot be followed, or None when it resolves."""
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop"
+        return "broken symbolic link (its target does not exist)"
+    return None
+
+
+def scan_images(root: str | Path) -> ImageScan:
+    """Image files under ``root`` (recursive, common extensions, sorted) and what was passed
+    over: folders named like images, dangling or looping links, folders reached twice
+    (a symlink loop). Symlinked folders are followed once. Hidden entries (``.DS_Store``,
+    macOS ``._x.jpg`` forks) are ignored silently."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DplError(f"{root}: not a directory")
+    scan = ImageScan()
+    seen: set[tuple[int, int]] = set()
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        try:
+            st = folder.stat()
+            if (st.st_dev, st.st_ino) in seen:
+                scan.skipped.append((folder, "symlink loop: folder already listed (not followed)"))
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            scan.skipped.append((folder, f"cannot list folder ({e.strerror or e})"))
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            image_named = path.suffix.lower() in IMAGE_EXTENSIONS
+            problem = _link_problem(path) if entry.is_symlink() else None
+            if problem is not None:
+                scan.skipped.append((path, problem))
+            elif entry.is_dir():
+                if image_named:
+                    scan.skipped.append((path, "a folder named like an image (its files listed)"))
+                pending.append(path)
+            elif image_named and entry.is_file():
+                scan.files.append(path)
+            elif image_named:
+                scan.skipped.append((path, "not a regular file"))
+    scan.files.sort()
+    scan.skipped.sort()
+    return scan
 
 
 def list_images(root: str | Path) -> list[Path]:
     """All image files under ``root`` (recursive, common extensions), sorted.
 
-    Hidden files and folders (``.DS_Store``, macOS ``._x.jpg`` forks) are skipped.
+    Hidden files and folders (``.DS_Store``, macOS ``._x.jpg`` forks) are skipped; see
+    ``scan_images`` for the entries passed over with a reason.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise DplError(f"{root}: not a directory")
-    return sorted(
-        p
-        for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        and p.is_file()
-    )
+    return scan_images(root).files
+
+
+def outside_root(file_name: str) -> bool:
+    """Whether ``root / file_name`` would leave ``root``: an absolute path or one whose
+    ``..`` parts climb above it (symbolic links inside the root are the user's choice)."""
+    if os.path.isabs(file_name):
+        return True
+    norm = os.path.normpath(file_name)
+    return norm == ".." or norm.startswith("../")

@@ -7,9 +7,15 @@ every image is done the chunks are merged, streaming, into the output (again tmp
 rename) and the staging folder is removed. A kill at any moment therefore loses at most
 the batch in flight, never duplicates a row and never leaves a half-written output.
 
-A finished output written with the same teacher, polisher, classes and thresholds counts
+A finished output written with the same teacher, polisher, classes, thresholds and box
+source (teacher or a detections file, ``META_BOXES``) counts
 as done: its images are skipped, and new images (e.g. added to the folder) are merged
-into it. Sharded runs write ``part-IIIII-of-NNNNN.parquet`` into an output directory,
+into it. Images written as ``status="skipped"`` (unreadable then) are not done: a rerun
+retries them (``retry``) and the merge drops every earlier skipped row, keeping the new
+one (read now, or skipped again). ``known_ids`` (file name -> image id already written)
+lets a resume keep ids stable. Chunks never replace an earlier run's chunk.
+
+Sharded runs write ``part-IIIII-of-NNNNN.parquet`` into an output directory,
 which reads as one dataset (``read_pseudo_labels`` / ``pyarrow.dataset``).
 """
 
@@ -20,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dpl_tools.data.pseudo_labels import (
+    META_BOXES,
     META_CATEGORIES,
     META_POLISHER,
     META_TEACHER,
@@ -35,7 +43,9 @@ from dpl_tools.errors import DplError
 from dpl_tools.io import atomic_path
 
 # Metadata that must match for a rerun to resume or reuse earlier output.
-FINGERPRINT_KEYS = (META_CATEGORIES, META_THRESHOLDS, META_TEACHER, META_POLISHER)
+FINGERPRINT_KEYS = (META_CATEGORIES, META_THRESHOLDS, META_TEACHER, META_POLISHER, META_BOXES)
+# Files written before a key existed hold what it then meant: teacher boxes.
+_FINGERPRINT_DEFAULTS = {META_BOXES: {"source": "teacher"}}
 CHUNK_GLOB = "chunk-*.parquet"
 ROW_GROUP_ROWS = 32768
 
@@ -51,8 +61,16 @@ def output_file(out: str | Path, shard_index: int = 0, shard_count: int = 1) -> 
     out = Path(out)
     if shard_count == 1 and out.suffix.lower() == ".parquet" and not out.is_dir():
         return out
-    if out.is_file():
-        raise DplError(f"{out}: a sharded run needs --out to be a directory, not a file")
+    if out.exists() and not out.is_dir():
+        if shard_count > 1:
+            raise DplError(
+                f"{out}: a sharded run (shard {shard_index} of {shard_count}) writes part files "
+                "into a directory: --out must be a directory, not a file"
+            )
+        raise DplError(
+            f"{out}: --out is an existing file without the .parquet suffix; give a .parquet "
+            "file or a directory (of part files)"
+        )
     return out / part_name(shard_index, shard_count)
 
 
@@ -63,15 +81,37 @@ def staging_dir(dest: str | Path) -> Path:
 
 
 def _fingerprint(meta: dict[str, Any]) -> dict[str, Any]:
-    return {k: meta.get(k) for k in FINGERPRINT_KEYS}
+    return {k: meta.get(k, _FINGERPRINT_DEFAULTS.get(k)) for k in FINGERPRINT_KEYS}
 
 
-def _names(path: Path) -> list[str]:
-    """File names in one Parquet file (only that column is read)."""
+def _index(path: Path) -> list[tuple[str, int, str]]:
+    """(file name, image id, status) of every row of one Parquet file (3 columns read)."""
     try:
-        return pq.read_table(path, columns=["file_name"])["file_name"].to_pylist()
+        t = pq.read_table(path, columns=["file_name", "image_id", "status"])
     except (pa.ArrowInvalid, OSError) as e:
         raise DplError(f"{path}: not a readable Parquet file ({e})") from None
+    columns = (t[name].to_pylist() for name in ("file_name", "image_id", "status"))
+    return list(zip(*columns, strict=True))
+
+
+def _without_skipped(table: pa.Table) -> pa.Table:
+    """Rows whose status is not "skipped" (their images are retried or done elsewhere)."""
+    return table.filter(pc.invert(pc.equal(table["status"], "skipped").fill_null(False)))
+
+
+def sibling_max_id(dest: Path) -> int:
+    """The largest image id in the other part files beside ``dest`` (0 when none), so a
+    sharded resume numbers new images above every shard's ids."""
+    top = 0
+    for part in dest.parent.glob("part-*.parquet"):
+        if part == dest:
+            continue
+        try:
+            value = pc.max(pq.read_table(part, columns=["image_id"])["image_id"]).as_py()
+        except (pa.ArrowInvalid, OSError, KeyError):
+            continue
+        top = max(top, value or 0)
+    return top
 
 
 def rows_to_table(columns: dict[str, list], metadata: dict[str, Any] | None = None) -> pa.Table:
@@ -92,18 +132,18 @@ class PseudoLabelWriter:
         self.schema = SCHEMA.with_metadata(encode_metadata(metadata))
         self.overwrite = overwrite
         self._keep_existing = False
+        self.known_ids: dict[str, int] = {}  # file name -> image id already written
+        self.retry: set[str] = set()  # images written as skipped earlier, retried now
+        self._old_sources: set[Path] = set()  # written before this run (skipped rows dropped)
 
     def _check_same_job(self, path: Path, what: str) -> None:
         try:
-            theirs = decode_metadata(pq.read_schema(path).metadata)
+            theirs = decode_metadata(pq.read_schema(path).metadata, path)
         except (pa.ArrowInvalid, OSError) as e:
             raise DplError(f"{path}: not a readable Parquet file ({e})") from None
-        if _fingerprint(theirs) != _fingerprint(self.metadata):
-            differ = [
-                k.removeprefix("dpl.")
-                for k in FINGERPRINT_KEYS
-                if theirs.get(k) != self.metadata.get(k)
-            ]
+        theirs, ours = _fingerprint(theirs), _fingerprint(self.metadata)
+        if theirs != ours:
+            differ = [k.removeprefix("dpl.") for k in FINGERPRINT_KEYS if theirs[k] != ours[k]]
             raise DplError(
                 f"{path}: {what} was written with a different {', '.join(differ)}; "
                 "pass --overwrite to start again or choose another --out"
@@ -116,19 +156,30 @@ class PseudoLabelWriter:
         self.staging.mkdir(parents=True, exist_ok=True)
         for stray in self.staging.glob(".*.tmp"):  # a chunk being written when killed
             stray.unlink(missing_ok=True)
-        done: set[str] = set()
+        done: set[str] = set()  # images with a processed ("ok") row
+        skipped: set[str] = set()  # images with a "skipped" row (unreadable then)
+
+        def note(path: Path, rows: list[tuple[str, int, str]]) -> None:
+            for name, image_id, status in rows:
+                self.known_ids.setdefault(name, image_id)
+                (skipped if status == "skipped" else done).add(name)
+            self._old_sources.add(path)
+
         if self.dest.exists() and not self.overwrite:
             self._check_same_job(self.dest, "the existing output")
-            done.update(_names(self.dest))
+            note(self.dest, _index(self.dest))
             self._keep_existing = True
         for chunk in self.chunks():
             self._check_same_job(chunk, "an unfinished earlier run's chunk")
-            names = _names(chunk)
-            if done.intersection(names) and self._keep_existing:
+            rows = _index(chunk)
+            if self._keep_existing and done.intersection(n for n, _, s in rows if s != "skipped"):
                 # Killed after the merge was renamed into place but before cleanup.
                 chunk.unlink()
                 continue
-            done.update(names)
+            note(chunk, rows)
+        # Unreadable images are retried: their old "skipped" rows are dropped by finish(),
+        # which keeps this run's row (read now, or skipped again with the new reason).
+        self.retry = skipped - done
         return done
 
     def chunks(self) -> list[Path]:
@@ -139,7 +190,11 @@ class PseudoLabelWriter:
         """Write one batch's rows atomically; ``first_index`` (position of its first image in
         this process's image list) names the chunk so the merge keeps list order."""
         path = self.staging / f"chunk-{first_index:09d}.parquet"
-        with atomic_path(path) as tmp:
+        n = 0
+        while path in self._old_sources or path.exists():  # never replace an earlier chunk
+            n += 1
+            path = self.staging / f"chunk-{first_index:09d}-{n}.parquet"
+        with atomic_path(path, clean=False) as tmp:  # open() cleared stale chunk temps
             pq.write_table(table.cast(self.schema), tmp)
         return path
 
@@ -159,6 +214,8 @@ class PseudoLabelWriter:
                     parquet = pq.ParquetFile(source)
                     for i in range(parquet.num_row_groups):
                         group = parquet.read_row_group(i).cast(self.schema)
+                        if source in self._old_sources:
+                            group = _without_skipped(group)
                         pending.append(group)
                         rows += group.num_rows
                         if rows >= ROW_GROUP_ROWS:

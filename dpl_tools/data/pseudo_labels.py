@@ -46,6 +46,14 @@ META_THRESHOLDS = "dpl.thresholds"  # {"initial": 0.5, "cls_prob": 0.9, "teacher
 META_TEACHER = "dpl.teacher_sha256"
 META_POLISHER = "dpl.polisher_sha256"
 META_VERSION = "dpl.version"
+# Where the boxes came from: {"source": "teacher"} or {"source": "detections", "format": ..,
+# "file": .., "sha256": ..} (another labeler's detections, dpl_tools.data.detections).
+META_BOXES = "dpl.boxes"
+# The polisher's fitted keep thresholds (``FittedThresholds.to_dict()``) or null.
+META_FITTED = "dpl.fitted_thresholds"
+# Text entries of META_THRESHOLDS (the others are numbers): the keep rule and where each
+# keep threshold came from (fitted / paper / user).
+THRESHOLD_TEXT_KEYS = ("keep_rule", "cls_prob_source", "teacher_score_source")
 
 
 def encode_metadata(meta: dict[str, Any]) -> dict[bytes, bytes]:
@@ -53,13 +61,55 @@ def encode_metadata(meta: dict[str, Any]) -> dict[bytes, bytes]:
     return {k.encode(): json.dumps(v).encode() for k, v in meta.items()}
 
 
-def decode_metadata(raw: dict[bytes, bytes] | None) -> dict[str, Any]:
-    """Inverse of ``encode_metadata``; keys other than ``dpl.*`` are ignored."""
+def _check_meta_value(key: str, value: Any) -> str | None:
+    """What is wrong with a known key's decoded value, or None when it is well-formed."""
+    if key == META_CATEGORIES:
+        ok = isinstance(value, list) and all(
+            isinstance(c, dict)
+            and isinstance(c.get("id"), int)
+            and not isinstance(c.get("id"), bool)
+            and isinstance(c.get("name"), str)
+            for c in value
+        )
+        return None if ok else 'must be a list of {"id": <int>, "name": <str>}'
+    if key == META_THRESHOLDS:
+        ok = isinstance(value, dict) and all(
+            isinstance(v, str)
+            if k in THRESHOLD_TEXT_KEYS
+            else isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in value.items()
+        )
+        return None if ok else "must be an object of numbers"
+    if key == META_FITTED:
+        return None if value is None or isinstance(value, dict) else "must be an object or null"
+    if key == META_BOXES:
+        ok = isinstance(value, dict) and isinstance(value.get("source"), str)
+        return None if ok else 'must be an object with a "source" string'
+    if key in (META_TEACHER, META_POLISHER, META_VERSION):
+        return None if value is None or isinstance(value, str) else "must be a string"
+    return None
+
+
+def decode_metadata(raw: dict[bytes, bytes] | None, source: str | Path = "") -> dict[str, Any]:
+    """Inverse of ``encode_metadata``; keys other than ``dpl.*`` are ignored. A malformed
+    ``dpl.*`` value (not JSON, or the wrong shape) is a DplError naming ``source``."""
     out: dict[str, Any] = {}
+    where = f"{source}: " if source else ""
     for k, v in (raw or {}).items():
-        key = k.decode()
-        if key.startswith("dpl."):
-            out[key] = json.loads(v.decode())
+        key = k.decode("utf-8", "replace")
+        if not key.startswith("dpl."):
+            continue
+        try:
+            value = json.loads(v.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise DplError(
+                f"{where}Parquet metadata key {key!r} does not hold valid JSON ({e}); "
+                "the file was not written by dpl polish or was altered"
+            ) from None
+        problem = _check_meta_value(key, value)
+        if problem:
+            raise DplError(f"{where}Parquet metadata key {key!r} {problem}, got {v[:80]!r}")
+        out[key] = value
     return out
 
 
@@ -86,6 +136,9 @@ def read_pseudo_labels(path: str | Path) -> tuple[pa.Table, dict[str, Any]]:
         missing = [n for n in SCHEMA.names if n not in t.column_names]
         if missing:
             raise DplError(f"{f}: not a dpl pseudo-label file (missing {', '.join(missing)})")
-        meta = meta or decode_metadata(t.schema.metadata)
-        tables.append(t.select(SCHEMA.names).cast(SCHEMA))
+        meta = meta or decode_metadata(t.schema.metadata, f)
+        try:
+            tables.append(t.select(SCHEMA.names).cast(SCHEMA))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+            raise DplError(f"{f}: pseudo-label columns of the wrong type ({e})") from None
     return pa.concat_tables(tables), meta

@@ -17,6 +17,7 @@ import numpy as np
 
 from dpl_tools.data.coco import CocoData, save_coco
 from dpl_tools.errors import DplError
+from dpl_tools.outputs import file_set
 
 
 @dataclass
@@ -91,10 +92,19 @@ def split_coco(
     )
 
 
+PARTS = ("labeled", "unlabeled", "unlabeled_gt")
+
+
+def split_paths(out_dir: str | Path) -> dict[str, Path]:
+    """The files ``write_split`` writes into ``out_dir``, by part name."""
+    return {name: Path(out_dir) / f"{name}.json" for name in PARTS}
+
+
 def write_split(split: Split, out_dir: str | Path) -> dict[str, Path]:
-    """Write labeled.json, unlabeled.json, unlabeled_gt.json atomically into ``out_dir``."""
-    out_dir = Path(out_dir)
-    return {
-        name: save_coco(getattr(split, name), out_dir / f"{name}.json")
-        for name in ("labeled", "unlabeled", "unlabeled_gt")
-    }
+    """Write labeled.json, unlabeled.json, unlabeled_gt.json into ``out_dir`` as one set
+    (``dpl_tools.outputs.file_set``): a killed split never leaves files of two seeds."""
+    paths = split_paths(out_dir)
+    with file_set(out_dir, [p.name for p in paths.values()], "dpl split") as staged:
+        for name, path in paths.items():
+            save_coco(getattr(split, name), staged[path.name])
+    return paths

@@ -1,16 +1,16 @@
 """The student's training data: labeled images with ground truth plus pseudo-labeled images.
 
-``PseudoLabeledDataset`` turns per-image pseudo labels (``pseudo_targets``) into detector
-targets: ``boxes`` / ``labels`` (classification pseudo labels, used by the RPN and the
-RoI classifier) and, for the disentangled view only, ``reg_boxes`` / ``reg_labels`` (the
-regression pseudo labels, used by the RoI box regression). Every pseudo-labeled target is
-marked ``pseudo=True``. ``StudentDataset`` pairs the two sets so that each item holds one
-labeled image and, on average, ``unlabeled_ratio`` pseudo-labeled images.
+``PseudoLabeledDataset`` serves unlabeled images with their detector targets, built by
+the student criterion's ``student_target`` (``dpl_tools.models.student_criterion``: which
+pseudo labels feed which loss), flipped with the image and marked ``pseudo=True``.
+``StudentDataset`` pairs the two sets so that each item holds one labeled image and, on
+average, ``unlabeled_ratio`` pseudo-labeled images.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -27,17 +27,18 @@ from dpl_tools.data.detection import (
 )
 from dpl_tools.data.images import ImageReadError
 from dpl_tools.data.pseudo_labels import META_CATEGORIES
-from dpl_tools.data.pseudo_targets import PseudoTargets
+from dpl_tools.data.pseudo_targets import PseudoImage
 from dpl_tools.errors import DplError
 
 Sample = tuple[torch.Tensor, Target]
 
 
 def check_pseudo_categories(
-    meta: dict, targets: list[PseudoTargets], coco: CocoData, pseudo_path: str | Path
+    meta: dict, used: Iterable[int], coco: CocoData, pseudo_path: str | Path
 ) -> None:
-    """The pseudo labels' classes (file metadata and the labels used) must be the labeled
-    set's COCO categories; raises a one-line DplError naming the file otherwise."""
+    """The pseudo labels' classes (file metadata, and the category ids ``used`` by the
+    student's supervision) must be the labeled set's COCO categories; raises a one-line
+    DplError naming the file otherwise."""
     ours = {int(c["id"]): str(c["name"]) for c in coco.categories}
     theirs_raw = meta.get(META_CATEGORIES)
     if theirs_raw is not None:
@@ -48,11 +49,7 @@ def check_pseudo_categories(
                 f"{pseudo_path}: pseudo-label categories ({fmt(theirs)}) differ from "
                 f"{coco.path}'s ({fmt(ours)})"
             )
-    used = set()
-    for t in targets:
-        used.update(int(x) for x in t.cls_labels)
-        used.update(int(x) for x in t.reg_labels)
-    unknown = sorted(used - ours.keys())
+    unknown = sorted(set(used) - ours.keys())
     if unknown:
         raise DplError(
             f"{pseudo_path}: pseudo labels use category id(s) {unknown} that {coco.path} "
@@ -60,53 +57,24 @@ def check_pseudo_categories(
         )
 
 
-def _valid(boxes: torch.Tensor, labels: torch.Tensor, width: int, height: int):
-    """Boxes clipped to the image, with empty ones dropped (torchvision rejects them)."""
-    boxes = boxes.clone()
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    return boxes[keep], labels[keep]
-
-
 class PseudoLabeledDataset(Dataset):
-    """Unlabeled images with their pseudo labels as detector targets (see module docstring).
-
-    ``cat_to_label`` maps the pseudo labels' COCO category ids to detector labels 1..C.
-    With ``disentangled`` false the targets have no ``reg_boxes`` (one set for every loss).
-    Random horizontal flip (image, ``boxes`` and ``reg_boxes`` together) when ``train``.
-    """
+    """Unlabeled images ``items`` with their detector ``targets`` (one per item, from
+    ``student_target``). Random horizontal flip when ``train``: the image and every
+    ``*boxes`` key of its target together."""
 
     def __init__(
         self,
-        targets: list[PseudoTargets],
+        items: list[PseudoImage],
+        targets: list[dict[str, torch.Tensor]],
         images_dir: str | Path,
-        cat_to_label: dict[int, int],
-        disentangled: bool = True,
         train: bool = False,
     ) -> None:
-        self.items = targets
+        if len(items) != len(targets):
+            raise ValueError(f"{len(items)} pseudo-labeled images but {len(targets)} targets")
+        self.items = items
+        self.targets = targets
         self.images_dir = Path(images_dir)
-        self.disentangled = disentangled
         self.train = train
-        self.targets: list[dict[str, torch.Tensor]] = []
-        for t in targets:
-            cls = _valid(
-                torch.as_tensor(t.cls_boxes, dtype=torch.float32).reshape(-1, 4),
-                torch.tensor([cat_to_label[int(c)] for c in t.cls_labels], dtype=torch.int64),
-                t.width,
-                t.height,
-            )
-            reg = _valid(
-                torch.as_tensor(t.reg_boxes, dtype=torch.float32).reshape(-1, 4),
-                torch.tensor([cat_to_label[int(c)] for c in t.reg_labels], dtype=torch.int64),
-                t.width,
-                t.height,
-            )
-            target = {"boxes": cls[0], "labels": cls[1]}
-            if disentangled:
-                target.update(reg_boxes=reg[0], reg_labels=reg[1])
-            self.targets.append(target)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -120,14 +88,15 @@ class PseudoLabeledDataset(Dataset):
             return None
         target: Target = dict(self.targets[index])
         if self.train and torch.rand(1).item() < 0.5:
-            image, target["boxes"] = hflip(image, target["boxes"])
-            if "reg_boxes" in target:
-                _, target["reg_boxes"] = hflip(image, target["reg_boxes"])
+            flipped = image
+            for key in [k for k in target if k.endswith("boxes")]:
+                flipped, target[key] = hflip(image, target[key])
+            image = flipped
         target["pseudo"] = True
         return image, target
 
 
-def missing_images(items: list[PseudoTargets], images_dir: str | Path) -> list[str]:
+def missing_images(items: list[PseudoImage], images_dir: str | Path) -> list[str]:
     """File names of pseudo-labeled images that are not in ``images_dir``."""
     images_dir = Path(images_dir)
     return [t.file_name for t in items if not (images_dir / t.file_name).is_file()]

@@ -4,8 +4,12 @@ Images are decoded in DataLoader workers and run through the teacher in batches 
 GPU). The polishers reuse the same forward pass's FPN features (no second backbone
 pass): teacher boxes kept at the initial threshold are refined by the regression
 polisher and re-classified by the classification polisher, in the teacher's transformed
-coordinates, then mapped back to the original image. Rows go to a resumable
-``PseudoLabelWriter`` one chunk per batch.
+coordinates, then mapped back to the original image. Two steps: ``detect`` (the teacher)
+and ``polish_boxes`` (any detector's boxes on the teacher's features; the keep rule is
+``keep_rule.select_pseudo_labels``). Options: ``tta`` (teacher passes on the flipped and
+rescaled images, fused by weighted box fusion: ``engine.tta``) and ``reg_steps`` (the
+regression polisher applied as a cascade). Rows go to a resumable ``PseudoLabelWriter`` one
+chunk per batch.
 """
 
 from __future__ import annotations
@@ -31,15 +35,20 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.transform import resize_boxes
 
 from dpl_tools import __version__
-from dpl_tools.data.image_list import ImageRecord, UnlabeledImages, collate_images
-from dpl_tools.data.pseudo_label_writer import PseudoLabelWriter, rows_to_table
+from dpl_tools.data.detections import ExternalDetections, ImageDetections
+from dpl_tools.data.image_list import ImageRecord, UnlabeledImages, collate_images, stable_ids
+from dpl_tools.data.pseudo_label_writer import PseudoLabelWriter, rows_to_table, sibling_max_id
 from dpl_tools.data.pseudo_labels import (
     META_CATEGORIES,
+    META_FITTED,
     META_POLISHER,
     META_TEACHER,
     META_THRESHOLDS,
     META_VERSION,
 )
+from dpl_tools.defaults import DEFAULTS, settings_from_section
+from dpl_tools.engine.keep_rule import PAPER_CLS_PROB, PAPER_TEACHER_SCORE, select_pseudo_labels
+from dpl_tools.engine.tta import augmented_detections, fuse_passes, tta_augmentations
 from dpl_tools.errors import DplError
 from dpl_tools.models.detector import set_test_settings
 from dpl_tools.runtime import amp_enabled
@@ -52,17 +61,37 @@ class Refiner(Protocol):
         self, features: dict, boxes_per_image: list[torch.Tensor], image_sizes: list
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]: ...
 
+    def regress(
+        self, features: dict, boxes_per_image: list[torch.Tensor], image_sizes: list
+    ) -> list[torch.Tensor]: ...
+
+
+_KEEP_KEYS = ("cls_prob", "teacher_score")
+
 
 @dataclass
 class PolishSettings:
-    """Test-time teacher settings and the polishing thresholds (DESIGN's defaults)."""
+    """Test-time teacher settings and the polishing thresholds (defaults: the ``polish``
+    section of ``dpl_tools.defaults``, DESIGN's values)."""
 
-    score_thresh: float = 0.001
-    nms_thresh: float = 0.5
-    detections_per_img: int = 100
-    initial_thresh: float = 0.5
-    cls_prob: float = 0.9
-    teacher_score: float = 0.9
+    score_thresh: float = DEFAULTS["polish"]["score_thresh"]
+    nms_thresh: float = DEFAULTS["polish"]["nms_thresh"]
+    detections_per_img: int = DEFAULTS["polish"]["detections_per_img"]
+    initial_thresh: float = DEFAULTS["polish"]["initial_thresh"]
+    cls_prob: float = PAPER_CLS_PROB  # the config's null: see ``keep_thresholds.resolve``
+    teacher_score: float = PAPER_TEACHER_SCORE
+    reg_steps: int = DEFAULTS["polish"]["reg_steps"]
+    tta: bool = DEFAULTS["polish"]["tta"]
+    tta_scales: list[float] = field(default_factory=lambda: list(DEFAULTS["polish"]["tta_scales"]))
+    tta_fusion_iou: float = DEFAULTS["polish"]["tta_fusion_iou"]
+
+    @classmethod
+    def from_section(cls, section: dict[str, Any]) -> PolishSettings:
+        """The settings of a ``polish`` config section (other keys ignored; a null
+        cls_prob / teacher_score, "from the polisher", gives the paper's value here:
+        ``dpl polish`` resolves them with ``keep_thresholds.resolve_keep_thresholds``)."""
+        given = {k: v for k, v in section.items() if v is not None or k not in _KEEP_KEYS}
+        return settings_from_section(cls, given)
 
     def thresholds(self) -> dict[str, float]:
         """The metadata form, ``{"initial": .., "cls_prob": .., "teacher_score": .., ...}``."""
@@ -73,7 +102,17 @@ class PolishSettings:
             "initial": self.initial_thresh,
             "cls_prob": self.cls_prob,
             "teacher_score": self.teacher_score,
+            "reg_steps": self.reg_steps,
+            "tta": int(self.tta),  # 0/1: metadata thresholds are numbers
+            **self._tta_thresholds(),
         }
+
+    def _tta_thresholds(self) -> dict[str, float]:
+        """With ``tta``: the fusion IoU and each extra scale (``tta_scale_1``, ...)."""
+        if not self.tta:
+            return {}
+        scales = {f"tta_scale_{i}": s for i, s in enumerate(self.tta_scales, 1)}
+        return {"tta_fusion_iou": self.tta_fusion_iou, **scales}
 
 
 @dataclass
@@ -89,6 +128,9 @@ class PolishSummary:
     seconds: float = 0.0
     wrote: bool = False
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    retried: int = 0  # images skipped as unreadable by an earlier run, tried again now
+    retried_ok: int = 0  # ... of which could be read this time
+    size_mismatch: int = 0  # COCO list width/height differing from the decoded image
 
     @property
     def images_per_s(self) -> float:
@@ -99,16 +141,29 @@ class PolishSummary:
 
 
 def polish_metadata(
-    categories: list[dict], settings: PolishSettings, teacher_sha: str, polisher_sha: str | None
+    categories: list[dict],
+    settings: PolishSettings,
+    teacher_sha: str,
+    polisher_sha: str | None,
+    keep_sources: dict[str, str] | None = None,
+    fitted: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The Parquet key-value metadata of a polish run (see ``pseudo_labels``)."""
-    return {
+    """The Parquet key-value metadata of a polish run (see ``pseudo_labels``).
+
+    ``keep_sources``: where the keep thresholds came from, added to the thresholds
+    (``keep_rule``, ``cls_prob_source``, ``teacher_score_source``: fitted / paper / user);
+    ``fitted``: the polisher's fitted thresholds (``FittedThresholds.to_dict()``), if any.
+    """
+    meta = {
         META_CATEGORIES: [{"id": c["id"], "name": c["name"]} for c in categories],
-        META_THRESHOLDS: settings.thresholds(),
+        META_THRESHOLDS: {**settings.thresholds(), **(keep_sources or {})},
         META_TEACHER: teacher_sha,
         META_POLISHER: polisher_sha,
         META_VERSION: __version__,
     }
+    if keep_sources is not None:
+        meta[META_FITTED] = fitted
+    return meta
 
 
 def _empty_columns() -> dict[str, list]:
@@ -122,20 +177,25 @@ def _append(cols: dict[str, list], row: dict[str, Any]) -> None:
         values.append(row.get(name))
 
 
-@torch.inference_mode()
-def detect_and_polish(
-    teacher: FasterRCNN,
-    polisher: Refiner | None,
-    images: list[torch.Tensor],
-    settings: PolishSettings,
-) -> list[dict[str, torch.Tensor]]:
-    """Teacher detections (score >= initial threshold) and their polished view for a batch.
+@dataclass
+class TeacherDetections:
+    """The teacher's pass over a batch: its FPN features and its detections kept at the
+    initial threshold, boxes in the teacher's transformed coordinates (as the features)."""
 
-    ``images``: float CHW tensors in 0..1 on the model's device. Per image, CPU tensors
-    in original pixels: ``boxes``, ``scores``, ``labels`` (1..C), ``polished_boxes``,
-    ``polished_labels``, ``probs`` (best foreground prob), ``use_cls``, ``use_reg``.
-    Without a polisher the polished view equals the teacher's (teacher-only timing).
-    """
+    features: dict[str, torch.Tensor]
+    image_sizes: list[tuple[int, int]]  # transformed (the features' coordinates)
+    original_sizes: list[tuple[int, int]]  # of the input images
+    boxes: list[torch.Tensor]  # float xyxy, one tensor per image
+    scores: list[torch.Tensor]
+    labels: list[torch.Tensor]  # 1..C
+
+
+@torch.inference_mode()
+def detect(
+    teacher: FasterRCNN, images: list[torch.Tensor], settings: PolishSettings
+) -> TeacherDetections:
+    """Teacher detections with score >= the initial threshold, and the features they came
+    from. ``images``: float CHW tensors in 0..1 on the model's device (AMP on GPU)."""
     device = images[0].device
     original_sizes = [tuple(im.shape[-2:]) for im in images]
     with torch.autocast(device.type, enabled=amp_enabled(device)):
@@ -143,29 +203,96 @@ def detect_and_polish(
         features = teacher.backbone(batch.tensors)
         proposals, _ = teacher.rpn(batch, features)
         detections, _ = teacher.roi_heads(features, proposals, batch.image_sizes)
+        if settings.tta:
+            detections = _tta_detections(teacher, images, detections, batch.image_sizes, settings)
         kept = [d["scores"] >= settings.initial_thresh for d in detections]
         boxes = [d["boxes"][k].float() for d, k in zip(detections, kept, strict=True)]
-        if polisher is not None:
-            refined, probs = polisher.refine(features, boxes, batch.image_sizes)
+    return TeacherDetections(
+        features=features,
+        image_sizes=list(batch.image_sizes),
+        original_sizes=original_sizes,
+        boxes=boxes,
+        scores=[d["scores"][k].float() for d, k in zip(detections, kept, strict=True)],
+        labels=[d["labels"][k] for d, k in zip(detections, kept, strict=True)],
+    )
+
+
+def _tta_detections(
+    teacher: FasterRCNN,
+    images: list[torch.Tensor],
+    detections: list[dict[str, torch.Tensor]],
+    image_sizes: list[tuple[int, int]],
+    settings: PolishSettings,
+) -> list[dict[str, torch.Tensor]]:
+    """The plain pass's ``detections`` (in the transformed ``image_sizes``) fused by WBF
+    with the TTA passes (flip, ``tta_scales``), back in the transformed coordinates."""
+    originals = [tuple(im.shape[-2:]) for im in images]
+    plain = [
+        {
+            **d,
+            "boxes": resize_boxes(d["boxes"].float(), size_t, size_o),
+            "scores": d["scores"].float(),
+        }
+        for d, size_t, size_o in zip(detections, image_sizes, originals, strict=True)
+    ]
+    passes = [plain]
+    passes += [
+        augmented_detections(teacher, images, a) for a in tta_augmentations(settings.tta_scales)
+    ]
+    fused = fuse_passes(passes, settings.tta_fusion_iou, settings.detections_per_img)
+    return [
+        {**d, "boxes": resize_boxes(d["boxes"], size_o, size_t)}
+        for d, size_t, size_o in zip(fused, image_sizes, originals, strict=True)
+    ]
+
+
+@torch.inference_mode()
+def polish_boxes(
+    features: dict[str, torch.Tensor],
+    boxes: list[torch.Tensor],
+    scores: list[torch.Tensor],
+    labels: list[torch.Tensor],
+    image_sizes: list[tuple[int, int]],
+    original_sizes: list[tuple[int, int]],
+    polisher: Refiner | None,
+    settings: PolishSettings,
+) -> list[dict[str, torch.Tensor]]:
+    """The polished view of boxes from any detector, on the teacher's ``features``.
+
+    ``boxes`` (float xyxy), ``scores`` and ``labels`` (1..C) per image, in the features'
+    coordinates (``image_sizes``; map other boxes there with ``resize_boxes`` first).
+    Regression pseudo labels: every box, refined; classification pseudo labels: the
+    ``select_pseudo_labels`` rule. Per image, CPU tensors in original pixels
+    (``original_sizes``): ``boxes``, ``scores``, ``labels``, ``polished_boxes``,
+    ``polished_labels``, ``probs`` (best foreground prob), ``use_cls``, ``use_reg``.
+    Without a polisher the polished view equals the input (teacher-only timing). With
+    ``settings.reg_steps`` N > 1 the regression polisher runs N times, each refined box
+    (its RoI features pooled again) the next input; classification uses the input box.
+    """
+    if polisher is not None:
+        device = next(iter(features.values())).device
+        with torch.autocast(device.type, enabled=amp_enabled(device)):
+            refined, probs = polisher.refine(features, boxes, image_sizes)
+            for _ in range(settings.reg_steps - 1):  # a cascade: re-pooled at the new box
+                refined = polisher.regress(features, [r.float() for r in refined], image_sizes)
     out = []
-    for i, (det, keep) in enumerate(zip(detections, kept, strict=True)):
-        scores, labels = det["scores"][keep].float(), det["labels"][keep]
+    for i, (score, label) in enumerate(zip(scores, labels, strict=True)):
         if polisher is None:
-            polished, best, changed = boxes[i], torch.full_like(scores, float("nan")), None
-            use_cls = torch.ones_like(keep[keep])
+            polished, best = boxes[i], torch.full_like(score, float("nan"))
+            polished_labels, use_cls = label, torch.ones_like(score, dtype=torch.bool)
         else:
             polished = refined[i].float()
             best, cls = probs[i].float()[:, 1:].max(dim=1)
-            sure = best >= settings.cls_prob
-            changed = sure & (scores < settings.teacher_score)
-            use_cls = sure | (scores > settings.teacher_score)
-        polished_labels = labels if changed is None else torch.where(changed, cls + 1, labels)
-        size_t, size_o = batch.image_sizes[i], original_sizes[i]
+            choice = select_pseudo_labels(
+                label, score, cls + 1, best, settings.cls_prob, settings.teacher_score
+            )
+            polished_labels, use_cls = choice.labels, choice.use_cls
+        size_t, size_o = image_sizes[i], original_sizes[i]
         out.append(
             {
                 "boxes": resize_boxes(boxes[i], size_t, size_o).cpu(),
-                "scores": scores.cpu(),
-                "labels": labels.cpu(),
+                "scores": score.cpu(),
+                "labels": label.cpu(),
                 "polished_boxes": resize_boxes(polished, size_t, size_o).cpu(),
                 "polished_labels": polished_labels.cpu(),
                 "probs": best.cpu(),
@@ -174,6 +301,54 @@ def detect_and_polish(
             }
         )
     return out
+
+
+def detect_and_polish(
+    teacher: FasterRCNN,
+    polisher: Refiner | None,
+    images: list[torch.Tensor],
+    settings: PolishSettings,
+) -> list[dict[str, torch.Tensor]]:
+    """Teacher detections (score >= initial threshold) and their polished view for a batch:
+    ``detect`` then ``polish_boxes`` (see there for the output)."""
+    d = detect(teacher, images, settings)
+    return polish_boxes(
+        d.features, d.boxes, d.scores, d.labels, d.image_sizes, d.original_sizes, polisher,
+        settings,
+    )  # fmt: skip
+
+
+@torch.inference_mode()
+def polish_detections(
+    teacher: FasterRCNN,
+    polisher: Refiner | None,
+    images: list[torch.Tensor],
+    given: list[ImageDetections],
+    cat_to_label: dict[int, int],
+    settings: PolishSettings,
+) -> list[dict[str, torch.Tensor]]:
+    """Another labeler's detections (``given``, one per image, dpl category ids) polished on
+    the teacher's features: one backbone pass, no teacher heads. Boxes are clipped to their
+    image and kept at the initial threshold on the labeler's scores; output as ``polish_boxes``.
+    """
+    device = images[0].device
+    original_sizes = [tuple(im.shape[-2:]) for im in images]
+    with torch.autocast(device.type, enabled=amp_enabled(device)):
+        batch, _ = teacher.transform(images)
+        features = teacher.backbone(batch.tensors)
+    boxes, scores, labels = [], [], []
+    for det, (height, width), size_t in zip(given, original_sizes, batch.image_sizes, strict=True):
+        b, s, c = det.pixel_boxes(width, height)
+        keep = s >= settings.initial_thresh
+        pixels = torch.as_tensor(b[keep], dtype=torch.float32, device=device).reshape(-1, 4)
+        boxes.append(resize_boxes(pixels, (height, width), tuple(size_t)))
+        scores.append(torch.as_tensor(s[keep], dtype=torch.float32, device=device))
+        cls = [cat_to_label[int(cat)] for cat in c[keep]]
+        labels.append(torch.as_tensor(cls, dtype=torch.int64, device=device))
+    return polish_boxes(
+        features, boxes, scores, labels, list(batch.image_sizes), original_sizes, polisher,
+        settings,
+    )  # fmt: skip
 
 
 def _image_rows(
@@ -243,10 +418,13 @@ def polish_images(
     strict: bool = False,
     show_progress: bool = True,
     console: Console | None = None,
+    detections: ExternalDetections | None = None,
 ) -> PolishSummary:
     """Polish ``records`` not yet in ``writer``'s output; write one chunk per batch, then
-    merge. Bad images become ``status="skipped"`` rows (a DplError with ``strict``)."""
+    merge. Bad images become ``status="skipped"`` rows (a DplError with ``strict``).
+    ``detections``: another labeler's boxes to polish instead of the teacher's."""
     settings = settings or PolishSettings()
+    cat_to_label = {cat: label for label, cat in label_to_cat.items()}
     device = torch.device(device)
     set_test_settings(
         teacher, settings.score_thresh, settings.nms_thresh, settings.detections_per_img
@@ -255,8 +433,10 @@ def polish_images(
     if isinstance(polisher, torch.nn.Module):
         polisher.to(device).eval()
     done = writer.open()
+    records = stable_ids(records, writer.known_ids, sibling_max_id(writer.dest), str(writer.dest))
     todo = [(i, r) for i, r in enumerate(records) if r["file_name"] not in done]
     summary = PolishSummary(total_images=len(records), already_done=len(records) - len(todo))
+    summary.retried = sum(r["file_name"] in writer.retry for _, r in todo)
     loader = DataLoader(
         UnlabeledImages([r for _, r in todo]),
         batch_size=batch_size,
@@ -276,7 +456,13 @@ def polish_images(
             dets = []
             if good:
                 images = [im.to(device, non_blocking=True).float().div_(255.0) for _, im in good]
-                dets = detect_and_polish(teacher, polisher, images, settings)
+                if detections is None:
+                    dets = detect_and_polish(teacher, polisher, images, settings)
+                else:
+                    given = [detections.for_image(r["file_name"]) for r, _ in good]
+                    dets = polish_detections(
+                        teacher, polisher, images, given, cat_to_label, settings
+                    )
             det_of = {id(r): (im, d) for (r, im), d in zip(good, dets, strict=True)}
             for record, _, reason in batch:
                 if reason is not None:
@@ -293,6 +479,9 @@ def polish_images(
                     )
                     continue
                 image, det = det_of[id(record)]
+                summary.retried_ok += record["file_name"] in writer.retry
+                if record.get("width") and (record["height"], record["width"]) != image.shape[-2:]:
+                    summary.size_mismatch += 1  # the decoded size is what the rows hold
                 _image_rows(cols, record, tuple(image.shape[-2:]), det, label_to_cat)
                 summary.boxes += len(det["scores"])
                 summary.use_cls += int(det["use_cls"].sum())

@@ -7,16 +7,16 @@ are sampled up to the per-image caps and moved into the teacher's resized coordi
 The regression polisher sees the 7 vote-box features of each noisy box and is trained with
 GIoU loss between its decoded box and the target GT; the classification polisher sees the
 box's own feature, for classification pairs and RPN proposals (label: class of the best
-GT if IoU >= 0.7, else background), with cross-entropy. Both are trained jointly (SGD,
-warm-up + step decay, AMP on GPU, DDP under torchrun) and an EMA copy (momentum 0.99) is
-kept: that copy is validated on held-out labeled images and saved.
+GT if IoU >= 0.7, else background), with cross-entropy. Both are trained jointly by the
+one training loop (``dpl_tools.engine.loop``: SGD, warm-up + step decay, AMP on GPU, DDP
+under torchrun, periodic checkpoints and resume) and an EMA copy (momentum 0.99, a loop
+hook) is kept: that copy is validated on held-out labeled images and saved.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,61 +27,35 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
 from dpl_tools.boxes import decode_deltas
-from dpl_tools.config import register_defaults
-from dpl_tools.data.coco import CocoData, load_coco
-from dpl_tools.data.detection import DetectionDataset, collate_detection
+from dpl_tools.data.coco import CocoData
+from dpl_tools.data.detection import DetectionDataset
+from dpl_tools.data.polisher_pairs import CLS, REAL, REG, mixed_rows, read_noise_metadata
+from dpl_tools.defaults import DEFAULTS
 from dpl_tools.engine.ema import ModelEMA
-from dpl_tools.engine.train_detector import StreamSampler, TrainConfig, optimizer_step
+from dpl_tools.engine.keep_thresholds import KeepRuleFit, fit_on_crossfit, fitted_record
+from dpl_tools.engine.loop import (
+    EMAHook,
+    Hook,
+    LossFn,
+    SaveFn,
+    TrainLoop,
+    find_resume_checkpoint,
+    last_checkpoint_path,
+    train,
+)
+from dpl_tools.engine.setup import check_categories, load_train_coco, setup_training
 from dpl_tools.errors import DplError
-from dpl_tools.io import write_json
-from dpl_tools.models.checkpoint import load_detector
-from dpl_tools.models.polisher import Polisher, save_polisher
-from dpl_tools.noise import CLS, REG, read_noise_metadata
-from dpl_tools.runtime import (
-    amp_enabled,
-    init_distributed,
-    resolve_device,
-    seed_everything,
-)
-
-register_defaults(
-    "polisher",
-    {
-        # training (dpl train-polisher); the pair synthesis keys are in dpl_tools.noise
-        "iters": 400,
-        "batch_size": 2,  # images per step per process
-        "lr": 0.01,
-        "momentum": 0.9,
-        "weight_decay": 0.0001,
-        "warmup_iters": 50,
-        "warmup_factor": 0.001,
-        "lr_steps": [0.667, 0.889],
-        "gamma": 0.1,
-        "clip_grad_norm": 10.0,
-        "workers": 2,
-        "reg_per_image": 256,
-        "cls_per_image": 512,
-        "max_proposals": 1000,
-        "ema_momentum": 0.99,
-        "val_fraction": 0.1,
-    },
-)
+from dpl_tools.io import sha256_file, write_json
+from dpl_tools.models.checkpoint import load_detector, unwrap
+from dpl_tools.models.polisher import Polisher, read_polisher_checkpoint, save_polisher
+from dpl_tools.runtime import amp_enabled, seed_everything
 
 _BOX = ["x1", "y1", "x2", "y2"]
 _TARGET = [f"target_{c}" for c in _BOX]
@@ -98,13 +72,17 @@ class ImagePairs:
 
 
 class NoisePairs:
-    """The pairs of a noise file, one round at a time, indexed by image id."""
+    """The pairs of a noise file, one round at a time, indexed by image id. Where the file
+    has real pairs (``source`` "real", crossfit), each image's pairs of each kind are mixed
+    so that real ones make up ``real_fraction`` of them (``mixed_rows``)."""
 
-    def __init__(self, path: str | Path, image_ids: set[int]) -> None:
+    def __init__(self, path: str | Path, image_ids: set[int], real_fraction: float = 0.5) -> None:
         self.path = Path(path)
         self.meta = read_noise_metadata(self.path)
         self.rounds = int(self.meta.get("rounds", 1))
         self.image_ids = image_ids
+        self.real_fraction = real_fraction
+        self.has_source = "source" in pq.read_schema(self.path).names
         self._round: int | None = None
         self._pairs: dict[int, ImagePairs] = {}
 
@@ -114,8 +92,14 @@ class NoisePairs:
             return
         table = pq.read_table(
             self.path,
-            columns=["image_id", "kind", *_BOX, *_TARGET, "label"],
+            columns=["image_id", "kind", *_BOX, *_TARGET, "label"]
+            + (["source"] if self.has_source else []),
             filters=[("round", "=", round_)],
+        )
+        is_real = (
+            pc.equal(table["source"], REAL).to_numpy(zero_copy_only=False)
+            if self.has_source
+            else np.zeros(table.num_rows, bool)
         )
         ids = table["image_id"].to_numpy()
         keep = np.isin(ids, np.fromiter(self.image_ids, np.int64, len(self.image_ids)))
@@ -131,6 +115,9 @@ class NoisePairs:
             bounds = np.append(starts, len(order))
             for k, image_id in enumerate(uniq.tolist()):
                 rows = order[bounds[k] : bounds[k + 1]]
+                if is_real[rows].any():
+                    rng = np.random.default_rng([round_, image_id, kind == REG])
+                    rows = rows[mixed_rows(is_real[rows], self.real_fraction, rng)]
                 entry = self._pairs.setdefault(
                     image_id,
                     ImagePairs(
@@ -292,7 +279,8 @@ def evaluate_polisher(polisher: Polisher, batches: Iterable[PolisherBatch]) -> d
 
 @dataclass
 class PolisherResult:
-    """What a polisher training run did."""
+    """What a polisher training run did (``iterations_run``: those of this process, less
+    than ``iterations`` when resumed)."""
 
     iterations: int
     seconds: float
@@ -300,6 +288,9 @@ class PolisherResult:
     train_images: int
     val_images: int
     validation: dict[str, Any]
+    iterations_run: int = 0
+    keep_thresholds: dict[str, Any] | None = None  # fitted (``keep_thresholds.fitted_record``)
+    keep_note: str = ""  # why they were not fitted
 
 
 def split_validation(image_ids: list[int], fraction: float, seed: int) -> tuple[list, list]:
@@ -313,28 +304,111 @@ def split_validation(image_ids: list[int], fraction: float, seed: int) -> tuple[
     return [i for i in image_ids if i not in val], [i for i in image_ids if i in val]
 
 
-def _progress(console: Console | None, enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn(
-            "reg {task.fields[reg]:.3f}  cls {task.fields[cls]:.3f}  lr {task.fields[lr]:.1e}"
-        ),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-    )
+class PairRounds(Hook):
+    """Loads the noise round of each step: round r covers iterations [r, r+1) * iters / R."""
+
+    def __init__(self, pairs: NoisePairs) -> None:
+        self.pairs = pairs
+
+    def before_step(self, loop: TrainLoop) -> None:
+        rounds, iters = self.pairs.rounds, max(loop.cfg.iters, 1)
+        self.pairs.load_round(min(loop.iteration * rounds // iters, rounds - 1))
 
 
-def _check_categories(coco: CocoData, spec_categories: list[dict], noise_meta: dict, paths) -> None:
-    ids = [c["id"] for c in coco.categories]
-    if [c["id"] for c in spec_categories] != ids:
-        raise DplError(f"{paths[0]}: the teacher's classes differ from those of {paths[1]}")
-    if [c["id"] for c in noise_meta.get("categories", [])] != ids:
-        raise DplError(f"{paths[2]}: the noise file's classes differ from those of {paths[1]}")
+def polisher_losses(
+    teacher: FasterRCNN,
+    pairs: NoisePairs,
+    caps: tuple[int, int],
+    max_proposals: int,
+    fg_iou: float,
+    generator: torch.Generator,
+) -> LossFn:
+    """The loop's loss: one frozen-teacher pass and the sampled pairs of a batch
+    (``teacher_batch``), then both polishers' losses (``net``: a ``PolisherLoss``)."""
+
+    def loss_fn(net: nn.Module, images: list, targets: list) -> dict[str, Tensor]:
+        image_pairs = [pairs.get(t["image_id"]) for t in targets]
+        batch = teacher_batch(
+            teacher, images, targets, image_pairs, *caps, max_proposals, fg_iou, generator
+        )
+        return net(batch)
+
+    return loss_fn
+
+
+class PolisherValidation(Hook):
+    """After training (rank 0): the EMA polisher's figures on the held-out images
+    (``evaluate_polisher``), in ``figures`` for the final checkpoint and the report."""
+
+    def __init__(
+        self, ema: ModelEMA, val_batches: Callable[[], Iterable[PolisherBatch]], n_images: int
+    ) -> None:
+        self.ema, self.val_batches = ema, val_batches
+        self.figures: dict[str, Any] = {"val_images": n_images}
+
+    def after_train(self, loop: TrainLoop) -> None:
+        if loop.finished and loop.dist.is_main and self.figures["val_images"]:
+            self.figures.update(evaluate_polisher(self.ema.module, self.val_batches()))
+
+
+def polisher_saver(
+    out: str | Path,
+    ema: ModelEMA,
+    teacher_path: str | Path,
+    categories: list[dict],
+    extra: dict[str, Any],
+    validation: PolisherValidation,
+    keep_fit: KeepRuleFit | None = None,
+) -> SaveFn:
+    """The loop's ``save``: the EMA polisher (what polishing loads) with ``extra``; the
+    final one to ``out`` (with the fitted keep thresholds, ``keep_thresholds``: None when
+    not fitted), periodic ones to ``<out stem>.last.pt`` with the training state and the
+    raw weights (the EMA weights are the file's own, not stored twice)."""
+
+    def save(net: nn.Module, state: dict, final: bool) -> None:
+        info = {**extra, "iterations": state["iteration"], "last_losses": state["last_losses"]}
+        if final:
+            info = {"validation": validation.figures, **info}
+            info["keep_thresholds"] = keep_fit.fitted if keep_fit else None
+            save_polisher(out, ema.module, teacher_path, categories, extra=info)
+            last_checkpoint_path(out).unlink(missing_ok=True)
+            return
+        polisher = unwrap(net).polisher
+        hooks = {k: v for k, v in state["hooks"].items() if k != "ema"}
+        model = {k: v.detach().cpu() for k, v in polisher.state_dict().items()}
+        state = {**state, "hooks": hooks, "model": model}
+        save_polisher(last_checkpoint_path(out), ema.module, teacher_path, categories, info, state)
+
+    return save
+
+
+def _resume_state(
+    ckpt: dict,
+    where: Path,
+    polisher: Polisher,
+    teacher_path: str | Path,
+    ann: str | Path,
+    coco: CocoData,
+) -> dict:
+    """Load a periodic checkpoint's (``where``) raw weights into ``polisher``; its training
+    state for the loop (the EMA weights back under the EMA hook)."""
+    if ckpt["teacher_sha256"] != sha256_file(teacher_path):
+        raise DplError(f"{where}: trained with another teacher than {teacher_path}; cannot resume")
+    check_categories(where, ckpt["categories"], ann, coco.categories, consequence="cannot resume")
+    state = ckpt["train_state"]
+    try:
+        polisher.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as e:
+        raise DplError(f"{where}: not a checkpoint of this polisher ({type(e).__name__})") from None
+    return {**state, "hooks": {**state.get("hooks", {}), "ema": ckpt["state_dict"]}}
+
+
+def _learned_from(noise: dict[str, Any], pairs: NoisePairs) -> dict[str, Any]:
+    """What the checkpoint records of its noise: the file's noise description, with the
+    share of real pairs used (``real_fraction``) where the file has real pairs."""
+    if noise.get("model") != "crossfit":
+        return noise
+    return {**noise, "real_fraction": pairs.real_fraction}
 
 
 def train_polisher(
@@ -348,120 +422,119 @@ def train_polisher(
     seed: int = 0,
     val_json: str | Path | None = None,
     console: Console | None = None,
+    resume: bool = False,
+    hooks: Sequence[Hook] = (),
+    allow_outside_root: bool = False,
+    crossfit: Sequence[str | Path] = (),
 ) -> tuple[Polisher, PolisherResult]:
     """Train both polishers on ``noise_path``'s pairs with the frozen teacher; write the EMA
-    polisher to ``out`` (tied to the teacher's hash) and return it with the run's figures."""
+    polisher to ``out`` (tied to the teacher's hash) and return it with the run's figures.
+
+    ``resume``: continue from ``<out stem>.last.pt`` (written every ``checkpoint_every``
+    steps); ``hooks``: extra loop hooks (run after the EMA update); ``crossfit``: where
+    to look for cross-fitted detections (the first existing file) to fit the keep
+    thresholds on after training (``keep_thresholds``; none: the paper's stay, noted).
+    """
     console = console or Console()
     pcfg = config["polisher"]
-    torch_device = resolve_device(device)
-    dist = init_distributed(torch_device)
-    if dist.enabled and torch_device.type == "cuda":
-        torch.cuda.set_device(torch_device)
-    cfg = TrainConfig.from_section(pcfg, seed=seed)
+    run = setup_training(pcfg, device, seed)
+    torch_device, dist, cfg = run.device, run.dist, run.cfg
 
     teacher, spec = load_detector(teacher_path, torch_device)
     teacher.eval().requires_grad_(False)
-    coco = load_coco(ann, images_dir)
+    coco = load_train_coco(ann, images_dir, console, dist.is_main, allow_outside_root)
     noise_meta = read_noise_metadata(noise_path)
-    _check_categories(coco, spec.categories, noise_meta, (teacher_path, ann, noise_path))
+    check_categories(teacher_path, spec.categories, ann, coco.categories, "the teacher's")
+    check_categories(
+        noise_path, noise_meta.get("categories", []), ann, coco.categories, "the noise file's"
+    )
     with_boxes = sorted({a["image_id"] for a in coco.annotations if not a.get("iscrowd", 0)})
     if not with_boxes:
         raise DplError(f"{ann}: no boxes to train the polishers on")
     train_ids, val_ids = split_validation(with_boxes, float(pcfg["val_fraction"]), seed)
-    pairs = NoisePairs(noise_path, set(train_ids) | set(val_ids))
+    real_fraction = float(pcfg.get("real_fraction", DEFAULTS["polisher"]["real_fraction"]))
+    pairs = NoisePairs(noise_path, set(train_ids) | set(val_ids), real_fraction)
     pairs.load_round(0)
     if not any(pairs.get(i) for i in train_ids):
         raise DplError(f"{noise_path}: no pairs for the images of {ann} (made from another set?)")
 
+    resume_ckpt = find_resume_checkpoint(out, read_polisher_checkpoint) if resume else None
+    if resume and resume_ckpt is None and dist.is_main:
+        console.print(f"no checkpoint to resume at {last_checkpoint_path(out)}; starting afresh")
     seed_everything(seed)
     polisher = Polisher.for_teacher(teacher, spec.num_classes).to(torch_device)
     ema = ModelEMA(polisher, float(pcfg["ema_momentum"]))
-    step_module: nn.Module = PolisherLoss(polisher)
-    if dist.enabled:
-        step_module = DistributedDataParallel(
-            step_module, device_ids=[torch_device.index] if torch_device.type == "cuda" else None
-        )
-    params = [p for p in polisher.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(
-        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
-    use_amp = amp_enabled(torch_device)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    resume_state = None
+    if resume_ckpt is not None:  # only periodic checkpoints hold a training state
+        where = last_checkpoint_path(out)
+        resume_state = _resume_state(resume_ckpt, where, polisher, teacher_path, ann, coco)
 
     index_of = {r["id"]: k for k, r in enumerate(coco.images)}
     dataset = DetectionDataset(coco, images_dir, train=False)
     train_set = Subset(dataset, [index_of[i] for i in train_ids])
-    loader = DataLoader(
-        train_set,
-        batch_size=cfg.batch_size,
-        sampler=StreamSampler(train_set, dist, cfg.seed),
-        collate_fn=collate_detection,
-        num_workers=cfg.workers,
-        pin_memory=torch_device.type == "cuda",
-    )
     generator = torch.Generator().manual_seed(seed + dist.rank)
     caps = (int(pcfg["reg_per_image"]), int(pcfg["cls_per_image"]))
     max_props, fg_iou = int(pcfg["max_proposals"]), float(pcfg["fg_iou"])
 
-    last = {"reg": math.nan, "cls": math.nan}
-    began = time.perf_counter()
-    batches = iter(loader)
-    with _progress(console, dist.is_main) as progress:
-        task = progress.add_task(
-            "train-polisher", total=cfg.iters, reg=math.nan, cls=math.nan, lr=0.0
-        )
-        for iteration in range(cfg.iters):
-            pairs.load_round(min(iteration * pairs.rounds // max(cfg.iters, 1), pairs.rounds - 1))
-            images, targets = next(batches)
-            if not images:
-                continue
-            lr = cfg.lr_at(iteration)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images = [im.to(torch_device, non_blocking=True) for im in images]
-            batch = teacher_batch(
-                teacher, images, targets, [pairs.get(t["image_id"]) for t in targets],
-                *caps, max_props, fg_iou, generator,
-            )  # fmt: skip
-            polisher.train()
-            with torch.autocast(torch_device.type, enabled=use_amp):
-                losses = step_module(batch)
-            optimizer_step(losses["reg"] + losses["cls"], optimizer, scaler, params, cfg, iteration)
-            ema.update(polisher)
-            last = {k: float(v.detach()) for k, v in losses.items()}
-            progress.update(task, completed=iteration + 1, lr=lr, **last)
-    seconds = time.perf_counter() - began
-
-    validation: dict[str, Any] = {"val_images": len(val_ids)}
-    if dist.is_main and val_ids:
+    def val_batches() -> Iterator[PolisherBatch]:
         pairs.load_round(0)
         val_gen = torch.Generator().manual_seed(seed)
+        for image_id in val_ids:
+            item = dataset[index_of[image_id]]
+            if item is None:
+                continue
+            image, target = item
+            yield teacher_batch(
+                teacher, [image.to(torch_device)], [target], [pairs.get(image_id)],
+                *caps, max_props, fg_iou, val_gen,
+            )  # fmt: skip
 
-        def val_batches() -> Iterator[PolisherBatch]:
-            for image_id in val_ids:
-                item = dataset[index_of[image_id]]
-                if item is None:
-                    continue
-                image, target = item
-                yield teacher_batch(
-                    teacher, [image.to(torch_device)], [target], [pairs.get(image_id)],
-                    *caps, max_props, fg_iou, val_gen,
-                )  # fmt: skip
+    validation = PolisherValidation(ema, val_batches, len(val_ids))
+    initial = float(config.get("polish", DEFAULTS["polish"])["initial_thresh"])
 
-        validation.update(evaluate_polisher(ema.module, val_batches()))
-    result = PolisherResult(cfg.iters, seconds, last, len(train_ids), len(val_ids), validation)
-    if dist.is_main:
-        extra = {
-            "validation": validation,
-            "iterations": cfg.iters,
-            "last_losses": last,
-            "config": pcfg,
-            "noise": noise_meta.get("noise", {}),
-            "noise_file": str(noise_path),
-            "ann": str(ann),
-            "ema_momentum": ema.momentum,
-        }
-        save_polisher(out, ema.module, teacher_path, spec.categories, extra=extra)
-        if val_json is not None:
-            write_json(val_json, validation, indent=2)
-    return ema.module, result
+    def fit(path: Path, trained: Polisher) -> dict[str, Any] | None:
+        fitted = fit_on_crossfit(
+            path, teacher, spec.label_to_cat, trained, coco, images_dir, initial,
+            pcfg.get("precision_target"), torch_device, int(pcfg["batch_size"]),
+            int(pcfg["workers"]),
+        )  # fmt: skip
+        return None if fitted is None else fitted_record(fitted, path, initial)
+
+    keep_fit = KeepRuleFit(ema.module, crossfit, fit, bool(pcfg.get("fit_keep_rule", True)))
+    extra = {
+        "config": pcfg,
+        "noise": _learned_from(noise_meta.get("noise", {}), pairs),
+        "noise_file": str(noise_path),
+        "ann": str(ann),
+        "ema_momentum": ema.momentum,
+    }
+    result = train(
+        PolisherLoss(polisher),
+        train_set,
+        cfg,
+        torch_device,
+        dist,
+        loss_fn=polisher_losses(teacher, pairs, caps, max_props, fg_iou, generator),
+        save=polisher_saver(out, ema, teacher_path, spec.categories, extra, validation, keep_fit),
+        resume_state=resume_state,
+        description="train-polisher",
+        console=console,
+        hooks=[PairRounds(pairs), EMAHook(ema, polisher), *hooks, validation, keep_fit],
+        generators={"pairs": generator},
+        progress_parts=("reg", "cls"),
+    )
+    last = result.last_losses or {"reg": math.nan, "cls": math.nan}
+    if dist.is_main and val_json is not None:
+        write_json(val_json, validation.figures, indent=2)
+    figures = validation.figures
+    return ema.module, PolisherResult(
+        result.iterations,
+        result.seconds,
+        last,
+        len(train_ids),
+        len(val_ids),
+        figures,
+        result.iterations_run,
+        keep_fit.fitted,
+        keep_fit.note,
+    )

@@ -3,12 +3,17 @@
 Each iteration takes a batch of labeled images and, per labeled image, on average
 ``unlabeled_ratio`` pseudo-labeled images; the loss is
 ``L_labeled + unlabeled_weight * L_unlabeled`` (two forward passes, so the weight applies
-per image set). On pseudo-labeled images the supervision is the paper's disentangled one
-(``dpl_tools.models.student``): RPN and RoI classification learn from the classification
-pseudo labels, RoI box regression only from the regression pseudo labels. Ablations:
-``pseudo_view="raw"`` (unpolished teacher boxes and labels) and ``disentangle=False``
-(polished boxes and labels for every loss). The training loop (SGD, warm-up, AMP, DDP,
-progress, checkpoints, resume) is ``train_detector``'s.
+per image set). On pseudo-labeled images the supervision is the paper's disentangled one:
+RPN and RoI classification learn from the classification pseudo labels, RoI box
+regression only from the regression pseudo labels; the loss, its targets and views are
+``dpl_tools.models.student_criterion``'s (one place). Ablations:
+``pseudo_view="raw"`` (unpolished teacher boxes and labels), ``"reg-only"`` / ``"cls-only"``
+(only one of the two sets polished) and ``disentangle=False`` (polished boxes and labels for
+every loss). ``negatives`` says what the unlabeled images' background is: ``hard``,
+``ignore`` (the teacher boxes not kept for classification are ignore regions) or ``soft``
+(weighted by the frozen teacher's background probability; the teacher is loaded). The
+training loop (SGD, warm-up, AMP, DDP, progress, checkpoints, resume) is
+``dpl_tools.engine.loop``'s, as for the teacher.
 """
 
 from __future__ import annotations
@@ -17,15 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 from torch import nn
 
-from dpl_tools.config import register_defaults
-from dpl_tools.data.coco import load_coco
+from dpl_tools.data.coco import check_inside_root, size_mismatches
 from dpl_tools.data.detection import DetectionDataset
 from dpl_tools.data.pseudo_labels import read_pseudo_labels
-from dpl_tools.data.pseudo_targets import VIEWS, pseudo_targets
+from dpl_tools.data.pseudo_targets import pseudo_images
 from dpl_tools.data.student_data import (
     PseudoLabeledDataset,
     StudentDataset,
@@ -33,48 +36,32 @@ from dpl_tools.data.student_data import (
     collate_student,
     missing_images,
 )
-from dpl_tools.engine.train_detector import (
-    LossFn,
-    TrainConfig,
-    TrainResult,
-    checkpoint_saver,
-    find_resume_checkpoint,
-    train_detector,
-)
+from dpl_tools.engine.loop import TrainResult, find_resume_checkpoint, train
+from dpl_tools.engine.setup import check_categories, load_train_coco, setup_training
+from dpl_tools.engine.train_detector import checkpoint_saver
 from dpl_tools.errors import DplError
 from dpl_tools.io import sha256_file
 from dpl_tools.models.checkpoint import (
     DetectorSpec,
+    check_same_model,
     detector_from_checkpoint,
     read_checkpoint,
+    requested_model,
+    saved_model,
 )
 from dpl_tools.models.detector import build_detector, multiscale_sizes
-from dpl_tools.models.student import make_disentangled
-from dpl_tools.runtime import init_distributed, resolve_device, seed_everything
-
-register_defaults(
-    "student",
-    {
-        "iters": 400,
-        "batch_size": 2,  # labeled images per iteration per process
-        "unlabeled_ratio": 1.0,  # pseudo-labeled images per labeled image in a batch
-        "unlabeled_weight": 1.0,  # loss = L_labeled + unlabeled_weight * L_unlabeled
-        "pseudo_view": "polished",  # or "raw": unpolished teacher boxes and labels
-        "disentangle": True,  # False: polished boxes and labels for every loss
-        "lr": 0.01,
-        "momentum": 0.9,
-        "weight_decay": 0.0001,
-        "warmup_iters": 100,
-        "warmup_factor": 0.001,
-        "lr_steps": [0.667, 0.889],
-        "gamma": 0.1,
-        "clip_grad_norm": 10.0,
-        "multiscale": [0.8, 0.9, 1.0, 1.1, 1.2],
-        "hflip": True,
-        "workers": 2,
-        "checkpoint_every": 100,
-    },
+from dpl_tools.models.student_criterion import (
+    IGNORE_KEY,
+    NEGATIVES,
+    VIEWS,
+    TeacherBackground,
+    make_student,
+    student_losses,
+    student_target,
+    supervision,
+    used_categories,
 )
+from dpl_tools.runtime import seed_everything
 
 
 @dataclass
@@ -85,34 +72,8 @@ class StudentData:
     unlabeled_images: int
     cls_boxes: int
     reg_boxes: int
-
-
-def student_losses(unlabeled_weight: float = 1.0) -> LossFn:
-    """Per-batch loss: Faster R-CNN losses of the labeled images plus ``unlabeled_weight``
-    times those of the pseudo-labeled images (targets marked ``pseudo``)."""
-
-    def loss_fn(model: nn.Module, images: list, targets: list) -> dict[str, torch.Tensor]:
-        losses: dict[str, torch.Tensor] = {}
-        for name, weight, pseudo in (
-            ("labeled", 1.0, False),
-            ("unlabeled", unlabeled_weight, True),
-        ):
-            idx = [i for i, t in enumerate(targets) if bool(t.get("pseudo", False)) == pseudo]
-            if not idx or (pseudo and weight == 0):
-                continue
-            part = model(
-                [images[i] for i in idx],
-                [{k: v for k, v in targets[i].items() if k != "pseudo"} for i in idx],
-            )
-            losses.update({f"{name}_{k}": weight * v for k, v in part.items()})
-        return losses
-
-    return loss_fn
-
-
-def _check_categories(spec: DetectorSpec, categories: list[dict], what: str, ann: Path) -> None:
-    if [c["id"] for c in spec.categories] != [c["id"] for c in categories]:
-        raise DplError(f"{what}: its classes differ from {ann}'s categories")
+    dropped_rows: int = 0  # pseudo-label rows left out as unusable (see ``student_target``)
+    ignore_boxes: int = 0  # ignore regions of the unlabeled images (negatives="ignore")
 
 
 def build_student(
@@ -143,7 +104,7 @@ def build_student(
         )
         return model, spec
     model, teacher = detector_from_checkpoint(read_checkpoint(init), init, scfg.get("multiscale"))
-    _check_categories(teacher, categories, str(init), ann)
+    check_categories(init, teacher.categories, ann, categories)
     spec = DetectorSpec(
         arch=teacher.arch,
         categories=categories,
@@ -155,11 +116,21 @@ def build_student(
     return model, spec
 
 
+def requested_student_model(init: str | Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The detector ``build_student`` would make from ``init``, in ``saved_model``'s form
+    (to refuse resuming a student of another architecture)."""
+    if str(init) == "imagenet":
+        return requested_model(config["model"])
+    if not Path(init).is_file():
+        return {}
+    return {**saved_model(read_checkpoint(init), init), "backbone_weights": None}
+
+
 def _resume_student(ckpt: dict, categories: list[dict], out: Path, ann: Path, config: dict):
     model, spec = detector_from_checkpoint(ckpt, out, config["student"].get("multiscale"))
     if spec.kind != "student":
         raise DplError(f"{out}: a {spec.kind} checkpoint, not a student; cannot resume")
-    _check_categories(spec, categories, str(out), ann)
+    check_categories(out, spec.categories, ann, categories, consequence="cannot resume")
     return model, spec
 
 
@@ -171,26 +142,29 @@ def load_student_data(
     scfg: dict[str, Any],
     console: Console | None = None,
     verbose: bool = True,
+    allow_outside_root: bool = False,
 ) -> tuple[StudentDataset, StudentData]:
     """The labeled set (ground truth) and the pseudo-labeled set (the configured view),
-    paired for training; checks classes and image folders (one-line DplErrors)."""
+    paired for training; checks classes and image folders (one-line DplErrors). Image
+    files whose size changed since polish are left out (their boxes would land wrong)."""
     console = console or Console()
     view, disentangle = str(scfg["pseudo_view"]), bool(scfg["disentangle"])
     if view not in VIEWS:
         raise DplError(f"unknown --pseudo-view {view!r} (choose from {', '.join(VIEWS)})")
-    coco = load_coco(ann, images_dir)
-    if verbose:
-        for line in coco.report.lines():
-            console.print(f"[yellow]warning:[/] {line}", highlight=False)
-    if not coco.images:
-        raise DplError(f"{ann}: no labeled images to train on (are the images in {images_dir}?)")
-    if not coco.annotations:
-        raise DplError(f"{ann}: no boxes to train on")
+    if str(scfg["negatives"]) not in NEGATIVES:
+        raise DplError(
+            f"unknown --negatives {scfg['negatives']!r} (choose from {', '.join(NEGATIVES)})"
+        )
+    coco = load_train_coco(ann, images_dir, console, verbose, allow_outside_root)
 
     table, meta = read_pseudo_labels(pseudo)
-    items = pseudo_targets(table, view=view, disentangle=disentangle)
-    check_pseudo_categories(meta, items, coco, pseudo)
+    items = pseudo_images(table)
+    chosen = supervision(view, disentangle)
+    check_pseudo_categories(meta, set().union(*(used_categories(t, chosen) for t in items)),
+                            coco, pseudo)  # fmt: skip
     unlabeled_dir = Path(unlabeled_images or images_dir)
+    names = [(None, t.file_name) for t in items]
+    check_inside_root(Path(pseudo), names, unlabeled_dir, allow_outside_root)
     missing = missing_images(items, unlabeled_dir)
     if items and len(missing) == len(items):
         raise DplError(
@@ -206,23 +180,84 @@ def load_student_data(
             )
         gone = set(missing)
         items = [t for t in items if t.file_name not in gone]
+    resized = size_mismatches(unlabeled_dir, [(t.file_name, t.width, t.height) for t in items])
+    if resized:
+        if verbose:
+            console.print(
+                f"[yellow]warning:[/] {len(resized)} pseudo-labeled image(s) in {unlabeled_dir} "
+                f"no longer have the size polish saw (left out; polish them again), e.g. "
+                f"{resized[0]}",
+                highlight=False,
+            )
+        changed = set(resized)
+        items = [t for t in items if t.file_name not in changed]
     if not items and float(scfg["unlabeled_ratio"]) > 0:
         raise DplError(f"{pseudo}: no processed unlabeled images to learn from")
 
     hflip_on = bool(scfg.get("hflip", True))
     labeled = DetectionDataset(coco, images_dir, train=hflip_on)
-    unlabeled = PseudoLabeledDataset(
-        items, unlabeled_dir, coco.cat_to_label, disentangled=disentangle and view != "raw",
-        train=hflip_on,
-    )  # fmt: skip
+    negatives = str(scfg["negatives"])
+    built = [student_target(t, chosen, coco.cat_to_label, negatives) for t in items]
+    unlabeled = PseudoLabeledDataset(items, [t for t, _ in built], unlabeled_dir, hflip_on)
     dataset = StudentDataset(labeled, unlabeled, float(scfg["unlabeled_ratio"]))
     stats = StudentData(
         labeled_images=len(labeled),
         unlabeled_images=len(unlabeled),
         cls_boxes=sum(len(t["boxes"]) for t in unlabeled.targets),
         reg_boxes=sum(len(t.get("reg_boxes", t["boxes"])) for t in unlabeled.targets),
+        dropped_rows=sum(n for _, n in built),
+        ignore_boxes=sum(len(t.get(IGNORE_KEY, ())) for t in unlabeled.targets),
     )
+    check_usable_pseudo_labels(stats, scfg, pseudo, console, verbose)
     return dataset, stats
+
+
+def check_usable_pseudo_labels(
+    stats: StudentData, scfg: dict[str, Any], pseudo: str | Path, console: Console, verbose: bool
+) -> None:
+    """Report pseudo-label rows dropped as unusable, and refuse a student whose
+    pseudo-labeled images hold no usable box (it would learn only background from them)
+    unless ``allow_empty`` (then warn loudly)."""
+    if stats.dropped_rows and verbose:
+        console.print(
+            f"[yellow]warning:[/] {pseudo}: {stats.dropped_rows} pseudo-label row(s) dropped "
+            "(non-finite, inverted or empty box after clipping to the image, or no label)",
+            highlight=False,
+        )
+    used = float(scfg["unlabeled_ratio"]) > 0 and float(scfg["unlabeled_weight"]) > 0
+    if not used or stats.unlabeled_images == 0 or stats.cls_boxes + stats.reg_boxes > 0:
+        return
+    dropped = f", {stats.dropped_rows} row(s) dropped as unusable" if stats.dropped_rows else ""
+    problem = (
+        f"{pseudo}: no usable pseudo label in its {stats.unlabeled_images} pseudo-labeled "
+        f"image(s){dropped}: the student would learn only background from them"
+    )
+    if not scfg.get("allow_empty", False):
+        raise DplError(
+            f"{problem}; lower polish --initial-threshold / --cls-prob, or pass --allow-empty "
+            "(config: student.allow_empty)"
+        )
+    if verbose:
+        console.print(f"[bold red]warning:[/] {problem} (--allow-empty: training anyway)")
+
+
+def soft_negative_teacher(
+    teacher: str | Path,
+    categories: list[dict],
+    ann: Path,
+    device: Any,
+    config: dict[str, Any],
+) -> TeacherBackground:
+    """The frozen teacher (eval mode, on ``device``) that weights the unlabeled images'
+    background proposals under soft negatives; a DplError when there is none."""
+    if str(teacher) == "imagenet" or not Path(teacher).is_file():
+        raise DplError(
+            f"--negatives soft needs the teacher checkpoint that scores background proposals; "
+            f"{teacher} is not one (pass --init <teacher.pt>)"
+        )
+    model, spec = detector_from_checkpoint(read_checkpoint(teacher), teacher, None)
+    check_categories(teacher, spec.categories, ann, categories)
+    return TeacherBackground(model.to(device))
 
 
 def train_student(
@@ -237,21 +272,23 @@ def train_student(
     seed: int = 0,
     resume: bool = False,
     console: Console | None = None,
+    allow_outside_root: bool = False,
+    teacher: str | Path | None = None,
 ) -> tuple[nn.Module, DetectorSpec, TrainResult, StudentData]:
     """Train a student on ``ann`` (ground truth) + ``pseudo`` (pseudo labels) and save it
     to ``out`` (kind ``student``, loadable with ``load_detector``).
 
     ``init`` is a teacher checkpoint path or ``"imagenet"``; ``config`` has ``model`` and
-    ``student`` sections. Returns the model (eval mode), spec, run numbers and data counts.
+    ``student`` sections. ``teacher`` scores background proposals under soft negatives
+    (default: ``init``). Returns the model (eval mode), spec, run numbers and data counts.
     """
     console = console or Console()
     ann, out = Path(ann), Path(out)
-    torch_device = resolve_device(device)
-    dist = init_distributed(torch_device)
     scfg = config["student"]
-    cfg = TrainConfig.from_section(scfg, seed=seed)
+    run = setup_training(scfg, device, seed)
+    dist = run.dist
     dataset, stats = load_student_data(
-        ann, images_dir, pseudo, unlabeled_images, scfg, console, verbose=dist.is_main
+        ann, images_dir, pseudo, unlabeled_images, scfg, console, dist.is_main, allow_outside_root
     )
     categories = dataset.labeled.coco.categories
 
@@ -260,6 +297,8 @@ def train_student(
         console.print(f"no checkpoint to resume at {out}; starting from the initial weights")
     seed_everything(seed)
     if resume_ckpt is not None:
+        source = "model." if str(init) == "imagenet" else f"--init {init}: "
+        check_same_model(resume_ckpt, requested_student_model(init, config), out, source)
         model, spec = _resume_student(resume_ckpt, categories, out, ann, config)
     else:
         model, spec = build_student(init, categories, ann, config)
@@ -270,21 +309,25 @@ def train_student(
             disentangle=bool(scfg["disentangle"]),
             unlabeled_ratio=float(scfg["unlabeled_ratio"]),
             unlabeled_weight=float(scfg["unlabeled_weight"]),
+            negatives=str(scfg["negatives"]),
             config=config,
         )
         if Path(pseudo).is_file():
             spec.extra["pseudo_labels_sha256"] = sha256_file(pseudo)
-    make_disentangled(model)
+    make_student(model)
+    scorer = None
+    if scfg["negatives"] == "soft":
+        scorer = soft_negative_teacher(teacher or init, categories, ann, run.device, config)
     seed_everything(seed + dist.rank)
 
     save = checkpoint_saver(out, spec, seed)
-    result = train_detector(
+    result = train(
         model,
         dataset,
-        cfg,
-        torch_device,
+        run.cfg,
+        run.device,
         dist,
-        loss_fn=student_losses(float(scfg["unlabeled_weight"])),
+        loss_fn=student_losses(float(scfg["unlabeled_weight"]), scorer),
         collate_fn=collate_student,
         save=save,
         resume_state=resume_ckpt["train_state"] if resume_ckpt else None,

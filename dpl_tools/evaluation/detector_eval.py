@@ -54,6 +54,7 @@ def evaluate_model(
     score_thresh: float = 0.001,
     max_dets: int = 100,
     console: Console | None = None,
+    allow_outside_root: bool = False,
 ) -> DetectorEvaluation:
     """Run the detector at ``model_path`` on every image of ``ann`` and score it (COCO AP).
 
@@ -62,7 +63,7 @@ def evaluate_model(
     torch_device = resolve_device(device)
     model, spec = load_detector(model_path, torch_device)
     set_test_settings(model, score_thresh=score_thresh, detections_per_img=max_dets)
-    gt = load_coco(ann, images_dir)
+    gt = load_coco(ann, images_dir, allow_outside_root=allow_outside_root)
     names = [c["name"] for c in spec.categories]
     gt_cats = {c["name"]: c["id"] for c in gt.categories}
     if sorted(names) != sorted(gt_cats):

@@ -1,12 +1,15 @@
 """Quality of pseudo labels against ground truth: the teacher view vs the polished views.
 
-Three views of one pseudo-label table are scored side by side:
+Three views of one pseudo-label table (sets of ``dpl_tools.data.pseudo_views.LABEL_SETS``)
+are scored side by side:
 
 - ``teacher``: every row with a box (teacher box, teacher label, teacher score);
 - ``cls``: the classification pseudo labels, rows with ``use_cls`` (teacher box,
   polished label);
 - ``reg``: the regression pseudo labels, rows with ``use_reg`` (polished box, teacher
   label).
+
+A view's rows are those of its set that hold its box and label.
 
 Every view is ranked by the teacher score. Precision and recall at IoU 0.5 / 0.75 use
 COCO's greedy matching: predictions in descending score order, each takes the unmatched
@@ -15,6 +18,15 @@ per prediction. The box-quality figure ``mean_iou`` uses the same greedy matchin
 *class-agnostic* at IoU >= 0.5, so that label errors do not hide box errors. AP comes
 from pycocotools on the same images. Only rows with ``status == "ok"`` count; images are
 matched to the ground truth by file name, else by image id; crowd annotations are ignored.
+
+Box quality before/after polishing (``box_quality``: every box whose teacher box has IoU
+>= 0.5 with its truth) is also broken down per teacher-score bin (``SCORE_BIN_EDGES``)
+and per COCO object size of the truth (``SIZE_AREAS``), to show where polishing helps.
+
+The keep rule (``keep_rule``): the classification pseudo labels against the teacher's
+boxes with score >= 0.5 (precision / recall at IoU 0.5, class-aware; the recall lost);
+``label_changes``: labels the polisher changed, and how many of those are right (the
+class of the truth the teacher box overlaps most, at IoU >= 0.5).
 """
 
 from __future__ import annotations
@@ -30,16 +42,20 @@ from rich.table import Table
 from torchvision.ops import box_iou
 
 from dpl_tools.data.coco import CocoData
+from dpl_tools.data.pseudo_views import LABEL_SETS
 from dpl_tools.evaluation.coco_eval import coco_metrics
 
-VIEWS = ("teacher", "cls", "reg")
-VIEW_TITLES = {
-    "teacher": "teacher boxes",
-    "cls": "classification pseudo labels",
-    "reg": "regression pseudo labels",
-}
+VIEWS = ("teacher", "cls", "reg")  # names in LABEL_SETS
+VIEW_TITLES = {name: LABEL_SETS[name].title for name in VIEWS}
 IOU_THRESHOLDS = (0.5, 0.75)
+# Teacher-score bins of the box-quality breakdown: [0,.5), [.5,.6), ..., [.9,1].
+SCORE_BIN_EDGES = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# COCO object sizes by the truth's area (px^2): small < 32^2 <= medium < 96^2 <= large.
+SIZE_AREAS = {"small": (0.0, 32.0**2), "medium": (32.0**2, 96.0**2), "large": (96.0**2, np.inf)}
 PR_CURVE_POINTS = 200
+# The keep rule is judged against the teacher's boxes from this score (polish's default
+# initial threshold): what the kept set gains in precision and loses in recall.
+KEEP_REFERENCE_SCORE = 0.5
 
 
 @dataclass
@@ -146,6 +162,89 @@ def _gt_image_keys(table: pa.Table, gt: CocoData) -> tuple[np.ndarray, int]:
     return keys, len(by_id_count)
 
 
+def _gt_area(ann: dict[str, Any]) -> float:
+    """A truth box's COCO area (its ``area`` field, else the bbox's width x height)."""
+    return float(ann.get("area", ann["bbox"][2] * ann["bbox"][3]))
+
+
+def _box_quality(before: np.ndarray, after: np.ndarray) -> dict[str, Any]:
+    """Mean IoU to truth before/after polishing and the fraction improved (None: no box)."""
+    some = len(before) > 0
+    return {
+        "boxes": int(len(before)),
+        "mean_iou_before": float(before.mean()) if some else None,
+        "mean_iou_after": float(after.mean()) if some else None,
+        "improved_fraction": float((after > before).mean()) if some else None,
+    }
+
+
+def _bin_name(low: float, high: float, last: bool) -> str:
+    return f"[{low:.1f},{high:.1f}{']' if last else ')'}"
+
+
+def box_quality_by_score(
+    before: np.ndarray, after: np.ndarray, scores: np.ndarray
+) -> list[dict[str, Any]]:
+    """``_box_quality`` per teacher-score bin of ``SCORE_BIN_EDGES`` (the last one closed),
+    so a user sees at which confidence polishing helps."""
+    out = []
+    edges = SCORE_BIN_EDGES
+    scores = np.asarray(scores, dtype=np.float32)  # compared as stored (float32), 0.9 is .9
+    for i, (low, high) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+        last = i == len(edges) - 2
+        lo, hi = np.float32(low), np.float32(high)
+        inside = (scores >= lo) & ((scores <= hi) if last else (scores < hi))
+        quality = _box_quality(before[inside], after[inside])
+        out.append({"bin": _bin_name(low, high, last), "low": low, "high": high, **quality})
+    return out
+
+
+def box_quality_by_size(
+    before: np.ndarray, after: np.ndarray, areas: np.ndarray
+) -> dict[str, dict[str, Any]]:
+    """``_box_quality`` per COCO object size of the truth box (``SIZE_AREAS``)."""
+    out = {}
+    for name, (low, high) in SIZE_AREAS.items():
+        inside = (areas >= low) & (areas < high)
+        out[name] = _box_quality(before[inside], after[inside])
+    return out
+
+
+def _true_positives50(v: _View, truth: Any, mask: np.ndarray | None = None) -> int:
+    """Class-aware greedy true positives at IoU 0.5 of a view (of its rows in ``mask``)."""
+    keep = np.ones(len(v.rows), bool) if mask is None else mask
+    tp = 0
+    for k in np.unique(v.images[keep]):
+        idx = np.flatnonzero(keep & (v.images == k))
+        g_boxes, g_labels = truth(int(k))
+        same = v.labels[idx][:, None] == g_labels[None, :]
+        m, _ = greedy_match(box_iou_np(v.boxes[idx], g_boxes), v.scores[idx], 0.5, same)
+        tp += int((m >= 0).sum())
+    return tp
+
+
+def keep_rule_quality(views: dict[str, _View], truth: Any, n_gt: int) -> dict[str, Any]:
+    """The classification pseudo labels (``cls``: the use_cls rows) against the teacher's
+    boxes with score >= ``KEEP_REFERENCE_SCORE``: precision / recall at IoU 0.5 (class-aware)
+    of both, the recall the keep rule lost and the precision it gained."""
+    teacher, kept = views["teacher"], views["cls"]
+    ref = teacher.scores.astype(np.float32) >= np.float32(KEEP_REFERENCE_SCORE)
+    tp_teacher, tp_kept = _true_positives50(teacher, truth, ref), _true_positives50(kept, truth)
+    p_t, r_t = _ratio(tp_teacher, int(ref.sum())), _ratio(tp_teacher, n_gt)
+    p_k, r_k = _ratio(tp_kept, len(kept.rows)), _ratio(tp_kept, n_gt)
+    return {
+        "reference_score": KEEP_REFERENCE_SCORE,
+        "teacher_boxes": int(ref.sum()),
+        "kept": int(len(kept.rows)),
+        "teacher_precision50": p_t,
+        "teacher_recall50": r_t,
+        "kept_precision50": p_k,
+        "kept_recall50": r_k,
+        "recall_lost": None if r_t is None else r_t - r_k,
+        "precision_gained": None if p_t is None or p_k is None else p_k - p_t,
+    }
+
+
 def pseudo_label_quality(table: pa.Table, gt: CocoData) -> dict[str, Any]:
     """Score the teacher, classification and regression views of pseudo labels against
     ground truth (see the module docstring); the result is JSON-ready."""
@@ -169,15 +268,20 @@ def pseudo_label_quality(table: pa.Table, gt: CocoData) -> dict[str, Any]:
     has_teacher = in_gt & ~np.isnan(teacher_boxes).any(axis=1)
     has_polished = in_gt & ~np.isnan(polished_boxes).any(axis=1)
 
-    def view(mask: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> _View:
+    box_columns = {"teacher": teacher_boxes, "polished": polished_boxes}
+    label_columns = {"teacher_label": teacher_label, "polished_label": polished_label}
+    flags = {"use_cls": use_cls, "use_reg": use_reg}
+
+    def view(name: str) -> _View:
+        chosen = LABEL_SETS[name]
+        boxes, labels = box_columns[chosen.boxes], label_columns[chosen.labels]
+        mask = in_gt & ~np.isnan(boxes).any(axis=1) & (labels >= 0)
+        if chosen.rows is not None:
+            mask &= flags[chosen.rows]
         rows = np.flatnonzero(mask)
         return _View(boxes[rows], labels[rows], score[rows], keys[rows], rows)
 
-    views = {
-        "teacher": view(has_teacher, teacher_boxes, teacher_label),
-        "cls": view(has_teacher & use_cls & (polished_label >= 0), teacher_boxes, polished_label),
-        "reg": view(has_polished & use_reg, polished_boxes, teacher_label),
-    }
+    views = {name: view(name) for name in VIEWS}
 
     eval_set = set(eval_ids)
     gt_by_image: dict[int, list[dict]] = defaultdict(list)
@@ -199,6 +303,7 @@ def pseudo_label_quality(table: pa.Table, gt: CocoData) -> dict[str, Any]:
         for k, anns in gt_by_image.items()
     }
     gt_labels = {k: np.array([a["category_id"] for a in anns]) for k, anns in gt_by_image.items()}
+    gt_areas = {k: np.array([_gt_area(a) for a in anns]) for k, anns in gt_by_image.items()}
     n_gt = sum(len(v) for v in gt_by_image.values())
     empty_boxes, empty_labels = np.zeros((0, 4)), np.zeros(0, dtype=np.int64)
 
@@ -258,6 +363,7 @@ def pseudo_label_quality(table: pa.Table, gt: CocoData) -> dict[str, Any]:
     # (the one that overlaps the teacher box most, class-agnostic), and label checks.
     both = np.flatnonzero(has_teacher & has_polished)
     before, after = np.zeros(len(both)), np.zeros(len(both))
+    truth_area = np.zeros(len(both))  # COCO area of the truth box each is compared with
     truth_label = np.full(len(table), -1, dtype=np.int64)  # class of the truth at IoU >= 0.5
     rows_by_image: dict[int, list[int]] = defaultdict(list)
     for r in np.flatnonzero(has_teacher):
@@ -279,13 +385,11 @@ def pseudo_label_quality(table: pa.Table, gt: CocoData) -> dict[str, Any]:
             at = np.array([pos[rows[i]] for i in with_polished])
             before[at] = best_iou[sel]
             after[at] = paired_iou(polished_boxes[rows_arr[sel]], target)
+            truth_area[at] = gt_areas[k][best[sel]]
     good = before >= 0.5
-    box_quality = {
-        "boxes": int(good.sum()),
-        "mean_iou_before": float(before[good].mean()) if good.any() else None,
-        "mean_iou_after": float(after[good].mean()) if good.any() else None,
-        "improved_fraction": float((after[good] > before[good]).mean()) if good.any() else None,
-    }
+    box_quality = _box_quality(before[good], after[good])
+    by_score = box_quality_by_score(before[good], after[good], score[both][good])
+    by_size = box_quality_by_size(before[good], after[good], truth_area[good])
 
     changed = has_teacher & (polished_label >= 0) & (polished_label != teacher_label)
     with_truth = changed & (truth_label >= 0)
@@ -313,7 +417,10 @@ def pseudo_label_quality(table: pa.Table, gt: CocoData) -> dict[str, Any]:
         "views": result_views,
         "label_changes": label_changes,
         "cls_dropped": cls_dropped,
+        "keep_rule": keep_rule_quality(views, truth, n_gt),
         "box_quality": box_quality,
+        "box_quality_by_score": by_score,
+        "box_quality_by_size": by_size,
         "iou_to_truth": {
             "before": np.round(before, 4).tolist(),
             "after": np.round(after, 4).tolist(),
@@ -322,33 +429,50 @@ def pseudo_label_quality(table: pa.Table, gt: CocoData) -> dict[str, Any]:
     }
 
 
+# The figures of a view shown by ``format_quality_table``, in order: (key, row label).
+QUALITY_ROWS = (
+    ("precision50", "P@.5"),
+    ("recall50", "R@.5"),
+    ("precision75", "P@.75"),
+    ("recall75", "R@.75"),
+    ("mean_iou", "mean IoU"),
+    ("AP", "AP"),
+    ("AP50", "AP50"),
+    ("AP75", "AP75"),
+)
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None or value < 0 else f"{value:.3f}"
 
 
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.3f}"
+
+
 def format_quality_table(result: dict[str, Any]) -> Table:
-    """The result of ``pseudo_label_quality`` as a rich table, one row per view."""
+    """The result of ``pseudo_label_quality`` as a rich table, one column per view and one
+    row per figure (so that it fits an 80-column terminal without cutting a cell)."""
     im = result["images"]
     table = Table(
         title=f"Pseudo-label quality: {im['evaluated']} images, {result['gt_boxes']} truth boxes"
         f" ({im['skipped']} skipped, {im['not_in_gt']} not in ground truth)",
         title_justify="left",
     )
-    columns = ("boxes", "P@.5", "R@.5", "P@.75", "R@.75", "mean IoU", "AP", "AP50", "AP75")
-    table.add_column("view")
-    for c in columns:
-        table.add_column(c, justify="right")
+    table.add_column("figure", no_wrap=True)
     for name in VIEWS:
-        v = result["views"][name]
-        table.add_row(
-            VIEW_TITLES[name],
-            str(v["boxes"]),
-            *(_fmt(v[k]) for k in ("precision50", "recall50", "precision75", "recall75")),
-            _fmt(v["mean_iou"]),
-            *(_fmt(v[k]) for k in ("AP", "AP50", "AP75")),
-        )
+        table.add_column(VIEW_TITLES[name], justify="right", no_wrap=False)
+    views = [result["views"][name] for name in VIEWS]
+    table.add_row("boxes", *(str(v["boxes"]) for v in views))
+    for key, label in QUALITY_ROWS:
+        table.add_row(label, *(_fmt(v[key]) for v in views))
     lc, bq, dr = result["label_changes"], result["box_quality"], result["cls_dropped"]
+    kr = result["keep_rule"]
     table.caption = (
+        f"kept for classification: {kr['kept']} of {kr['teacher_boxes']} teacher boxes with "
+        f"score >= {kr['reference_score']:g}; P@.5 {_fmt(kr['teacher_precision50'])} -> "
+        f"{_fmt(kr['kept_precision50'])}, R@.5 {_fmt(kr['teacher_recall50'])} -> "
+        f"{_fmt(kr['kept_recall50'])} (recall lost {_signed(kr['recall_lost'])})\n"
         f"labels changed by the polisher: {lc['changed']} ({lc['right']} right, "
         f"{lc['broke']} broke a right label, {lc['no_truth']} without truth at IoU 0.5)\n"
         f"dropped from classification: {dr['dropped']} ({dr['false_positive']} false "
@@ -358,5 +482,42 @@ def format_quality_table(result: dict[str, Any]) -> Table:
         f"{_fmt(bq['improved_fraction'])} improved\n"
         "mean IoU: class-agnostic greedy match at IoU >= 0.5; P/R: class-aware (COCO)"
     )
+    table.caption_justify = "left"
+    return table
+
+
+def _box_quality_row(table: Table, name: str, q: dict[str, Any]) -> None:
+    before, after = q["mean_iou_before"], q["mean_iou_after"]
+    gain = None if before is None else after - before
+    table.add_row(
+        name,
+        str(q["boxes"]),
+        _fmt(before),
+        _fmt(after),
+        "n/a" if gain is None else f"{gain:+.3f}",
+        _fmt(q["improved_fraction"]),
+    )
+
+
+def format_box_quality_table(result: dict[str, Any]) -> Table:
+    """Box IoU to truth before/after polishing per teacher-score bin and per COCO object
+    size (truth area), the breakdowns of ``pseudo_label_quality``: where polishing helps."""
+    table = Table(
+        title="Box IoU to truth before -> after polishing (teacher IoU >= 0.5)",
+        title_justify="left",
+    )
+    table.add_column("boxes of", no_wrap=True)
+    for name in ("boxes", "IoU before", "IoU after", "change", "improved"):
+        table.add_column(name, justify="right")
+    for q in result["box_quality_by_score"]:
+        if q["low"] < SCORE_BIN_EDGES[1] and q["boxes"] == 0:
+            continue  # below the usual initial threshold: shown only when present
+        _box_quality_row(table, f"score {q['bin']}", q)
+    table.add_section()
+    limits = {"small": "area < 32^2", "medium": "32^2 to 96^2", "large": "area >= 96^2"}
+    for name, q in result["box_quality_by_size"].items():
+        _box_quality_row(table, f"{name} ({limits[name]})", q)
+    _box_quality_row(table, "all", result["box_quality"])
+    table.caption = "score: the teacher's; size: COCO area of the truth box (px^2)"
     table.caption_justify = "left"
     return table

@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN
 
 from dpl_tools import __version__
+from dpl_tools.defaults import ARCHS
 from dpl_tools.errors import DplError
 from dpl_tools.io import atomic_path
 
@@ -99,10 +100,90 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return read_payload(path, FORMAT, FORMAT_VERSION, "detector")
 
 
-def spec_from_dict(raw: dict[str, Any]) -> DetectorSpec:
-    """A DetectorSpec from its saved dict (unknown keys are ignored)."""
+KINDS = ("teacher", "student")
+
+
+def _spec_problem(raw: Any) -> str | None:
+    """What is wrong with a saved spec dict (None: it is a valid DetectorSpec)."""
+    if not isinstance(raw, dict):
+        return f"the model spec is {type(raw).__name__}, not a mapping"
+    missing = [k for k in ("arch", "categories", "min_size", "max_size") if k not in raw]
+    if missing:
+        return f"the model spec lacks {', '.join(missing)}"
+    if not isinstance(raw["arch"], str) or raw["arch"] not in ARCHS:
+        return f"unknown architecture {raw['arch']!r} (known: {', '.join(ARCHS)})"
+    cats = raw["categories"]
+    if not isinstance(cats, list) or not cats:
+        return f"categories must be a non-empty list, got {type(cats).__name__}"
+    for c in cats:
+        if not isinstance(c, dict) or type(c.get("id")) is not int:
+            return f"category {c!r} is not a mapping with an integer id"
+    if len({c["id"] for c in cats}) != len(cats):
+        return "categories repeat an id"
+    for key in ("min_size", "max_size"):
+        if type(raw[key]) is not int or raw[key] < 1:
+            return f"{key} must be a positive integer, got {raw[key]!r}"
+    if raw.get("kind", "teacher") not in KINDS:
+        return f"kind must be one of {', '.join(KINDS)}, got {raw.get('kind')!r}"
+    if not isinstance(raw.get("extra", {}), dict):
+        return "extra must be a mapping"
+    return None
+
+
+def spec_from_dict(raw: dict[str, Any], path: str | Path | None = None) -> DetectorSpec:
+    """A DetectorSpec from its saved dict (unknown keys are ignored); an invalid spec (a
+    crafted or damaged file) is a one-line DplError naming ``path``."""
+    problem = _spec_problem(raw)
+    if problem is not None:
+        raise DplError(f"{path or 'checkpoint'}: invalid detector checkpoint: {problem}")
     names = {f.name for f in fields(DetectorSpec)}
     return DetectorSpec(**{k: v for k, v in raw.items() if k in names})
+
+
+def saved_model(payload: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """What a checkpoint's detector is: arch, input sizes, backbone weights (None when not
+    recorded) and the extra FasterRCNN arguments it was built with."""
+    spec = spec_from_dict(payload.get("spec"), path)
+    build = {k: v for k, v in dict(payload.get("build") or {}).items() if k != "frozen_bn"}
+    return {
+        "arch": spec.arch,
+        "min_size": spec.min_size,
+        "max_size": spec.max_size,
+        "backbone_weights": spec.extra.get("backbone_weights"),
+        "detector_kwargs": build,
+    }
+
+
+def requested_model(model_section: dict[str, Any]) -> dict[str, Any]:
+    """The detector a config's ``model`` section asks for, in ``saved_model``'s form."""
+    kwargs = dict(model_section.get("detector_kwargs") or {})
+    return {
+        "arch": model_section["arch"],
+        "min_size": int(model_section["min_size"]),
+        "max_size": int(model_section["max_size"]),
+        "backbone_weights": str(model_section["backbone_weights"]),
+        "detector_kwargs": {k: v for k, v in kwargs.items() if k != "frozen_bn"},
+    }
+
+
+def check_same_model(
+    payload: dict[str, Any], wanted: dict[str, Any], path: str | Path, source: str = "model."
+) -> None:
+    """Refuse to resume ``path`` when ``wanted`` (``requested_model`` / ``saved_model``
+    form; None values are not compared) differs from the checkpoint's detector, naming
+    each difference (``--resume`` keeps the saved model, so a changed --arch would be
+    silently ignored)."""
+    saved = saved_model(payload, path)
+    diffs = [
+        f"{source}{key} {wanted[key]!r} (checkpoint: {saved[key]!r})"
+        for key in saved
+        if wanted.get(key) is not None and saved[key] is not None and wanted[key] != saved[key]
+    ]
+    if diffs:
+        raise DplError(
+            f"{path}: cannot resume a different model: {'; '.join(diffs)} "
+            "(drop --resume to start again, or write to another --out)"
+        )
 
 
 def load_detector(
@@ -123,8 +204,10 @@ def detector_from_checkpoint(
     """
     from dpl_tools.models.detector import build_detector, multiscale_sizes
 
+    if "spec" not in payload or not isinstance(payload.get("build", {}), dict):
+        raise DplError(f"{path}: invalid detector checkpoint: no model spec or build options")
+    spec = spec_from_dict(payload["spec"], path)
     try:
-        spec = spec_from_dict(payload["spec"])
         model = build_detector(
             spec.arch,
             spec.num_classes,
@@ -136,7 +219,7 @@ def detector_from_checkpoint(
         model.load_state_dict(payload["state_dict"])
     except DplError as e:
         raise DplError(f"{path}: {e}") from None
-    except (KeyError, TypeError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DplError(f"{path}: corrupt detector checkpoint ({first})") from None
     return model, spec

@@ -28,9 +28,8 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from dpl_tools.defaults import ARCHS
 from dpl_tools.errors import DplError
-
-ARCHS = ("r50_fpn", "mobilenet_v2_fpn", "resnet18_fpn")
 
 # arch -> (classification constructor, its ImageNet weights enum member)
 _CLASSIFIERS: dict[str, tuple[Callable[..., nn.Module], Any]] = {

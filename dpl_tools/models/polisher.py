@@ -164,8 +164,10 @@ def save_polisher(
     teacher_path: str | Path,
     categories: list[dict],
     extra: dict[str, Any] | None = None,
+    train_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a polisher checkpoint tied to its teacher (by the teacher file's SHA-256)."""
+    """Write a polisher checkpoint tied to its teacher (by the teacher file's SHA-256);
+    ``train_state``: what a resumed training run needs (periodic checkpoints only)."""
     payload = {
         "teacher_sha256": sha256_file(teacher_path),
         "categories": categories,
@@ -173,6 +175,8 @@ def save_polisher(
         "state_dict": {k: v.detach().cpu() for k, v in polisher.state_dict().items()},
         "extra": extra or {},
     }
+    if train_state is not None:
+        payload["train_state"] = train_state
     return write_payload(path, FORMAT, FORMAT_VERSION, payload)
 
 
@@ -184,7 +188,8 @@ def read_polisher_checkpoint(path: str | Path) -> dict[str, Any]:
 def load_polisher(
     path: str | Path, teacher_sha: str | None = None, device: str | torch.device = "cpu"
 ) -> Polisher:
-    """Rebuild a polisher; with ``teacher_sha``, refuse one trained on another teacher."""
+    """Rebuild a polisher; with ``teacher_sha``, refuse one trained on another teacher.
+    ``fitted_thresholds``: the keep thresholds train-polisher fitted (None: not fitted)."""
     payload = read_polisher_checkpoint(path)
     if teacher_sha is not None and payload["teacher_sha256"] != teacher_sha:
         raise DplError(
@@ -194,4 +199,5 @@ def load_polisher(
     polisher = Polisher(**payload["config"])
     polisher.load_state_dict(payload["state_dict"])
     polisher.categories = payload["categories"]
+    polisher.fitted_thresholds = (payload.get("extra") or {}).get("keep_thresholds")
     return polisher.to(device).eval()

@@ -1,22 +1,21 @@
 """Build the static HTML report of a pseudo-label file (``dpl report``).
 
-The report is built in a hidden temporary folder beside ``out`` and renamed onto it at
-the end, so a reader sees the old report or the new one whole, never a half-written one.
+The report folder is a dpl-owned folder (``dpl_tools.outputs.owned_folder``): the report is
+built in a hidden staging folder and moved in at the end; files of an earlier report that
+are not written again are removed, and nothing dpl did not write is ever touched.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.compute as pc
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from dpl_tools.data.coco import load_coco
+from dpl_tools.data.coco import check_inside_root, load_coco
 from dpl_tools.data.pseudo_labels import (
     META_POLISHER,
     META_TEACHER,
@@ -25,6 +24,7 @@ from dpl_tools.data.pseudo_labels import (
 )
 from dpl_tools.errors import DplError
 from dpl_tools.evaluation.pseudo_quality import pseudo_label_quality
+from dpl_tools.outputs import check_owned_folder, owned_folder
 from dpl_tools.report.gallery import gallery_items, write_thumbnail
 from dpl_tools.report.html import gallery_html, index_html, page_name
 from dpl_tools.report.plots import make_plots
@@ -42,22 +42,8 @@ class ReportResult:
     unreadable: list[tuple[str, str]]
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise DplError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "index.html").is_file():
-        raise DplError(f"{out}: folder exists and is not a dpl report; choose another --out")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` onto ``out`` (an earlier report there is removed)."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+REPORT_KIND = "report"  # marker kind of a report folder
+REPORT_WHAT = "a dpl report"
 
 
 def _meta_lines(meta: dict) -> list[str]:
@@ -82,6 +68,7 @@ def build_report(
     page_size: int = 50,
     thumb_size: int = 320,
     console: Console | None = None,
+    allow_outside_root: bool = False,
 ) -> ReportResult:
     """Write ``out/index.html`` (summary, plots, quality with ``ann``) and gallery pages
     ``out/page-NNN.html`` of at most ``max_images`` thumbnails, ``page_size`` per page."""
@@ -91,17 +78,16 @@ def build_report(
         raise DplError(f"{images_dir}: image folder not found")
     if page_size < 1 or max_images < 0 or thumb_size < 16:
         raise DplError("--page-size must be >= 1, --max-images >= 0, --thumb-size >= 16")
-    _check_out(out)
+    check_owned_folder(out, REPORT_KIND, REPORT_WHAT)
     table, meta = read_pseudo_labels(labels)
+    read = [(None, name) for name in pc.unique(table["file_name"]).to_pylist()]
+    check_inside_root(Path(labels), read, images_dir, allow_outside_root)
     gt = load_coco(ann) if ann is not None else None
     names = category_names(meta, gt.categories if gt else None)
     summary = summarize(table)
     quality = pseudo_label_quality(table, gt) if gt is not None else None
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)
+    with owned_folder(out, REPORT_KIND, "dpl report", REPORT_WHAT) as tmp:
         plots = make_plots(table, tmp / "plots", quality)
         items = gallery_items(table, max_images)
         (tmp / "thumbs").mkdir()
@@ -120,8 +106,4 @@ def build_report(
             str(labels), _meta_lines(meta), summary, names, plots, pages, len(items), bad, quality
         )
         (tmp / "index.html").write_text(html, encoding="utf-8")
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ReportResult(out / "index.html", summary, len(items), pages, unreadable)

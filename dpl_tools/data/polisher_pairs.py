@@ -13,6 +13,14 @@ copies per ``(cls_copies[i], cls_scales[i])`` plus the GT (label: the best-IoU G
 if that IoU >= ``fg_iou``, else background 0). Boxes with x2 <= x1 or y2 <= y1 are dropped.
 Everything is vectorized over chunks of images and written to Parquet in row groups, so
 memory does not grow with the dataset.
+
+Real pairs (``--noise-model crossfit``): the out-of-fold detections of cross-fitting
+(``dpl_tools.data.crossfit_detections``) matched to the ground truth, written beside the
+synthetic ones with ``source`` "real" (``real_pairs``): a regression pair per detection
+with score >= ``initial_thresh`` whose best GT IoU is >= the match IoU (target: that GT),
+a classification sample per detection with score >= ``min_score`` (label: the GT's class,
+whatever the teacher said, if IoU >= ``fg_iou``, else background). The polisher mixes the
+two sources at ``polisher.real_fraction`` when it loads them.
 """
 
 from __future__ import annotations
@@ -29,8 +37,8 @@ import pyarrow.parquet as pq
 import torch
 from torchvision.ops import box_iou
 
-from dpl_tools.config import register_defaults
 from dpl_tools.data.coco import CocoData
+from dpl_tools.defaults import DEFAULTS, settings_from_section
 from dpl_tools.errors import DplError
 from dpl_tools.io import atomic_path
 
@@ -38,23 +46,9 @@ REG = "reg"
 CLS = "cls"
 META_KEY = b"dpl_noise"
 GT_GROUP = -1  # ``group`` of the GT boxes themselves (noise groups are 0, 1, ...)
-
-register_defaults(
-    "polisher",
-    {
-        "rounds": 4,
-        "reg_copies": 150,
-        "reg_scale": 0.2,
-        "cls_copies": [50, 50],
-        "cls_scales": [0.06, 0.2],
-        "fg_iou": 0.7,
-        "noise_model": "gaussian",
-        "empirical_min_match_iou": 0.5,
-        "empirical_reg_min_score": 0.5,
-        "empirical_cls_min_score": 0.05,
-        "empirical_inflate": 1.0,
-    },
-)
+REAL_GROUP = -2  # ``group`` of real pairs (teacher detections)
+SYNTHETIC, REAL = "synthetic", "real"  # values of ``source``
+_PAIRS = DEFAULTS["polisher"]  # the defaults table's pair synthesis settings
 
 PAIR_SCHEMA = pa.schema(
     [
@@ -72,21 +66,30 @@ PAIR_SCHEMA = pa.schema(
         ("label", pa.int32()),  # contiguous 1..C; 0 = background (cls below fg_iou)
         ("iou", pa.float32()),  # IoU with the target box
         ("scale", pa.float32()),  # Gaussian s of the group (0 for the GT; NaN: empirical)
-        ("group", pa.int32()),  # noise group index, -1 for the GT box itself
+        ("group", pa.int32()),  # noise group index, -1 for the GT box itself, -2 real
+        ("source", pa.string()),  # "synthetic" or "real" (a teacher detection)
     ]
 )
+# Files written before ``source`` existed are all synthetic.
+REQUIRED_COLUMNS = [n for n in PAIR_SCHEMA.names if n != "source"]
 
 
 @dataclass
 class PairSettings:
-    """Sample counts and noise scales of the two pair sets (DESIGN's defaults)."""
+    """Sample counts and noise scales of the two pair sets (defaults: the ``polisher``
+    section of ``dpl_tools.defaults``, DESIGN's values)."""
 
-    reg_copies: int = 150
-    reg_scale: float = 0.2
-    cls_copies: list[int] = field(default_factory=lambda: [50, 50])
-    cls_scales: list[float] = field(default_factory=lambda: [0.06, 0.2])
-    fg_iou: float = 0.7
+    reg_copies: int = _PAIRS["reg_copies"]
+    reg_scale: float = _PAIRS["reg_scale"]
+    cls_copies: list[int] = field(default_factory=lambda: list(_PAIRS["cls_copies"]))
+    cls_scales: list[float] = field(default_factory=lambda: list(_PAIRS["cls_scales"]))
+    fg_iou: float = _PAIRS["fg_iou"]
     include_gt: bool = True  # the GT boxes themselves join both sets
+
+    @classmethod
+    def from_section(cls, section: dict[str, Any]) -> PairSettings:
+        """The pair settings of a ``polisher`` config section (other keys ignored)."""
+        return settings_from_section(cls, section)
 
     def groups(self, kind: str) -> list[tuple[int, float]]:
         """``(copies, scale)`` per noise group of ``kind`` (``reg`` / ``cls``)."""
@@ -325,43 +328,6 @@ def empirical_from_matches(
     )
 
 
-def fit_empirical_noise(
-    detector: torch.nn.Module,
-    coco: CocoData,
-    images_dir: str | Path,
-    device: str | torch.device = "cpu",
-    workers: int = 2,
-    batch_size: int = 4,
-    min_match_iou: float = 0.5,
-    reg_min_score: float = 0.5,
-    cls_min_score: float = 0.05,
-    inflate: float = 1.0,
-    progress: Callable[[], None] | None = None,
-) -> EmpiricalNoise:
-    """Run the teacher (test settings: score 0.001, NMS 0.5, 100 per image) on ``coco``'s
-    images and fit the noise to its errors against their ground truth."""
-    from dpl_tools.engine.inference import predict_detections
-    from dpl_tools.models.detector import set_test_settings
-
-    set_test_settings(detector, 0.001, 0.5, 100)
-    gt = GroundTruth.from_coco(coco)
-    rows = {int(i): k for k, i in enumerate(gt.image_ids)}
-
-    def matches() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        for record, boxes, scores, _ in predict_detections(
-            detector, coco.images, images_dir, batch_size, device, workers
-        ):
-            if progress:
-                progress()
-            k = rows.get(record["id"])
-            if k is not None:
-                yield boxes.cpu().numpy(), scores.cpu().numpy(), gt.image_boxes(k)
-
-    return empirical_from_matches(
-        matches(), min_match_iou, reg_min_score, cls_min_score, inflate=inflate
-    )
-
-
 NoiseModel = GaussianNoise | EmpiricalNoise
 
 
@@ -473,10 +439,99 @@ def synthesize_pairs(
                     "iou": iou,
                     "scale": scale,
                     "group": group,
+                    "source": pa.array([SYNTHETIC] * n, pa.string()),
                 },
                 schema=PAIR_SCHEMA,
             )
             first = last
+
+
+def match_to_truth(det: np.ndarray, gt_boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Best-IoU GT box per detection: ``(iou, gt index)`` (IoU 0, index 0 without GT)."""
+    if len(gt_boxes) == 0 or len(det) == 0:
+        return np.zeros(len(det), np.float32), np.zeros(len(det), np.int64)
+    iou, idx = box_iou(torch.from_numpy(det), torch.from_numpy(gt_boxes)).max(dim=1)
+    return iou.numpy().astype(np.float32), idx.numpy()
+
+
+@dataclass
+class RealPairRules:
+    """Which out-of-fold detections become real pairs (see the module docstring)."""
+
+    match_iou: float = _PAIRS["empirical_min_match_iou"]
+    initial_thresh: float = DEFAULTS["polish"]["initial_thresh"]  # only such are polished
+    min_score: float = _PAIRS["empirical_cls_min_score"]
+    fg_iou: float = _PAIRS["fg_iou"]
+
+
+def real_pairs(
+    gt: GroundTruth,
+    detections: Iterable[tuple[int, np.ndarray, np.ndarray]],
+    rules: RealPairRules,
+    round_: int = 0,
+) -> pa.Table:
+    """The real pairs of one round from ``(image_id, boxes (N, 4) xyxy, scores)`` per image
+    (images without GT boxes give background samples only), per image regression first."""
+    rows_of = {int(i): k for k, i in enumerate(gt.image_ids)}
+    cols: dict[str, list] = {k: [] for k in ("image_id", "kind", "box", "target", "label", "iou")}
+    for image_id, det, score in detections:
+        det = np.asarray(det, np.float32).reshape(-1, 4)
+        score = np.asarray(score, np.float32)
+        k = rows_of.get(int(image_id))
+        g_boxes = gt.image_boxes(k) if k is not None else np.zeros((0, 4), np.float32)
+        g_labels = gt.labels[gt.starts[k] : gt.starts[k + 1]] if k is not None else []
+        iou, idx = match_to_truth(det, g_boxes)
+        label = np.asarray(g_labels, np.int32)[idx] if len(g_boxes) else np.zeros(len(det))
+        target = g_boxes[idx] if len(g_boxes) else np.zeros_like(det)
+        valid = (det[:, 2] > det[:, 0]) & (det[:, 3] > det[:, 1])
+        reg = valid & (score >= rules.initial_thresh) & (iou >= rules.match_iou)
+        cls = valid & (score >= rules.min_score)
+        for kind, m, lab in (
+            (REG, reg, label),
+            (CLS, cls, np.where(iou >= rules.fg_iou, label, 0)),
+        ):
+            cols["image_id"].append(np.full(int(m.sum()), int(image_id), np.int64))
+            cols["kind"] += [kind] * int(m.sum())
+            cols["box"].append(det[m])
+            cols["target"].append(target[m])
+            cols["label"].append(np.asarray(lab, np.int32)[m])
+            cols["iou"].append(iou[m])
+    n = len(cols["kind"])
+    cat = {k: np.concatenate(v) if v and k != "kind" else v for k, v in cols.items()}
+    box = cat["box"] if n else np.zeros((0, 4), np.float32)
+    target = cat["target"] if n else np.zeros((0, 4), np.float32)
+    return pa.table(
+        {
+            "image_id": cat["image_id"] if n else np.zeros(0, np.int64),
+            "round": np.full(n, round_, np.int32),
+            "kind": pa.array(cols["kind"], pa.string()),
+            **{c: box[:, i] for i, c in enumerate(("x1", "y1", "x2", "y2"))},
+            **{f"target_{c}": target[:, i] for i, c in enumerate(("x1", "y1", "x2", "y2"))},
+            "label": cat["label"] if n else np.zeros(0, np.int32),
+            "iou": cat["iou"] if n else np.zeros(0, np.float32),
+            "scale": np.full(n, np.nan, np.float32),
+            "group": np.full(n, REAL_GROUP, np.int32),
+            "source": pa.array([REAL] * n, pa.string()),
+        },
+        schema=PAIR_SCHEMA,
+    )
+
+
+def mixed_rows(is_real: np.ndarray, real_fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Row indices of one image's pairs of one kind such that real rows make up
+    ``real_fraction`` of them (real rows repeated or subsampled; 0: synthetic only, 1: real
+    only); where one source is missing, the other's rows as they are."""
+    is_real = np.asarray(is_real, bool)
+    real, synthetic = np.flatnonzero(is_real), np.flatnonzero(~is_real)
+    if real_fraction <= 0 or not len(real):
+        return synthetic
+    if real_fraction >= 1 or not len(synthetic):
+        return real
+    want = int(round(real_fraction / (1 - real_fraction) * len(synthetic)))
+    picked = np.concatenate(
+        [np.tile(real, want // len(real)), rng.choice(real, want % len(real), replace=False)]
+    )
+    return np.sort(np.concatenate([synthetic, picked]), kind="stable")
 
 
 @dataclass
@@ -485,6 +540,7 @@ class NoiseSummary:
 
     rows: int = 0
     per_kind: dict[str, dict[str, Any]] = field(default_factory=dict)
+    per_source: dict[str, int] = field(default_factory=dict)
 
 
 IOU_BINS = (0.0, 0.3, 0.5, 0.7, 0.9, 1.0)
@@ -495,6 +551,9 @@ def _summarize(summary: NoiseSummary, table: pa.Table) -> None:
     iou = table.column("iou").to_numpy()
     label = table.column("label").to_numpy()
     summary.rows += table.num_rows
+    sources, counts = np.unique(table.column("source").to_numpy(False), return_counts=True)
+    for source, n in zip(sources.tolist(), counts.tolist(), strict=True):
+        summary.per_source[source] = summary.per_source.get(source, 0) + n
     names = [f"{a:.1f}-{b:.1f}" for a, b in zip(IOU_BINS[:-1], IOU_BINS[1:], strict=True)]
     for kind in (REG, CLS):
         m = kinds == kind
@@ -559,8 +618,14 @@ def read_noise_metadata(path: str | Path) -> dict[str, Any]:
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as e:
-        raise DplError(f"{path}: not a readable Parquet file ({type(e).__name__})") from None
+        raise DplError(f"{path}: not a readable Parquet file ({e})") from None
     raw = (schema.metadata or {}).get(META_KEY)
-    if raw is None or any(n not in schema.names for n in PAIR_SCHEMA.names):
+    if raw is None or any(n not in schema.names for n in REQUIRED_COLUMNS):
         raise DplError(f"{path}: not a dpl noise file (make one with dpl synth-noise)")
-    return json.loads(raw)
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DplError(f"{path}: Parquet metadata {META_KEY.decode()} is not JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise DplError(f"{path}: Parquet metadata {META_KEY.decode()} must be a JSON object")
+    return meta

@@ -1,0 +1,141 @@
+"""Export a training-ready dataset: the labeled ground truth plus the pseudo labels.
+
+--format coco writes DIR/train.json (ground truth and pseudo labels, the pseudo annotations
+marked "pseudo": true with their "score"; pseudo image and annotation ids numbered above
+the ground truth's) and DIR/val.json with --val; file names are relative to DIR (or copies
+under DIR/images with --copy-images). --format yolo writes the ultralytics layout:
+DIR/images/{train,val} (links to the images, or copies), DIR/labels/{train,val} and
+DIR/data.yaml, so that `yolo detect train data=DIR/data.yaml` runs as it is. An image
+that is both labeled and pseudo-labeled keeps its ground truth only.
+
+DIR is dpl's own folder: dpl refuses a folder holding files it did not write, or an
+input's folder, and never writes or deletes anything outside it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from commands.options import AllowOutsideRoot, RunDir, print_report, within
+from dpl_tools.data.export import (
+    DATASET_FORMATS,
+    SUMMARY_FILE,
+    VIEWS,
+    DatasetInputs,
+    ExportSummary,
+    export_dataset,
+)
+from dpl_tools.defaults import UNIT
+from dpl_tools.errors import DplError
+from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input
+
+
+def _print_summary(console: Console, summary: ExportSummary) -> None:
+    images = summary.images
+    title = (
+        f"dpl export ({summary.format}, {summary.view} view) -> {summary.out}: "
+        f"{images['labeled']} labeled + {images['pseudo']} pseudo-labeled train images, "
+        f"{images['val']} val images"
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("class", style="bold")
+    for name in ("GT boxes", "pseudo boxes", "val boxes"):
+        table.add_column(name, justify="right")
+    keys = ("gt_boxes", "pseudo_boxes", "val_boxes")
+    for c in summary.classes:
+        table.add_row(c["name"], *(str(c[k]) for k in keys))
+    table.add_row("all", *(str(sum(c[k] for c in summary.classes)) for k in keys), style="bold")
+    console.print(table)
+    if summary.pseudo_images_in_labeled:
+        console.print(
+            f"{summary.pseudo_images_in_labeled} pseudo-labeled image(s) are also labeled: "
+            "their ground truth is exported, their pseudo labels are not"
+        )
+    if summary.format == "yolo" and not images["val"]:
+        console.print("no --val given: data.yaml's val points at the train images")
+    console.print(f"figures in {Path(summary.out) / SUMMARY_FILE}")
+
+
+def command(
+    out: Annotated[Path, typer.Option("--out", help="Export folder (new, or an earlier export).")],
+    fmt: Annotated[str, typer.Option("--format", help="coco or yolo (ultralytics layout).")],
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            "--labels", help="Pseudo-label Parquet file or part folder (default <run-dir>/...)."
+        ),
+    ] = None,
+    labeled: Annotated[
+        Path | None,
+        typer.Option("--labeled", help="Labeled COCO JSON (default <run-dir>/split/labeled.json)."),
+    ] = None,
+    view: Annotated[
+        str,
+        typer.Option(
+            "--view",
+            help="Pseudo labels exported: polished (default), cls, reg or teacher (unpolished).",
+        ),
+    ] = "polished",
+    min_score: Annotated[
+        float | None,
+        typer.Option(
+            "--min-score",
+            help="Leave out pseudo boxes whose detector score is below this (0..1).",
+            callback=within(UNIT, float),
+        ),
+    ] = None,
+    val: Annotated[
+        Path | None, typer.Option("--val", help="Val/test COCO JSON copied into the export.")
+    ] = None,
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            "--images", help="Folder --labeled's file names are relative to (default its folder)."
+        ),
+    ] = None,
+    unlabeled_images: Annotated[
+        Path | None,
+        typer.Option(
+            "--unlabeled-images",
+            help="Folder the pseudo labels' file names are relative to (default --images).",
+        ),
+    ] = None,
+    val_images: Annotated[
+        Path | None,
+        typer.Option(
+            "--val-images", help="Folder --val's file names are relative to (default --images)."
+        ),
+    ] = None,
+    copy_images: Annotated[
+        bool, typer.Option("--copy-images", help="Copy the images instead of linking to them.")
+    ] = False,
+    allow_outside_root: AllowOutsideRoot = False,
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+) -> None:
+    console = Console()
+    if fmt not in DATASET_FORMATS:
+        raise DplError(f"--format {fmt!r}: choose from {', '.join(DATASET_FORMATS)}")
+    if view not in VIEWS:
+        raise DplError(f"--view {view!r}: choose from {', '.join(VIEWS)}")
+    labels = resolve_input(labels, run_dir, "labels", "--labels")
+    labeled = resolve_input(labeled, run_dir, "labeled", "--labeled")
+    root = images if images is not None else labeled.parent
+    inputs = DatasetInputs(
+        labels=labels,
+        labeled=labeled,
+        images=root,
+        unlabeled_images=unlabeled_images if unlabeled_images is not None else root,
+        val=val,
+        val_images=val_images if val_images is not None else (root if val else None),
+        allow_outside_root=allow_outside_root,
+    )
+    summary = export_dataset(inputs, out, fmt, view, min_score, copy_images)
+    for report in summary.reports:
+        if not report.clean:
+            print_report(console, report)
+    _print_summary(console, summary)

@@ -1,0 +1,428 @@
+"""The defaults table: every setting of every config section, each written once.
+
+As detectron2's ``config/defaults.py``: one table, one section per stage (``model``,
+``teacher``, ``polisher`` (pair synthesis and polisher training), ``polish``, ``student``),
+plus the ``data`` / ``run`` sections that only ``dpl run`` configs have. Each entry is a
+``Setting``: its default value and what a valid value is (type, range, choices). The
+settings dataclasses (``TrainConfig``, ``PairSettings``, ``PolishSettings``) take their
+defaults from here, ``dpl_tools.config`` checks YAML files against it, and the CLI flags
+of the same settings use the same ranges (``commands.options``). Importing this module
+imports nothing heavy (no torch), so ``load_config()`` is cheap.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
+
+# Detector architectures (``dpl_tools.models.detector`` builds them).
+ARCHS = ("r50_fpn", "mobilenet_v2_fpn", "resnet18_fpn")
+NOISE_MODELS = ("gaussian", "empirical", "crossfit")
+PSEUDO_VIEWS = ("polished", "raw", "reg-only", "cls-only")
+STUDENT_NEGATIVES = ("hard", "ignore", "soft")
+KEEP_RULES = ("fitted", "paper")  # fitted by train-polisher, or the paper's 0.9 / 0.9
+
+
+@dataclass(frozen=True)
+class Range:
+    """A closed or open interval of valid numbers (``None``: unbounded on that side)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def contains(self, value: float) -> bool:
+        """True when ``value`` lies in the interval."""
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        if self.high is not None:
+            return value < self.high if self.high_open else value <= self.high
+        return True
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+AT_LEAST_1 = Range(1)
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, low_open=True)
+UNIT = Range(0, 1)  # probabilities, IoU thresholds, fractions
+PERCENT = Range(0, 100, low_open=True)
+
+
+class SettingError(ValueError):
+    """A value that does not fit its setting (the message says why, without the key)."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One config key: its default and what a valid value is.
+
+    The value type is the default's (``kind`` when the default is None; ``item`` for the
+    elements of a list); ``nullable`` also allows None (null in YAML); ``keys`` is the
+    table a mapping's own keys are checked against (``model.detector_kwargs``); ``help``
+    says what the setting does.
+    """
+
+    default: Any
+    help: str = ""
+    range: Range | None = None
+    choices: tuple[str, ...] | None = None
+    nullable: bool = False
+    kind: type | None = None
+    item: type | None = None
+    keys: Mapping[str, Setting] | None = None
+
+    @property
+    def type(self) -> type:
+        return self.kind or type(self.default)
+
+    def check(self, value: Any) -> Any:
+        """``value`` in its canonical type (an integral float becomes int for an int
+        setting, list items likewise), or a ``SettingError`` saying what is wrong."""
+        if value is None:
+            if self.nullable:
+                return None
+            raise SettingError(f"expected {_describe(self)}, got null")
+        if self.type is list:
+            if not isinstance(value, list):
+                raise SettingError(f"expected {_describe(self)}, got {_shown(value)}")
+            item = Setting(None, range=self.range, kind=self.item or float)
+            out = []
+            for i, v in enumerate(value):
+                try:
+                    out.append(item.check(v))
+                except SettingError as e:
+                    raise SettingError(f"item {i}: {e}") from None
+            return out
+        if self.type is dict:
+            if not isinstance(value, dict):
+                raise SettingError(f"expected a mapping, got {_shown(value)}")
+            return dict(value)  # keys are checked by ``check_mapping``
+        value = _typed(self.type, value, self)
+        if self.choices is not None and value not in self.choices:
+            raise SettingError(f"{value!r} is not one of {', '.join(self.choices)}")
+        if self.range is not None and not self.range.contains(value):
+            raise SettingError(f"must be {self.range}, got {value:g}")
+        return value
+
+
+def _describe(setting: Setting) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+    if setting.type is list:
+        return f"a list of {'integers' if setting.item is int else 'numbers'}"
+    if setting.type is dict:
+        return "a mapping"
+    return names.get(setting.type, setting.type.__name__)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"{text[:40]}..." if len(text) > 40 else text
+
+
+def _typed(kind: type, value: Any, setting: Setting) -> Any:
+    """``value`` as ``kind`` (bool, int, float or str), without lossy conversions."""
+    wrong = SettingError(f"expected {_describe(setting)}, got {_shown(value)}")
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if kind is str:
+        if not isinstance(value, str):
+            raise wrong
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise wrong
+    if not math.isfinite(value):
+        raise SettingError(f"expected a finite number, got {value}")
+    if kind is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise wrong
+        return int(value)
+    return value  # an int is a valid number where a float is expected
+
+
+def check_mapping(
+    values: Mapping[str, Any], table: Mapping[str, Setting], prefix: str = ""
+) -> dict[str, Any]:
+    """``values`` checked against ``table`` (unknown keys, types, ranges), in canonical
+    types; a ``SettingError`` names the key as ``prefix + key`` (e.g. ``teacher.iters``),
+    with a did-you-mean for a typo. Mappings with a ``keys`` table are checked inside."""
+    out = {}
+    for key, value in values.items():
+        if key not in table:
+            raise SettingError(unknown(f"key {prefix}", key, table))
+        setting = table[key]
+        try:
+            out[key] = setting.check(value)
+        except SettingError as e:
+            raise SettingError(f"{prefix}{key}: {e}") from None
+        if setting.keys is not None and out[key]:
+            out[key] = check_mapping(out[key], setting.keys, f"{prefix}{key}.")
+    return out
+
+
+def unknown(what: str, name: Any, known: Mapping[str, Any] | list[str]) -> str:
+    """``unknown key teacher.iter (did you mean iters?)``, or the list of known names."""
+    import difflib
+
+    names = list(known)
+    close = difflib.get_close_matches(str(name), names, n=1)
+    hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(names)}"
+    return f"unknown {what}{name} ({hint})"
+
+
+def _optimizer(warmup_iters: int) -> dict[str, Setting]:
+    """The SGD schedule settings shared by the teacher, polisher and student sections."""
+    return {
+        "lr": Setting(0.01, "base SGD learning rate", POSITIVE),
+        "momentum": Setting(0.9, "SGD momentum", Range(0, 1, high_open=True)),
+        "weight_decay": Setting(0.0001, "SGD weight decay", NON_NEGATIVE),
+        "warmup_iters": Setting(warmup_iters, "linear warm-up iterations", NON_NEGATIVE),
+        "warmup_factor": Setting(0.001, "lr factor at iteration 0 of the warm-up", UNIT),
+        "lr_steps": Setting(
+            [0.667, 0.889],
+            "fractions of iters where lr is multiplied by gamma",
+            UNIT,
+            item=float,
+        ),  # fmt: skip
+        "gamma": Setting(0.1, "lr factor at each step", POSITIVE),
+        "clip_grad_norm": Setting(
+            10.0, "gradient norm clip (0 or null: off)", NON_NEGATIVE, nullable=True
+        ),
+    }
+
+
+def _detector_training(warmup_iters: int) -> dict[str, Setting]:
+    """Settings of a detector's training run (the ``teacher`` and ``student`` sections)."""
+    return {
+        "iters": Setting(400, "training iterations (total)", AT_LEAST_1),
+        "batch_size": Setting(2, "images per iteration per process (per GPU)", AT_LEAST_1),
+        **_optimizer(warmup_iters),
+        "multiscale": Setting(
+            [0.8, 0.9, 1.0, 1.1, 1.2],
+            "training shorter sides, x model.min_size",
+            POSITIVE,
+            nullable=True,
+            item=float,
+        ),  # fmt: skip
+        "hflip": Setting(True, "random horizontal flips"),
+        "workers": Setting(2, "DataLoader worker processes", NON_NEGATIVE),
+        "checkpoint_every": Setting(
+            100, "checkpoint every N iterations (0: at the end)", NON_NEGATIVE
+        ),
+        "find_unused_parameters": Setting(False, "DDP find_unused_parameters"),
+    }
+
+
+# torchvision FasterRCNN arguments a config may set (``model.detector_kwargs``).
+DETECTOR_KWARGS: dict[str, Setting] = {
+    **{
+        key: Setting(None, range=AT_LEAST_1, nullable=True, kind=int)
+        for key in (
+            "rpn_pre_nms_top_n_train",
+            "rpn_pre_nms_top_n_test",
+            "rpn_post_nms_top_n_train",
+            "rpn_post_nms_top_n_test",
+            "rpn_batch_size_per_image",
+            "box_detections_per_img",
+            "box_batch_size_per_image",
+            "size_divisible",
+        )  # fmt: skip
+    },
+    **{
+        key: Setting(None, range=UNIT, nullable=True, kind=float)
+        for key in (
+            "rpn_nms_thresh",
+            "rpn_fg_iou_thresh",
+            "rpn_bg_iou_thresh",
+            "rpn_positive_fraction",
+            "rpn_score_thresh",
+            "box_score_thresh",
+            "box_nms_thresh",
+            "box_fg_iou_thresh",
+            "box_bg_iou_thresh",
+            "box_positive_fraction",
+        )  # fmt: skip
+    },
+    "image_mean": Setting(None, nullable=True, kind=list, item=float),
+    "image_std": Setting(None, range=POSITIVE, nullable=True, kind=list, item=float),
+    "bbox_reg_weights": Setting(None, range=POSITIVE, nullable=True, kind=list, item=float),
+    "frozen_bn": Setting(
+        None, "frozen BatchNorm (default: when pretrained)", nullable=True, kind=bool
+    ),
+}
+
+SETTINGS: dict[str, dict[str, Setting]] = {
+    "model": {
+        "arch": Setting("mobilenet_v2_fpn", "detector architecture", choices=ARCHS),
+        "backbone_weights": Setting("none", "imagenet, none, or a checkpoint path"),
+        "min_size": Setting(480, "test-time shorter side (px)", AT_LEAST_1),
+        "max_size": Setting(800, "longest side cap (px)", AT_LEAST_1),
+        "detector_kwargs": Setting(
+            {}, "extra torchvision FasterRCNN arguments", keys=DETECTOR_KWARGS
+        ),
+    },
+    "teacher": _detector_training(warmup_iters=100),
+    "polisher": {
+        # pair synthesis (dpl synth-noise)
+        "rounds": Setting(4, "independent noise draws, one per training round", AT_LEAST_1),
+        "reg_copies": Setting(150, "regression copies per GT box", NON_NEGATIVE),
+        "reg_scale": Setting(0.2, "regression noise scale s", NON_NEGATIVE),
+        "cls_copies": Setting([50, 50], "classification copies per group", NON_NEGATIVE, item=int),
+        "cls_scales": Setting([0.06, 0.2], "classification noise scale per group", NON_NEGATIVE),
+        "fg_iou": Setting(0.7, "IoU with the best GT for a foreground label", UNIT),
+        "noise_model": Setting("gaussian", "gaussian, empirical or crossfit", choices=NOISE_MODELS),
+        "empirical_min_match_iou": Setting(0.5, "IoU matching a detection to its GT", UNIT),
+        "empirical_reg_min_score": Setting(0.5, "min score of regression errors", UNIT),
+        "empirical_cls_min_score": Setting(0.05, "min score of classification errors", UNIT),
+        "empirical_inflate": Setting(1.0, "scale factor on the fitted errors", NON_NEGATIVE),
+        "crossfit_folds": Setting(3, "crossfit: folds of the labeled images", Range(2)),
+        "crossfit_iters_fraction": Setting(
+            0.5, "crossfit: fold teacher iters / teacher iters", Range(0, 1, low_open=True)
+        ),
+        "real_fraction": Setting(0.5, "share of real (crossfit) pairs among the pairs", UNIT),
+        # training (dpl train-polisher)
+        "iters": Setting(400, "training steps", AT_LEAST_1),
+        "batch_size": Setting(2, "images per step per process", AT_LEAST_1),
+        **_optimizer(warmup_iters=50),
+        "workers": Setting(2, "DataLoader worker processes", NON_NEGATIVE),
+        "checkpoint_every": Setting(
+            100, "checkpoint every N steps for --resume (0: none)", NON_NEGATIVE
+        ),
+        "reg_per_image": Setting(256, "regression pairs per image per step", AT_LEAST_1),
+        "cls_per_image": Setting(512, "classification samples per image per step", AT_LEAST_1),
+        "max_proposals": Setting(1000, "teacher RPN proposals per image", NON_NEGATIVE),
+        "ema_momentum": Setting(0.99, "EMA momentum of the saved copy", UNIT),
+        "val_fraction": Setting(0.1, "labeled images held out (0: off)", UNIT),
+        "fit_keep_rule": Setting(True, "fit polish's keep thresholds on crossfit.parquet"),
+        "precision_target": Setting(
+            None,
+            "fit: best recall at this precision (null: best F1)",
+            UNIT,
+            nullable=True,
+            kind=float,
+        ),
+    },
+    "polish": {
+        "score_thresh": Setting(0.001, "teacher test-time score threshold", UNIT),
+        "nms_thresh": Setting(0.5, "teacher test-time NMS IoU threshold", UNIT),
+        "detections_per_img": Setting(100, "teacher detections kept per image", AT_LEAST_1),
+        "initial_thresh": Setting(0.5, "teacher score from which a box is polished", UNIT),
+        "keep_rule": Setting("fitted", "fitted (by train-polisher) or paper", choices=KEEP_RULES),
+        "cls_prob": Setting(
+            None,
+            "polisher prob that keeps/relabels a box (null: keep_rule's)",
+            UNIT,
+            nullable=True,
+            kind=float,
+        ),
+        "teacher_score": Setting(
+            None,
+            "teacher score above which a box is kept (null: keep_rule's)",
+            UNIT,
+            nullable=True,
+            kind=float,
+        ),
+        "reg_steps": Setting(1, "regression polisher passes per box (cascade)", Range(1, 10)),
+        "tta": Setting(False, "teacher test-time augmentation (flip + tta_scales), WBF-fused"),
+        "tta_scales": Setting([0.8, 1.2], "extra TTA test scales, x model.min_size", POSITIVE),
+        "tta_fusion_iou": Setting(0.55, "IoU above which TTA boxes fuse (WBF)", UNIT),
+        "batch_size": Setting(
+            None,
+            "images per batch (null: 16 on GPU, 2 on CPU)",
+            AT_LEAST_1,
+            nullable=True,
+            kind=int,
+        ),
+        "workers": Setting(2, "DataLoader worker processes decoding images", NON_NEGATIVE),
+    },
+    "student": {
+        **_detector_training(warmup_iters=100),
+        "unlabeled_ratio": Setting(1.0, "pseudo-labeled images per labeled image", NON_NEGATIVE),
+        "unlabeled_weight": Setting(1.0, "loss = L_labeled + w * L_unlabeled", NON_NEGATIVE),
+        "pseudo_view": Setting(
+            "polished", "polished, raw, reg-only or cls-only pseudo labels", choices=PSEUDO_VIEWS
+        ),
+        "negatives": Setting(
+            "ignore",
+            "unlabeled background: hard, ignore (unkept teacher boxes) or soft (teacher-weighted)",
+            choices=STUDENT_NEGATIVES,
+        ),
+        "disentangle": Setting(True, "False: polished boxes and labels for every loss"),
+        "allow_empty": Setting(False, "train even with no usable pseudo box (warns)"),
+    },
+}
+
+# Sections only ``dpl run`` configs have (paths relative to the config file).
+RUN_SETTINGS: dict[str, dict[str, Setting]] = {
+    "data": {
+        "ann": Setting(None, "labeled COCO JSON to split (required)", kind=str),
+        "images": Setting(None, "its images folder (required)", kind=str),
+        "percent": Setting(10.0, "percent of images kept labeled", PERCENT),
+        "fold": Setting(1, "fold of the split", NON_NEGATIVE),
+        "seed": Setting(0, "seed of the split and of every stage", NON_NEGATIVE),
+        "test_ann": Setting(
+            None, "test COCO JSON (AP of teacher and students)", nullable=True, kind=str
+        ),
+        "test_images": Setting(
+            None, "its images folder (default: data.images)", nullable=True, kind=str
+        ),
+    },
+    "run": {
+        "preset": Setting(None, "preset under the file's own sections", nullable=True, kind=str),
+        "run_dir": Setting("dpl-run", "run directory"),
+    },
+}
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    section: {key: s.default for key, s in table.items()} for section, table in SETTINGS.items()
+}
+
+
+def section_defaults(section: str) -> dict[str, Any]:
+    """A fresh copy of one section's default values."""
+    import copy
+
+    return copy.deepcopy(DEFAULTS[section])
+
+
+def settings_from_section(cls: type, section: Mapping[str, Any], **overrides: Any) -> Any:
+    """A settings dataclass built from a config section: its fields that the section has
+    (other keys ignored), each converted to the field default's type (int / float, list
+    items likewise), the others at the dataclass defaults (which come from this table)."""
+    values = {**section, **overrides}
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        if f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        kwargs[f.name] = _like(default, values[f.name])
+    return cls(**kwargs)
+
+
+def _like(default: Any, value: Any) -> Any:
+    """``value`` converted to ``default``'s number type (lists item by item)."""
+    if isinstance(default, list) and isinstance(value, list) and default:
+        return [_like(default[0], v) for v in value]
+    if value is None or isinstance(value, bool) or isinstance(default, bool):
+        return value
+    if isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    if isinstance(default, int) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value

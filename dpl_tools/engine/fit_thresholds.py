@@ -1,0 +1,174 @@
+"""Fit the classification keep rule's thresholds on held-out labeled images.
+
+The paper's rule keeps a teacher box as a classification pseudo label when the
+classification polisher's best foreground probability ``p >= cls_prob`` or the teacher
+score ``s > teacher_score``, and relabels it to the polisher's class when
+``p >= cls_prob and s < teacher_score``. Its 0.9 / 0.9 were tuned for a strong COCO
+teacher; with a weak one almost nothing clears them. Here the pair is chosen on
+detections of labeled images by teachers that did not train on them (out-of-fold), as the
+operating point with the best F1 of class-aware pseudo labels at IoU 0.5, or the best
+recall at a precision target. The rule itself is the production one
+(``keep_rule.select_pseudo_labels``, in the scores' own precision: pass float32 scores
+and probabilities, as polishing has, so a fitted threshold means the same in both).
+The caller supplies detections and truth (``engine.keep_thresholds`` does it from
+cross-fitted detections).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torchvision.ops import box_iou
+
+from dpl_tools.engine.keep_rule import PAPER_CLS_PROB, PAPER_TEACHER_SCORE, select_pseudo_labels
+
+# Candidate thresholds: a grid plus the paper's values (teacher_score 1.0: never keep a
+# box on the teacher's score alone).
+CLS_PROB_GRID = tuple(round(x, 2) for x in np.arange(0.05, 1.0, 0.05)) + (PAPER_CLS_PROB,)
+TEACHER_SCORE_GRID = tuple(round(x, 2) for x in np.arange(0.5, 1.0, 0.05)) + (
+    PAPER_TEACHER_SCORE,
+    1.0,
+)
+
+
+@dataclass
+class HeldOutImage:
+    """One held-out image: teacher detections (score >= initial threshold) with the
+    polisher's verdict, and the image's true boxes. Boxes xyxy, labels COCO ids."""
+
+    boxes: np.ndarray  # [N, 4] teacher boxes
+    teacher_labels: np.ndarray  # [N]
+    teacher_scores: np.ndarray  # [N]
+    polisher_labels: np.ndarray  # [N] polisher's best foreground class
+    polisher_probs: np.ndarray  # [N] its probability
+    gt_boxes: np.ndarray  # [G, 4]
+    gt_labels: np.ndarray  # [G]
+
+
+@dataclass
+class FittedThresholds:
+    """The chosen operating point and what it gives on the held-out images."""
+
+    cls_prob: float
+    teacher_score: float
+    objective: str
+    precision: float
+    recall: float
+    f1: float
+    kept: int
+    detections: int
+    gt_boxes: int
+    images: int
+    candidates: list[dict] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (stored in the polisher checkpoint and the Parquet metadata)."""
+        return {
+            "cls_prob": self.cls_prob,
+            "teacher_score": self.teacher_score,
+            "objective": self.objective,
+            "precision50": round(self.precision, 4),
+            "recall50": round(self.recall, 4),
+            "f1": round(self.f1, 4),
+            "kept": self.kept,
+            "detections": self.detections,
+            "gt_boxes": self.gt_boxes,
+            "images": self.images,
+        }
+
+
+def _true_positives(
+    iou: np.ndarray, scores: np.ndarray, labels: np.ndarray, gt_labels: np.ndarray
+) -> int:
+    """Greedy one-to-one class-aware matching at IoU >= 0.5, highest score first (COCO)."""
+    taken = np.zeros(len(gt_labels), bool)
+    tp = 0
+    for i in np.argsort(-scores, kind="stable"):
+        ok = (~taken) & (gt_labels == labels[i]) & (iou[i] >= 0.5)
+        if ok.any():
+            taken[np.argmax(np.where(ok, iou[i], -1.0))] = True
+            tp += 1
+    return tp
+
+
+def evaluate_rule(
+    images: Sequence[HeldOutImage], ious: Sequence[np.ndarray], cls_prob: float, score: float
+) -> tuple[int, int, int]:
+    """(true positives, kept boxes, true boxes) of the rule at one operating point."""
+    tp = kept_total = gt_total = 0
+    for image, iou in zip(images, ious, strict=True):
+        choice = select_pseudo_labels(
+            image.teacher_labels, image.teacher_scores, image.polisher_labels,
+            image.polisher_probs, cls_prob, score,
+        )  # fmt: skip
+        kept, labels = choice.use_cls, choice.labels
+        gt_total += len(image.gt_labels)
+        kept_total += int(kept.sum())
+        if kept.any() and len(image.gt_labels):
+            tp += _true_positives(
+                iou[kept], image.teacher_scores[kept], labels[kept], image.gt_labels
+            )
+    return tp, kept_total, gt_total
+
+
+def fit_keep_thresholds(
+    images: Sequence[HeldOutImage],
+    precision_target: float | None = None,
+    cls_prob_grid: Sequence[float] = CLS_PROB_GRID,
+    teacher_score_grid: Sequence[float] = TEACHER_SCORE_GRID,
+) -> FittedThresholds:
+    """Choose (cls_prob, teacher_score) on held-out images.
+
+    Objective: the best F1 of class-aware pseudo labels at IoU 0.5; with
+    ``precision_target``, the best recall among points whose precision reaches it (the best
+    precision if none does). Ties go to the point with more precision, then to the higher
+    thresholds (the stricter, closer to the paper's rule).
+    """
+    if not images:
+        raise ValueError("no held-out images to fit the keep thresholds on")
+    ious = [
+        box_iou(torch.as_tensor(im.boxes, dtype=torch.float64).reshape(-1, 4),
+                torch.as_tensor(im.gt_boxes, dtype=torch.float64).reshape(-1, 4)).numpy()
+        for im in images
+    ]  # fmt: skip
+    candidates = []
+    for cp in sorted(set(cls_prob_grid)):
+        for ts in sorted(set(teacher_score_grid)):
+            tp, kept, gt = evaluate_rule(images, ious, cp, ts)
+            precision = tp / kept if kept else 0.0
+            recall = tp / gt if gt else 0.0
+            f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
+            candidates.append(
+                {"cls_prob": cp, "teacher_score": ts, "precision": precision,
+                 "recall": recall, "f1": f1, "kept": kept, "gt": gt}
+            )  # fmt: skip
+
+    def order(c: dict) -> tuple:
+        return (c["precision"], c["cls_prob"], c["teacher_score"])
+
+    if precision_target is None:
+        objective = "f1"
+        best = max(candidates, key=lambda c: (round(c["f1"], 9), *order(c)))
+    else:
+        objective = f"recall at precision >= {precision_target:g}"
+        reach = [c for c in candidates if c["precision"] >= precision_target]
+        if reach:
+            best = max(reach, key=lambda c: (round(c["recall"], 9), *order(c)))
+        else:
+            best = max(candidates, key=order)
+    return FittedThresholds(
+        cls_prob=float(best["cls_prob"]),
+        teacher_score=float(best["teacher_score"]),
+        objective=objective,
+        precision=best["precision"],
+        recall=best["recall"],
+        f1=best["f1"],
+        kept=best["kept"],
+        detections=sum(len(im.teacher_scores) for im in images),
+        gt_boxes=best["gt"],
+        images=len(images),
+        candidates=candidates,
+    )

@@ -1,0 +1,216 @@
+"""The polishers' noise file (``noise.parquet``) from a noise model: what ``dpl synth-noise``
+and ``dpl train-polisher --noise-model`` run.
+
+* ``gaussian``: the paper's noise around the labeled GT boxes.
+* ``empirical``: Gaussian replaced by the teacher's own errors, fitted by running it on
+  ``heldout_ann`` (labeled images it did not train on; never a test split) or, without it,
+  on its own training images (which understates its errors).
+* ``crossfit``: cross-fitting (``dpl_tools.engine.crossfit``) gives out-of-fold detections
+  of every labeled image; the synthetic pairs use the empirical noise fitted on them, and
+  the real pairs (detections matched to the GT, with ``source`` "real") are added to every
+  round. The noise metadata records the folds and the pair counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from dpl_tools.data.coco import CocoData, load_coco
+from dpl_tools.data.crossfit_detections import detections_by_image
+from dpl_tools.data.polisher_pairs import (
+    GaussianNoise,
+    GroundTruth,
+    NoiseModel,
+    NoiseSummary,
+    PairSettings,
+    RealPairRules,
+    noise_metadata,
+    real_pairs,
+    synthesize_pairs,
+    write_noise_parquet,
+)
+from dpl_tools.defaults import NOISE_MODELS
+from dpl_tools.engine.crossfit import (
+    CrossfitResult,
+    empirical_from_crossfit,
+    fit_empirical_noise,
+    run_crossfit,
+)
+from dpl_tools.errors import DplError
+
+
+@dataclass
+class NoiseFile:
+    """A written noise file: its noise model, summary, ground truth and (crossfit) folds."""
+
+    path: Path
+    model: NoiseModel
+    summary: NoiseSummary
+    gt: GroundTruth
+    crossfit: CrossfitResult | None = None
+
+
+def _progress(console: Console, name: str) -> Progress:
+    return Progress(TextColumn(name), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console)  # fmt: skip
+
+
+def make_noise_file(
+    config: dict[str, Any],
+    ann_path: str | Path,
+    out_path: str | Path,
+    seed: int = 0,
+    teacher_path: str | Path | None = None,
+    images: str | Path | None = None,
+    heldout_ann: str | Path | None = None,
+    device: str = "auto",
+    workers: int = 2,
+    console: Console | None = None,
+    allow_outside_root: bool = False,
+) -> NoiseFile:
+    """Write ``out_path`` with the ``polisher`` section's noise model (``config`` has every
+    section); ``teacher_path`` and ``images`` are needed by ``empirical`` and ``crossfit``."""
+    console = console or Console()
+    cfg = config["polisher"]
+    name = cfg["noise_model"]
+    if name not in NOISE_MODELS:
+        raise DplError(f"--noise-model {name!r}: choose from {', '.join(NOISE_MODELS)}")
+    settings = PairSettings.from_section(cfg)
+    settings.groups("cls")  # validates copies vs scales
+    rounds = int(cfg["rounds"])
+    coco = load_coco(ann_path)
+    for line in coco.report.lines():
+        console.print(f"[yellow]warning:[/] {line}", highlight=False)
+    gt = GroundTruth.from_coco(coco)
+    if len(gt.boxes) == 0:
+        raise DplError(f"{ann_path}: no boxes to synthesize pairs from")
+    if name != "gaussian" and (images is None or teacher_path is None):
+        raise DplError(f"--noise-model {name} needs --teacher and --images (the labeled images)")
+
+    model: NoiseModel = GaussianNoise()
+    crossfit = None
+    if name == "empirical":
+        model = _fit_on_heldout(cfg, coco, ann_path, teacher_path, images, heldout_ann, device,
+                                workers, console, allow_outside_root)  # fmt: skip
+    elif name == "crossfit":
+        if heldout_ann is not None:
+            raise DplError("--heldout-ann is for --noise-model empirical; crossfit needs none")
+        labeled = load_coco(ann_path, images, allow_outside_root=allow_outside_root)
+        crossfit = run_crossfit(teacher_path, ann_path, labeled, images, out_path, config, seed,
+                                device, workers, console, allow_outside_root)  # fmt: skip
+        fitted = empirical_from_crossfit(crossfit.path, gt, cfg)
+        if fitted is None:
+            console.print("[yellow]warning:[/] crossfit: no out-of-fold detection matched a GT "
+                          "box; the synthetic pairs use the Gaussian noise")  # fmt: skip
+        else:
+            model = fitted
+    if model.name == "empirical":
+        _print_fit(model, console)
+
+    meta = noise_metadata(coco, model, settings, rounds, seed)
+    tables = synthesize_pairs(gt, model, settings, rounds, seed)
+    if crossfit is not None:
+        rules = RealPairRules(
+            float(cfg["empirical_min_match_iou"]), float(config["polish"]["initial_thresh"]),
+            float(cfg["empirical_cls_min_score"]), settings.fg_iou,
+        )  # fmt: skip
+        dets = list(detections_by_image(crossfit.path))
+        real = [real_pairs(gt, dets, rules, r) for r in range(rounds)]
+        meta["noise"] = {
+            "model": "crossfit",
+            "folds": len(crossfit.folds),
+            "fold_iterations": crossfit.fold_iters,
+            "teacher_iterations": crossfit.teacher_iters,
+            "crossfit_file": str(crossfit.path),
+            "real_rules": asdict(rules),
+            "real_pairs": {k: _count(real[0], k) for k in ("reg", "cls")},
+            "synthetic": meta["noise"],
+        }
+        tables = _chain(tables, real)
+    total = rounds * len(gt.boxes) * settings.rows_per_box()
+    with _progress(console, "synth-noise") as progress:
+        task = progress.add_task("pairs", total=total)
+        summary = write_noise_parquet(
+            out_path, tables, meta, on_chunk=lambda t: progress.advance(task, t.num_rows)
+        )
+    return NoiseFile(Path(out_path), model, summary, gt, crossfit)
+
+
+def _count(table: pa.Table, kind: str) -> int:
+    """Rows of ``kind`` in a pair table."""
+    return int(pc.sum(pc.equal(table["kind"], kind)).as_py() or 0)
+
+
+def _chain(*parts: Iterable[pa.Table]) -> Iterator[pa.Table]:
+    for part in parts:
+        yield from part
+
+
+def _fit_on_heldout(
+    cfg: dict[str, Any],
+    coco: CocoData,
+    ann_path: str | Path,
+    teacher_path: str | Path,
+    images: str | Path,
+    heldout_ann: str | Path | None,
+    device: str,
+    workers: int,
+    console: Console,
+    allow_outside_root: bool,
+) -> NoiseModel:
+    """The empirical noise fitted by running the teacher on ``heldout_ann`` (or ``coco``)."""
+    from dpl_tools.models.checkpoint import load_detector
+    from dpl_tools.runtime import resolve_device
+
+    if heldout_ann is None:
+        console.print(
+            "[yellow]warning:[/] no --heldout-ann: fitting the noise on the teacher's own "
+            "training images, whose errors understate its real errors (--noise-model crossfit "
+            "fits on out-of-fold detections instead)"
+        )
+        fit_coco = coco
+    else:
+        fit_coco = load_coco(heldout_ann, images, allow_outside_root=allow_outside_root)
+    dev = resolve_device(device)
+    detector, _ = load_detector(teacher_path, dev)
+    with _progress(console, "fit noise") as progress:
+        task = progress.add_task("fit", total=len(fit_coco.images))
+        return fit_empirical_noise(
+            detector, fit_coco, images, dev, workers=workers,
+            min_match_iou=float(cfg["empirical_min_match_iou"]),
+            reg_min_score=float(cfg["empirical_reg_min_score"]),
+            cls_min_score=float(cfg["empirical_cls_min_score"]),
+            inflate=float(cfg["empirical_inflate"]),
+            progress=lambda: progress.advance(task),
+        )  # fmt: skip
+
+
+def _print_fit(model: NoiseModel, console: Console) -> None:
+    fitted = model.describe()
+    std = ", ".join(f"{v:.3f}" for v in fitted["relative_std_confident"])
+    console.print(
+        f"empirical noise: {fitted['matched_detections']} matched detections "
+        f"({fitted['confident_detections']} with score >= {model.reg_min_score}); "
+        f"relative std (x1, y1, x2, y2) = {std}",
+        highlight=False,
+    )
+
+
+def print_crossfit(crossfit: CrossfitResult, console: Console) -> None:
+    """One line on what cross-fitting did and cost."""
+    trained = len(crossfit.folds) - len(crossfit.reused)
+    console.print(
+        f"crossfit: {len(crossfit.folds)} fold teachers x {crossfit.fold_iters} iterations "
+        f"= {crossfit.cost:.2f}x the teacher's {crossfit.teacher_iters} ({trained} trained in "
+        f"{sum(crossfit.fold_seconds):.1f} s, {len(crossfit.reused)} reused); detections "
+        f"-> {crossfit.path}",
+        highlight=False,
+    )

@@ -1,0 +1,78 @@
+"""What every training stage does first: device, process group, settings, labeled COCO set,
+and the check that two files name the same classes.
+
+Shared by the teacher (``train_detector``), the polishers (``train_polisher``) and the
+student (``train_student``), so the three start the same way and fail with the same
+one-line errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from dpl_tools.data.coco import CocoData, load_coco
+from dpl_tools.engine.loop import TrainConfig
+from dpl_tools.errors import DplError
+from dpl_tools.runtime import DistInfo, init_distributed, resolve_device
+
+
+@dataclass
+class TrainSetup:
+    """Where and how a stage trains: its device, its rank in the process group, its loop
+    settings."""
+
+    device: torch.device
+    dist: DistInfo
+    cfg: TrainConfig
+
+
+def setup_training(section: dict[str, Any], device: str, seed: int) -> TrainSetup:
+    """Resolve ``device``, join the process group under torchrun (pinning this rank's GPU)
+    and read the loop settings of a config section (with ``seed``)."""
+    torch_device = resolve_device(device)
+    dist = init_distributed(torch_device)
+    if dist.enabled and torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
+    return TrainSetup(torch_device, dist, TrainConfig.from_section(section, seed=seed))
+
+
+def load_train_coco(
+    ann: str | Path,
+    images_dir: str | Path,
+    console: Console | None,
+    verbose: bool = True,
+    allow_outside_root: bool = False,
+) -> CocoData:
+    """The labeled COCO set a stage trains on: its load warnings printed (when ``verbose``,
+    i.e. on rank 0), and a DplError when it has no images or no boxes. File names leaving
+    ``images_dir`` are refused unless ``allow_outside_root``."""
+    coco = load_coco(ann, images_dir, allow_outside_root=allow_outside_root)
+    if verbose:
+        console = console or Console()
+        for line in coco.report.lines():
+            console.print(f"[yellow]warning:[/] {line}", highlight=False)
+    if not coco.images:
+        raise DplError(f"{ann}: no labeled images to train on (are the images in {images_dir}?)")
+    if not coco.annotations:
+        raise DplError(f"{ann}: no boxes to train on")
+    return coco
+
+
+def check_categories(
+    path: str | Path,
+    categories: list[dict],
+    reference: str | Path,
+    reference_categories: list[dict],
+    what: str = "its",
+    consequence: str = "",
+) -> None:
+    """``path``'s classes (COCO category dicts) must be ``reference``'s, same ids in the
+    same order (label k is category k-1); else a DplError naming both files."""
+    if [c["id"] for c in categories] != [c["id"] for c in reference_categories]:
+        tail = f"; {consequence}" if consequence else ""
+        raise DplError(f"{path}: {what} classes differ from those of {reference}{tail}")

@@ -1,0 +1,274 @@
+"""The one training loop: hooks run in order, the LR schedule is applied, a failed run
+leaves no final checkpoint, and a run stopped after a periodic checkpoint and resumed ends
+with the same weights (model, EMA, optimizer) as an uninterrupted one, for a tiny model and
+for the polishers through ``dpl train-polisher --resume``."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from typer.testing import CliRunner
+
+from commands.cli import app
+from dpl_tools.config import load_config
+from dpl_tools.data.coco import load_coco
+from dpl_tools.data.polisher_pairs import (
+    GaussianNoise,
+    GroundTruth,
+    PairSettings,
+    noise_metadata,
+    synthesize_pairs,
+    write_noise_parquet,
+)
+from dpl_tools.engine.ema import ModelEMA
+from dpl_tools.engine.loop import (
+    Checkpointer,
+    EMAHook,
+    Hook,
+    LRSchedule,
+    TrainConfig,
+    TrainLoop,
+    train,
+)
+from dpl_tools.engine.train_polisher import train_polisher
+from dpl_tools.errors import DplError
+from dpl_tools.models.checkpoint import DetectorSpec, save_detector
+from dpl_tools.models.detector import build_detector
+from dpl_tools.models.polisher import read_polisher_checkpoint
+
+
+class Points(Dataset):
+    """Ten 4-d points with a scalar target each, in the (image, target) form the loop reads."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(10, 4, generator=g), torch.randn(10, generator=g)
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, i: int):
+        return self.x[i], {"y": self.y[i], "index": i}
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.Linear(8, 1))  # uses the RNG
+
+
+def _loss_fn(noise: torch.Generator):
+    """MSE plus a term drawn from ``noise``: the extra generator's state matters too."""
+
+    def loss_fn(net, images, targets):
+        pred = net(torch.stack(images)).squeeze(1)
+        y = torch.stack([t["y"] for t in targets])
+        jitter = torch.randn(len(y), generator=noise)
+        return {"mse": ((pred - y) ** 2).mean(), "jitter": (pred * jitter).mean() * 0.01}
+
+    return loss_fn
+
+
+class Recorder(Hook):
+    """Records hook calls (with the learning rate the optimizer has at each step)."""
+
+    def __init__(self, tag: str, log: list) -> None:
+        self.tag, self.log = tag, log
+
+    def before_train(self, loop):
+        self.log.append((self.tag, "before_train", loop.iteration))
+
+    def before_step(self, loop):
+        lr = loop.optimizer.param_groups[0]["lr"]
+        self.log.append((self.tag, "before_step", loop.iteration, lr))
+
+    def after_step(self, loop):
+        self.log.append((self.tag, "after_step", loop.iteration))
+
+    def after_train(self, loop):
+        self.log.append((self.tag, "after_train", loop.finished))
+
+
+class StopAt(Hook):
+    """Simulates a killed run: fails before the step of ``iteration``."""
+
+    def __init__(self, iteration: int) -> None:
+        self.iteration = iteration
+
+    def before_step(self, loop):
+        if loop.iteration == self.iteration:
+            raise KeyboardInterrupt
+
+
+CFG = dict(iters=7, batch_size=3, lr=0.05, warmup_iters=3, lr_steps=[0.5], workers=0)
+
+
+def _run(stop_at: int | None = None, resume: dict | None = None):
+    """Train the tiny net (EMA, extra generator, checkpoints every 2 iterations); returns
+    (model, ema, optimizer, the checkpoints written as (state, weights, final))."""
+    cfg = TrainConfig(**CFG, checkpoint_every=2, seed=5)
+    model, noise = _net(), torch.Generator().manual_seed(1)
+    ema = ModelEMA(model, 0.9)
+    saved = []
+
+    def save(net, state, final):
+        weights = {k: v.clone() for k, v in net.state_dict().items()}
+        saved.append((copy.deepcopy(state), weights, final))
+
+    if resume is not None:
+        model.load_state_dict(resume["weights"])
+    hooks = [LRSchedule(), EMAHook(ema, model), Checkpointer(save, cfg.checkpoint_every)]
+    if stop_at is not None:
+        hooks.insert(0, StopAt(stop_at))
+    loop = TrainLoop(
+        model, Points(), cfg, torch.device("cpu"), loss_fn=_loss_fn(noise), hooks=hooks,
+        generators={"noise": noise}, resume_state=resume and resume["state"],
+    )  # fmt: skip
+    try:
+        loop.run()
+    except KeyboardInterrupt:
+        pass
+    return model, ema, loop.optimizer, saved
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stopped_and_resumed_loop_equals_uninterrupted():
+    model, ema, opt, saved = _run()
+    assert [(s["iteration"], final) for s, _, final in saved] == [
+        (2, False),
+        (4, False),
+        (6, False),
+        (7, True),
+    ]
+
+    _, _, _, partial = _run(stop_at=5)  # checkpoints at 2 and 4, then killed in step 6
+    assert [(s["iteration"], final) for s, _, final in partial] == [(2, False), (4, False)]
+    state, weights, _ = partial[-1]
+    assert set(state["hooks"]) == {"ema"} and set(state["generators"]) == {"noise"}
+    resumed, resumed_ema, resumed_opt, _ = _run(resume={"state": state, "weights": weights})
+
+    assert _same(resumed.state_dict(), model.state_dict())
+    assert _same(resumed_ema.state_dict(), ema.state_dict())
+    momentum = [s["momentum_buffer"] for s in opt.state_dict()["state"].values()]
+    resumed_momentum = [s["momentum_buffer"] for s in resumed_opt.state_dict()["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(momentum, resumed_momentum, strict=True))
+    # ... and differs from a run that did not restore the generators and the RNG.
+    fresh = _run(resume={"state": {**state, "rng": None, "generators": {}}, "weights": weights})
+    assert not _same(fresh[0].state_dict(), model.state_dict())
+
+
+def test_hooks_run_in_order_with_the_lr_schedule():
+    log: list = []
+    cfg = TrainConfig(**CFG, checkpoint_every=0)
+    model = _net()
+    hooks = [LRSchedule(), Recorder("a", log), Recorder("b", log)]
+    loop = TrainLoop(
+        model, Points(), cfg, torch.device("cpu"), loss_fn=_loss_fn(torch.Generator()),
+        hooks=hooks,
+    )  # fmt: skip
+    result = loop.run()
+    assert result.iterations == 7 and result.iterations_run == 7
+    assert set(result.last_losses) == {"mse", "jitter"}
+    assert result.last_loss == pytest.approx(sum(result.last_losses.values()), rel=1e-5)
+    assert not model.training  # eval mode once trained
+    expected = [("a", "before_train", 0), ("b", "before_train", 0)]
+    for i in range(7):
+        expected += [("a", "before_step", i, cfg.lr_at(i)), ("b", "before_step", i, cfg.lr_at(i))]
+        expected += [("a", "after_step", i), ("b", "after_step", i)]
+    expected += [("a", "after_train", True), ("b", "after_train", True)]
+    assert log == expected
+    lrs = [entry[3] for entry in log if entry[:2] == ("a", "before_step")]
+    # warm-up from 0.001 x lr over 3 iterations, lr, then x 0.1 from iteration 3.5 (7 / 2)
+    assert lrs[0] == pytest.approx(0.05 * 0.001) and lrs[0] < lrs[1] < lrs[2] < 0.05
+    assert lrs[3:] == pytest.approx([0.05, 0.005, 0.005, 0.005])
+
+
+def test_failed_run_calls_after_train_but_writes_no_final_checkpoint():
+    log, saved = [], []
+    cfg = TrainConfig(**CFG, checkpoint_every=0)
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            _net(), Points(), cfg, torch.device("cpu"), loss_fn=_loss_fn(torch.Generator()),
+            save=lambda net, state, final: saved.append(final),
+            hooks=[StopAt(3), Recorder("r", log)],
+        )  # fmt: skip
+    assert log[-1] == ("r", "after_train", False) and saved == []
+    with pytest.raises(DplError, match="no training images"):
+        TrainLoop(_net(), torch.utils.data.TensorDataset(torch.zeros(0)), cfg, torch.device("cpu"))
+
+
+def _polisher_inputs(synth_dataset, tmp_path):
+    """An untrained tiny teacher and a 2-round noise file for the synthetic set."""
+    coco = load_coco(synth_dataset)
+    torch.manual_seed(0)
+    teacher = build_detector(
+        "mobilenet_v2_fpn", len(coco.categories), "none", min_size=64, max_size=96,
+        rpn_pre_nms_top_n_test=60, rpn_post_nms_top_n_test=30,
+    )  # fmt: skip
+    save_detector(
+        tmp_path / "teacher.pt", teacher, DetectorSpec("mobilenet_v2_fpn", coco.categories, 64, 96)
+    )
+    settings = PairSettings(reg_copies=20, cls_copies=[8, 8])
+    write_noise_parquet(
+        tmp_path / "noise.parquet",
+        synthesize_pairs(GroundTruth.from_coco(coco), GaussianNoise(), settings, rounds=2),
+        noise_metadata(coco, GaussianNoise(), settings, 2, 0),
+    )
+    return tmp_path / "teacher.pt", tmp_path / "noise.parquet"
+
+
+POLISHER = {
+    "iters": 3, "batch_size": 2, "workers": 0, "warmup_iters": 2, "checkpoint_every": 2,
+    "reg_per_image": 32, "cls_per_image": 32, "max_proposals": 20, "val_fraction": 0.1,
+}  # fmt: skip
+
+
+def test_killed_polisher_run_resumes_to_the_uninterrupted_weights(synth_dataset, tmp_path):
+    teacher, noise = _polisher_inputs(synth_dataset, tmp_path)
+    images = synth_dataset.parent / "images"
+    cfg = load_config(None, {"polisher": POLISHER})
+    args = (teacher, noise, synth_dataset, images)
+    whole, once = tmp_path / "whole.pt", tmp_path / "resumed.pt"
+    train_polisher(*args, whole, cfg, "cpu", seed=2)
+
+    # Killed in step 3 (of noise round 2), after the checkpoint at 2.
+    with pytest.raises(KeyboardInterrupt):
+        train_polisher(*args, once, cfg, "cpu", seed=2, hooks=[StopAt(2)])
+    last = tmp_path / "resumed.last.pt"
+    assert not once.exists() and read_polisher_checkpoint(last)["train_state"]["iteration"] == 2
+
+    other = tmp_path / "other_teacher.pt"
+    other.write_bytes(teacher.read_bytes() + b"\0")  # another file: another hash
+    with pytest.raises(DplError, match="another teacher"):
+        train_polisher(other, noise, synth_dataset, images, once, cfg, "cpu", seed=2, resume=True)
+
+    result = CliRunner().invoke(
+        app,
+        ["train-polisher", "--teacher", str(teacher), "--noise", str(noise), "--ann",
+         str(synth_dataset), "--images", str(images), "--out", str(once), "--iters", "3",
+         "--batch-size", "2", "--workers", "0", "--device", "cpu", "--val-fraction", "0.1",
+         "--reg-per-image", "32", "--cls-per-image", "32", "--max-proposals", "20",
+         "--checkpoint-every", "2", "--seed", "2", "--resume",
+         "--config", str(_preset(tmp_path))],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "3 (1 in this run" in result.output  # it did resume, at step 3
+    assert not last.exists()  # the periodic checkpoint is replaced by the final one
+    a, b = read_polisher_checkpoint(whole), read_polisher_checkpoint(once)
+    assert _same(a["state_dict"], b["state_dict"])
+    assert a["extra"]["validation"] == b["extra"]["validation"]
+    assert a["extra"]["last_losses"] == b["extra"]["last_losses"]
+    assert "train_state" not in b  # the final file is the EMA polisher only
+
+
+def _preset(tmp_path):
+    """The warm-up of POLISHER (no flag for it)."""
+    path = tmp_path / "warmup.yaml"
+    path.write_text("polisher:\n  warmup_iters: 2\n")
+    return path
