@@ -1,0 +1,302 @@
+"""Multi-seed student benchmark: can the method be told apart from its baselines?
+
+For each seed it runs the whole pipeline (``dpl run``'s stages: split, teacher, polishers,
+polish, the full-method student) and, from the same teacher and with the same student
+budget, these rows, each evaluated on the test split with ``dpl evaluate``:
+
+    teacher        the supervised teacher as trained
+    labeled-only   the student recipe on the labeled images only (--unlabeled-ratio 0):
+                   same total iterations as every student row, no pseudo label
+    raw            pseudo labels = the teacher's boxes at the initial threshold
+    full           the method: polished pseudo labels, disentangled supervision
+    full-hard      the full method, every unkept teacher box taught as background
+    full-soft      the full method, background weighted by the teacher (Soft Teacher)
+    paper          the paper's fixed rule: polish --keep-rule paper (0.9 / 0.9), hard
+                   negatives (the same polisher)
+    reg-only       ablation: polished boxes for box regression only (cls from raw)
+    cls-only       ablation: classification pseudo labels only (regression from raw)
+    oracle         the labeled-only recipe on 100% of the training pool's labels
+
+and prints mean +- std over the seeds, the difference to ``raw`` and "gap closed" =
+(row - teacher) / (oracle - teacher). Seeds run in parallel processes (``--jobs``), each
+with OMP_NUM_THREADS=1. Every finished stage is cached in its seed's run directory
+(``benchmarks/out/seeds/<dataset>/<code version>/seed<k>``, stage stamps as in
+``dpl run``), so a table too long for one sitting is completed over several runs; the
+code version is a hash of dpl's sources and presets, so changed code reruns everything.
+The table printed lists what is still missing.
+
+    python benchmarks/student_seeds.py --dataset demo --seeds 0,1,2,3,4 --jobs 2
+    python benchmarks/student_seeds.py --dataset bccd10 --seeds 0,1,2 --jobs 2 \\
+        --rows teacher,labeled-only,raw,full,oracle
+    python benchmarks/student_seeds.py --dataset demo --seeds 0,1,2,3,4 --table-only
+
+Datasets: ``demo`` (``dpl demo``'s synthetic data and preset; the seed also draws the
+data, as ``dpl demo --seed``) and ``bccd10`` / ``bccd5`` (BCCD from ../shared/data,
+converted once; labeled fold = seed + 1; settings in benchmarks/configs/bccd_seeds.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dpl_tools.demo import DEMO_PRESET, prepare_demo_data  # noqa: E402
+from dpl_tools.pipeline import (  # noqa: E402
+    PipelineData,
+    Stage,
+    evaluate_model_stage,
+    evaluate_pseudo_stage,
+    pipeline_stages,
+    polish_stage,
+    run_stages,
+    student_stage,
+)
+
+OUT = ROOT / "benchmarks/out/seeds"
+BCCD = (ROOT / "../shared/data/bccd").resolve()
+ROWS = ("teacher", "labeled-only", "raw", "full", "full-hard", "full-soft", "paper",
+        "reg-only", "cls-only", "oracle")  # fmt: skip
+# row -> (train-student --pseudo-view, extra options); the full method is the pipeline's own
+ROW_STUDENTS = {
+    "labeled-only": (None, {"--unlabeled-ratio": 0}),
+    "raw": ("raw", {}),
+    "full-hard": (None, {"--negatives": "hard"}),
+    "full-soft": (None, {"--negatives": "soft"}),
+    "paper": (None, {"--negatives": "hard"}),
+    "reg-only": ("reg-only", {}),
+    "cls-only": ("cls-only", {}),
+    "oracle": (None, {"--unlabeled-ratio": 0}),
+}
+
+
+def code_version() -> str:
+    """Hash of the sources and presets every stage runs (changed code reruns the table)."""
+    h = hashlib.sha256()
+    files = sorted(
+        [*ROOT.glob("dpl_tools/**/*.py"), *ROOT.glob("commands/*.py"),
+         *ROOT.glob("dpl_tools/configs/*.yaml"), *ROOT.glob("benchmarks/configs/*.yaml")]
+    )  # fmt: skip
+    for path in files:
+        h.update(str(path.relative_to(ROOT)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def dpl(argv: list[str]) -> None:
+    """One stage as a user runs it: the ``dpl`` entry point in a subprocess."""
+    print("$ dpl " + " ".join(argv), flush=True)
+    subprocess.run([sys.executable, "-m", "commands", *argv], cwd=ROOT, check=True)
+
+
+def bccd_data(percent: int, seed: int) -> tuple[PipelineData, str]:
+    """BCCD train/test as COCO (converted once), fold seed + 1 of ``percent``% labeled."""
+    folder = OUT / "bccd-coco"
+    for split in ("train", "test"):
+        if not (folder / f"{split}.json").is_file():
+            dpl(["convert", "--format", "voc", str(BCCD), "--split", split,
+                 "--out", str(folder / f"{split}.json")])  # fmt: skip
+    data = PipelineData(
+        ann=folder / "train.json",
+        images=BCCD / "JPEGImages",
+        percent=float(percent),
+        fold=seed + 1,
+        seed=seed,
+        test_ann=folder / "test.json",
+        test_images=BCCD / "JPEGImages",
+    )
+    return data, str(ROOT / "benchmarks/configs/bccd_seeds.yaml")
+
+
+def seed_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
+    """Every stage of one seed: the pipeline, then each row's student and evaluation."""
+    if dataset == "demo":
+        data, config = prepare_demo_data(run_dir, seed), DEMO_PRESET
+        from dpl_tools.config import preset_path
+
+        config = str(preset_path(config))
+    else:
+        data, config = bccd_data(int(dataset.removeprefix("bccd")), seed)
+    stages = pipeline_stages(data, run_dir, config, rounds=1, device="cpu")
+    labeled, teacher = run_dir / "split/labeled.json", run_dir / "teacher.pt"
+    paper_labels = run_dir / "labels-paper.parquet"
+    stages += [
+        polish_stage("polish-paper", run_dir / "split/unlabeled.json", data.images, paper_labels,
+                     teacher, run_dir / "polisher.pt", config, "cpu",
+                     extra={"--keep-rule": "paper"}),
+        evaluate_pseudo_stage("evaluate-pseudo-paper", paper_labels,
+                              run_dir / "split/unlabeled_gt.json",
+                              run_dir / "pseudo_quality-paper.json"),
+    ]  # fmt: skip
+    for row, (view, extra) in ROW_STUDENTS.items():
+        ann = data.ann if row == "oracle" else labeled
+        labels = paper_labels if row == "paper" else run_dir / "labels.parquet"
+        out = run_dir / f"student-{row}.pt"
+        stages += [
+            student_stage(f"train-student-{row}", ann, data.images, labels,
+                          teacher, out, seed, config, "cpu", pseudo_view=view, extra=extra),
+            evaluate_model_stage(f"evaluate-student-{row}", out, data.test_ann,
+                                 data.test_images, run_dir / "eval" / f"student-{row}.json",
+                                 "cpu"),
+        ]  # fmt: skip
+    return stages
+
+
+def wanted(stage: Stage, rows: set[str]) -> bool:
+    """Pipeline stages always run; a row's own stages only when the row is asked for."""
+    if stage.name in ("polish-paper", "evaluate-pseudo-paper"):
+        return "paper" in rows
+    for row in ROW_STUDENTS:
+        if stage.name.endswith(f"-student-{row}"):
+            return row in rows
+    return True
+
+
+def run_seed(dataset: str, seed: int, rows: set[str], version: str) -> None:
+    run_dir = OUT / dataset / version / f"seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stages = [s for s in seed_stages(dataset, seed, run_dir) if wanted(s, rows)]
+    run_stages(stages, run_dir, dpl, lambda event, s: print(f"[seed {seed}] {event} {s.name}"))
+
+
+def row_results(dataset: str, seed: int, version: str) -> dict[str, dict]:
+    """The finished rows of one seed: test metrics (+ pseudo-label quality for 'full')."""
+    run_dir = OUT / dataset / version / f"seed{seed}"
+    files = {"teacher": "teacher", "full": "student"} | {r: f"student-{r}" for r in ROW_STUDENTS}
+    out = {}
+    for row, name in files.items():
+        path = run_dir / "eval" / f"{name}.json"
+        if path.is_file():
+            out[row] = json.loads(path.read_text())
+    for row, name in (("full", "pseudo_quality.json"), ("paper", "pseudo_quality-paper.json")):
+        if (run_dir / name).is_file() and row in out:
+            out[row]["pseudo"] = json.loads((run_dir / name).read_text())
+    return out
+
+
+def _quality_lines(results: dict[int, dict], seeds: list[int]) -> list[str]:
+    """Pseudo-label quality on the unlabeled images, mean ± std over the seeds."""
+    sets = [("teacher", "full", "teacher boxes (score >= initial threshold)"),
+            ("cls", "full", "classification pseudo labels, fitted rule (use_cls)"),
+            ("cls", "paper", "classification pseudo labels, paper rule 0.9 / 0.9")]  # fmt: skip
+    lines = []
+    for view, row, name in sets:
+        vals = [results[s][row]["pseudo"] for s in seeds if "pseudo" in results[s].get(row, {})]
+        if not vals:
+            continue
+        if not lines:
+            lines = ["", "| pseudo labels (IoU .5, class-aware) | boxes | precision | recall "
+                     "| labels changed (right) | box IoU teacher -> polished |",
+                     "|---|---|---|---|---|---|"]  # fmt: skip
+        v = [q["views"][view] for q in vals]
+        changes = [q.get("label_changes", {}) for q in vals]
+        changed = sum(c.get("changed", 0) for c in changes)
+        right = sum(c.get("right", 0) for c in changes)
+        iou = [q["box_quality"] for q in vals]
+        lines.append(
+            f"| {name} | {_mean_std([float(x['boxes']) for x in v])} | "
+            f"{_mean_std([x['precision50'] for x in v])} | "
+            f"{_mean_std([x['recall50'] for x in v])} | "
+            f"{changed} ({right}) | "
+            f"{_mean_std([x['mean_iou_before'] for x in iou])} -> "
+            f"{_mean_std([x['mean_iou_after'] for x in iou])} |"
+        )
+    return lines
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {std:.3f}"
+
+
+def table(dataset: str, seeds: list[int], rows: list[str], version: str) -> str:
+    """Markdown: one line per row, mean ± std over the finished seeds, and what is missing."""
+    results = {s: row_results(dataset, s, version) for s in seeds}
+    lines = [
+        "| row | seeds | AP | AP50 | AP - raw | gap closed |",
+        "|---|---:|---|---|---|---:|",
+    ]
+    missing = []
+    for row in rows:
+        done = [s for s in seeds if row in results[s]]
+        missing += [f"{row}@seed{s}" for s in seeds if s not in done]
+        ap = [results[s][row]["AP"] for s in done]
+        ap50 = [results[s][row]["AP50"] for s in done]
+        diff = [
+            results[s][row]["AP"] - results[s]["raw"]["AP"] for s in done if "raw" in results[s]
+        ]
+        gaps = [
+            (results[s][row]["AP"] - results[s]["teacher"]["AP"])
+            / (results[s]["oracle"]["AP"] - results[s]["teacher"]["AP"])
+            for s in done
+            if {"teacher", "oracle"} <= set(results[s])
+            and results[s]["oracle"]["AP"] != results[s]["teacher"]["AP"]
+        ]
+        gap = f"{statistics.mean(gaps):.0%}" if gaps and row not in ("teacher", "oracle") else "–"
+        per_seed = ", ".join(f"{a:.3f}" for a in ap)
+        lines.append(
+            f"| {row} | {len(done)} | {_mean_std(ap)} ({per_seed}) | {_mean_std(ap50)} | "
+            f"{_mean_std(diff) if row != 'raw' else '–'} | {gap} |"
+        )
+    lines += _quality_lines(results, seeds)
+    if missing:
+        lines.append(f"\nmissing: {', '.join(missing)}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="demo", choices=["demo", "bccd10", "bccd5"])
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"Subset of {', '.join(ROWS)}.")
+    parser.add_argument("--jobs", type=int, default=2, help="Seeds run in parallel.")
+    parser.add_argument("--table-only", action="store_true", help="Print the cached table.")
+    parser.add_argument("--version", default=None, help="Code version to read (default: now).")
+    parser.add_argument("--one-seed", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",") if s != ""]
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = set(rows) - set(ROWS)
+    if unknown:
+        parser.error(f"unknown rows: {', '.join(sorted(unknown))}")
+    version = args.version or code_version()
+    if args.one_seed is not None:
+        run_seed(args.dataset, args.one_seed, set(rows), version)
+        return
+    if not args.table_only:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        log_dir = OUT / args.dataset / version / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+
+        def one(seed: int) -> int:
+            began = time.perf_counter()
+            with open(log_dir / f"seed{seed}.log", "a", encoding="utf-8") as log:
+                code = subprocess.run(
+                    [sys.executable, __file__, "--dataset", args.dataset, "--rows", args.rows,
+                     "--one-seed", str(seed), "--version", version],
+                    env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                ).returncode  # fmt: skip
+            took = (time.perf_counter() - began) / 60
+            print(f"seed {seed}: exit {code} after {took:.1f} min (log {log_dir}/seed{seed}.log)")
+            return code
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(one, seeds))
+    print(f"\n{args.dataset}, seeds {args.seeds}, code version {version}\n")
+    print(table(args.dataset, seeds, rows, version))
+
+
+if __name__ == "__main__":
+    main()
