@@ -140,6 +140,21 @@ CrossfitItersFraction = Annotated[
         callback=setting("polisher", "crossfit_iters_fraction"),
     ),
 ]
+DetectionClasses = Annotated[
+    Path | None,
+    typer.Option(
+        "--detection-classes",
+        help="The labeler's class names for --detections: data.yaml, classes.txt or a COCO "
+        "JSON (default: dpl's categories; a YOLO folder's own classes.txt if present).",
+    ),
+]
+CategoryMap = Annotated[
+    Path | None,
+    typer.Option(
+        "--category-map",
+        help="YAML/JSON mapping labeler class name -> dpl category name (null drops it).",
+    ),
+]
 AllowOutsideRoot = Annotated[
     bool,
     typer.Option(

@@ -26,7 +26,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from commands.options import AllowOutsideRoot, Device, RunDir, default, setting
+from commands.options import (
+    AllowOutsideRoot,
+    CategoryMap,
+    DetectionClasses,
+    Device,
+    RunDir,
+    default,
+    setting,
+)
 from dpl_tools.config import load_config
 from dpl_tools.data.detections import TEACHER_BOXES, ExternalDetections, load_detections
 from dpl_tools.data.export import VIEWS, check_yolo_out, write_coco, write_yolo
@@ -51,8 +59,11 @@ def _shard(shard: str | None) -> tuple[int, int]:
     return index * world + rank, count * world
 
 
-def _print_detections(console: Console, given: ExternalDetections, settings) -> None:
-    """What was read from --detections (and what of the teacher does not apply to it)."""
+def _print_detections(
+    console: Console, given: ExternalDetections, settings, learned: dict | None
+) -> None:
+    """What was read from --detections (and what of the teacher does not apply to it);
+    ``learned``: the polisher's noise description (which mistakes it learned)."""
     source = given.source
     console.print(
         f"--detections: {given.count} boxes on {len(given.by_file)} image(s) from "
@@ -62,6 +73,12 @@ def _print_detections(console: Console, given: ExternalDetections, settings) -> 
         console.print(f"{given.dropped_classes} box(es) of classes mapped to null dropped")
     if getattr(settings, "tta", False):
         console.print("[yellow]note:[/] --tta augments teacher boxes; not used with --detections")
+    if (learned or {}).get("model") != "detections":
+        console.print(
+            "[yellow]note:[/] this polisher learned the teacher's mistakes, and its keep "
+            "thresholds (if fitted) the teacher's scores; dpl train-polisher --detections on "
+            "this labeler's boxes of the labeled images fits both to the labeler"
+        )
 
 
 def _print_summary(
@@ -308,21 +325,8 @@ def command(
             "supplies the features; --initial-threshold applies to the labeler's scores.",
         ),
     ] = None,
-    detection_classes: Annotated[
-        Path | None,
-        typer.Option(
-            "--detection-classes",
-            help="The labeler's class names: data.yaml, classes.txt or a COCO JSON "
-            "(default: dpl's categories; a YOLO folder's own classes.txt if present).",
-        ),
-    ] = None,
-    category_map: Annotated[
-        Path | None,
-        typer.Option(
-            "--category-map",
-            help="YAML/JSON mapping labeler class name -> dpl category name (null drops it).",
-        ),
-    ] = None,
+    detection_classes: DetectionClasses = None,
+    category_map: CategoryMap = None,
     progress: Annotated[
         bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")
     ] = True,
@@ -407,7 +411,7 @@ def command(
             given = load_detections(
                 detections, image_list, spec.categories, detection_classes, category_map
             )
-            _print_detections(console, given, settings)
+            _print_detections(console, given, settings, refiner.noise)
         meta[META_BOXES] = given.source if given is not None else TEACHER_BOXES
         writer = PseudoLabelWriter(dest, meta, overwrite=overwrite)
         summary = polish_images(

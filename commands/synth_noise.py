@@ -7,7 +7,9 @@ per training round. --noise-model empirical fits the noise to the teacher's own 
 (--teacher, on --heldout-ann images the teacher did not train on, never a test split);
 --noise-model crossfit trains K fold teachers on K-1 folds of the labeled images, takes
 their real errors on the held-out fold (crossfit.parquet beside --out) as real pairs and
-fits the empirical noise on them. Writes Parquet in row groups and prints a summary.
+fits the empirical noise on them. --detections takes another labeler's boxes on the
+labeled images as the real errors instead (see dpl train-polisher --detections). Writes
+Parquet in row groups and prints a summary.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from rich.table import Table
 
 from commands.options import (
     AllowOutsideRoot,
+    CategoryMap,
     Config,
     CrossfitFolds,
     CrossfitItersFraction,
+    DetectionClasses,
     Device,
     LabeledAnn,
     NoiseModel,
@@ -33,7 +37,8 @@ from commands.options import (
     setting,
 )
 from dpl_tools.config import load_config
-from dpl_tools.engine.polisher_noise import make_noise_file, print_crossfit
+from dpl_tools.data.crossfit_detections import LABELER_FILE
+from dpl_tools.engine.polisher_noise import LabelerDetections, make_noise_file, print_crossfit
 from dpl_tools.errors import DplError
 from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input, resolve_output
@@ -145,6 +150,17 @@ def command(
         ),
     ] = 2,
     allow_outside_root: AllowOutsideRoot = False,
+    detections: Annotated[
+        Path | None,
+        typer.Option(
+            "--detections",
+            help="Real pairs from another labeler's detections on the --ann images (COCO "
+            "results JSON or YOLO txt folder) instead of the noise model's; optimistic if "
+            "the labeler trained on these images (give out-of-fold predictions).",
+        ),
+    ] = None,
+    detection_classes: DetectionClasses = None,
+    category_map: CategoryMap = None,
 ) -> None:
     console = Console()
     config_all = load_config(
@@ -170,18 +186,25 @@ def command(
     ann_path = resolve_input(ann, run_dir, "labeled")
     out_path = resolve_output(out, run_dir, "noise")
     teacher_path = None
-    if cfg["noise_model"] != "gaussian":
+    if cfg["noise_model"] != "gaussian" and detections is None:
         if images is None:
             raise DplError(
                 f"--noise-model {cfg['noise_model']} needs --images (the labeled images' folder)"
             )
         teacher_path = resolve_input(teacher, run_dir, "teacher")
+    labeler = None
+    if detections is not None:
+        labeler = LabelerDetections(detections, detection_classes, category_map)
     check_distinct_outputs(
-        {"--ann": ann_path, "--heldout-ann": heldout_ann, "--teacher": teacher}, {"--out": out_path}
-    )
+        {"--ann": ann_path, "--heldout-ann": heldout_ann, "--teacher": teacher,
+         "--detections": detections, "--detection-classes": detection_classes,
+         "--category-map": category_map},
+        {"--out": out_path, "labeler detections": out_path.parent / LABELER_FILE if labeler
+         else None},
+    )  # fmt: skip
     made = make_noise_file(
         config_all, ann_path, out_path, seed, teacher_path, images, heldout_ann,
-        device, workers, console, allow_outside_root,
+        device, workers, console, allow_outside_root, labeler,
     )  # fmt: skip
     summary, model, gt = made.summary, made.model, made.gt
     if made.crossfit is not None:
@@ -203,6 +226,7 @@ def command(
     sources = ", ".join(f"{n} {k}" for k, n in sorted(summary.per_source.items()))
     console.print(
         f"{len(gt.image_ids)} images, {len(gt.boxes)} GT boxes, {cfg['rounds']} round(s), "
-        f"noise model {cfg['noise_model']} ({model.name} synthetic noise); pairs: {sources}",
+        f"noise model {'detections' if labeler else cfg['noise_model']} ({model.name} "
+        f"synthetic noise); pairs: {sources}",
         highlight=False,
     )

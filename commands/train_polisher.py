@@ -14,6 +14,11 @@ teacher's features, and stored in the checkpoint. The teacher scores there are h
 the polisher saw those images' ground truth through its synthetic pairs, so its
 probabilities are somewhat optimistic. Without cross-fitted detections the paper's
 0.9 / 0.9 stay (said in one line): see dpl_tools/engine/keep_thresholds.py.
+--detections trains the polishers on another labeler's mistakes instead: its boxes on the
+labeled images, matched to their ground truth, are the real pairs (and fit the synthetic
+noise and the keep thresholds), for polishing that labeler's boxes with dpl polish
+--detections. A labeler that trained on these images makes optimistic errors here: give
+its out-of-fold predictions (each image predicted by a model that did not train on it).
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ from rich.table import Table
 
 from commands.options import (
     AllowOutsideRoot,
+    CategoryMap,
     CheckpointEvery,
     Config,
     CrossfitFolds,
     CrossfitItersFraction,
+    DetectionClasses,
     Device,
     LabeledAnn,
     Resume,
@@ -41,8 +48,12 @@ from commands.options import (
     setting,
 )
 from dpl_tools.config import load_config
-from dpl_tools.data.crossfit_detections import CROSSFIT_FILE, read_crossfit_detections
-from dpl_tools.engine.polisher_noise import make_noise_file, print_crossfit
+from dpl_tools.data.crossfit_detections import (
+    CROSSFIT_FILE,
+    LABELER_FILE,
+    read_crossfit_detections,
+)
+from dpl_tools.engine.polisher_noise import LabelerDetections, make_noise_file, print_crossfit
 from dpl_tools.engine.train_polisher import train_polisher
 from dpl_tools.errors import DplError
 from dpl_tools.outputs import check_distinct_outputs
@@ -208,6 +219,20 @@ def command(
             callback=setting("polisher", "precision_target"),
         ),
     ] = None,
+    detections: Annotated[
+        Path | None,
+        typer.Option(
+            "--detections",
+            help="Learn another labeler's mistakes: its detections on the --ann images (COCO "
+            "results JSON or YOLO txt folder, as dpl polish --detections), matched to their "
+            "ground truth, become the real pairs and fit the synthetic noise and the keep "
+            "thresholds (makes --noise; written beside it: labeler_detections.parquet). If "
+            "the labeler trained on these images its errors are optimistic: give out-of-fold "
+            "predictions.",
+        ),
+    ] = None,
+    detection_classes: DetectionClasses = None,
+    category_map: CategoryMap = None,
 ) -> None:
     console = Console()
     cfg = load_config(
@@ -234,13 +259,15 @@ def command(
         },
     )
     teacher_path = resolve_input(teacher, run_dir, "teacher")
-    if noise_model is None:
+    makes_noise = noise_model is not None or detections is not None
+    if not makes_noise:
         noise_path = resolve_input(noise, run_dir, "noise")
     else:
         noise_path = resolve_output(noise, run_dir, "noise")
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise DplError(
-                "--noise-model under torchrun: make the noise file first (dpl synth-noise)"
+                "--noise-model / --detections under torchrun: make the noise file first "
+                "(dpl synth-noise)"
             )
     ann_path = resolve_input(ann, run_dir, "labeled")
     out_path = resolve_output(out, run_dir, "polisher")
@@ -248,18 +275,30 @@ def command(
         if not crossfit.is_file():
             raise DplError(f"{crossfit}: cross-fitted detections (--crossfit) not found")
         read_crossfit_detections(crossfit)
-    crossfit_candidates = (
-        [crossfit] if crossfit else [noise_path.parent / CROSSFIT_FILE, run_dir / CROSSFIT_FILE]
-    )
+    labeler_file = noise_path.parent / LABELER_FILE if detections is not None else None
+    if crossfit is not None:
+        crossfit_candidates = [crossfit]
+    elif labeler_file is not None:  # the thresholds are fitted on the labeler's own boxes
+        crossfit_candidates = [labeler_file]
+    else:
+        crossfit_candidates = [noise_path.parent / CROSSFIT_FILE, run_dir / CROSSFIT_FILE]
     check_distinct_outputs(
-        {"--teacher": teacher_path, "--noise": noise_path, "--ann": ann_path, "--images": images,
-         "--crossfit": crossfit},
-        {"--out": out_path, "--val-json": val_json},
+        {"--teacher": teacher_path, "--ann": ann_path, "--images": images,
+         "--crossfit": crossfit, "--detections": detections,
+         "--detection-classes": detection_classes, "--category-map": category_map,
+         **({} if makes_noise else {"--noise": noise_path})},
+        {"--out": out_path, "--val-json": val_json,
+         **({"--noise": noise_path, "labeler detections": labeler_file} if makes_noise else {})},
     )  # fmt: skip
-    if noise_model is not None:
+    if makes_noise:
+        labeler = (
+            LabelerDetections(detections, detection_classes, category_map)
+            if detections is not None
+            else None
+        )
         made = make_noise_file(
             cfg, ann_path, noise_path, seed, teacher_path, images, None, device,
-            int(cfg["polisher"]["workers"]), console, allow_outside_root,
+            int(cfg["polisher"]["workers"]), console, allow_outside_root, labeler,
         )  # fmt: skip
         if made.crossfit is not None:
             print_crossfit(made.crossfit, console)

@@ -152,6 +152,8 @@ def test_polish_detections_end_to_end(run_setup, tmp_path):
     result = invoke(*common, "--out", str(out), "--detections", str(preds))
     assert result.exit_code == 0, result.output
     assert "labeler boxes kept" in result.output
+    # a polisher trained on the teacher's mistakes says so (train-polisher --detections)
+    assert "this polisher learned the teacher's mistakes" in " ".join(result.output.split())
     table, meta = read_pseudo_labels(out)
     assert meta[META_BOXES] == {
         "source": "detections", "format": "coco-results", "file": "preds.json",

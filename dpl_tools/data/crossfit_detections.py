@@ -31,7 +31,7 @@ fit (``read_crossfit_detections``, ``dpl_tools.engine.keep_thresholds``) read th
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,10 +40,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dpl_tools.data.detections import ExternalDetections
 from dpl_tools.errors import DplError
 from dpl_tools.io import atomic_path
 
 CROSSFIT_FILE = "crossfit.parquet"
+# A labeler's own detections of the labeled images (train-polisher --detections), in the
+# same schema with fold -1 (its folds, if it had any, are not known to dpl).
+LABELER_FILE = "labeler_detections.parquet"
+LABELER_FOLD = -1
 CROSSFIT_META_KEY = b"dpl_crossfit"
 _BOX = ("x1", "y1", "x2", "y2")
 COLUMNS = ("image_id", "file_name", "fold", *_BOX, "score", "label")
@@ -89,6 +94,32 @@ def detections_table(
         },
         schema=CROSSFIT_SCHEMA,
     )
+
+
+def labeler_table(given: ExternalDetections, records: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """A labeler's detections of the labeled images ``records`` in ``CROSSFIT_SCHEMA``
+    (fold ``LABELER_FOLD``; an image it found nothing on gets the one empty row, so that its
+    objects count as missed), so that the real pairs, the empirical noise and the
+    keep-threshold fit read them exactly as they read cross-fitted detections."""
+    ids, names, boxes, scores, cats = [], [], [], [], []
+    for record in records:
+        b, s, c = given.for_image(record["file_name"]).pixel_boxes(
+            int(record["width"]), int(record["height"])
+        )
+        if not len(s):
+            b, s, c = np.full((1, 4), np.nan), np.array([np.nan]), np.array([np.nan])
+        ids += [int(record["id"])] * len(s)
+        names += [record["file_name"]] * len(s)
+        boxes.append(np.asarray(b).reshape(-1, 4))
+        scores.append(np.asarray(s, np.float64))
+        cats.append(np.asarray(c, np.float64))
+    if not ids:
+        return CROSSFIT_SCHEMA.empty_table()
+    scores_all = np.concatenate(scores)
+    return detections_table(
+        np.asarray(ids), names, np.full(len(ids), LABELER_FOLD), np.concatenate(boxes),
+        scores_all, np.concatenate(cats),
+    )  # fmt: skip
 
 
 def write_crossfit(path: str | Path, table: pa.Table, meta: dict[str, Any]) -> Path:

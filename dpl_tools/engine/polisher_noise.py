@@ -9,6 +9,14 @@ and ``dpl train-polisher --noise-model`` run.
   of every labeled image; the synthetic pairs use the empirical noise fitted on them, and
   the real pairs (detections matched to the GT, with ``source`` "real") are added to every
   round. The noise metadata records the folds and the pair counts.
+* a labeler's detections (``LabelerDetections``, ``--detections``): any detector's boxes on
+  the labeled images, matched to their ground truth, take the fold teachers' place (written
+  to ``labeler_detections.parquet`` beside the noise file, in the crossfit schema): real
+  pairs, the empirical noise of the synthetic pairs, and later the keep-threshold fit all
+  come from that labeler's own mistakes. Whatever the noise model, these detections are
+  the real-error source. If the labeler trained on these images its errors here are
+  optimistic; out-of-fold predictions (each image predicted by a model that did not train
+  on it) are honest.
 """
 
 from __future__ import annotations
@@ -24,7 +32,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dpl_tools.data.coco import CocoData, load_coco
-from dpl_tools.data.crossfit_detections import detections_by_image
+from dpl_tools.data.crossfit_detections import (
+    LABELER_FILE,
+    detections_by_image,
+    labeler_table,
+    write_crossfit,
+)
+from dpl_tools.data.detections import load_detections
 from dpl_tools.data.polisher_pairs import (
     GaussianNoise,
     GroundTruth,
@@ -48,6 +62,16 @@ from dpl_tools.errors import DplError
 
 
 @dataclass
+class LabelerDetections:
+    """Another labeler's detections of the labeled images (``--detections``), with its class
+    names file and category map as ``dpl polish --detections`` takes them."""
+
+    path: Path
+    classes: Path | None = None
+    category_map: Path | None = None
+
+
+@dataclass
 class NoiseFile:
     """A written noise file: its noise model, summary, ground truth and (crossfit) folds."""
 
@@ -56,6 +80,7 @@ class NoiseFile:
     summary: NoiseSummary
     gt: GroundTruth
     crossfit: CrossfitResult | None = None
+    labeler: dict[str, Any] | None = None  # what was read from --detections
 
 
 def _progress(console: Console, name: str) -> Progress:
@@ -75,9 +100,11 @@ def make_noise_file(
     workers: int = 2,
     console: Console | None = None,
     allow_outside_root: bool = False,
+    labeler: LabelerDetections | None = None,
 ) -> NoiseFile:
     """Write ``out_path`` with the ``polisher`` section's noise model (``config`` has every
-    section); ``teacher_path`` and ``images`` are needed by ``empirical`` and ``crossfit``."""
+    section); ``teacher_path`` and ``images`` are needed by ``empirical`` and ``crossfit``.
+    With ``labeler`` its detections are the real-error source instead (module docstring)."""
     console = console or Console()
     cfg = config["polisher"]
     name = cfg["noise_model"]
@@ -92,12 +119,18 @@ def make_noise_file(
     gt = GroundTruth.from_coco(coco)
     if len(gt.boxes) == 0:
         raise DplError(f"{ann_path}: no boxes to synthesize pairs from")
-    if name != "gaussian" and (images is None or teacher_path is None):
+    if labeler is not None and heldout_ann is not None:
+        raise DplError("--heldout-ann is for --noise-model empirical; --detections needs none")
+    if labeler is None and name != "gaussian" and (images is None or teacher_path is None):
         raise DplError(f"--noise-model {name} needs --teacher and --images (the labeled images)")
 
     model: NoiseModel = GaussianNoise()
     crossfit = None
-    if name == "empirical":
+    real_source: Path | None = None  # detections in the crossfit schema: the real errors
+    described: dict[str, Any] = {}
+    if labeler is not None:
+        real_source, described = _labeler_file(labeler, coco, Path(out_path), console)
+    elif name == "empirical":
         model = _fit_on_heldout(cfg, coco, ann_path, teacher_path, images, heldout_ann, device,
                                 workers, console, allow_outside_root)  # fmt: skip
     elif name == "crossfit":
@@ -106,10 +139,19 @@ def make_noise_file(
         labeled = load_coco(ann_path, images, allow_outside_root=allow_outside_root)
         crossfit = run_crossfit(teacher_path, ann_path, labeled, images, out_path, config, seed,
                                 device, workers, console, allow_outside_root)  # fmt: skip
-        fitted = empirical_from_crossfit(crossfit.path, gt, cfg)
+        real_source = crossfit.path
+        described = {
+            "model": "crossfit",
+            "folds": len(crossfit.folds),
+            "fold_iterations": crossfit.fold_iters,
+            "teacher_iterations": crossfit.teacher_iters,
+            "crossfit_file": str(crossfit.path),
+        }
+    if real_source is not None:
+        fitted = empirical_from_crossfit(real_source, gt, cfg)
         if fitted is None:
-            console.print("[yellow]warning:[/] crossfit: no out-of-fold detection matched a GT "
-                          "box; the synthetic pairs use the Gaussian noise")  # fmt: skip
+            console.print(f"[yellow]warning:[/] {described['model']}: no detection matched a "
+                          "GT box; the synthetic pairs use the Gaussian noise")  # fmt: skip
         else:
             model = fitted
     if model.name == "empirical":
@@ -117,19 +159,15 @@ def make_noise_file(
 
     meta = noise_metadata(coco, model, settings, rounds, seed)
     tables = synthesize_pairs(gt, model, settings, rounds, seed)
-    if crossfit is not None:
+    if real_source is not None:
         rules = RealPairRules(
             float(cfg["empirical_min_match_iou"]), float(config["polish"]["initial_thresh"]),
             float(cfg["empirical_cls_min_score"]), settings.fg_iou,
         )  # fmt: skip
-        dets = list(detections_by_image(crossfit.path))
+        dets = list(detections_by_image(real_source))
         real = [real_pairs(gt, dets, rules, r) for r in range(rounds)]
         meta["noise"] = {
-            "model": "crossfit",
-            "folds": len(crossfit.folds),
-            "fold_iterations": crossfit.fold_iters,
-            "teacher_iterations": crossfit.teacher_iters,
-            "crossfit_file": str(crossfit.path),
+            **described,
             "real_rules": asdict(rules),
             "real_pairs": {k: _count(real[0], k) for k in ("reg", "cls")},
             "synthetic": meta["noise"],
@@ -141,7 +179,41 @@ def make_noise_file(
         summary = write_noise_parquet(
             out_path, tables, meta, on_chunk=lambda t: progress.advance(task, t.num_rows)
         )
-    return NoiseFile(Path(out_path), model, summary, gt, crossfit)
+    return NoiseFile(Path(out_path), model, summary, gt, crossfit, described.get("labeler"))
+
+
+def _labeler_file(
+    labeler: LabelerDetections, coco: CocoData, out_path: Path, console: Console
+) -> tuple[Path, dict[str, Any]]:
+    """Read the labeler's detections of ``coco``'s images and write them beside the noise
+    file in the crossfit schema; ``(that file, the noise description)``."""
+    given = load_detections(
+        labeler.path, coco.images, coco.categories, labeler.classes, labeler.category_map
+    )
+    covered = sum(1 for r in coco.images if r["file_name"] in given.by_file)
+    if covered == 0:
+        raise DplError(
+            f"{labeler.path}: no detection on any of the {len(coco.images)} labeled images "
+            "(--detections must hold the labeler's boxes on the labeled images, e.g. its "
+            "out-of-fold predictions)"
+        )
+    if covered < len(coco.images):
+        console.print(
+            f"[yellow]note:[/] {labeler.path}: no detection on {len(coco.images) - covered} of "
+            f"{len(coco.images)} labeled images (their objects count as missed)",
+            highlight=False,
+        )
+    path = out_path.parent / LABELER_FILE
+    table = labeler_table(given, coco.images)
+    seen = {"images": covered, "detections": given.count, "dropped_classes": given.dropped_classes}
+    write_crossfit(path, table, {"source": given.source, **seen})
+    console.print(
+        f"--detections: {given.count} boxes on {covered} of {len(coco.images)} labeled images "
+        f"-> {path} (the real pairs and the empirical noise)",
+        highlight=False,
+    )
+    labeler_meta = {**given.source, **seen}
+    return path, {"model": "detections", "labeler": labeler_meta, "detections_file": str(path)}
 
 
 def _count(table: pa.Table, kind: str) -> int:

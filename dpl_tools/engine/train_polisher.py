@@ -73,8 +73,9 @@ class ImagePairs:
 
 class NoisePairs:
     """The pairs of a noise file, one round at a time, indexed by image id. Where the file
-    has real pairs (``source`` "real", crossfit), each image's pairs of each kind are mixed
-    so that real ones make up ``real_fraction`` of them (``mixed_rows``)."""
+    has real pairs (``source`` "real": crossfit or a labeler's detections), each image's
+    pairs of each kind are mixed so that real ones make up ``real_fraction`` of them
+    (``mixed_rows``)."""
 
     def __init__(self, path: str | Path, image_ids: set[int], real_fraction: float = 0.5) -> None:
         self.path = Path(path)
@@ -406,7 +407,7 @@ def _resume_state(
 def _learned_from(noise: dict[str, Any], pairs: NoisePairs) -> dict[str, Any]:
     """What the checkpoint records of its noise: the file's noise description, with the
     share of real pairs used (``real_fraction``) where the file has real pairs."""
-    if noise.get("model") != "crossfit":
+    if noise.get("model") not in ("crossfit", "detections"):  # no real pairs
         return noise
     return {**noise, "real_fraction": pairs.real_fraction}
 

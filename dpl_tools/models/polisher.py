@@ -189,7 +189,8 @@ def load_polisher(
     path: str | Path, teacher_sha: str | None = None, device: str | torch.device = "cpu"
 ) -> Polisher:
     """Rebuild a polisher; with ``teacher_sha``, refuse one trained on another teacher.
-    ``fitted_thresholds``: the keep thresholds train-polisher fitted (None: not fitted)."""
+    ``fitted_thresholds``: the keep thresholds train-polisher fitted (None: not fitted);
+    ``noise``: the description of the noise it learned from (None in old checkpoints)."""
     payload = read_polisher_checkpoint(path)
     if teacher_sha is not None and payload["teacher_sha256"] != teacher_sha:
         raise DplError(
@@ -200,4 +201,5 @@ def load_polisher(
     polisher.load_state_dict(payload["state_dict"])
     polisher.categories = payload["categories"]
     polisher.fitted_thresholds = (payload.get("extra") or {}).get("keep_thresholds")
+    polisher.noise = (payload.get("extra") or {}).get("noise")
     return polisher.to(device).eval()
