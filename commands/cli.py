@@ -17,6 +17,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # click's plain help: it wraps every option's help at the terminal width, where rich's
+    # option table cuts long words with an ellipsis on an 80-column terminal
+    rich_markup_mode=None,
 )
 
 

@@ -31,3 +31,23 @@ def test_help_reflows_prose_and_keeps_indented_blocks() -> None:
     assert command_help(doc) == (
         "Title line.\n\nFirst line of prose continues here.\n\n  data: {a: 1}\n  run: {}"
     )
+
+
+def test_help_is_whole_on_an_80_column_terminal() -> None:
+    """Every option of every command is listed with its full name and nothing of its help
+    is cut off (rich's option table cut long words with an ellipsis at 80 columns)."""
+    import typer.main
+    from typer.testing import CliRunner
+
+    group = typer.main.get_command(app)
+    runner = CliRunner()
+    for name in STAGES:
+        result = runner.invoke(app, [name, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+        assert result.exit_code == 0, result.output
+        text = result.output
+        assert "…" not in text, name
+        assert max(len(line) for line in text.splitlines()) <= 80, name
+        for param in group.commands[name].params:
+            if param.param_type_name == "option":
+                for opt in (*param.opts, *param.secondary_opts):
+                    assert opt in text, f"{name}: {opt} missing from --help"
