@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from commands.cli import app
+from dpl_tools.data.image_list import shard_records
 from dpl_tools.data.pseudo_label_writer import rows_to_table
 from dpl_tools.data.pseudo_labels import (
     META_CATEGORIES,
@@ -140,6 +141,23 @@ def test_shards_and_ranks_partition_the_images(run_setup, tmp_path):
     export = invoke("--out", str(out), "--export-only", "--coco-out", str(tmp_path / "all.json"))
     assert export.exit_code == 0, export.output
     assert len(json.loads((tmp_path / "all.json").read_text())["images"]) == 8
+
+
+def test_shards_stay_put_when_the_folder_grows():
+    """A shard started after images were added never takes an image another shard had:
+    the shards of a growing list still polish each image once."""
+    before = [{"id": i, "file_name": f"img_{i:03d}.jpg"} for i in range(200)]
+    after = sorted(before + [{"id": 0, "file_name": f"new_{i}.jpg"} for i in range(37)],
+                   key=lambda r: r["file_name"])  # fmt: skip
+    for count in (2, 3, 4):
+        shards = [shard_records(before, k, count) for k in range(count)]
+        names = [r["file_name"] for shard in shards for r in shard]
+        assert sorted(names) == sorted(r["file_name"] for r in before)  # a partition
+        assert min(len(s) for s in shards) > 200 / count * 0.6  # roughly balanced
+        for k in range(count):  # shard k of the grown list = old shard k + some new images
+            grown = {r["file_name"] for r in shard_records(after, k, count)}
+            assert {r["file_name"] for r in shards[k]} <= grown
+            assert all(n.startswith("new_") for n in grown - {r["file_name"] for r in shards[k]})
 
 
 def test_coco_json_image_list_with_image_root(run_setup, tmp_path):

@@ -14,6 +14,7 @@ and yields the skip reason instead of raising for a bad file.
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -154,14 +155,22 @@ def stable_ids(
     return out
 
 
-def shard_records(records: Sequence[ImageRecord], index: int, count: int) -> list[ImageRecord]:
-    """Shard ``index`` of ``count`` (0-based): every ``count``-th record from ``index``.
+def shard_of(file_name: str, count: int) -> int:
+    """The shard (0-based, of ``count``) that polishes ``file_name``: a hash of the name
+    alone, so that an image stays in its shard when other images are added or removed."""
+    return zlib.crc32(file_name.encode("utf-8")) % count
 
-    The shards partition the list, each image exactly once, sizes differing by at most 1.
+
+def shard_records(records: Sequence[ImageRecord], index: int, count: int) -> list[ImageRecord]:
+    """Shard ``index`` of ``count`` (0-based): the records whose file name hashes to it.
+
+    The shards partition the list, each image exactly once, and an image's shard does not
+    depend on the rest of the list: shards started while the folder grows never polish an
+    image twice (sizes are equal only on average).
     """
     if count < 1 or not 0 <= index < count:
         raise DplError(f"shard {index}/{count}: need 0 <= index < count")
-    return list(records[index::count])
+    return [r for r in records if shard_of(r["file_name"], count) == index]
 
 
 def parse_shard(text: str) -> tuple[int, int]:
