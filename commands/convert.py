@@ -21,13 +21,13 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from commands.options import AllowOutsideRoot, print_report
 from dpl_tools.data.coco import CocoData, save_coco
 from dpl_tools.data.convert import FORMATS, convert, require_usable
 from dpl_tools.errors import DplError
 from dpl_tools.outputs import check_distinct_outputs
+from dpl_tools.tables import ReportTable
 
 
 def print_summary(console: Console, coco: CocoData, title: str) -> None:
@@ -35,7 +35,7 @@ def print_summary(console: Console, coco: CocoData, title: str) -> None:
     per_class: dict[int, int] = {c["id"]: 0 for c in coco.categories}
     for a in coco.annotations:
         per_class[a["category_id"]] += 1
-    table = Table(title=title, title_justify="left")
+    table = ReportTable(title=title, title_justify="left")
     table.add_column("class", min_width=12)
     table.add_column("boxes", justify="right")
     for c in coco.categories:
@@ -50,7 +50,7 @@ def print_skipped_files(console: Console, skipped: list[tuple[str, str]]) -> Non
     """A table of the files skipped as unusable, with the problem of each."""
     if not skipped:
         return
-    table = Table(title=f"{len(skipped)} file(s) skipped", title_justify="left")
+    table = ReportTable(title=f"{len(skipped)} file(s) skipped", title_justify="left")
     table.add_column("file", overflow="fold")
     table.add_column("problem", overflow="fold")
     for name, problem in skipped:

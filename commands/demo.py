@@ -16,13 +16,13 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from commands.options import Device, Seed, in_process, stage_printer
 from dpl_tools.config import load_config
 from dpl_tools.demo import DEMO_PRESET, demo_stages, demo_summary, prepare_demo_data
 from dpl_tools.io import write_json
 from dpl_tools.pipeline import run_stages
+from dpl_tools.tables import ReportTable
 
 LABELS = {
     "teacher_ap": "teacher AP (labeled images only)",
@@ -80,7 +80,7 @@ def command(
     finally:
         if out is None:
             shutil.rmtree(run_dir, ignore_errors=True)
-    table = Table(title="dpl demo (synthetic shapes, 25% labeled)")
+    table = ReportTable(title="dpl demo (synthetic shapes, 25% labeled)")
     table.add_column("figure")
     table.add_column("value", justify="right")
     for key, label in LABELS.items():

@@ -13,7 +13,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from commands.options import AllowOutsideRoot, Device, RunDir, within
 from dpl_tools.data.coco import load_coco
@@ -30,11 +29,12 @@ from dpl_tools.evaluation.pseudo_quality import (
 from dpl_tools.io import write_json
 from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, artifact, resolve_input
+from dpl_tools.tables import ReportTable
 
 
 def print_metrics(console: Console, metrics: dict[str, float], title: str) -> None:
     """The COCO metrics as a one-row table (n/a where the ground truth has no such box)."""
-    table = Table(title=title, title_justify="left")
+    table = ReportTable(title=title, title_justify="left")
     for name in METRICS:
         table.add_column(name, justify="right")
     table.add_row(*("n/a" if metrics[n] < 0 else f"{metrics[n]:.3f}" for n in METRICS))

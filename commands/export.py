@@ -19,7 +19,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from commands.options import AllowOutsideRoot, RunDir, print_report, within
 from dpl_tools.data.export import (
@@ -33,6 +32,7 @@ from dpl_tools.data.export import (
 from dpl_tools.defaults import UNIT
 from dpl_tools.errors import DplError
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input
+from dpl_tools.tables import ReportTable
 
 
 def _print_summary(console: Console, summary: ExportSummary) -> None:
@@ -42,7 +42,7 @@ def _print_summary(console: Console, summary: ExportSummary) -> None:
         f"{images['labeled']} labeled + {images['pseudo']} pseudo-labeled train images, "
         f"{images['val']} val images"
     )
-    table = Table(title=title, title_justify="left")
+    table = ReportTable(title=title, title_justify="left")
     table.add_column("class", style="bold")
     for name in ("GT boxes", "pseudo boxes", "val boxes"):
         table.add_column(name, justify="right")

@@ -14,12 +14,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from dpl_tools.data.coco import ValidationReport
 from dpl_tools.defaults import NON_NEGATIVE, SETTINGS, Range, Setting, SettingError
 from dpl_tools.errors import DplError
 from dpl_tools.pipeline import Stage
+from dpl_tools.tables import ReportTable
 
 
 def check_with(rule: Setting) -> Callable[[Any], Any]:
@@ -174,7 +174,7 @@ def print_report(console: Console, report: ValidationReport) -> None:
     if report.clean:
         console.print(f"[green]validation: no problems found[/] in {report.path}")
         return
-    table = Table(title=f"validation of {report.path}", title_justify="left")
+    table = ReportTable(title=f"validation of {report.path}", title_justify="left")
     table.add_column("problem (action)")
     table.add_column("count", justify="right")
     table.add_column("first example", overflow="fold")

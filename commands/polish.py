@@ -24,7 +24,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from commands.options import (
     AllowOutsideRoot,
@@ -50,6 +49,7 @@ from dpl_tools.models.polisher import load_polisher
 from dpl_tools.outputs import check_distinct_outputs, output_lock
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input, resolve_output
 from dpl_tools.runtime import resolve_device
+from dpl_tools.tables import ReportTable
 
 
 def _shard(shard: str | None) -> tuple[int, int]:
@@ -84,7 +84,7 @@ def _print_detections(
 def _print_summary(
     console: Console, summary: PolishSummary, dest: Path, external: bool = False
 ) -> None:
-    table = Table(title=f"dpl polish -> {dest}", title_justify="left")
+    table = ReportTable(title=f"dpl polish -> {dest}", title_justify="left")
     table.add_column("", style="bold")
     table.add_column("value", justify="right")
     rows = [

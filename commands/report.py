@@ -12,12 +12,12 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from commands.options import AllowOutsideRoot, within
 from dpl_tools.defaults import AT_LEAST_1, NON_NEGATIVE, Range
 from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.report.build import build_report
+from dpl_tools.tables import ReportTable
 
 
 def command(
@@ -65,7 +65,7 @@ def command(
         labels, images, out, ann, max_images, page_size, thumb_size, console, allow_outside_root
     )
     s = result.summary
-    table = Table(title=f"Report of {labels}", title_justify="left")
+    table = ReportTable(title=f"Report of {labels}", title_justify="left")
     for col in ("images", "skipped", "boxes", "changed", "kept cls", "kept reg", "gallery"):
         table.add_column(col, justify="right")
     table.add_row(

@@ -13,7 +13,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from commands.options import AllowOutsideRoot, RunDir, Seed, print_report, within
 from dpl_tools.data.coco import load_coco
@@ -22,6 +21,7 @@ from dpl_tools.defaults import AT_LEAST_1, NON_NEGATIVE, PERCENT
 from dpl_tools.errors import DplError
 from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, artifact
+from dpl_tools.tables import ReportTable
 
 
 def command(
@@ -75,7 +75,7 @@ def command(
     print_report(console, coco.report)
     result = split_coco(coco, percent, labeled_count, fold, seed)
     paths = write_split(result, out_dir)
-    table = Table(title=f"split of {ann} (fold {fold}, seed {seed})", title_justify="left")
+    table = ReportTable(title=f"split of {ann} (fold {fold}, seed {seed})", title_justify="left")
     for column in ("file", "images", "boxes"):
         table.add_column(column, justify="left" if column == "file" else "right")
     for name, path in paths.items():

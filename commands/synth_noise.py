@@ -19,7 +19,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from commands.options import (
     AllowOutsideRoot,
@@ -42,6 +41,7 @@ from dpl_tools.engine.polisher_noise import LabelerDetections, make_noise_file, 
 from dpl_tools.errors import DplError
 from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input, resolve_output
+from dpl_tools.tables import ReportTable
 
 
 def _floats(text: str | None, what: str) -> list[float] | None:
@@ -209,7 +209,7 @@ def command(
     summary, model, gt = made.summary, made.model, made.gt
     if made.crossfit is not None:
         print_crossfit(made.crossfit, console)
-    table = Table(title=f"synth-noise -> {out_path}", title_justify="left")
+    table = ReportTable(title=f"synth-noise -> {out_path}", title_justify="left")
     for name in ("kind", "pairs", "mean IoU", "foreground"):
         table.add_column(name, justify="right")
     first = next(iter(summary.per_kind.values()), {})

@@ -29,7 +29,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from commands.options import (
     AllowOutsideRoot,
@@ -59,6 +58,7 @@ from dpl_tools.errors import DplError
 from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input, resolve_output
 from dpl_tools.runtime import cleanup_distributed
+from dpl_tools.tables import ReportTable
 
 
 def _fmt(value) -> str:
@@ -312,7 +312,7 @@ def command(
         cleanup_distributed()
     if int(os.environ.get("RANK", 0)) != 0:
         return
-    table = Table(title=f"polisher {out_path}", title_justify="left", show_header=False)
+    table = ReportTable(title=f"polisher {out_path}", title_justify="left", show_header=False)
     table.add_row(
         "iterations",
         f"{result.iterations} ({result.iterations_run} in this run, {result.seconds:.1f} s)",

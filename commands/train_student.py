@@ -17,7 +17,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from commands.options import (
     AllowOutsideRoot,
@@ -40,6 +39,7 @@ from dpl_tools.models.student_criterion import supervision
 from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input, resolve_output
 from dpl_tools.runtime import cleanup_distributed
+from dpl_tools.tables import ReportTable
 
 
 def command(
@@ -187,7 +187,7 @@ def command(
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports
         return
     scfg = cfg["student"]
-    table = Table(title=f"student {out}", title_justify="left", show_header=False)
+    table = ReportTable(title=f"student {out}", title_justify="left", show_header=False)
     table.add_row(
         "architecture", f"{spec.arch} ({len(spec.categories)} classes, {spec.min_size} px)"
     )

@@ -15,7 +15,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from commands.options import (
     AllowOutsideRoot,
@@ -36,6 +35,7 @@ from dpl_tools.models.detector import ARCHS
 from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_output
 from dpl_tools.runtime import cleanup_distributed
+from dpl_tools.tables import ReportTable
 
 
 def command(
@@ -128,7 +128,7 @@ def command(
         cleanup_distributed()
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports
         return
-    table = Table(title=f"teacher {out}", title_justify="left", show_header=False)
+    table = ReportTable(title=f"teacher {out}", title_justify="left", show_header=False)
     table.add_row(
         "architecture", f"{spec.arch} ({len(spec.categories)} classes, {spec.min_size} px)"
     )

@@ -38,12 +38,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from rich.table import Table
 from torchvision.ops import box_iou
 
 from dpl_tools.data.coco import CocoData
 from dpl_tools.data.pseudo_views import LABEL_SETS
 from dpl_tools.evaluation.coco_eval import coco_metrics
+from dpl_tools.tables import ReportTable
 
 VIEWS = ("teacher", "cls", "reg")  # names in LABEL_SETS
 VIEW_TITLES = {name: LABEL_SETS[name].title for name in VIEWS}
@@ -450,11 +450,11 @@ def _signed(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.3f}"
 
 
-def format_quality_table(result: dict[str, Any]) -> Table:
+def format_quality_table(result: dict[str, Any]) -> ReportTable:
     """The result of ``pseudo_label_quality`` as a rich table, one column per view and one
     row per figure (so that it fits an 80-column terminal without cutting a cell)."""
     im = result["images"]
-    table = Table(
+    table = ReportTable(
         title=f"Pseudo-label quality: {im['evaluated']} images, {result['gt_boxes']} truth boxes"
         f" ({im['skipped']} skipped, {im['not_in_gt']} not in ground truth)",
         title_justify="left",
@@ -486,7 +486,7 @@ def format_quality_table(result: dict[str, Any]) -> Table:
     return table
 
 
-def _box_quality_row(table: Table, name: str, q: dict[str, Any]) -> None:
+def _box_quality_row(table: ReportTable, name: str, q: dict[str, Any]) -> None:
     before, after = q["mean_iou_before"], q["mean_iou_after"]
     gain = None if before is None else after - before
     table.add_row(
@@ -499,10 +499,10 @@ def _box_quality_row(table: Table, name: str, q: dict[str, Any]) -> None:
     )
 
 
-def format_box_quality_table(result: dict[str, Any]) -> Table:
+def format_box_quality_table(result: dict[str, Any]) -> ReportTable:
     """Box IoU to truth before/after polishing per teacher-score bin and per COCO object
     size (truth area), the breakdowns of ``pseudo_label_quality``: where polishing helps."""
-    table = Table(
+    table = ReportTable(
         title="Box IoU to truth before -> after polishing (teacher IoU >= 0.5)",
         title_justify="left",
     )
