@@ -13,6 +13,7 @@ budget, these rows, each evaluated on the test split with ``dpl evaluate``:
     full-soft      the full method, background weighted by the teacher (Soft Teacher)
     paper          the paper's fixed rule: polish --keep-rule paper (0.9 / 0.9), hard
                    negatives (the same polisher)
+    paper-ignore   the paper's fixed rule, unkept boxes as ignore regions
     reg-only       ablation: polished boxes for box regression only (cls from raw)
     cls-only       ablation: classification pseudo labels only (regression from raw)
     oracle         the labeled-only recipe on 100% of the training pool's labels
@@ -65,7 +66,7 @@ from dpl_tools.pipeline import (  # noqa: E402
 
 OUT = ROOT / "benchmarks/out/seeds"
 BCCD = (ROOT / "../shared/data/bccd").resolve()
-ROWS = ("teacher", "labeled-only", "raw", "full", "full-hard", "full-soft", "paper",
+ROWS = ("teacher", "labeled-only", "raw", "full", "full-hard", "full-soft", "paper", "paper-ignore",
         "reg-only", "cls-only", "oracle")  # fmt: skip
 # row -> (train-student --pseudo-view, extra options); the full method is the pipeline's own
 ROW_STUDENTS = {
@@ -74,6 +75,7 @@ ROW_STUDENTS = {
     "full-hard": (None, {"--negatives": "hard"}),
     "full-soft": (None, {"--negatives": "soft"}),
     "paper": (None, {"--negatives": "hard"}),
+    "paper-ignore": (None, {"--negatives": "ignore"}),
     "reg-only": ("reg-only", {}),
     "cls-only": ("cls-only", {}),
     "oracle": (None, {"--unlabeled-ratio": 0}),
@@ -140,7 +142,7 @@ def seed_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
     ]  # fmt: skip
     for row, (view, extra) in ROW_STUDENTS.items():
         ann = data.ann if row == "oracle" else labeled
-        labels = paper_labels if row == "paper" else run_dir / "labels.parquet"
+        labels = paper_labels if row.startswith("paper") else run_dir / "labels.parquet"
         out = run_dir / f"student-{row}.pt"
         stages += [
             student_stage(f"train-student-{row}", ann, data.images, labels,
@@ -155,7 +157,7 @@ def seed_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
 def wanted(stage: Stage, rows: set[str]) -> bool:
     """Pipeline stages always run; a row's own stages only when the row is asked for."""
     if stage.name in ("polish-paper", "evaluate-pseudo-paper"):
-        return "paper" in rows
+        return bool({"paper", "paper-ignore"} & rows)
     for row in ROW_STUDENTS:
         if stage.name.endswith(f"-student-{row}"):
             return row in rows
