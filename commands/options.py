@@ -184,13 +184,15 @@ def print_report(console: Console, report: ValidationReport) -> None:
 
 
 def stage_printer(console: Console) -> Callable[[str, Stage], None]:
-    """Print one line per pipeline stage as it starts (its ``dpl`` command) or is skipped."""
+    """Print one line per pipeline stage as it starts (its ``dpl`` command), resumes an
+    interrupted run of itself (``--resume``), or is skipped."""
 
     def on_event(event: str, stage: Stage) -> None:
         if event == "skip":
             console.print(f"[dim]- {stage.name}: up to date ({stage.output})[/]")
         else:
-            console.print(f"[bold cyan]> {stage.name}[/]: dpl {' '.join(stage.argv)}")
+            more = " --resume (continues the interrupted run)" if event == "resume" else ""
+            console.print(f"[bold cyan]> {stage.name}[/]: dpl {' '.join(stage.argv)}{more}")
 
     return on_event
 

@@ -57,8 +57,8 @@ class Stage:
         }
 
 
-def stamp_path(run_dir: Path, stage: Stage) -> Path:
-    return run_dir / ".stages" / f"{stage.name}.json"
+def stamp_path(run_dir: Path, stage: Stage, suffix: str = "") -> Path:
+    return run_dir / ".stages" / f"{stage.name}{suffix}.json"
 
 
 def is_current(run_dir: Path, stage: Stage) -> bool:
@@ -72,6 +72,27 @@ def is_current(run_dir: Path, stage: Stage) -> bool:
         return False
 
 
+# Training commands whose periodic checkpoint (<out stem>.last.pt) ``--resume`` continues.
+RESUMABLE = ("train-teacher", "train-polisher", "train-student")
+
+
+def resumes(run_dir: Path, stage: Stage) -> bool:
+    """Whether a training stage was interrupted: started with this very command and these
+    inputs (its ``.started`` stamp), its output not written, its periodic checkpoint there.
+    Then rerunning continues from that checkpoint instead of starting over."""
+    from dpl_tools.engine.loop import last_checkpoint_path
+
+    if stage.command not in RESUMABLE or stage.output.exists():
+        return False
+    started = stamp_path(run_dir, stage, ".started")
+    if not (started.is_file() and last_checkpoint_path(stage.output).is_file()):
+        return False
+    try:
+        return json.loads(started.read_text()) == stage.fingerprint()
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def run_stages(
     stages: Sequence[Stage],
     run_dir: Path,
@@ -79,16 +100,22 @@ def run_stages(
     on_event: Callable[[str, Stage], None] | None = None,
     force: bool = False,
 ) -> list[str]:
-    """Run each stage whose output is not current; returns the names of those that ran."""
+    """Run each stage whose output is not current; returns the names of those that ran.
+    A training stage that was interrupted (``resumes``) continues with ``--resume``; the
+    event is then "resume" instead of "start"."""
     ran = []
     for stage in stages:
         if not force and is_current(run_dir, stage):
             if on_event:
                 on_event("skip", stage)
             continue
+        argv = [str(a) for a in stage.argv]
+        resume = not force and resumes(run_dir, stage)
         if on_event:
-            on_event("start", stage)
-        invoke([str(a) for a in stage.argv])
+            on_event("resume" if resume else "start", stage)
+        if stage.command in RESUMABLE and not resume:
+            write_json(stamp_path(run_dir, stage, ".started"), stage.fingerprint())
+        invoke([*argv, "--resume"] if resume else argv)
         write_json(stamp_path(run_dir, stage), stage.fingerprint())
         ran.append(stage.name)
     return ran

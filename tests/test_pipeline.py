@@ -147,6 +147,44 @@ def test_stage_runner_skips_only_current_outputs(tmp_path) -> None:
     assert len(calls) == 3
 
 
+def test_an_interrupted_training_stage_resumes(tmp_path) -> None:
+    """A training stage killed after a periodic checkpoint continues with --resume when
+    rerun with the same command and inputs; changed inputs or a finished output start over."""
+    src = tmp_path / "labeled.json"
+    src.write_text("a")
+    out = tmp_path / "teacher.pt"
+    calls: list[list[str]] = []
+
+    def killed(argv: list[str]) -> None:
+        calls.append(argv)
+        (tmp_path / "teacher.last.pt").write_text("iteration 100")
+        raise KeyboardInterrupt  # the session ends mid-training
+
+    def finishes(argv: list[str]) -> None:
+        calls.append(argv)
+        out.write_text("trained")
+
+    stage = Stage("train-teacher", "train-teacher", {"--ann": src, "--out": out}, out, [src])
+    with pytest.raises(KeyboardInterrupt):
+        run_stages([stage], tmp_path, killed)
+    events: list[str] = []
+    assert run_stages([stage], tmp_path, finishes, lambda e, s: events.append(e))
+    assert calls[0][-1] != "--resume" and calls[1][-1] == "--resume" and events == ["resume"]
+    assert is_current(tmp_path, stage)  # the stamp is the stage's own, without --resume
+
+    out.unlink()  # output gone, checkpoint still there, same inputs: resumes again
+    run_stages([stage], tmp_path, finishes)
+    assert calls[-1][-1] == "--resume"
+    out.unlink()
+    src.write_text("b")  # other inputs: that checkpoint is not this run's
+    run_stages([stage], tmp_path, finishes)
+    assert calls[-1][-1] != "--resume"
+    other = Stage("copy", "copy", {"--out": tmp_path / "c"}, tmp_path / "c", [src])
+    (tmp_path / "c.last.pt").write_text("x")  # not a training command: never resumed
+    run_stages([other], tmp_path, lambda argv: (calls.append(argv), other.output.write_text("")))
+    assert calls[-1][-1] != "--resume"
+
+
 def test_stage_command_line_is_derived_from_its_declaration(tmp_path) -> None:
     stage = Stage(
         "x", "polish", {"--images": tmp_path / "a", "--overwrite": True, "--config": None},
