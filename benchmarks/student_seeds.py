@@ -14,6 +14,9 @@ budget, these rows, each evaluated on the test split with ``dpl evaluate``:
     paper          the paper's fixed rule: polish --keep-rule paper (0.9 / 0.9), hard
                    negatives (the same polisher)
     paper-ignore   the paper's fixed rule, unkept boxes as ignore regions
+    p90            keep thresholds fitted for precision 0.9 (train-polisher
+                   --precision-target 0.9: refitted on the same polisher and out-of-fold
+                   detections), unkept boxes as ignore regions
     reg-only       ablation: polished boxes for box regression only (cls from raw)
     cls-only       ablation: classification pseudo labels only (regression from raw)
     oracle         the labeled-only recipe on 100% of the training pool's labels
@@ -66,8 +69,9 @@ from dpl_tools.pipeline import (  # noqa: E402
 
 OUT = ROOT / "benchmarks/out/seeds"
 BCCD = (ROOT / "../shared/data/bccd").resolve()
-ROWS = ("teacher", "labeled-only", "raw", "full", "full-hard", "full-soft", "paper", "paper-ignore",
-        "reg-only", "cls-only", "oracle")  # fmt: skip
+ROWS = ("teacher", "labeled-only", "raw", "full", "full-hard", "full-soft", "paper",
+        "paper-ignore", "p90", "reg-only", "cls-only", "oracle")  # fmt: skip
+P90 = 0.9  # precision target of the p90 row
 # row -> (train-student --pseudo-view, extra options); the full method is the pipeline's own
 ROW_STUDENTS = {
     "labeled-only": (None, {"--unlabeled-ratio": 0}),
@@ -164,23 +168,77 @@ def wanted(stage: Stage, rows: set[str]) -> bool:
     return True
 
 
+def refit_keep_thresholds(run_dir: Path, images: Path, config: str, target: float) -> dict:
+    """The keep thresholds ``train-polisher --precision-target target`` would store, fitted
+    with the run's trained polisher on its out-of-fold detections (cached as JSON)."""
+    out = run_dir / f"keep-p{round(target * 100)}.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    from dpl_tools.config import load_config
+    from dpl_tools.data.coco import load_coco
+    from dpl_tools.engine.keep_thresholds import fit_on_crossfit
+    from dpl_tools.models.checkpoint import load_detector
+    from dpl_tools.models.polisher import load_polisher
+
+    teacher, spec = load_detector(run_dir / "teacher.pt")
+    polisher = load_polisher(run_dir / "polisher.pt")
+    coco = load_coco(run_dir / "split/labeled.json", images)
+    initial = float(load_config(config)["polish"]["initial_thresh"])
+    fitted = fit_on_crossfit(run_dir / "crossfit.parquet", teacher, spec.label_to_cat, polisher,
+                             coco, images, initial, precision_target=target)  # fmt: skip
+    record = fitted.to_dict()
+    out.write_text(json.dumps(record))
+    return record
+
+
+def p90_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
+    """The p90 row: polish with the thresholds fitted for precision P90, ignore negatives."""
+    if dataset == "demo":
+        from dpl_tools.config import preset_path
+
+        data, config = prepare_demo_data(run_dir, seed), str(preset_path(DEMO_PRESET))
+    else:
+        data, config = bccd_data(int(dataset.removeprefix("bccd")), seed)
+    keep = refit_keep_thresholds(run_dir, data.images, config, P90)
+    labels = run_dir / "labels-p90.parquet"
+    out = run_dir / "student-p90.pt"
+    extra = {"--cls-prob": keep["cls_prob"], "--teacher-score": keep["teacher_score"]}
+    return [
+        polish_stage("polish-p90", run_dir / "split/unlabeled.json", data.images, labels,
+                     run_dir / "teacher.pt", run_dir / "polisher.pt", config, "cpu", extra=extra),
+        evaluate_pseudo_stage("evaluate-pseudo-p90", labels, run_dir / "split/unlabeled_gt.json",
+                              run_dir / "pseudo_quality-p90.json"),
+        student_stage("train-student-p90", run_dir / "split/labeled.json", data.images, labels,
+                      run_dir / "teacher.pt", out, seed, config, "cpu",
+                      extra={"--negatives": "ignore"}),
+        evaluate_model_stage("evaluate-student-p90", out, data.test_ann, data.test_images,
+                             run_dir / "eval" / "student-p90.json", "cpu"),
+    ]  # fmt: skip
+
+
 def run_seed(dataset: str, seed: int, rows: set[str], version: str) -> None:
     run_dir = OUT / dataset / version / f"seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     stages = [s for s in seed_stages(dataset, seed, run_dir) if wanted(s, rows)]
-    run_stages(stages, run_dir, dpl, lambda event, s: print(f"[seed {seed}] {event} {s.name}"))
+    event = lambda e, s: print(f"[seed {seed}] {e} {s.name}", flush=True)  # noqa: E731
+    run_stages(stages, run_dir, dpl, event)
+    if "p90" in rows:  # its polish options come from a fit on the trained polisher
+        run_stages(p90_stages(dataset, seed, run_dir), run_dir, dpl, event)
 
 
 def row_results(dataset: str, seed: int, version: str) -> dict[str, dict]:
     """The finished rows of one seed: test metrics (+ pseudo-label quality for 'full')."""
     run_dir = OUT / dataset / version / f"seed{seed}"
-    files = {"teacher": "teacher", "full": "student"} | {r: f"student-{r}" for r in ROW_STUDENTS}
+    files = {"teacher": "teacher", "full": "student", "p90": "student-p90"} | {
+        r: f"student-{r}" for r in ROW_STUDENTS
+    }
     out = {}
     for row, name in files.items():
         path = run_dir / "eval" / f"{name}.json"
         if path.is_file():
             out[row] = json.loads(path.read_text())
-    for row, name in (("full", "pseudo_quality.json"), ("paper", "pseudo_quality-paper.json")):
+    for row, name in (("full", "pseudo_quality.json"), ("paper", "pseudo_quality-paper.json"),
+                      ("p90", "pseudo_quality-p90.json")):  # fmt: skip
         if (run_dir / name).is_file() and row in out:
             out[row]["pseudo"] = json.loads((run_dir / name).read_text())
     return out
@@ -190,7 +248,8 @@ def _quality_lines(results: dict[int, dict], seeds: list[int]) -> list[str]:
     """Pseudo-label quality on the unlabeled images, mean ± std over the seeds."""
     sets = [("teacher", "full", "teacher boxes (score >= initial threshold)"),
             ("cls", "full", "classification pseudo labels, fitted rule (use_cls)"),
-            ("cls", "paper", "classification pseudo labels, paper rule 0.9 / 0.9")]  # fmt: skip
+            ("cls", "paper", "classification pseudo labels, paper rule 0.9 / 0.9"),
+            ("cls", "p90", "classification pseudo labels, fitted for precision 0.9")]  # fmt: skip
     lines = []
     for view, row, name in sets:
         vals = [results[s][row]["pseudo"] for s in seeds if "pseudo" in results[s].get(row, {})]
