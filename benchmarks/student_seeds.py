@@ -275,6 +275,36 @@ def _quality_lines(results: dict[int, dict], seeds: list[int]) -> list[str]:
     return lines
 
 
+def _box_quality_lines(results: dict[int, dict], seeds: list[int]) -> list[str]:
+    """Box IoU to truth, teacher -> polished, per teacher-score bin and object size, pooled
+    over the seeds' matched pseudo boxes (the full method's polisher)."""
+    vals = [results[s]["full"]["pseudo"] for s in seeds if "pseudo" in results[s].get("full", {})]
+    if not vals:
+        return []
+    groups: dict[str, list[dict]] = {}
+    for q in vals:
+        for b in q.get("box_quality_by_score", []):
+            groups.setdefault(f"score {b['bin']}", []).append(b)
+        for size, b in q.get("box_quality_by_size", {}).items():
+            groups.setdefault(f"size {size}", []).append(b)
+    groups["all"] = [q["box_quality"] for q in vals]
+    lines = ["", f"| matched pseudo boxes ({len(vals)} seeds pooled) | boxes | IoU teacher | "
+             "IoU polished | improved |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for name, parts in groups.items():
+        parts = [b for b in parts if b.get("boxes")]
+        n = sum(b["boxes"] for b in parts)
+        if not n:
+            continue
+
+        def pooled(key: str, parts: list[dict] = parts, n: int = n) -> float:
+            return sum(b[key] * b["boxes"] for b in parts) / n
+
+        before, after = pooled("mean_iou_before"), pooled("mean_iou_after")
+        improved = pooled("improved_fraction")
+        lines.append(f"| {name} | {n} | {before:.3f} | {after:.3f} | {improved:.0%} |")
+    return lines
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "–"
@@ -312,6 +342,7 @@ def table(dataset: str, seeds: list[int], rows: list[str], version: str) -> str:
             f"{_mean_std(diff) if row != 'raw' else '–'} | {gap} |"
         )
     lines += _quality_lines(results, seeds)
+    lines += _box_quality_lines(results, seeds)
     if missing:
         lines.append(f"\nmissing: {', '.join(missing)}")
     return "\n".join(lines)
