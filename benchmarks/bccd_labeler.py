@@ -26,17 +26,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from student_seeds import bccd_data, dpl  # noqa: E402  (the BCCD split and stage runner)
+
 from dpl_tools.data.crossfit_detections import read_crossfit  # noqa: E402
 from dpl_tools.io import write_json  # noqa: E402
 from dpl_tools.pipeline import (  # noqa: E402
-    PipelineData,
     Stage,
     evaluate_pseudo_stage,
     run_stages,
@@ -45,7 +45,6 @@ from dpl_tools.pipeline import (  # noqa: E402
 )
 
 OUT = ROOT / "benchmarks/out/labeler/bccd10"
-BCCD = (ROOT / "../shared/data/bccd").resolve()
 TEACHER_CONFIG = str(ROOT / "benchmarks/configs/bccd_seeds.yaml")
 LABELER_CONFIG = str(ROOT / "benchmarks/configs/bccd_labeler.yaml")
 ROWS = ("labeler-oof", "teacher-noise")
@@ -53,11 +52,6 @@ SOURCES = {
     "labeler-oof": "the labeler's out-of-fold errors (--detections)",
     "teacher-noise": "Gaussian noise on the labeled truth (paper rule)",
 }
-
-
-def dpl(argv: list[str]) -> None:
-    print("$ dpl " + " ".join(argv), flush=True)
-    subprocess.run([sys.executable, "-m", "commands", *argv], cwd=ROOT, check=True)
 
 
 def crossfit_to_coco_results(crossfit: Path, out: Path) -> None:
@@ -74,13 +68,7 @@ def crossfit_to_coco_results(crossfit: Path, out: Path) -> None:
 
 def stages(rows: set[str]) -> tuple[list[Stage], list[Stage]]:
     """(stages before the OOF conversion, stages after it)."""
-    coco = OUT / "bccd-coco"
-    for split in ("train", "test"):
-        if not (coco / f"{split}.json").is_file():
-            dpl(["convert", "--format", "voc", str(BCCD), "--split", split,
-                 "--out", str(coco / f"{split}.json")])  # fmt: skip
-    data = PipelineData(ann=coco / "train.json", images=BCCD / "JPEGImages", percent=10.0,
-                        fold=1, seed=0)  # fmt: skip
+    data, _ = bccd_data(10, 0)  # the BCCD runner's 10% split of seed 0 (fold 1)
     split = OUT / "split"
     labeled, unlabeled, truth = (split / f"{n}.json" for n in ("labeled", "unlabeled",
                                                                  "unlabeled_gt"))  # fmt: skip

@@ -23,23 +23,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from student_seeds import dpl  # noqa: E402  (runs one stage as a user would)
+
 from dpl_tools.config import preset_path  # noqa: E402
 from dpl_tools.pipeline import Stage, evaluate_pseudo_stage, polish_stage, run_stages  # noqa: E402
 
 SEEDS_OUT = ROOT / "benchmarks/out/seeds/demo"
 VARIANTS = ("crossfit", "crossfit-r0", "crossfit-r25", "gaussian")
-
-
-def dpl(argv: list[str]) -> None:
-    print("$ dpl " + " ".join(argv), flush=True)
-    subprocess.run([sys.executable, "-m", "commands", *argv], cwd=ROOT, check=True)
 
 
 def variant_stages(run: Path, variant: str, config: str) -> list[Stage]:

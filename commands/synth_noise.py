@@ -36,7 +36,7 @@ from commands.options import (
     setting,
 )
 from dpl_tools.config import load_config
-from dpl_tools.data.crossfit_detections import LABELER_FILE
+from dpl_tools.data.crossfit_detections import labeler_path
 from dpl_tools.engine.polisher_noise import LabelerDetections, make_noise_file, print_crossfit
 from dpl_tools.errors import DplError
 from dpl_tools.outputs import check_distinct_outputs
@@ -199,7 +199,7 @@ def command(
         {"--ann": ann_path, "--heldout-ann": heldout_ann, "--teacher": teacher,
          "--detections": detections, "--detection-classes": detection_classes,
          "--category-map": category_map},
-        {"--out": out_path, "labeler detections": out_path.parent / LABELER_FILE if labeler
+        {"--out": out_path, "labeler detections": labeler_path(out_path) if labeler
          else None},
     )  # fmt: skip
     made = make_noise_file(

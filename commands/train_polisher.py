@@ -49,7 +49,8 @@ from commands.options import (
 from dpl_tools.config import load_config
 from dpl_tools.data.crossfit_detections import (
     CROSSFIT_FILE,
-    LABELER_FILE,
+    crossfit_path,
+    labeler_path,
     read_crossfit_detections,
 )
 from dpl_tools.engine.polisher_noise import LabelerDetections, make_noise_file, print_crossfit
@@ -275,13 +276,13 @@ def command(
         if not crossfit.is_file():
             raise DplError(f"{crossfit}: cross-fitted detections (--crossfit) not found")
         read_crossfit_detections(crossfit)
-    labeler_file = noise_path.parent / LABELER_FILE if detections is not None else None
+    labeler_file = labeler_path(noise_path) if detections is not None else None
     if crossfit is not None:
         crossfit_candidates = [crossfit]
     elif labeler_file is not None:  # the thresholds are fitted on the labeler's own boxes
         crossfit_candidates = [labeler_file]
     else:
-        crossfit_candidates = [noise_path.parent / CROSSFIT_FILE, run_dir / CROSSFIT_FILE]
+        crossfit_candidates = [crossfit_path(noise_path), run_dir / CROSSFIT_FILE]
     check_distinct_outputs(
         {"--teacher": teacher_path, "--ann": ann_path, "--images": images,
          "--crossfit": crossfit, "--detections": detections,
@@ -339,7 +340,7 @@ def command(
             f"cls_prob {fitted['cls_prob']:g}, teacher_score {fitted['teacher_score']:g}",
         )
         table.add_row(
-            "  on cross-fitted boxes",
+            "  on the labeler's boxes" if detections is not None else "  on cross-fitted boxes",
             f"{fitted['objective']}: P@.5 {fitted['precision50']:.3f}, R@.5 "
             f"{fitted['recall50']:.3f}, F1 {fitted['f1']:.3f}; kept {fitted['kept']} of "
             f"{fitted['detections']} boxes, {fitted['images']} images",

@@ -69,6 +69,11 @@ def crossfit_path(noise_path: str | Path) -> Path:
     return Path(noise_path).parent / CROSSFIT_FILE
 
 
+def labeler_path(noise_path: str | Path) -> Path:
+    """Where ``--detections`` writes the labeler's detections: beside the noise file."""
+    return Path(noise_path).parent / LABELER_FILE
+
+
 def detections_table(
     image_ids: np.ndarray,
     file_names: list[str],
@@ -115,10 +120,9 @@ def labeler_table(given: ExternalDetections, records: Sequence[Mapping[str, Any]
         cats.append(np.asarray(c, np.float64))
     if not ids:
         return CROSSFIT_SCHEMA.empty_table()
-    scores_all = np.concatenate(scores)
     return detections_table(
         np.asarray(ids), names, np.full(len(ids), LABELER_FOLD), np.concatenate(boxes),
-        scores_all, np.concatenate(cats),
+        np.concatenate(scores), np.concatenate(cats),
     )  # fmt: skip
 
 

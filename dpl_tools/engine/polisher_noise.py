@@ -33,8 +33,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from dpl_tools.data.coco import CocoData, load_coco
 from dpl_tools.data.crossfit_detections import (
-    LABELER_FILE,
     detections_by_image,
+    labeler_path,
     labeler_table,
     write_crossfit,
 )
@@ -203,7 +203,7 @@ def _labeler_file(
             f"{len(coco.images)} labeled images (their objects count as missed)",
             highlight=False,
         )
-    path = out_path.parent / LABELER_FILE
+    path = labeler_path(out_path)
     table = labeler_table(given, coco.images)
     seen = {"images": covered, "detections": given.count, "dropped_classes": given.dropped_classes}
     write_crossfit(path, table, {"source": given.source, **seen})
