@@ -27,7 +27,10 @@ with OMP_NUM_THREADS=1. Every finished stage is cached in its seed's run directo
 (``benchmarks/out/seeds/<dataset>/<code version>/seed<k>``, stage stamps as in
 ``dpl run``), so a table too long for one sitting is completed over several runs; the
 code version is a hash of dpl's sources and presets, so changed code reruns everything.
-The table printed lists what is still missing.
+The table printed lists what is still missing. The finished figures are also copied into
+``benchmarks/results/seeds/`` (kept in git, with each stage's time): a later session reruns
+only the rows not recorded there, from a copy of the commit whose code version it is
+(``git archive <commit> | tar -x -C /tmp/bench``, then this file copied over it).
 
     python benchmarks/student_seeds.py --dataset demo --seeds 0,1,2,3,4 --jobs 2
     python benchmarks/student_seeds.py --dataset bccd10 --seeds 0,1,2 --jobs 2 \\
@@ -68,6 +71,9 @@ from dpl_tools.pipeline import (  # noqa: E402
 )
 
 OUT = ROOT / "benchmarks/out/seeds"
+# Finished rows' figures, kept in git: a table outlives the run directories (checkpoints)
+# of the session that measured it, and a later session runs only the rows still missing.
+RECORD = ROOT / "benchmarks/results/seeds"
 BCCD = (ROOT / "../shared/data/bccd").resolve()
 ROWS = ("teacher", "labeled-only", "raw", "full", "full-hard", "full-soft", "paper",
         "paper-ignore", "p90", "reg-only", "cls-only", "oracle")  # fmt: skip
@@ -159,9 +165,15 @@ def seed_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
 
 
 def wanted(stage: Stage, rows: set[str]) -> bool:
-    """Pipeline stages always run; a row's own stages only when the row is asked for."""
+    """Pipeline stages always run (every row starts from their teacher and pseudo labels),
+    except the full method's student and the teacher's test evaluation when those rows are
+    not asked for; a row's own stages only when the row is asked for."""
     if stage.name in ("polish-paper", "evaluate-pseudo-paper"):
         return bool({"paper", "paper-ignore"} & rows)
+    if stage.name in ("train-student", "evaluate-student"):
+        return "full" in rows
+    if stage.name == "evaluate-teacher":
+        return "teacher" in rows
     for row in ROW_STUDENTS:
         if stage.name.endswith(f"-student-{row}"):
             return row in rows
@@ -216,31 +228,84 @@ def p90_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
     ]  # fmt: skip
 
 
+def record_seed(dataset: str, seed: int, version: str) -> list[str]:
+    """Copy a seed's finished figures (test metrics, pseudo-label quality, stage times) from
+    its run directory into RECORD; returns the files copied."""
+    run_dir = OUT / dataset / version / f"seed{seed}"
+    record = RECORD / dataset / version / f"seed{seed}"
+    copied = []
+    for path in [*run_dir.glob("eval/*.json"), *run_dir.glob("pseudo_quality*.json"),
+                 *run_dir.glob("keep-p*.json")]:  # fmt: skip
+        target = record / path.relative_to(run_dir)
+        if not target.is_file() or target.read_bytes() != path.read_bytes():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+            copied.append(str(target.relative_to(ROOT)))
+    times = stage_times(run_dir)
+    if times:
+        (record / "stage_times.json").parent.mkdir(parents=True, exist_ok=True)
+        (record / "stage_times.json").write_text(json.dumps(times, indent=1) + "\n")
+    return copied
+
+
+def stage_times(run_dir: Path) -> dict[str, float]:
+    """Seconds each stage took, from its stamps: a training stage from its ``.started``
+    stamp, any other from the previous stage's end (so waits between runs are excluded only
+    for training stages; the seed's log has the order)."""
+    stamps = sorted(
+        (p for p in (run_dir / ".stages").glob("*.json") if not p.name.endswith(".started.json")),
+        key=lambda p: p.stat().st_mtime,
+    )
+    times, previous = {}, None
+    for path in stamps:
+        name = path.name.removesuffix(".json")
+        started = path.with_name(f"{name}.started.json")
+        begin = started.stat().st_mtime if started.is_file() else previous
+        if begin is not None:
+            times[name] = round(path.stat().st_mtime - begin, 1)
+        previous = path.stat().st_mtime
+    return times
+
+
 def run_seed(dataset: str, seed: int, rows: set[str], version: str) -> None:
     run_dir = OUT / dataset / version / f"seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    stages = [s for s in seed_stages(dataset, seed, run_dir) if wanted(s, rows)]
+    todo = rows - set(row_results(dataset, seed, version))
+    if not todo:
+        print(f"[seed {seed}] every asked row is recorded", flush=True)
+        return
+    stages = [s for s in seed_stages(dataset, seed, run_dir) if wanted(s, todo)]
     event = lambda e, s: print(f"[seed {seed}] {e} {s.name}", flush=True)  # noqa: E731
     run_stages(stages, run_dir, dpl, event)
-    if "p90" in rows:  # its polish options come from a fit on the trained polisher
+    if "p90" in todo:  # its polish options come from a fit on the trained polisher
         run_stages(p90_stages(dataset, seed, run_dir), run_dir, dpl, event)
+    record_seed(dataset, seed, version)
 
 
 def row_results(dataset: str, seed: int, version: str) -> dict[str, dict]:
-    """The finished rows of one seed: test metrics (+ pseudo-label quality for 'full')."""
-    run_dir = OUT / dataset / version / f"seed{seed}"
+    """The finished rows of one seed: test metrics (+ pseudo-label quality for 'full'),
+    from its run directory or, where that is gone, from the figures recorded in git."""
+    dirs = [OUT / dataset / version / f"seed{seed}", RECORD / dataset / version / f"seed{seed}"]
+
+    def read(name: str) -> dict | None:
+        for folder in dirs:
+            if (folder / name).is_file():
+                return json.loads((folder / name).read_text())
+        return None
+
     files = {"teacher": "teacher", "full": "student", "p90": "student-p90"} | {
         r: f"student-{r}" for r in ROW_STUDENTS
     }
     out = {}
     for row, name in files.items():
-        path = run_dir / "eval" / f"{name}.json"
-        if path.is_file():
-            out[row] = json.loads(path.read_text())
+        metrics = read(f"eval/{name}.json")
+        if metrics is not None:
+            out[row] = metrics
     for row, name in (("full", "pseudo_quality.json"), ("paper", "pseudo_quality-paper.json"),
                       ("p90", "pseudo_quality-p90.json")):  # fmt: skip
-        if (run_dir / name).is_file() and row in out:
-            out[row]["pseudo"] = json.loads((run_dir / name).read_text())
+        quality = read(name)
+        if quality is not None and row in out:
+            out[row]["pseudo"] = quality
     return out
 
 
@@ -355,6 +420,11 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help=f"Subset of {', '.join(ROWS)}.")
     parser.add_argument("--jobs", type=int, default=2, help="Seeds run in parallel.")
     parser.add_argument("--table-only", action="store_true", help="Print the cached table.")
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="Copy the finished figures into benchmarks/results (for git).",
+    )
     parser.add_argument("--version", default=None, help="Code version to read (default: now).")
     parser.add_argument("--one-seed", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -367,7 +437,11 @@ def main() -> None:
     if args.one_seed is not None:
         run_seed(args.dataset, args.one_seed, set(rows), version)
         return
-    if not args.table_only:
+    if args.record:
+        for seed in seeds:
+            for path in record_seed(args.dataset, seed, version):
+                print(f"recorded {path}")
+    elif not args.table_only:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         log_dir = OUT / args.dataset / version / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
