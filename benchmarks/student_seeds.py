@@ -52,7 +52,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,10 +105,52 @@ def code_version() -> str:
     return h.hexdigest()[:12]
 
 
-def dpl(argv: list[str]) -> None:
-    """One stage as a user runs it: the ``dpl`` entry point in a subprocess."""
+# Torch threads of each stage when a seed runs its stages in parallel (--stage-jobs 2): the
+# chain every row waits for (teacher, cross-fitting, polishers, polish) runs alone, on both
+# cores; the students and evaluations after it run two at a time, one thread each. The
+# mapping is fixed, not chosen at run time, because the thread count changes a CPU run's
+# numbers: a row rerun in a later session gets the same teacher and pseudo labels.
+CHAIN_THREADS = {"train-teacher": 2, "synth-noise": 2, "train-polisher": 2, "polish": 2}
+
+
+def dpl(argv: list[str], threads: int | None = None) -> None:
+    """One stage as a user runs it: the ``dpl`` entry point in a subprocess (``threads``:
+    its OMP_NUM_THREADS, default the runner's own)."""
     print("$ dpl " + " ".join(argv), flush=True)
-    subprocess.run([sys.executable, "-m", "commands", *argv], cwd=ROOT, check=True)
+    env = dict(os.environ)
+    if threads is not None:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    subprocess.run([sys.executable, "-m", "commands", *argv], cwd=ROOT, check=True, env=env)
+
+
+def run_in_parallel(stages: list[Stage], run_dir: Path, jobs: int, event) -> None:
+    """``run_stages`` with up to ``jobs`` stages at a time: a stage starts once the stages
+    making its inputs are done and its other inputs exist, earlier-listed stages first.
+    Each stage's threads are fixed by CHAIN_THREADS (1 for the others)."""
+    producer = {stage.output: stage.name for stage in stages}
+    pending, running, done = list(stages), {}, set()
+
+    def ready(stage: Stage) -> bool:
+        return all(producer[p] in done if p in producer else p.exists() for p in stage.inputs)
+
+    def one(stage: Stage) -> None:
+        threads = CHAIN_THREADS.get(stage.command, 1)
+        run_stages([stage], run_dir, lambda argv: dpl(argv, threads), event)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        while pending or running:
+            for stage in [s for s in pending if ready(s)]:
+                if len(running) >= jobs:
+                    break
+                pending.remove(stage)
+                running[pool.submit(one, stage)] = stage
+            if not running:
+                names = ", ".join(s.name for s in pending)
+                raise RuntimeError(f"stages whose inputs never appear: {names}")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                future.result()  # a failed stage stops the seed
+                done.add(running.pop(future).name)
 
 
 def bccd_data(percent: int, seed: int) -> tuple[PipelineData, str]:
@@ -267,7 +309,7 @@ def stage_times(run_dir: Path) -> dict[str, float]:
     return times
 
 
-def run_seed(dataset: str, seed: int, rows: set[str], version: str) -> None:
+def run_seed(dataset: str, seed: int, rows: set[str], version: str, stage_jobs: int = 1) -> None:
     run_dir = OUT / dataset / version / f"seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     todo = rows - set(row_results(dataset, seed, version))
@@ -276,7 +318,10 @@ def run_seed(dataset: str, seed: int, rows: set[str], version: str) -> None:
         return
     stages = [s for s in seed_stages(dataset, seed, run_dir) if wanted(s, todo)]
     event = lambda e, s: print(f"[seed {seed}] {e} {s.name}", flush=True)  # noqa: E731
-    run_stages(stages, run_dir, dpl, event)
+    if stage_jobs > 1:
+        run_in_parallel(stages, run_dir, stage_jobs, event)
+    else:
+        run_stages(stages, run_dir, dpl, event)
     if "p90" in todo:  # its polish options come from a fit on the trained polisher
         run_stages(p90_stages(dataset, seed, run_dir), run_dir, dpl, event)
     record_seed(dataset, seed, version)
@@ -426,6 +471,13 @@ def main() -> None:
         help="Copy the finished figures into benchmarks/results (for git).",
     )
     parser.add_argument("--version", default=None, help="Code version to read (default: now).")
+    parser.add_argument(
+        "--stage-jobs",
+        type=int,
+        default=1,
+        help="Stages of one seed run in parallel (2: one seed on both cores; "
+        "the chain before the students then runs with 2 threads).",
+    )
     parser.add_argument("--one-seed", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s != ""]
@@ -435,7 +487,7 @@ def main() -> None:
         parser.error(f"unknown rows: {', '.join(sorted(unknown))}")
     version = args.version or code_version()
     if args.one_seed is not None:
-        run_seed(args.dataset, args.one_seed, set(rows), version)
+        run_seed(args.dataset, args.one_seed, set(rows), version, args.stage_jobs)
         return
     if args.record:
         for seed in seeds:
@@ -451,7 +503,8 @@ def main() -> None:
             with open(log_dir / f"seed{seed}.log", "a", encoding="utf-8") as log:
                 code = subprocess.run(
                     [sys.executable, __file__, "--dataset", args.dataset, "--rows", args.rows,
-                     "--one-seed", str(seed), "--version", version],
+                     "--one-seed", str(seed), "--version", version,
+                     "--stage-jobs", str(args.stage_jobs)],
                     env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                 ).returncode  # fmt: skip
             took = (time.perf_counter() - began) / 60

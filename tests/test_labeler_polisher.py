@@ -192,7 +192,8 @@ def test_labeler_detections_must_cover_the_labeled_images(labeler_data, tmp_path
     for name, records, problem in (
         ("none.json", [], "no detection on any of the 8 labeled images"),
         ("elsewhere.json", [{"file_name": "not_labeled.jpg", "category_id": 1,
-                             "bbox": [1, 1, 9, 9], "score": 0.9}], "unknown image"),
+                             "bbox": [1, 1, 9, 9], "score": 0.9}],
+         "unknown image (file_name 'not_labeled.jpg' is not among the --ann images)"),
     ):  # fmt: skip
         other = tmp_path / name
         other.write_text(json.dumps(records))

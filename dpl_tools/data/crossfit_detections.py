@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dpl_tools.data.detections import ExternalDetections
+from dpl_tools.data.parquet_files import open_dpl_parquet
 from dpl_tools.errors import DplError
 from dpl_tools.io import atomic_path
 
@@ -136,21 +137,10 @@ def write_crossfit(path: str | Path, table: pa.Table, meta: dict[str, Any]) -> P
 
 def read_crossfit(path: str | Path) -> tuple[pa.Table, dict[str, Any]]:
     """``(rows, metadata)`` of a crossfit file, or a one-line DplError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise DplError(f"{path}: crossfit file not found (make one with --noise-model crossfit)")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DplError(f"{path}: not a readable Parquet file ({e})") from None
-    raw = (table.schema.metadata or {}).get(CROSSFIT_META_KEY)
-    if raw is None or any(n not in table.schema.names for n in CROSSFIT_SCHEMA.names):
-        raise DplError(f"{path}: not a dpl crossfit file")
-    try:
-        meta = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DplError(f"{path}: crossfit metadata is not JSON ({e})") from None
-    return table.select(CROSSFIT_SCHEMA.names).cast(CROSSFIT_SCHEMA), meta
+    _, meta = open_dpl_parquet(path, "crossfit file", CROSSFIT_SCHEMA.names, CROSSFIT_META_KEY,
+                               "make one with --noise-model crossfit")  # fmt: skip
+    table = pq.read_table(path, columns=CROSSFIT_SCHEMA.names)
+    return table.cast(CROSSFIT_SCHEMA), meta
 
 
 @dataclass
@@ -186,17 +176,7 @@ def read_crossfit_detections(path: str | Path) -> dict[str, ImageDetections]:
     """Every held-out image of ``path``, keyed by file name; a DplError if the file is
     missing, not Parquet, lacks a column, or holds an image in two folds."""
     path = Path(path)
-    if not path.is_file():
-        raise DplError(f"{path}: cross-fitted detections not found")
-    try:
-        schema = pq.read_schema(path)
-    except (pa.ArrowException, OSError) as e:
-        raise DplError(f"{path}: not a Parquet file ({type(e).__name__})") from None
-    missing = [c for c in COLUMNS if c not in schema.names]
-    if missing:
-        raise DplError(
-            f"{path}: not cross-fitted detections (missing column(s) {', '.join(missing)})"
-        )
+    open_dpl_parquet(path, "cross-fitted detections file", COLUMNS)
     table = pq.read_table(path, columns=list(COLUMNS))
     ids = table["image_id"].to_numpy(zero_copy_only=False)
     names = table["file_name"].to_pylist()

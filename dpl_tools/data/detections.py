@@ -88,7 +88,8 @@ class ExternalDetections:
 class _Images:
     """Resolves a detection's image reference (id, file name, or label-file path)."""
 
-    def __init__(self, records: Sequence[Mapping[str, Any]]) -> None:
+    def __init__(self, records: Sequence[Mapping[str, Any]], option: str = "--images") -> None:
+        self.option = option  # the option that gave the images, for messages
         self.names = {r["file_name"] for r in records}
         # Folder records are numbered by dpl (``numbered``): their ids mean nothing outside.
         self.by_id = {r["id"]: r["file_name"] for r in records if not r.get("numbered")}
@@ -283,7 +284,7 @@ def _coco_results(path: Path, images: _Images, classes: _Classes) -> dict[str, l
         else:
             raise DplError(f"{record}: needs an integer image_id or a file_name string")
         if name is None:
-            raise DplError(f"{record}: unknown image ({ref} is not in the --images list)")
+            raise DplError(f"{record}: unknown image ({ref} is not among the {images.option} images)")
         record = f"{record} ({name})"
         bbox, score = det.get("bbox"), det.get("score")
         if not (isinstance(bbox, list) and len(bbox) == 4 and _finite(bbox)):
@@ -314,7 +315,7 @@ def _yolo_folder(
         name = images.label_file(rel)
         if name is None:
             raise DplError(
-                f"{f}: unknown image (no image of the --images list is named like this label "
+                f"{f}: unknown image (no image of {images.option} is named like this label "
                 "file, or several are)"
             )
         try:
@@ -361,9 +362,11 @@ def load_detections(
     categories: Sequence[Mapping[str, Any]],
     classes_file: str | Path | None = None,
     category_map: str | Path | None = None,
+    images_option: str = "--images",
 ) -> ExternalDetections:
     """Read a COCO results file or a YOLO txt folder (module docstring) for ``records``
-    (image dicts with ``id`` and ``file_name``) and dpl's ``categories``."""
+    (image dicts with ``id`` and ``file_name``) and dpl's ``categories``; ``images_option``
+    names the option that listed the images, for the unknown-image error."""
     path = Path(path)
     if not path.exists():
         raise DplError(f"{path}: detections file or folder not found")
@@ -373,7 +376,7 @@ def load_detections(
     names = read_classes(classes_file) if classes_file is not None else None
     mapping = read_category_map(category_map) if category_map is not None else None
     classes = _Classes(categories, "index" if fmt == YOLO_TXT else "id", names, mapping, str(path))
-    images = _Images(records)
+    images = _Images(records, images_option)
     if fmt == YOLO_TXT:
         rows, files = _yolo_folder(path, images, classes)
         digest = _folder_digest(files, path)

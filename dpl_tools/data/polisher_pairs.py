@@ -38,6 +38,7 @@ import torch
 from torchvision.ops import box_iou
 
 from dpl_tools.data.coco import CocoData
+from dpl_tools.data.parquet_files import open_dpl_parquet
 from dpl_tools.defaults import DEFAULTS, settings_from_section
 from dpl_tools.errors import DplError
 from dpl_tools.io import atomic_path
@@ -612,20 +613,5 @@ def write_noise_parquet(
 
 def read_noise_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata of a noise file, or a one-line DplError naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise DplError(f"{path}: noise file not found")
-    try:
-        schema = pq.read_schema(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DplError(f"{path}: not a readable Parquet file ({e})") from None
-    raw = (schema.metadata or {}).get(META_KEY)
-    if raw is None or any(n not in schema.names for n in REQUIRED_COLUMNS):
-        raise DplError(f"{path}: not a dpl noise file (make one with dpl synth-noise)")
-    try:
-        meta = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DplError(f"{path}: Parquet metadata {META_KEY.decode()} is not JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise DplError(f"{path}: Parquet metadata {META_KEY.decode()} must be a JSON object")
-    return meta
+    return open_dpl_parquet(path, "noise file", REQUIRED_COLUMNS, META_KEY,
+                            "make one with dpl synth-noise")[1]  # fmt: skip

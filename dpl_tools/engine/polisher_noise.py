@@ -188,8 +188,9 @@ def _labeler_file(
     """Read the labeler's detections of ``coco``'s images and write them beside the noise
     file in the crossfit schema; ``(that file, the noise description)``."""
     given = load_detections(
-        labeler.path, coco.images, coco.categories, labeler.classes, labeler.category_map
-    )
+        labeler.path, coco.images, coco.categories, labeler.classes, labeler.category_map,
+        images_option="--ann",
+    )  # fmt: skip
     covered = sum(1 for r in coco.images if r["file_name"] in given.by_file)
     if covered == 0:
         raise DplError(
