@@ -284,7 +284,9 @@ def _coco_results(path: Path, images: _Images, classes: _Classes) -> dict[str, l
         else:
             raise DplError(f"{record}: needs an integer image_id or a file_name string")
         if name is None:
-            raise DplError(f"{record}: unknown image ({ref} is not among the {images.option} images)")
+            raise DplError(
+                f"{record}: unknown image ({ref} is not among the {images.option} images)"
+            )
         record = f"{record} ({name})"
         bbox, score = det.get("bbox"), det.get("score")
         if not (isinstance(bbox, list) and len(bbox) == 4 and _finite(bbox)):
