@@ -291,18 +291,24 @@ def record_seed(dataset: str, seed: int, version: str) -> list[str]:
 
 
 def stage_times(run_dir: Path) -> dict[str, float]:
-    """Seconds each stage took, from its stamps: a training stage from its ``.started``
-    stamp, any other from the previous stage's end (so waits between runs are excluded only
-    for training stages; the seed's log has the order)."""
+    """Seconds each stage took (its last run), from its stamp back to when it began: the
+    runner's ``.began`` mark, else a training stage's ``.started`` stamp, else the end of
+    the stage stamped before it (right only when stages ran one at a time)."""
+    stages = run_dir / ".stages"
     stamps = sorted(
-        (p for p in (run_dir / ".stages").glob("*.json") if not p.name.endswith(".started.json")),
+        (p for p in stages.glob("*.json") if not p.name.endswith(".started.json")),
         key=lambda p: p.stat().st_mtime,
     )
     times, previous = {}, None
     for path in stamps:
         name = path.name.removesuffix(".json")
-        started = path.with_name(f"{name}.started.json")
-        begin = started.stat().st_mtime if started.is_file() else previous
+        began, started = stages / f"{name}.began", stages / f"{name}.started.json"
+        if began.is_file():
+            begin = float(began.read_text())
+        elif started.is_file():
+            begin = started.stat().st_mtime
+        else:
+            begin = previous
         if begin is not None:
             times[name] = round(path.stat().st_mtime - begin, 1)
         previous = path.stat().st_mtime
@@ -317,7 +323,13 @@ def run_seed(dataset: str, seed: int, rows: set[str], version: str, stage_jobs: 
         print(f"[seed {seed}] every asked row is recorded", flush=True)
         return
     stages = [s for s in seed_stages(dataset, seed, run_dir) if wanted(s, todo)]
-    event = lambda e, s: print(f"[seed {seed}] {e} {s.name}", flush=True)  # noqa: E731
+
+    def event(what: str, stage: Stage) -> None:
+        print(f"[seed {seed}] {what} {stage.name}", flush=True)
+        if what in ("start", "resume"):  # when it began, for stage_times (stages overlap)
+            (run_dir / ".stages").mkdir(exist_ok=True)
+            (run_dir / ".stages" / f"{stage.name}.began").write_text(f"{time.time()}\n")
+
     if stage_jobs > 1:
         run_in_parallel(stages, run_dir, stage_jobs, event)
     else:
