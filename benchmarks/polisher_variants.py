@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from student_seeds import OUT, RECORD, bccd_data, dpl  # noqa: E402
+from student_seeds import _mean_std as _ms  # noqa: E402
 
 from dpl_tools.config import preset_path  # noqa: E402
 from dpl_tools.data.coco import load_coco  # noqa: E402
@@ -149,13 +149,6 @@ def finish(run: Path, record: Path, variant: str) -> None:
     for folder in (run / "variants" / variant, record / "variants" / variant):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "result.json").write_text(json.dumps(quality) + "\n")
-
-
-def _ms(values: list[float]) -> str:
-    if not values:
-        return "–"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {std:.3f}"
 
 
 def table(results: dict[int, dict[str, dict]], variants: list[str]) -> str:
