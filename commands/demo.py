@@ -35,6 +35,9 @@ LABELS = {
     "pseudo_recall_lost": "recall at IoU .5 lost by the kept set",
     "labels_changed": "labels changed by the polisher",
     "labels_changed_right": "... of which right",
+    "pseudo_kept_fraction": "share of teacher boxes kept for classification",
+    "keep_rule_source": "keep rule",
+    "reg_steps_source": "regression pseudo labels",
 }
 
 
@@ -85,7 +88,10 @@ def command(
     table.add_column("value", justify="right")
     for key, label in LABELS.items():
         value = figures[key]
-        shown = "n/a" if value is None else str(value) if isinstance(value, int) else f"{value:.3f}"
+        shown = (
+            "n/a" if value is None else str(value) if isinstance(value, int | str)
+            else f"{value:.3f}"
+        )  # fmt: skip
         table.add_row(label, shown)
     console.print(table)
     if json_out:

@@ -119,7 +119,7 @@ NoiseModel = Annotated[
         "--noise-model",
         help="gaussian (the paper's), empirical (teacher errors on --heldout-ann) or crossfit "
         "(K fold teachers' out-of-fold errors on the labeled images, no test split; costs "
-        "K x crossfit_iters_fraction teacher trainings).",
+        "K x crossfit_iters_fraction teacher trainings, K-1 by default).",
         callback=setting("polisher", "noise_model"),
     ),
 ]
@@ -135,8 +135,8 @@ CrossfitItersFraction = Annotated[
     float | None,
     typer.Option(
         "--crossfit-iters-fraction",
-        help="crossfit: fold teacher iterations as a fraction of the teacher's "
-        f"({default('polisher', 'crossfit_iters_fraction')}).",
+        help="crossfit: fold teacher iterations as a fraction of the teacher's (default: "
+        "(K-1)/K, the teacher's iterations per labeled image).",
         callback=setting("polisher", "crossfit_iters_fraction"),
     ),
 ]

@@ -41,7 +41,14 @@ from dpl_tools.data.image_list import load_image_list, parse_shard, shard_record
 from dpl_tools.data.pseudo_label_writer import PseudoLabelWriter, output_file
 from dpl_tools.data.pseudo_labels import META_BOXES, read_pseudo_labels
 from dpl_tools.engine.keep_thresholds import resolve_keep_thresholds
-from dpl_tools.engine.polish import PolishSettings, PolishSummary, polish_images, polish_metadata
+from dpl_tools.engine.polish import (
+    PolishSettings,
+    PolishSummary,
+    kept_warning,
+    polish_images,
+    polish_metadata,
+)
+from dpl_tools.engine.regression_check import resolve_reg_steps
 from dpl_tools.errors import DplError
 from dpl_tools.io import sha256_file
 from dpl_tools.models.checkpoint import load_detector
@@ -94,18 +101,26 @@ def _print_summary(
         ("skipped (unreadable, whole output)", len(summary.skipped)),
         ("labeler boxes kept" if external else "teacher boxes kept", summary.boxes),
         ("classification labels (use_cls)", summary.use_cls),
+        ("kept for classification", _pct(summary.kept_fraction)),
         ("labels changed by the polisher", summary.label_changed),
         ("images/s", f"{summary.images_per_s:.2f}"),
     ]
     for name, value in rows:
         table.add_row(name, str(value))
     console.print(table)
+    warning = kept_warning(summary)
+    if warning:
+        console.print(f"[bold red]warning:[/] {warning}", highlight=False)
     for name, reason in summary.skipped[:10]:
         console.print(f"[yellow]skipped[/] {name}: {reason}", highlight=False)
     if len(summary.skipped) > 10:
         console.print(f"... and {len(summary.skipped) - 10} more (status='skipped' rows)")
     if not summary.wrote:
         console.print("nothing to do: every image is already in the output")
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
 
 
 def _print_bad_input(console: Console, listing_skipped: list, summary: PolishSummary) -> None:
@@ -395,16 +410,25 @@ def command(
             pcfg["keep_rule"], refiner.fitted_thresholds, pcfg["cls_prob"],
             pcfg["teacher_score"], str(polisher_path),
         )  # fmt: skip
+        steps, steps_source = resolve_reg_steps(pcfg["reg_steps"], refiner.regression_check)
         settings = replace(
             PolishSettings.from_section(pcfg), cls_prob=keep.cls_prob,
-            teacher_score=keep.teacher_score,
+            teacher_score=keep.teacher_score, reg_steps=steps,
         )  # fmt: skip
         if keep.note:
             console.print(f"note: {keep.note}", highlight=False)
         console.print(keep.describe(), highlight=False)
+        if keep.source.startswith("fallback"):
+            console.print(f"[bold red]keep rule: {keep.source}[/]", highlight=False)
+        if steps == 0:
+            console.print(
+                f"[bold red]regression pseudo labels: the teacher's boxes[/] ({steps_source})",
+                highlight=False,
+            )
         meta = polish_metadata(
             spec.categories, settings, teacher_sha, sha256_file(polisher_path),
-            keep_sources=keep.metadata(), fitted=keep.fitted,
+            keep_sources={**keep.metadata(), "reg_steps_source": steps_source},
+            fitted=keep.fitted, regression=refiner.regression_check,
         )  # fmt: skip
         given = None
         if detections is not None:

@@ -24,8 +24,9 @@ import typer
 from rich.console import Console
 
 from commands.options import Device, in_process, stage_printer, within
+from dpl_tools.data.pseudo_labels import pseudo_label_sources
 from dpl_tools.defaults import AT_LEAST_1
-from dpl_tools.pipeline import load_run_config, pipeline_stages, run_stages
+from dpl_tools.pipeline import load_run_config, pipeline_stages, round_dir, run_stages
 
 
 def command(
@@ -55,3 +56,14 @@ def command(
     console.print(
         f"[bold green]done[/]: {len(ran)} stage(s) ran, {len(stages) - len(ran)} up to date"
     )
+    for k in range(1, rounds + 1):
+        labels = round_dir(run_dir, k) / "labels.parquet"
+        if labels.exists():
+            s = pseudo_label_sources(labels)
+            kept = s["pseudo_kept_fraction"]
+            console.print(
+                f"round {k} pseudo labels: {'n/a' if kept is None else f'{kept:.1%}'} of the "
+                f"teacher's boxes kept for classification (keep rule: {s['keep_rule_source']}); "
+                f"regression: {s['reg_steps_source']}",
+                highlight=False,
+            )

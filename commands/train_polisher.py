@@ -178,7 +178,8 @@ def command(
             help="Make --noise first with this noise model, as dpl synth-noise would: gaussian, "
             "empirical or crossfit (K fold teachers trained on K-1 folds of --ann, their "
             "real errors on the held-out fold as real pairs; rerunning reuses finished "
-            "folds; costs K x crossfit_iters_fraction teacher trainings; no test split). "
+            "folds; costs K x crossfit_iters_fraction teacher trainings, K-1 by default; no test "
+            "split). "
             "Default: use the existing --noise.",
             callback=setting("polisher", "noise_model"),
         ),
@@ -220,6 +221,26 @@ def command(
             callback=setting("polisher", "precision_target"),
         ),
     ] = None,
+    keep_fit_min_matches: Annotated[
+        int | None,
+        typer.Option(
+            "--keep-fit-min-matches",
+            help="Fewest out-of-fold boxes matching a true box to fit the keep thresholds on; "
+            "with fewer (or a best F1 of 0) --keep-fallback is used instead, said in one line "
+            f"({default('polisher', 'keep_fit_min_matches')}).",
+            callback=setting("polisher", "keep_fit_min_matches"),
+        ),
+    ] = None,
+    keep_fallback: Annotated[
+        str | None,
+        typer.Option(
+            "--keep-fallback",
+            help="Keep rule when the fit has too little to go on: keep_all (every teacher box "
+            "at the initial threshold, the teacher's label) or paper (0.9 / 0.9) "
+            f"({default('polisher', 'keep_fallback')}).",
+            callback=setting("polisher", "keep_fallback"),
+        ),
+    ] = None,
     detections: Annotated[
         Path | None,
         typer.Option(
@@ -252,6 +273,8 @@ def command(
                 "checkpoint_every": checkpoint_every,
                 "fit_keep_rule": fit_keep_rule,
                 "precision_target": precision_target,
+                "keep_fit_min_matches": keep_fit_min_matches,
+                "keep_fallback": keep_fallback,
                 "noise_model": noise_model,
                 "crossfit_folds": crossfit_folds,
                 "crossfit_iters_fraction": crossfit_iters_fraction,
@@ -335,16 +358,59 @@ def command(
         table.add_row("val fg / bg recall", f"{_fmt(val['fg_recall'])} / {_fmt(val['bg_recall'])}")
     fitted = result.keep_thresholds
     if fitted:
-        table.add_row(
-            "keep thresholds (fitted)",
-            f"cls_prob {fitted['cls_prob']:g}, teacher_score {fitted['teacher_score']:g}",
-        )
-        table.add_row(
-            "  on the labeler's boxes" if detections is not None else "  on cross-fitted boxes",
-            f"{fitted['objective']}: P@.5 {fitted['precision50']:.3f}, R@.5 "
-            f"{fitted['recall50']:.3f}, F1 {fitted['f1']:.3f}; kept {fitted['kept']} of "
-            f"{fitted['detections']} boxes, {fitted['images']} images",
-        )
+        _keep_rows(table, fitted, "labeler's" if detections is not None else "cross-fitted")
+    if result.regression_check:
+        check = result.regression_check
+        table.add_row("regression pseudo labels", f"{check['choice']} ({check['reason']})")
     console.print(table)
     if result.keep_note:
         console.print(result.keep_note, highlight=False)
+    for line in fallback_lines(fitted, result.regression_check):
+        console.print(f"[bold red]{line}[/]", highlight=False)
+
+
+def _keep_rows(table: ReportTable, fitted: dict, boxes: str) -> None:
+    """The fitting rows: the rule, what it was fitted on, and the density match."""
+    source = fitted.get("keep_rule_source", "fitted")
+    table.add_row(
+        f"keep thresholds ({'fitted' if source == 'fitted' else 'fallback'})",
+        f"cls_prob {fitted['cls_prob']:g}, teacher_score {fitted['teacher_score']:g}",
+    )
+    floor = fitted.get("min_score")
+    table.add_row(
+        f"  fitted on {boxes} boxes",
+        f"{fitted['detections']} boxes (score >= {_fmt(floor)}), {fitted.get('matched', 'n/a')} "
+        f"matched to truth, {fitted['images']} images",
+    )
+    table.add_row(
+        "  at that point",
+        f"{fitted['objective']}: P@.5 {fitted['precision50']:.3f}, R@.5 "
+        f"{fitted['recall50']:.3f}, F1 {fitted['f1']:.3f}; kept {fitted['kept']} boxes",
+    )
+    density = fitted.get("density")
+    if density:
+        t = density["initial_thresh"]
+        table.add_row(
+            "  boxes per image",
+            f"fold teachers {density['fold_per_image']:.2f} (>= {t:g}, out-of-fold), teacher "
+            f"{density['teacher_per_image']:.2f} (>= {t:g}, its own labeled images), truth "
+            f"{density['truth_per_image']:.2f}; fitted down to {density['floor']:.3f}",
+        )
+
+
+def fallback_lines(fitted: dict | None, check: dict | None) -> list[str]:
+    """One loud line per fallback taken (keep rule, regression pseudo labels)."""
+    lines = []
+    source = (fitted or {}).get("keep_rule_source", "fitted")
+    if fitted and source != "fitted":
+        lines.append(
+            f"keep rule: too little to fit on, {source}: cls_prob {fitted['cls_prob']:g}, "
+            f"teacher_score {fitted['teacher_score']:g} (dpl polish will use it)"
+        )
+    if check and check.get("reg_steps") == 0:
+        lines.append(
+            f"regression polisher: {check['reason']} on {check['pairs']} real held-out pairs; "
+            "dpl polish will keep the teacher's boxes as regression pseudo labels (--reg-steps "
+            "1 to polish anyway; or retrain with --noise-model gaussian)"
+        )
+    return lines

@@ -288,7 +288,12 @@ SETTINGS: dict[str, dict[str, Setting]] = {
         "empirical_inflate": Setting(1.0, "scale factor on the fitted errors", NON_NEGATIVE),
         "crossfit_folds": Setting(3, "crossfit: folds of the labeled images", Range(2)),
         "crossfit_iters_fraction": Setting(
-            0.5, "crossfit: fold teacher iters / teacher iters", Range(0, 1, low_open=True)
+            None,
+            "crossfit: fold teacher iters / teacher iters (null: (K-1)/K, the teacher's "
+            "iterations per labeled image)",
+            Range(0, 1, low_open=True),
+            nullable=True,
+            kind=float,
         ),
         "real_fraction": Setting(0.5, "share of real (crossfit) pairs among the pairs", UNIT),
         # training (dpl train-polisher)
@@ -305,6 +310,17 @@ SETTINGS: dict[str, dict[str, Setting]] = {
         "ema_momentum": Setting(0.99, "EMA momentum of the saved copy", UNIT),
         "val_fraction": Setting(0.1, "labeled images held out (0: off)", UNIT),
         "fit_keep_rule": Setting(True, "fit polish's keep thresholds on crossfit.parquet"),
+        "keep_fit_min_matches": Setting(
+            30, "fit: fewest matched out-of-fold boxes to fit the keep rule on", NON_NEGATIVE
+        ),
+        "keep_fallback": Setting(
+            "keep_all",
+            "keep rule when the fit has too little: keep_all (every box) or paper (0.9 / 0.9)",
+            choices=("keep_all", "paper"),
+        ),
+        "reg_check_min_pairs": Setting(
+            10, "fewest real held-out pairs to check the regression polisher on", NON_NEGATIVE
+        ),
         "precision_target": Setting(
             None,
             "fit: best recall at this precision (null: best F1)",
@@ -333,7 +349,14 @@ SETTINGS: dict[str, dict[str, Setting]] = {
             nullable=True,
             kind=float,
         ),
-        "reg_steps": Setting(1, "regression polisher passes per box (cascade)", Range(1, 10)),
+        "reg_steps": Setting(
+            None,
+            "regression polisher passes per box (cascade; 0: the teacher's boxes; null: 1, "
+            "or 0 when train-polisher's check on real held-out pairs found polishing worse)",
+            Range(0, 10),
+            nullable=True,
+            kind=int,
+        ),
         "tta": Setting(False, "teacher test-time augmentation (flip + tta_scales), WBF-fused"),
         "tta_scales": Setting([0.8, 1.2], "extra TTA test scales, x model.min_size", POSITIVE),
         "tta_fusion_iou": Setting(0.55, "IoU above which TTA boxes fuse (WBF)", UNIT),

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from dpl_tools.config import preset_path
+from dpl_tools.data.pseudo_labels import pseudo_label_sources
 from dpl_tools.data.synthetic import make_synthetic_dataset
 from dpl_tools.pipeline import (
     PipelineData,
@@ -109,4 +110,5 @@ def demo_summary(run_dir: Path) -> dict[str, float | int | None]:
         "pseudo_recall_lost": kept["recall_lost"],
         "labels_changed": changes["changed"],
         "labels_changed_right": changes["right"],
+        **pseudo_label_sources(run_dir / "labels.parquet"),
     }

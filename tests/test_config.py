@@ -93,8 +93,13 @@ NEW_KEYS = {
         "precision_target": None,
         # issue 14: cross-fitting (only used by --noise-model crossfit)
         "crossfit_folds": 3,
-        "crossfit_iters_fraction": 0.5,
+        # issue 26: fold teachers at the teacher's iterations per labeled image (null:
+        # (K-1)/K), a fit that knows when it cannot fit, a checked regression polisher
+        "crossfit_iters_fraction": None,
         "real_fraction": 0.5,
+        "keep_fit_min_matches": 30,
+        "keep_fallback": "keep_all",
+        "reg_check_min_pairs": 10,
     },
     # issue 13: the keep thresholds come from the polisher (fitted) unless given
     "polish": {
@@ -102,7 +107,7 @@ NEW_KEYS = {
         "cls_prob": None,
         "teacher_score": None,
         # issue 14: iterated polishing and the TTA + box fusion baseline (off: as before)
-        "reg_steps": 1,
+        "reg_steps": None,  # issue 26: null = 1, or 0 where the regression check chose so
         "tta": False,
         "tta_scales": [0.8, 1.2],
         "tta_fusion_iou": 0.55,
@@ -324,6 +329,8 @@ def test_polish_section_sets_the_thresholds_and_flags_override(tiny_run, tmp_pat
         "initial": 0.0, "cls_prob": 0.6, "teacher_score": 0.4, "reg_steps": 1, "tta": 0,
         # config and flag values are the user's (the polisher holds no fitted ones)
         "keep_rule": "fitted", "cls_prob_source": "user", "teacher_score_source": "user",
+        "keep_rule_source": "user",
+        "reg_steps_source": "default (polisher not checked on real pairs)",
     }  # fmt: skip
     rows = [r for r in table.to_pylist() if r["status"] == "ok"]
     assert len(rows) == 6 * 2  # detections_per_img from the config
@@ -370,7 +377,8 @@ def test_resume_refuses_a_student_of_another_teacher_model(tiny_run, tmp_path):
     assert result.exit_code == 0, result.output
     out = resumable(tiny_run, tmp_path / "student.pt", "student", 80)  # the teacher: 64 px
     teacher = tiny_run["root"] / "teacher.pt"
-    cfg = load_config(None, {"student": {"iters": 2, "workers": 0}})
+    # the untrained teacher's boxes keep no classification label: allowed, to reach resume
+    cfg = load_config(None, {"student": {"iters": 2, "workers": 0, "allow_empty": True}})
     with pytest.raises(DplError) as info:
         train_student(
             tiny_run["ann"], tiny_run["images"], labels, out, cfg, teacher, device="cpu",

@@ -8,9 +8,12 @@ from pathlib import Path
 import yaml
 from test_pipeline import TINY, _dpl
 
+from dpl_tools.data.pseudo_labels import META_THRESHOLDS, read_pseudo_labels
+
 KEYS = ("teacher_ap", "student_raw_ap", "student_polished_ap", "pseudo_iou_before",
         "pseudo_iou_after", "pseudo_teacher_boxes", "pseudo_kept", "pseudo_recall_lost",
-        "labels_changed", "labels_changed_right")  # fmt: skip
+        "labels_changed", "labels_changed_right", "pseudo_kept_fraction", "keep_rule_source",
+        "reg_steps_source")  # fmt: skip
 
 
 def _demo(tmp_path: Path, *extra: str):
@@ -46,6 +49,13 @@ def test_demo_runs_the_method_and_writes_its_figures(tmp_path):
     assert (figures["labels_changed"], figures["labels_changed_right"]) == (
         changes["changed"], changes["right"])  # fmt: skip
     assert 0 <= figures["labels_changed_right"] <= figures["labels_changed"]
+    # the kept share and where the keep rule and regression labels came from (issue 26)
+    if kept["teacher_boxes"]:
+        assert figures["pseudo_kept_fraction"] == kept["kept"] / kept["teacher_boxes"]
+    thresholds = read_pseudo_labels(run_dir / "labels.parquet")[1][META_THRESHOLDS]
+    assert figures["keep_rule_source"] == thresholds["keep_rule_source"]
+    assert figures["reg_steps_source"] == thresholds["reg_steps_source"]
+    assert "share of teacher" in done.stdout
     for artifact in ("teacher.pt", "polisher.pt", "labels.parquet", "student.pt",
                      "student_raw.pt", "split/labeled.json"):  # fmt: skip
         assert (run_dir / artifact).is_file(), artifact

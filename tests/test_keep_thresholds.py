@@ -134,7 +134,7 @@ def test_fitted_thresholds_round_trip_through_checkpoint_and_parquet(run, tmp_pa
 
     # with them: fitted after training, stored, printed
     fitted_pt = tmp_path / "fitted.pt"
-    result = _train(run, fitted_pt, "--crossfit", run["crossfit"])
+    result = _train(run, fitted_pt, "--crossfit", run["crossfit"], "--keep-fit-min-matches", "0")
     record = torch.load(fitted_pt, weights_only=True)["extra"]["keep_thresholds"]
     assert record["crossfit"] == str(run["crossfit"]) and record["initial_thresh"] == 0.5
     assert record["images"] == 6 and record["detections"] == run["above"]
@@ -148,7 +148,7 @@ def test_fitted_thresholds_round_trip_through_checkpoint_and_parquet(run, tmp_pa
     polisher = load_polisher(fitted_pt, teacher_sha=sha256_file(run["root"] / "teacher.pt"))
     assert polisher.fitted_thresholds == record
     again = fit_on_crossfit(run["crossfit"], teacher.eval(), spec.label_to_cat, polisher,
-                            load_coco(run["ann"]), run["images"], 0.5)  # fmt: skip
+                            load_coco(run["ann"]), run["images"], 0.5, min_matches=0)  # fmt: skip
     assert {k: record[k] for k in again.to_dict()} == again.to_dict()
 
     # polish uses and records them (Parquet metadata round trip)

@@ -214,7 +214,7 @@ def test_polish_cli_records_reg_steps_and_tta(tmp_path: Path):
     assert thresholds["reg_steps"] == 2 and thresholds["tta"] == 1
     assert (thresholds["tta_scale_1"], thresholds["tta_scale_2"]) == (0.8, 1.2)
     assert table.num_rows > 0
-    bad = CliRunner().invoke(app, ["polish", "--images", str(ann.parent), "--reg-steps", "0"])
+    bad = CliRunner().invoke(app, ["polish", "--images", str(ann.parent), "--reg-steps", "11"])
     assert bad.exit_code == 2 and "--reg-steps" in bad.output
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dpl_tools.errors import DplError
@@ -51,9 +52,20 @@ META_VERSION = "dpl.version"
 META_BOXES = "dpl.boxes"
 # The polisher's fitted keep thresholds (``FittedThresholds.to_dict()``) or null.
 META_FITTED = "dpl.fitted_thresholds"
-# Text entries of META_THRESHOLDS (the others are numbers): the keep rule and where each
-# keep threshold came from (fitted / paper / user).
-THRESHOLD_TEXT_KEYS = ("keep_rule", "cls_prob_source", "teacher_score_source")
+# The polisher's check of its regression on real held-out pairs
+# (``engine.regression_check.check_regression``) or null.
+META_REGRESSION = "dpl.regression_check"
+# Text entries of META_THRESHOLDS (the others are numbers): the keep rule, where each
+# keep threshold came from (fitted / fallback / paper / user), where the rule came from as a
+# whole (``keep_rule_source``: fitted, "fallback keep_all (why)", paper or user) and where
+# ``reg_steps`` came from (user, or the regression check's choice and why).
+THRESHOLD_TEXT_KEYS = (
+    "keep_rule",
+    "cls_prob_source",
+    "teacher_score_source",
+    "keep_rule_source",
+    "reg_steps_source",
+)
 
 
 def encode_metadata(meta: dict[str, Any]) -> dict[bytes, bytes]:
@@ -80,7 +92,7 @@ def _check_meta_value(key: str, value: Any) -> str | None:
             for k, v in value.items()
         )
         return None if ok else "must be an object of numbers"
-    if key == META_FITTED:
+    if key in (META_FITTED, META_REGRESSION):
         return None if value is None or isinstance(value, dict) else "must be an object or null"
     if key == META_BOXES:
         ok = isinstance(value, dict) and isinstance(value.get("source"), str)
@@ -142,3 +154,17 @@ def read_pseudo_labels(path: str | Path) -> tuple[pa.Table, dict[str, Any]]:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
             raise DplError(f"{f}: pseudo-label columns of the wrong type ({e})") from None
     return pa.concat_tables(tables), meta
+
+
+def pseudo_label_sources(labels: Path) -> dict[str, float | str | None]:
+    """The kept fraction of a polish output and where its keep rule and regression pseudo
+    labels came from (fitted or a fallback, and why): what a run's summary shows."""
+    table, meta = read_pseudo_labels(labels)
+    boxes = table.filter(pc.is_valid(table["teacher_score"]))
+    kept = int(pc.sum(boxes["use_cls"]).as_py() or 0)
+    thresholds = meta.get(META_THRESHOLDS, {})
+    return {
+        "pseudo_kept_fraction": kept / boxes.num_rows if boxes.num_rows else None,
+        "keep_rule_source": thresholds.get("keep_rule_source", "n/a"),
+        "reg_steps_source": thresholds.get("reg_steps_source", "n/a"),
+    }

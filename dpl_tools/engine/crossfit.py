@@ -6,8 +6,9 @@
 COCO JSON is read, so no test image can be in any). Fold teacher k is trained on the other
 K-1 folds with the teacher's own recipe (the ``model`` / ``teacher`` config recorded in
 the teacher checkpoint), ``iters`` and ``warmup_iters`` scaled by
-``polisher.crossfit_iters_fraction``, through the same training loop as the teacher
-(``train_teacher``); it is saved as ``<out dir>/crossfit/fold-k.pt`` and reused when rerun
+``polisher.crossfit_iters_fraction`` (default (K-1)/K: ``fold_fraction``), through the
+same training loop as the teacher (``train_teacher``); it is saved as
+``<out dir>/crossfit/fold-k.pt`` and reused when rerun
 with the same folds, recipe and seed (an interrupted fold resumes from its
 ``fold-k.last.pt``). Each fold teacher then runs on its held-out fold with the teacher's
 test-time settings (the ``polish`` section: score 0.001, NMS 0.5, 100 detections), and
@@ -15,7 +16,7 @@ its detections with score >= ``polisher.empirical_cls_min_score`` are written to
 ``<out dir>/crossfit.parquet`` (schema: ``dpl_tools.data.crossfit_detections``).
 
 Cost: K fold teachers of ``fraction * iters`` iterations each, i.e. ``K * fraction``
-teacher trainings (1.5x with the defaults K = 3, fraction 0.5), plus one inference pass
+teacher trainings (2x with the defaults K = 3, fraction 2/3), plus one inference pass
 over the labeled images.
 
 ``fit_empirical_noise`` fits the empirical noise model on a given held-out set instead.
@@ -65,6 +66,15 @@ def crossfit_folds(image_ids: Sequence[int], folds: int, seed: int) -> list[list
         raise DplError(f"crossfit: {len(ids)} labeled image(s), fewer than the {folds} folds")
     order = np.random.default_rng([seed, 7919]).permutation(len(ids))
     return [sorted(ids[j] for j in order[f::folds]) for f in range(folds)]
+
+
+def fold_fraction(fraction: float | None, folds: int) -> float:
+    """Fold teacher iterations / teacher iterations: ``fraction``, or by default (None)
+    (K-1)/K, so that a fold teacher, trained on (K-1)/K of the labeled images, takes as
+    many iterations per labeled image as the teacher: a fold teacher at half the
+    iterations is much weaker than the teacher on a small labeled set, and its errors and
+    scores would not be the teacher's."""
+    return (folds - 1) / folds if fraction is None else float(fraction)
 
 
 def fold_recipe(teacher_config: dict[str, Any], fraction: float) -> dict[str, Any]:
@@ -177,7 +187,8 @@ def run_crossfit(
 
     console = console or Console()
     pcfg, polish = config["polisher"], config["polish"]
-    k_folds, fraction = int(pcfg["crossfit_folds"]), float(pcfg["crossfit_iters_fraction"])
+    k_folds = int(pcfg["crossfit_folds"])
+    fraction = fold_fraction(pcfg["crossfit_iters_fraction"], k_folds)
     base = teacher_recipe(teacher_path, config)
     recipe = fold_recipe(base, fraction)
     folds = crossfit_folds([r["id"] for r in coco.images], k_folds, seed)

@@ -12,6 +12,13 @@ recall at a precision target. The rule itself is the production one
 and probabilities, as polishing has, so a fitted threshold means the same in both).
 The caller supplies detections and truth (``engine.keep_thresholds`` does it from
 cross-fitted detections).
+
+A fit needs something to fit on: with fewer than ``min_matches`` detections that match a
+true box (class-aware, IoU 0.5), or a best F1 of 0, every operating point is noise and the
+best one is often the corner that keeps nothing. Then the fitted point is not used: a
+documented fallback rule is (``FALLBACK_RULES``; ``keep_all`` by default: every box at the
+initial threshold stays a classification pseudo label with the teacher's label, i.e. the
+raw pseudo labels), and ``source`` says why.
 """
 
 from __future__ import annotations
@@ -33,6 +40,12 @@ TEACHER_SCORE_GRID = tuple(round(x, 2) for x in np.arange(0.5, 1.0, 0.05)) + (
     1.0,
 )
 
+# Fallback rules when the fit has too little to go on: (cls_prob, teacher_score).
+# keep_all: cls_prob 1 relabels nothing, teacher_score 0 keeps every box (score > 0);
+# paper: the paper's 0.9 / 0.9.
+FALLBACK_RULES = {"keep_all": (1.0, 0.0), "paper": (PAPER_CLS_PROB, PAPER_TEACHER_SCORE)}
+MIN_MATCHES = 30
+
 
 @dataclass
 class HeldOutImage:
@@ -46,6 +59,9 @@ class HeldOutImage:
     polisher_probs: np.ndarray  # [N] its probability
     gt_boxes: np.ndarray  # [G, 4]
     gt_labels: np.ndarray  # [G]
+    image_id: int = -1
+    polished_boxes: np.ndarray | None = None  # [N, 4] the regression polisher's boxes
+    teacher_detections: int = 0  # the main teacher's own boxes there (score >= initial)
 
 
 @dataclass
@@ -62,7 +78,14 @@ class FittedThresholds:
     detections: int
     gt_boxes: int
     images: int
+    matched: int = 0  # detections matching a true box one-to-one (any class)
+    source: str = "fitted"  # or "fallback keep_all (why)"
+    min_score: float | None = None  # the lowest teacher score of the boxes fitted on
     candidates: list[dict] = field(default_factory=list, repr=False)
+
+    @property
+    def is_fallback(self) -> bool:
+        return self.source != "fitted"
 
     def to_dict(self) -> dict:
         """JSON-ready summary (stored in the polisher checkpoint and the Parquet metadata)."""
@@ -77,6 +100,9 @@ class FittedThresholds:
             "detections": self.detections,
             "gt_boxes": self.gt_boxes,
             "images": self.images,
+            "matched": self.matched,
+            "keep_rule_source": self.source,
+            "min_score": self.min_score,
         }
 
 
@@ -114,19 +140,37 @@ def evaluate_rule(
     return tp, kept_total, gt_total
 
 
+def matched_detections(images: Sequence[HeldOutImage], ious: Sequence[np.ndarray]) -> int:
+    """Detections that match a true box one-to-one at IoU >= 0.5, whatever their class:
+    what there is to fit the keep rule on."""
+    total = 0
+    for image, iou in zip(images, ious, strict=True):
+        if len(image.teacher_scores) and len(image.gt_labels):
+            zeros = np.zeros(len(image.teacher_scores), np.int64)
+            total += _true_positives(
+                iou, image.teacher_scores, zeros, np.zeros(len(image.gt_labels), np.int64)
+            )
+    return total
+
+
 def fit_keep_thresholds(
     images: Sequence[HeldOutImage],
     precision_target: float | None = None,
     cls_prob_grid: Sequence[float] = CLS_PROB_GRID,
     teacher_score_grid: Sequence[float] = TEACHER_SCORE_GRID,
+    min_matches: int = MIN_MATCHES,
+    fallback: str = "keep_all",
 ) -> FittedThresholds:
     """Choose (cls_prob, teacher_score) on held-out images.
 
     Objective: the best F1 of class-aware pseudo labels at IoU 0.5; with
     ``precision_target``, the best recall among points whose precision reaches it (the best
     precision if none does). Ties go to the point with more precision, then to the higher
-    thresholds (the stricter, closer to the paper's rule).
+    thresholds (the stricter, closer to the paper's rule). With fewer than ``min_matches``
+    matched detections or a best F1 of 0, the ``fallback`` rule instead (module docstring).
     """
+    if fallback not in FALLBACK_RULES:
+        raise ValueError(f"keep-rule fallback {fallback!r}: choose {', '.join(FALLBACK_RULES)}")
     if not images:
         raise ValueError("no held-out images to fit the keep thresholds on")
     ious = [
@@ -159,6 +203,24 @@ def fit_keep_thresholds(
             best = max(reach, key=lambda c: (round(c["recall"], 9), *order(c)))
         else:
             best = max(candidates, key=order)
+    matched = matched_detections(images, ious)
+    why = (
+        f"{matched} matched box(es) < {min_matches}"
+        if matched < min_matches
+        else "best F1 0"
+        if best["f1"] <= 0
+        else ""
+    )
+    source = "fitted"
+    if why:
+        cp, ts = FALLBACK_RULES[fallback]
+        tp, kept, gt = evaluate_rule(images, ious, cp, ts)
+        precision, recall = (tp / kept if kept else 0.0), (tp / gt if gt else 0.0)
+        f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
+        best = {"cls_prob": cp, "teacher_score": ts, "precision": precision,
+                "recall": recall, "f1": f1, "kept": kept, "gt": gt}  # fmt: skip
+        source = f"fallback {fallback} ({why})"
+    scores = [im.teacher_scores for im in images if len(im.teacher_scores)]
     return FittedThresholds(
         cls_prob=float(best["cls_prob"]),
         teacher_score=float(best["teacher_score"]),
@@ -170,5 +232,8 @@ def fit_keep_thresholds(
         detections=sum(len(im.teacher_scores) for im in images),
         gt_boxes=best["gt"],
         images=len(images),
+        matched=matched,
+        source=source,
+        min_score=float(np.concatenate(scores).min()) if scores else None,
         candidates=candidates,
     )

@@ -42,6 +42,7 @@ from dpl_tools.data.pseudo_labels import (
     META_CATEGORIES,
     META_FITTED,
     META_POLISHER,
+    META_REGRESSION,
     META_TEACHER,
     META_THRESHOLDS,
     META_VERSION,
@@ -66,7 +67,7 @@ class Refiner(Protocol):
     ) -> list[torch.Tensor]: ...
 
 
-_KEEP_KEYS = ("cls_prob", "teacher_score")
+_RESOLVED = ("cls_prob", "teacher_score", "reg_steps")  # null: resolved from the polisher
 
 
 @dataclass
@@ -80,7 +81,7 @@ class PolishSettings:
     initial_thresh: float = DEFAULTS["polish"]["initial_thresh"]
     cls_prob: float = PAPER_CLS_PROB  # the config's null: see ``keep_thresholds.resolve``
     teacher_score: float = PAPER_TEACHER_SCORE
-    reg_steps: int = DEFAULTS["polish"]["reg_steps"]
+    reg_steps: int = 1  # the config's null: the polisher's regression check decides
     tta: bool = DEFAULTS["polish"]["tta"]
     tta_scales: list[float] = field(default_factory=lambda: list(DEFAULTS["polish"]["tta_scales"]))
     tta_fusion_iou: float = DEFAULTS["polish"]["tta_fusion_iou"]
@@ -90,7 +91,7 @@ class PolishSettings:
         """The settings of a ``polish`` config section (other keys ignored; a null
         cls_prob / teacher_score, "from the polisher", gives the paper's value here:
         ``dpl polish`` resolves them with ``keep_thresholds.resolve_keep_thresholds``)."""
-        given = {k: v for k, v in section.items() if v is not None or k not in _KEEP_KEYS}
+        given = {k: v for k, v in section.items() if v is not None or k not in _RESOLVED}
         return settings_from_section(cls, given)
 
     def thresholds(self) -> dict[str, float]:
@@ -136,8 +137,30 @@ class PolishSummary:
     def images_per_s(self) -> float:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def kept_fraction(self) -> float | None:
+        """Share of this run's boxes kept as classification pseudo labels (None: no box)."""
+        return self.use_cls / self.boxes if self.boxes else None
+
+
+# Below this share of the teacher's boxes kept for classification, polish warns.
+LOW_KEPT_FRACTION = 0.1
+
+
+def kept_warning(summary: PolishSummary) -> str:
+    """One line when the keep rule kept less than 10% of the boxes, or none; else ''."""
+    kept = summary.kept_fraction
+    if kept is None or kept >= LOW_KEPT_FRACTION:
+        return ""
+    return (
+        f"the keep rule kept {summary.use_cls} of {summary.boxes} boxes ({kept:.1%}) as "
+        "classification pseudo labels: the student's pseudo-labeled images will teach little "
+        "classification (check the keep thresholds; --keep-rule paper or --cls-prob to override)"
+    )
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "images_per_s": self.images_per_s}
+        return {**asdict(self), "images_per_s": self.images_per_s,
+                "kept_fraction": self.kept_fraction}  # fmt: skip
 
 
 def polish_metadata(
@@ -147,12 +170,14 @@ def polish_metadata(
     polisher_sha: str | None,
     keep_sources: dict[str, str] | None = None,
     fitted: dict[str, Any] | None = None,
+    regression: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The Parquet key-value metadata of a polish run (see ``pseudo_labels``).
 
     ``keep_sources``: where the keep thresholds came from, added to the thresholds
     (``keep_rule``, ``cls_prob_source``, ``teacher_score_source``: fitted / paper / user);
-    ``fitted``: the polisher's fitted thresholds (``FittedThresholds.to_dict()``), if any.
+    ``fitted``: the polisher's fitted thresholds (``FittedThresholds.to_dict()``), if any;
+    ``regression``: its regression check (``regression_check.check_regression``), if any.
     """
     meta = {
         META_CATEGORIES: [{"id": c["id"], "name": c["name"]} for c in categories],
@@ -163,6 +188,7 @@ def polish_metadata(
     }
     if keep_sources is not None:
         meta[META_FITTED] = fitted
+        meta[META_REGRESSION] = regression
     return meta
 
 
@@ -268,11 +294,17 @@ def polish_boxes(
     Without a polisher the polished view equals the input (teacher-only timing). With
     ``settings.reg_steps`` N > 1 the regression polisher runs N times, each refined box
     (its RoI features pooled again) the next input; classification uses the input box.
+    With 0 the regression pseudo labels are the input boxes (the regression check's
+    fallback: ``engine.regression_check``).
     """
     if polisher is not None:
         device = next(iter(features.values())).device
         with torch.autocast(device.type, enabled=amp_enabled(device)):
-            refined, probs = polisher.refine(features, boxes, image_sizes)
+            if settings.reg_steps == 0:  # the teacher's own boxes as regression labels
+                refined = boxes
+                probs = polisher.classify(features, boxes, image_sizes)
+            else:
+                refined, probs = polisher.refine(features, boxes, image_sizes)
             for _ in range(settings.reg_steps - 1):  # a cascade: re-pooled at the new box
                 refined = polisher.regress(features, [r.float() for r in refined], image_sizes)
     out = []

@@ -39,7 +39,7 @@ from dpl_tools.data.detection import DetectionDataset
 from dpl_tools.data.polisher_pairs import CLS, REAL, REG, mixed_rows, read_noise_metadata
 from dpl_tools.defaults import DEFAULTS
 from dpl_tools.engine.ema import ModelEMA
-from dpl_tools.engine.keep_thresholds import KeepRuleFit, fit_on_crossfit, fitted_record
+from dpl_tools.engine.keep_thresholds import KeepRuleFit, fit_heldout, fitted_record
 from dpl_tools.engine.loop import (
     EMAHook,
     Hook,
@@ -291,6 +291,7 @@ class PolisherResult:
     validation: dict[str, Any]
     iterations_run: int = 0
     keep_thresholds: dict[str, Any] | None = None  # fitted (``keep_thresholds.fitted_record``)
+    regression_check: dict[str, Any] | None = None  # ``regression_check.check_regression``
     keep_note: str = ""  # why they were not fitted
 
 
@@ -371,6 +372,7 @@ def polisher_saver(
         if final:
             info = {"validation": validation.figures, **info}
             info["keep_thresholds"] = keep_fit.fitted if keep_fit else None
+            info["regression_check"] = keep_fit.regression if keep_fit else None
             save_polisher(out, ema.module, teacher_path, categories, extra=info)
             last_checkpoint_path(out).unlink(missing_ok=True)
             return
@@ -494,10 +496,11 @@ def train_polisher(
     initial = float(config.get("polish", DEFAULTS["polish"])["initial_thresh"])
 
     def fit(path: Path, trained: Polisher) -> dict[str, Any] | None:
-        fitted = fit_on_crossfit(
+        fitted = fit_heldout(
             path, teacher, spec.label_to_cat, trained, coco, images_dir, initial,
-            pcfg.get("precision_target"), torch_device, int(pcfg["batch_size"]),
-            int(pcfg["workers"]),
+            pcfg["precision_target"], torch_device, int(pcfg["batch_size"]),
+            int(pcfg["workers"]), int(pcfg["keep_fit_min_matches"]), pcfg["keep_fallback"],
+            val_ids, int(pcfg["reg_check_min_pairs"]),
         )  # fmt: skip
         return None if fitted is None else fitted_record(fitted, path, initial)
 
@@ -536,6 +539,7 @@ def train_polisher(
         len(val_ids),
         figures,
         result.iterations_run,
-        keep_fit.fitted,
-        keep_fit.note,
+        keep_thresholds=keep_fit.fitted,
+        keep_note=keep_fit.note,
+        regression_check=keep_fit.regression,
     )

@@ -217,7 +217,8 @@ def check_usable_pseudo_labels(
 ) -> None:
     """Report pseudo-label rows dropped as unusable, and refuse a student whose
     pseudo-labeled images hold no usable box (it would learn only background from them)
-    unless ``allow_empty`` (then warn loudly)."""
+    unless ``allow_empty`` (then warn loudly); likewise one with no classification pseudo
+    label while unkept boxes are ignore regions (``negatives`` ignore)."""
     if stats.dropped_rows and verbose:
         console.print(
             f"[yellow]warning:[/] {pseudo}: {stats.dropped_rows} pseudo-label row(s) dropped "
@@ -225,14 +226,23 @@ def check_usable_pseudo_labels(
             highlight=False,
         )
     used = float(scfg["unlabeled_ratio"]) > 0 and float(scfg["unlabeled_weight"]) > 0
-    if not used or stats.unlabeled_images == 0 or stats.cls_boxes + stats.reg_boxes > 0:
+    if not used or stats.unlabeled_images == 0 or stats.cls_boxes > 0:
         return
     dropped = f", {stats.dropped_rows} row(s) dropped as unusable" if stats.dropped_rows else ""
-    problem = (
-        f"{pseudo}: no usable pseudo label in its {stats.unlabeled_images} pseudo-labeled "
-        f"image(s){dropped}: the student would learn only background from them"
-    )
-    if not scfg.get("allow_empty", False):
+    if stats.reg_boxes == 0:
+        problem = (
+            f"{pseudo}: no usable pseudo label in its {stats.unlabeled_images} pseudo-labeled "
+            f"image(s){dropped}: the student would learn only background from them"
+        )
+    elif scfg["negatives"] == "ignore":
+        problem = (
+            f"{pseudo}: no classification pseudo label (use_cls) in its "
+            f"{stats.unlabeled_images} pseudo-labeled image(s), {stats.ignore_boxes} ignore "
+            "region(s): with --negatives ignore they teach the student no classification"
+        )
+    else:
+        return
+    if not scfg["allow_empty"]:
         raise DplError(
             f"{problem}; lower polish --initial-threshold / --cls-prob, or pass --allow-empty "
             "(config: student.allow_empty)"

@@ -190,7 +190,8 @@ def load_polisher(
 ) -> Polisher:
     """Rebuild a polisher; with ``teacher_sha``, refuse one trained on another teacher.
     ``fitted_thresholds``: the keep thresholds train-polisher fitted (None: not fitted);
-    ``noise``: the description of the noise it learned from (None in old checkpoints)."""
+    ``noise``: the description of the noise it learned from (None in old checkpoints);
+    ``regression_check``: its check on real held-out pairs (None: not checked)."""
     payload = read_polisher_checkpoint(path)
     if teacher_sha is not None and payload["teacher_sha256"] != teacher_sha:
         raise DplError(
@@ -202,4 +203,5 @@ def load_polisher(
     polisher.categories = payload["categories"]
     polisher.fitted_thresholds = (payload.get("extra") or {}).get("keep_thresholds")
     polisher.noise = (payload.get("extra") or {}).get("noise")
+    polisher.regression_check = (payload.get("extra") or {}).get("regression_check")
     return polisher.to(device).eval()
