@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import yaml
 from rich.console import Console
 
 from dpl_tools.data.coco import ValidationReport
@@ -82,6 +83,46 @@ Config = Annotated[
         "flags given on the command line override it.",
     ),
 ]
+SetValues = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="Any config setting as section.key=value (YAML value, repeatable), e.g. "
+        "--set student.aug_scale=[0.5,1.5]; checked like a config file, applied last.",
+    ),
+]
+
+
+def set_overrides(values: list[str] | None) -> dict[str, dict[str, Any]]:
+    """``--set section.key=value`` pairs as config overrides (values parsed as YAML);
+    a malformed pair is a usage error. Keys and values are checked by ``load_config``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in values or []:
+        name, sep, text = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot or not section or not key:
+            raise typer.BadParameter(
+                f"--set {item!r}: expected section.key=value, e.g. student.mixup=0.5"
+            )
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            raise typer.BadParameter(f"--set {item!r}: the value is not valid YAML") from None
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def augment_option(section: str, flag: str = "--augment", key: str = "augment") -> Any:
+    """The ``--augment`` flag of a detector-training section (weak or strong)."""
+    return typer.Option(
+        flag,
+        help="Training augmentation: weak (flip + multi-scale) or strong (also a colour op, "
+        "scale jitter + shift, Cutout; see dpl show --augment). "
+        f"Default {default(section, key)}.",
+        callback=setting(section, key),
+    )
+
+
 LabeledAnn = Annotated[
     Path | None,
     typer.Option("--ann", help="Labeled COCO JSON (default: <run-dir>/split/labeled.json)."),

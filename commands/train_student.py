@@ -5,7 +5,8 @@ pseudo-labeled images per labeled one; loss = L_labeled + --unlabeled-weight *
 L_unlabeled. Disentangled supervision (the paper): RPN and RoI classification learn
 from the classification pseudo labels, RoI box regression from the polished boxes.
 Ablations: --pseudo-view raw / reg-only / cls-only, --no-disentangle. --negatives: the
-unlabeled images' background (hard, ignore, soft). Starts from the teacher (--init).
+unlabeled images' background (hard, ignore, soft). Starts from the teacher or from
+ImageNet (--init); strong augmentation by default (--augment, --mixup, --mosaic).
 AMP on GPU, DDP under torchrun, periodic checkpoints, --resume as for the teacher.
 """
 
@@ -29,11 +30,15 @@ from commands.options import (
     Resume,
     RunDir,
     Seed,
+    SetValues,
     Workers,
+    augment_option,
     default,
+    set_overrides,
     setting,
 )
 from dpl_tools.config import load_config
+from dpl_tools.defaults import STUDENT_INITS
 from dpl_tools.engine.train_student import train_student
 from dpl_tools.models.student_criterion import supervision
 from dpl_tools.outputs import check_distinct_outputs
@@ -66,13 +71,23 @@ def command(
         typer.Option("--out", help="Checkpoint to write (default: <run-dir>/student.pt)."),
     ] = None,
     init: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--init",
-            help="Initial weights: teacher (<run-dir>/teacher.pt), a detector checkpoint "
-            "path, or imagenet (fresh model with the config's backbone weights).",
+            help="Initial weights: teacher (the --teacher checkpoint), imagenet (a fresh "
+            "detector with the config's backbone weights, as STAC), or a detector checkpoint "
+            f"path. Default {default('student', 'init')} (config: student.init).",
         ),
-    ] = "teacher",
+    ] = None,
+    teacher: Annotated[
+        Path | None,
+        typer.Option(
+            "--teacher",
+            help="The teacher checkpoint that made the pseudo labels: the weights of --init "
+            "teacher, and the background scorer of --negatives soft "
+            "(default: <run-dir>/teacher.pt).",
+        ),
+    ] = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
     config: Config = None,
     pseudo_view: Annotated[
@@ -121,6 +136,34 @@ def command(
             callback=setting("student", "unlabeled_weight"),
         ),
     ] = None,
+    augment: Annotated[str | None, augment_option("student")] = None,
+    pseudo_augment: Annotated[
+        str | None,
+        typer.Option(
+            "--pseudo-augment",
+            help="Augmentation of the pseudo-labeled images only (weak or strong; default: "
+            "as --augment).",
+            callback=setting("student", "pseudo_augment"),
+        ),
+    ] = None,
+    mixup: Annotated[
+        float | None,
+        typer.Option(
+            "--mixup",
+            help="Chance that a pseudo-labeled image is mixed up with another one (MixPL; "
+            f"0..1, default {default('student', 'mixup')}).",
+            callback=setting("student", "mixup"),
+        ),
+    ] = None,
+    mosaic: Annotated[
+        float | None,
+        typer.Option(
+            "--mosaic",
+            help="Chance that a pseudo-labeled image is a 2 x 2 mosaic with three others "
+            f"(MixPL; 0..1, default {default('student', 'mosaic')}).",
+            callback=setting("student", "mosaic"),
+        ),
+    ] = None,
     iters: Iters = None,
     batch_size: Annotated[
         int | None,
@@ -145,6 +188,7 @@ def command(
             "by default that is an error.",
         ),
     ] = False,
+    set_values: SetValues = None,
 ) -> None:
     console = Console()
     cfg = load_config(
@@ -162,25 +206,34 @@ def command(
                 "unlabeled_ratio": unlabeled_ratio,
                 "unlabeled_weight": unlabeled_weight,
                 "allow_empty": allow_empty or None,
+                "augment": augment,
+                "pseudo_augment": pseudo_augment,
+                "mixup": mixup,
+                "mosaic": mosaic,
+                "init": init if init in STUDENT_INITS else None,
             },
         },
+        set_overrides(set_values),
     )
     ann = resolve_input(ann, run_dir, "labeled")
     pseudo = resolve_input(pseudo, run_dir, "labels")
     out = resolve_output(out, run_dir, "student")
-    init_from = init if init == "imagenet" else resolve_input(
-        None if init == "teacher" else init, run_dir, "teacher", "--init"
-    )  # fmt: skip
+    init = init if init not in (None, *STUDENT_INITS) else cfg["student"]["init"]
+    needs_teacher = init == "teacher" or cfg["student"]["negatives"] == "soft" or teacher
+    teacher_ckpt = (
+        resolve_input(teacher, run_dir, "teacher", "--teacher") if needs_teacher else None
+    )
+    init_from = {"teacher": teacher_ckpt, "imagenet": "imagenet"}.get(init) or Path(init)
     check_distinct_outputs(
         {"--ann": ann, "--pseudo": pseudo, "--images": images,
-         "--unlabeled-images": unlabeled_images,
+         "--unlabeled-images": unlabeled_images, "--teacher": teacher_ckpt,
          "--init": None if init_from == "imagenet" else init_from},
         {"--out": out},
     )  # fmt: skip
     try:
         _, spec, result, data = train_student(
             ann, images, pseudo, out, cfg, init_from, unlabeled_images, device, seed, resume,
-            console, allow_outside_root,
+            console, allow_outside_root, teacher_ckpt,
         )  # fmt: skip
     finally:
         cleanup_distributed()

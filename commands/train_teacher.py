@@ -26,7 +26,10 @@ from commands.options import (
     Resume,
     RunDir,
     Seed,
+    SetValues,
     Workers,
+    augment_option,
+    set_overrides,
     setting,
 )
 from dpl_tools.config import load_config
@@ -89,12 +92,14 @@ def command(
         ),
     ] = None,
     lr: Lr = None,
+    augment: Annotated[str | None, augment_option("teacher")] = None,
     workers: Workers = None,
     device: Device = "auto",
     seed: Seed = 0,
     resume: Resume = False,
     checkpoint_every: CheckpointEvery = None,
     allow_outside_root: AllowOutsideRoot = False,
+    set_values: SetValues = None,
 ) -> None:
     console = Console()
     cfg = load_config(
@@ -112,8 +117,10 @@ def command(
                 "lr": lr,
                 "workers": workers,
                 "checkpoint_every": checkpoint_every,
+                "augment": augment,
             },
         },
+        set_overrides(set_values),
     )
     out = resolve_output(out, run_dir, "teacher")
     weights = None if backbone_weights in (None, "imagenet", "none") else backbone_weights

@@ -105,11 +105,14 @@ def read_config(path: str | Path, run_config: bool = False) -> dict[str, dict[st
 
 
 def load_config(
-    preset: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None
+    preset: str | Path | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    sets: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Every section: the defaults table, then the preset (name or YAML path), then
-    ``overrides`` whose None values (flags not given on the command line) are ignored.
-    Each layer is checked against the table (a one-line DplError naming the file)."""
+    ``overrides`` whose None values (flags not given on the command line) are ignored, then
+    ``sets`` (``--set section.key=value``, where null is a value). Each layer is checked
+    against the table (a one-line DplError naming the file, or ``--set``)."""
     config = copy.deepcopy(DEFAULTS)
     if preset:
         config = merge(config, read_config(preset_path(preset)))
@@ -117,4 +120,5 @@ def load_config(
         section: {k: v for k, v in values.items() if v is not None}
         for section, values in (overrides or {}).items()
     }
-    return merge(config, check_config(given, "command line"))
+    config = merge(config, check_config(given, "command line"))
+    return merge(config, check_config(sets or {}, "--set"))

@@ -22,6 +22,7 @@ ARCHS = ("r50_fpn", "mobilenet_v2_fpn", "resnet18_fpn")
 NOISE_MODELS = ("gaussian", "empirical", "crossfit")
 PSEUDO_VIEWS = ("polished", "raw", "reg-only", "cls-only")
 STUDENT_NEGATIVES = ("hard", "ignore", "soft")
+STUDENT_INITS = ("teacher", "imagenet")
 KEEP_RULES = ("fitted", "paper")  # fitted by train-polisher, or the paper's 0.9 / 0.9
 
 
@@ -202,7 +203,41 @@ def _optimizer(warmup_iters: int) -> dict[str, Setting]:
     }
 
 
-def _detector_training(warmup_iters: int) -> dict[str, Setting]:
+AUGMENTS = ("weak", "strong")
+
+
+def _augment(augment: str) -> dict[str, Setting]:
+    """The training augmentation (``dpl_tools.data.augment``): ``weak`` is the flip and
+    multi-scale resize; ``strong`` adds a colour op, an affine and Cutout (the aug_* keys)."""
+    return {
+        "augment": Setting(augment, "training augmentation: weak or strong", choices=AUGMENTS),
+        "aug_colour_prob": Setting(1.0, "strong: chance of one colour op", UNIT),
+        "aug_geometric_prob": Setting(1.0, "strong: chance of the affine", UNIT),
+        "aug_scale": Setting(
+            [0.6, 1.4], "strong: affine scale jitter [low, high]", POSITIVE, item=float
+        ),
+        "aug_translate": Setting(
+            0.1, "strong: affine shift, fraction of the image side", Range(0, 1, high_open=True)
+        ),
+        "aug_erase_patches": Setting(
+            [1, 5], "strong: Cutout patches per image [low, high]", NON_NEGATIVE, item=int
+        ),
+        "aug_erase_size": Setting(
+            [0.05, 0.2],
+            "strong: Cutout patch side, fraction of the image side",
+            UNIT,
+            item=float,
+        ),  # fmt: skip
+        "aug_erase_drop": Setting(
+            0.7, "strong: boxes erased at least this much leave the loss", UNIT
+        ),
+        "aug_min_visible": Setting(
+            0.3, "strong: boxes the affine leaves less of than this leave the loss", UNIT
+        ),
+    }
+
+
+def _detector_training(warmup_iters: int, augment: str = "weak") -> dict[str, Setting]:
     """Settings of a detector's training run (the ``teacher`` and ``student`` sections)."""
     return {
         "iters": Setting(400, "training iterations (total)", AT_LEAST_1),
@@ -216,6 +251,7 @@ def _detector_training(warmup_iters: int) -> dict[str, Setting]:
             item=float,
         ),  # fmt: skip
         "hflip": Setting(True, "random horizontal flips"),
+        **_augment(augment),
         "workers": Setting(2, "DataLoader worker processes", NON_NEGATIVE),
         "checkpoint_every": Setting(
             100, "checkpoint every N iterations (0: at the end)", NON_NEGATIVE
@@ -370,7 +406,21 @@ SETTINGS: dict[str, dict[str, Setting]] = {
         "workers": Setting(2, "DataLoader worker processes decoding images", NON_NEGATIVE),
     },
     "student": {
-        **_detector_training(warmup_iters=100),
+        **_detector_training(warmup_iters=100, augment="strong"),
+        "init": Setting(
+            "teacher",
+            "student's initial weights: teacher (checkpoint) or imagenet (fresh, STAC)",
+            choices=STUDENT_INITS,
+        ),
+        "pseudo_augment": Setting(
+            None,
+            "augmentation of the pseudo-labeled images (null: as augment)",
+            choices=AUGMENTS,
+            nullable=True,
+            kind=str,
+        ),
+        "mixup": Setting(0.0, "chance a pseudo-labeled image is mixed up with another", UNIT),
+        "mosaic": Setting(0.0, "chance a pseudo-labeled image is a mosaic of 4", UNIT),
         "unlabeled_ratio": Setting(1.0, "pseudo-labeled images per labeled image", NON_NEGATIVE),
         "unlabeled_weight": Setting(1.0, "loss = L_labeled + w * L_unlabeled", NON_NEGATIVE),
         "pseudo_view": Setting(

@@ -281,7 +281,7 @@ def student_stage(
     labeled: Path,
     images: Path,
     labels: Path,
-    init: Path,
+    teacher: Path,
     out: Path,
     seed: int,
     config: str | None,
@@ -289,13 +289,14 @@ def student_stage(
     pseudo_view: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Stage:
-    """``dpl train-student`` from the labeled truth and the pseudo labels (``pseudo_view``
-    ``raw``: the unpolished teacher boxes, the baseline; ``extra``: more options, e.g.
-    ``{"--unlabeled-ratio": 0}`` for the labeled-only control)."""
+    """``dpl train-student`` from the labeled truth and the pseudo labels of ``teacher``
+    (its initial weights unless the config's ``student.init`` says imagenet;
+    ``pseudo_view`` ``raw``: the unpolished teacher boxes, the baseline; ``extra``: more
+    options, e.g. ``{"--unlabeled-ratio": 0}`` for the labeled-only control)."""
     options = {"--ann": labeled, "--images": images, "--pseudo": labels}
-    options |= {"--pseudo-view": pseudo_view, "--init": init, "--out": out, "--seed": seed}
+    options |= {"--pseudo-view": pseudo_view, "--teacher": teacher, "--out": out, "--seed": seed}
     options |= {"--config": config, "--device": device, **(extra or {})}
-    inputs = [labeled, labels, init, *_config_inputs(config)]
+    inputs = [labeled, labels, teacher, *_config_inputs(config)]
     return Stage(name, "train-student", options, out, inputs)
 
 

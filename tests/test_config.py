@@ -79,10 +79,22 @@ OLD_DEFAULTS = {
 # Keys the table adds: DDP's option (settable from a YAML before, through TrainConfig),
 # the polisher's checkpoints for --resume (100: TrainConfig's default it ran with before)
 # and the student's allow_empty (train-student --allow-empty; off: refuse 0 pseudo boxes).
+AUGMENT_KEYS = {
+    "aug_colour_prob": 1.0, "aug_geometric_prob": 1.0, "aug_scale": [0.6, 1.4],
+    "aug_translate": 0.1, "aug_erase_patches": [1, 5], "aug_erase_size": [0.05, 0.2],
+    "aug_erase_drop": 0.7, "aug_min_visible": 0.3,
+}  # fmt: skip
 NEW_KEYS = {
-    "teacher": {"find_unused_parameters": False},
+    "teacher": {"find_unused_parameters": False, **AUGMENT_KEYS, "augment": "weak"},
     "student": {
         "find_unused_parameters": False,
+        # issue 21: the student learns: strong augmentation (weak = the old flip), its init
+        **AUGMENT_KEYS,
+        "augment": "strong",
+        "pseudo_augment": None,
+        "mixup": 0.0,
+        "mosaic": 0.0,
+        "init": "teacher",
         "allow_empty": False,
         # issue 13: uncertain teacher boxes are ignore regions, not background
         "negatives": "ignore",

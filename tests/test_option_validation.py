@@ -109,6 +109,12 @@ CASES = [
     ("report", "--page-size", "0", "must be >= 1, got 0"),
     ("report", "--thumb-size", "8", "must be >= 16, got 8"),
     ("show", "--size", "-1", "must be >= 0, got -1"),
+    ("show", "--count", "0", "must be >= 1, got 0"),
+    ("show", "--seed", "-1", "must be >= 0, got -1"),
+    ("train-student", "--mixup", "1.5", "must be in [0, 1], got 1.5"),
+    ("train-student", "--mosaic", "-0.1", "must be in [0, 1], got -0.1"),
+    ("train-student", "--augment", "medium", "'medium' is not one of weak, strong"),
+    ("train-teacher", "--augment", "heavy", "'heavy' is not one of weak, strong"),
     ("run", "--rounds", "0", "must be >= 1, got 0"),
     ("demo", "--seed", "-1", "must be >= 0, got -1"),
 ]

@@ -235,7 +235,7 @@ def inputs(synth_dataset, tmp_path_factory) -> dict:
 
 
 def _first_target(inputs: dict, **student) -> dict:
-    scfg = _config(hflip=False, **student)["student"]
+    scfg = _config(hflip=False, augment="weak", **student)["student"]
     dataset, _ = load_student_data(
         inputs["ann"], inputs["images"], inputs["pseudo"], None, scfg, console=None
     )

@@ -110,7 +110,7 @@ def _truth(raw: dict, file_name: str) -> np.ndarray:
 
 
 def _unlabeled(inputs: dict, **student):
-    scfg = _config(hflip=False, **student)["student"]
+    scfg = _config(hflip=False, augment="weak", **student)["student"]
     dataset, stats = load_student_data(
         inputs["ann"], inputs["images"], inputs["pseudo"], None, scfg, console=None
     )
@@ -145,20 +145,26 @@ def test_views_pick_the_right_pseudo_labels(inputs) -> None:
     assert "reg_boxes" not in target
 
 
-def test_flip_moves_boxes_and_regression_boxes_together(inputs) -> None:
-    scfg = _config()["student"]
+def test_weak_augment_is_the_old_flip_of_image_and_every_box_set(inputs) -> None:
+    """``augment: weak`` reproduces dpl's earlier training transform: a horizontal flip of
+    the image and of every box set together, half the time, nothing else."""
+    scfg = _config(augment="weak")["student"]
     dataset, _ = load_student_data(
         inputs["ann"], inputs["images"], inputs["pseudo"], None, scfg, console=None
     )
     unl = dataset.unlabeled
     plain = unl.targets[1]
     flips = 0
+    unl.augment = None
+    stored, _ = unl[1]
+    unl.augment = dataset.labeled.augment
     for seed in range(8):
         torch.manual_seed(seed)
         image, target = unl[1]
         width = image.shape[-1]
         if not torch.equal(target["boxes"], plain["boxes"]):
             flips += 1
+            assert torch.equal(image, stored.flip(-1))
             for key in ("boxes", "reg_boxes"):
                 mirrored = plain[key][:, [2, 1, 0, 3]] * torch.tensor(
                     [-1, 1, -1, 1]
@@ -166,6 +172,7 @@ def test_flip_moves_boxes_and_regression_boxes_together(inputs) -> None:
                 torch.testing.assert_close(target[key], mirrored)
         else:
             assert torch.equal(target["reg_boxes"], plain["reg_boxes"])
+            assert torch.equal(image, stored)
     assert 0 < flips < 8
 
 
@@ -268,3 +275,41 @@ def test_cli_train_student_and_bad_inputs(inputs, tmp_path) -> None:
     bad = _dpl(*common, "--run-dir", str(run_dir), "--unlabeled-images", str(empty))
     assert bad.returncode == 2 and "--unlabeled-images" in bad.stderr
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_cli_student_from_imagenet_and_set_overrides(inputs, tmp_path) -> None:
+    """``student.init: imagenet`` (here through --set) builds a fresh detector, not the
+    teacher's weights, and needs no teacher checkpoint; --set obeys the config's rules."""
+    run_dir = tmp_path / "run"  # holds no teacher.pt
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(json.dumps({"model": TINY, "student": {"warmup_iters": 1}}))
+    common = ["--images", str(inputs["images"]), "--config", str(preset), "--device", "cpu",
+              "--iters", "1", "--batch-size", "1", "--workers", "0", "--run-dir", str(run_dir),
+              "--ann", str(inputs["ann"]), "--pseudo", str(inputs["pseudo"])]  # fmt: skip
+    out = tmp_path / "fresh.pt"
+    proc = _dpl(*common, "--out", str(out), "--set", "student.init=imagenet",
+                "--set", "student.aug_erase_patches=[0, 2]")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    spec = read_checkpoint(out)["spec"]
+    assert spec["extra"]["init"] == "imagenet" and spec["kind"] == "student"
+    saved = spec["extra"]["config"]["student"]
+    assert saved["init"] == "imagenet" and saved["aug_erase_patches"] == [0, 2]
+    assert saved["augment"] == "strong"
+    teacher = read_checkpoint(inputs["teacher"])["state_dict"]
+    student = read_checkpoint(out)["state_dict"]
+    same = [k for k in teacher if k in student and torch.equal(teacher[k], student[k])]
+    assert len(same) < len(teacher) // 2  # re-initialised, not the teacher
+
+    # the default init (teacher) looks for <run-dir>/teacher.pt and says so
+    bad = _dpl(*common, "--out", str(tmp_path / "b.pt"))
+    assert bad.returncode == 2 and "teacher not found" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    for wrong, message in (
+        ("student.mixup=2", "student.mixup"),
+        ("student.inits=imagenet", "did you mean"),
+        ("mixup=0.5", "expected section.key=value"),
+    ):
+        bad = _dpl(*common, "--out", str(tmp_path / "b.pt"), "--init", "imagenet", "--set", wrong)
+        assert bad.returncode == 2 and message in bad.stderr, (wrong, bad.stderr)
+        assert "Traceback" not in bad.stderr
+    assert not (tmp_path / "b.pt").exists()

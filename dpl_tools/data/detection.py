@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
+from dpl_tools.data.augment import DetectionAugment
 from dpl_tools.data.coco import CocoData
 from dpl_tools.data.images import ImageReadError, read_image
 
@@ -21,14 +22,6 @@ def image_tensor(path: str | Path) -> torch.Tensor:
     return pil_to_tensor(read_image(path)).float().div_(255.0)
 
 
-def hflip(image: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mirror an image (CHW) and its xyxy boxes left-right."""
-    width = image.shape[-1]
-    boxes = boxes.clone()
-    boxes[:, [0, 2]] = width - boxes[:, [2, 0]]
-    return image.flip(-1), boxes
-
-
 def report_skipped(path: str | Path, reason: str) -> None:
     """Tell the user an unreadable image was skipped (works inside DataLoader workers)."""
     print(f"warning: skipped unreadable image {path}: {reason}", file=sys.stderr, flush=True)
@@ -36,13 +29,15 @@ def report_skipped(path: str | Path, reason: str) -> None:
 
 class DetectionDataset(Dataset):
     """Items ``(image float CHW 0..1, {"boxes" xyxy float [N,4], "labels" int64 1..C,
-    "image_id"})``; random horizontal flip when ``train``. An unreadable image gives
-    ``None`` (reported on stderr), which ``collate_detection`` drops."""
+    "image_id"})``, transformed by ``augment`` for training (None: as stored). An
+    unreadable image gives ``None`` (reported on stderr), which ``collate_detection`` drops."""
 
-    def __init__(self, coco: CocoData, images_dir: str | Path, train: bool = False) -> None:
+    def __init__(
+        self, coco: CocoData, images_dir: str | Path, augment: DetectionAugment | None = None
+    ) -> None:
         self.coco = coco
         self.images_dir = Path(images_dir)
-        self.train = train
+        self.augment = augment
         self.records = list(coco.images)
         by_image = coco.annotations_by_image()
         cat_to_label = coco.cat_to_label
@@ -68,9 +63,10 @@ class DetectionDataset(Dataset):
             report_skipped(path, e.reason)
             return None
         boxes, labels = self.targets[index]
-        if self.train and torch.rand(1).item() < 0.5:
-            image, boxes = hflip(image, boxes)
-        return image, {"boxes": boxes, "labels": labels, "image_id": record["id"]}
+        target = {"boxes": boxes, "labels": labels, "image_id": record["id"]}
+        if self.augment is not None:
+            image, target = self.augment(image, target)
+        return image, target
 
 
 def collate_detection(batch: list) -> tuple[list[torch.Tensor], list[Target]]:

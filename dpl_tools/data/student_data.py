@@ -2,7 +2,9 @@
 
 ``PseudoLabeledDataset`` serves unlabeled images with their detector targets, built by
 the student criterion's ``student_target`` (``dpl_tools.models.student_criterion``: which
-pseudo labels feed which loss), flipped with the image and marked ``pseudo=True``.
+pseudo labels feed which loss), augmented with the image (every box set together,
+``dpl_tools.data.augment``), optionally mixed up or tiled into mosaics with other
+pseudo-labeled images, and marked ``pseudo=True``.
 ``StudentDataset`` pairs the two sets so that each item holds one labeled image and, on
 average, ``unlabeled_ratio`` pseudo-labeled images.
 """
@@ -16,12 +18,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from dpl_tools.data.augment import DetectionAugment, mix_samples
 from dpl_tools.data.coco import CocoData
 from dpl_tools.data.detection import (
     DetectionDataset,
     Target,
     collate_detection,
-    hflip,
     image_tensor,
     report_skipped,
 )
@@ -59,27 +61,31 @@ def check_pseudo_categories(
 
 class PseudoLabeledDataset(Dataset):
     """Unlabeled images ``items`` with their detector ``targets`` (one per item, from
-    ``student_target``). Random horizontal flip when ``train``: the image and every
-    ``*boxes`` key of its target together."""
+    ``student_target``), transformed by ``augment`` (every box set with the image; None:
+    as stored). With probability ``mosaic`` an item is a 2 x 2 mosaic of itself and three
+    random others, else with ``mixup`` a mixup with one (MixPL), each part augmented."""
 
     def __init__(
         self,
         items: list[PseudoImage],
         targets: list[dict[str, torch.Tensor]],
         images_dir: str | Path,
-        train: bool = False,
+        augment: DetectionAugment | None = None,
+        mixup: float = 0.0,
+        mosaic: float = 0.0,
     ) -> None:
         if len(items) != len(targets):
             raise ValueError(f"{len(items)} pseudo-labeled images but {len(targets)} targets")
         self.items = items
         self.targets = targets
         self.images_dir = Path(images_dir)
-        self.train = train
+        self.augment = augment
+        self.mixup, self.mosaic = float(mixup), float(mosaic)
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> Sample | None:
+    def _sample(self, index: int) -> Sample | None:
         path = self.images_dir / self.items[index].file_name
         try:
             image = image_tensor(path)
@@ -87,11 +93,28 @@ class PseudoLabeledDataset(Dataset):
             report_skipped(path, e.reason)
             return None
         target: Target = dict(self.targets[index])
-        if self.train and torch.rand(1).item() < 0.5:
-            flipped = image
-            for key in [k for k in target if k.endswith("boxes")]:
-                flipped, target[key] = hflip(image, target[key])
-            image = flipped
+        if self.augment is not None:
+            image, target = self.augment(image, target)
+        return image, target
+
+    def _others(self, count: int) -> list[Sample]:
+        """``count`` readable random items to mix with (an unreadable one is redrawn)."""
+        out: list[Sample] = []
+        for _ in range(10 * count):
+            if len(out) == count:
+                break
+            sample = self._sample(int(torch.randint(len(self), (1,))))
+            if sample is not None:
+                out.append(sample)
+        if len(out) < count:
+            raise DplError(f"{self.images_dir}: too few readable images to mix")
+        return out
+
+    def __getitem__(self, index: int) -> Sample | None:
+        sample = self._sample(index)
+        if sample is None:
+            return None
+        image, target = mix_samples(sample, self._others, self.mixup, self.mosaic)
         target["pseudo"] = True
         return image, target
 

@@ -124,7 +124,7 @@ def heldout_images(
     cat_to_label = {c: k for k, c in label_to_cat.items()}
     pairs = _match_images(coco, detections)
     index_of = {r["id"]: k for k, r in enumerate(coco.images)}
-    dataset = DetectionDataset(coco, images_dir, train=False)
+    dataset = DetectionDataset(coco, images_dir)
     det_of = {r["id"]: d.at_least(floor) for r, d in pairs}
     unknown = {int(c) for d in det_of.values() for c in d.labels} - set(cat_to_label)
     if unknown:

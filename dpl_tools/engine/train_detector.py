@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from dpl_tools.data.augment import training_augment
 from dpl_tools.data.detection import DetectionDataset
 from dpl_tools.engine.loop import (
     SaveFn,
@@ -110,7 +111,7 @@ def train_teacher(
         )
     spec.extra["config"] = config
     seed_everything(seed + dist.rank)
-    dataset = DetectionDataset(coco, images_dir, train=bool(tcfg.get("hflip", True)))
+    dataset = DetectionDataset(coco, images_dir, training_augment(tcfg, "teacher"))
 
     save = checkpoint_saver(out, spec, seed)
     result = train(

@@ -473,7 +473,7 @@ def train_polisher(
         resume_state = _resume_state(resume_ckpt, where, polisher, teacher_path, ann, coco)
 
     index_of = {r["id"]: k for k, r in enumerate(coco.images)}
-    dataset = DetectionDataset(coco, images_dir, train=False)
+    dataset = DetectionDataset(coco, images_dir)
     train_set = Subset(dataset, [index_of[i] for i in train_ids])
     generator = torch.Generator().manual_seed(seed + dist.rank)
     caps = (int(pcfg["reg_per_image"]), int(pcfg["cls_per_image"]))

@@ -25,6 +25,7 @@ from typing import Any
 from rich.console import Console
 from torch import nn
 
+from dpl_tools.data.augment import training_augment
 from dpl_tools.data.coco import check_inside_root, size_mismatches
 from dpl_tools.data.detection import DetectionDataset
 from dpl_tools.data.pseudo_labels import read_pseudo_labels
@@ -194,11 +195,14 @@ def load_student_data(
     if not items and float(scfg["unlabeled_ratio"]) > 0:
         raise DplError(f"{pseudo}: no processed unlabeled images to learn from")
 
-    hflip_on = bool(scfg.get("hflip", True))
-    labeled = DetectionDataset(coco, images_dir, train=hflip_on)
+    labeled = DetectionDataset(coco, images_dir, training_augment(scfg, "student"))
     negatives = str(scfg["negatives"])
     built = [student_target(t, chosen, coco.cat_to_label, negatives) for t in items]
-    unlabeled = PseudoLabeledDataset(items, [t for t, _ in built], unlabeled_dir, hflip_on)
+    unlabeled = PseudoLabeledDataset(
+        items, [t for t, _ in built], unlabeled_dir,
+        training_augment(scfg, "student", "pseudo_augment"),
+        mixup=float(scfg.get("mixup", 0.0)), mosaic=float(scfg.get("mosaic", 0.0)),
+    )  # fmt: skip
     dataset = StudentDataset(labeled, unlabeled, float(scfg["unlabeled_ratio"]))
     stats = StudentData(
         labeled_images=len(labeled),
@@ -263,7 +267,7 @@ def soft_negative_teacher(
     if str(teacher) == "imagenet" or not Path(teacher).is_file():
         raise DplError(
             f"--negatives soft needs the teacher checkpoint that scores background proposals; "
-            f"{teacher} is not one (pass --init <teacher.pt>)"
+            f"{teacher} is not one (pass --teacher <teacher.pt>)"
         )
     model, spec = detector_from_checkpoint(read_checkpoint(teacher), teacher, None)
     check_categories(teacher, spec.categories, ann, categories)

@@ -32,7 +32,8 @@ def _box(row: dict[str, Any], prefix: str, scale: float) -> tuple[float, ...]:
     return tuple(row[f"{prefix}_{c}"] * scale for c in ("x1", "y1", "x2", "y2"))
 
 
-def _dashed_rectangle(draw: ImageDraw.ImageDraw, box: tuple, colour, width: int, dash: int):
+def dashed_rectangle(draw: ImageDraw.ImageDraw, box: tuple, colour, width: int, dash: int):
+    """Outline ``box`` (xyxy) with dashes of ``dash`` px."""
     x1, y1, x2, y2 = box
     for (ax, ay), (bx, by) in (
         ((x1, y1), (x2, y1)),
@@ -54,7 +55,8 @@ def _dashed_rectangle(draw: ImageDraw.ImageDraw, box: tuple, colour, width: int,
             )
 
 
-def _label(draw, size, xy: tuple[float, float], text: str, colour, font, above: bool) -> None:
+def draw_label(draw, size, xy: tuple[float, float], text: str, colour, font, above: bool) -> None:
+    """Text on a black tag at ``xy`` (above or below it), kept inside the picture."""
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     w, h = right - left + 4, bottom - top + 3
     x, y = xy[0], xy[1] - h if above else xy[1]
@@ -84,9 +86,9 @@ def draw_pseudo_labels(
     for row in rows:
         if has_box(row, "teacher"):
             box = _box(row, "teacher", scale)
-            _dashed_rectangle(draw, box, TEACHER_COLOUR, width, dash=max(3, 3 * width))
+            dashed_rectangle(draw, box, TEACHER_COLOUR, width, dash=max(3, 3 * width))
             text = f"{class_name(names, row['teacher_label'])} {row['teacher_score'] or 0:.2f}"
-            _label(draw, out.size, (box[0], box[1]), text, TEACHER_COLOUR, font, above=True)
+            draw_label(draw, out.size, (box[0], box[1]), text, TEACHER_COLOUR, font, above=True)
     for row in rows:
         if has_box(row, "polished"):
             box = _box(row, "polished", scale)
@@ -97,7 +99,7 @@ def draw_pseudo_labels(
             text = class_name(names, row.get("polished_label")) + (
                 f" p{prob:.2f}" if prob is not None else ""
             )
-            _label(
+            draw_label(
                 draw,
                 out.size,
                 (box[0], box[3]),
