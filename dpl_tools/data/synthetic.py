@@ -74,8 +74,8 @@ def _distractor(draw: ImageDraw.ImageDraw, rng: np.random.Generator, box: tuple,
         draw.line([(x1, cy), (x2, cy)], fill=colour, width=2 * width)
         draw.line([(cx, y1), (cx, y2)], fill=colour, width=2 * width)
     else:
-        for t in np.linspace(0, 1, 4):
-            draw.line([(x1, y1 + t * (y2 - y1)), (x2, y1 + t * (y2 - y1))], fill=colour, width=width)
+        for y in np.linspace(y1, y2, 4):
+            draw.line([(x1, y), (x2, y)], fill=colour, width=width)
 
 
 def _texture_object(img: Image.Image, rng: np.random.Generator, name: str, box: tuple) -> None:
