@@ -9,6 +9,9 @@ budget, these rows, each evaluated on the test split with ``dpl evaluate``:
                    same total iterations as every student row, no pseudo label
     raw            pseudo labels = the teacher's boxes at the initial threshold
     full           the method: polished pseudo labels, disentangled supervision
+    full-weak      the full method with weak augmentation (flip + multi-scale) only
+    full-imagenet  the full method, the student re-initialised from ImageNet (STAC)
+    full-teacher   the full method, the student initialised from its teacher
     full-hard      the full method, every unkept teacher box taught as background
     full-soft      the full method, background weighted by the teacher (Soft Teacher)
     paper          the paper's fixed rule: polish --keep-rule paper (0.9 / 0.9), hard
@@ -22,7 +25,10 @@ budget, these rows, each evaluated on the test split with ``dpl evaluate``:
     oracle         the labeled-only recipe on 100% of the training pool's labels
 
 and prints mean +- std over the seeds, the difference to ``raw`` and "gap closed" =
-(row - teacher) / (oracle - teacher). Seeds run in parallel processes (``--jobs``), each
+(row - labeled-only) / (oracle - labeled-only), against the matched control, and whether
+the bench is valid: (a) labeled-only gains at most 1 AP over the teacher (the teacher is
+converged), (b) the oracle is at least 8 AP above labeled-only (labels matter), (c) the
+test set has at least 300 images. Seeds run in parallel processes (``--jobs``), each
 with OMP_NUM_THREADS=1. Every finished stage is cached in its seed's run directory
 (``benchmarks/out/seeds/<dataset>/<code version>/seed<k>``, stage stamps as in
 ``dpl run``), so a table too long for one sitting is completed over several runs; the
@@ -58,7 +64,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dpl_tools.demo import DEMO_PRESET, prepare_demo_data  # noqa: E402
+from dpl_tools.config import preset_path  # noqa: E402
+from dpl_tools.demo import DEMO_DATA, DEMO_PRESET, prepare_demo_data  # noqa: E402
 from dpl_tools.pipeline import (  # noqa: E402
     PipelineData,
     Stage,
@@ -75,13 +82,18 @@ OUT = ROOT / "benchmarks/out/seeds"
 # of the session that measured it, and a later session runs only the rows still missing.
 RECORD = ROOT / "benchmarks/results/seeds"
 BCCD = (ROOT / "../shared/data/bccd").resolve()
-ROWS = ("teacher", "labeled-only", "raw", "full", "full-hard", "full-soft", "paper",
-        "paper-ignore", "p90", "reg-only", "cls-only", "oracle")  # fmt: skip
+DEEPPCB = (ROOT / "../shared/data/deeppcb").resolve()
+ROWS = ("teacher", "labeled-only", "raw", "full", "full-weak", "full-imagenet", "full-teacher",
+        "full-hard", "full-soft", "paper", "paper-ignore", "p90", "reg-only", "cls-only",
+        "oracle")  # fmt: skip
 P90 = 0.9  # precision target of the p90 row
 # row -> (train-student --pseudo-view, extra options); the full method is the pipeline's own
 ROW_STUDENTS = {
     "labeled-only": (None, {"--unlabeled-ratio": 0}),
     "raw": ("raw", {}),
+    "full-weak": (None, {"--augment": "weak"}),
+    "full-imagenet": (None, {"--init": "imagenet"}),
+    "full-teacher": (None, {"--init": "teacher"}),
     "full-hard": (None, {"--negatives": "hard"}),
     "full-soft": (None, {"--negatives": "soft"}),
     "paper": (None, {"--negatives": "hard"}),
@@ -153,6 +165,40 @@ def run_in_parallel(stages: list[Stage], run_dir: Path, jobs: int, event) -> Non
                 done.add(running.pop(future).name)
 
 
+def dataset_data(dataset: str, seed: int, run_dir: Path) -> tuple[PipelineData, str]:
+    """A runner dataset's pipeline data for ``seed`` and the config its stages use:
+    ``demo`` (make demo's preset), ``demo-bench`` (the same data, the bench's budget),
+    ``bccd<P>`` and ``deeppcb<P>`` (P% labeled)."""
+    if dataset.startswith("demo"):
+        config = DEMO_PRESET if dataset == "demo" else ROOT / "benchmarks/configs/demo_bench.yaml"
+        return prepare_demo_data(run_dir, seed), str(preset_path(config))
+    if dataset.startswith("deeppcb"):
+        return deeppcb_data(int(dataset.removeprefix("deeppcb")), seed)
+    return bccd_data(int(dataset.removeprefix("bccd")), seed)
+
+
+def dataset_test_ann(dataset: str) -> Path:
+    """The test split's COCO JSON of a real-data runner dataset."""
+    if dataset.startswith("deeppcb"):
+        return DEEPPCB / "test.json"
+    return OUT / "bccd-coco/test.json"
+
+
+def deeppcb_data(percent: int, seed: int) -> tuple[PipelineData, str]:
+    """DeepPCB's official trainval (1,000 images) / test (500) split, fold seed + 1 of
+    ``percent``% labeled; settings in benchmarks/configs/deeppcb_seeds.yaml."""
+    data = PipelineData(
+        ann=DEEPPCB / "train.json",
+        images=DEEPPCB / "images",
+        percent=float(percent),
+        fold=seed + 1,
+        seed=seed,
+        test_ann=DEEPPCB / "test.json",
+        test_images=DEEPPCB / "images",
+    )
+    return data, str(ROOT / "benchmarks/configs/deeppcb_seeds.yaml")
+
+
 def bccd_data(percent: int, seed: int) -> tuple[PipelineData, str]:
     """BCCD train/test as COCO (converted once), fold seed + 1 of ``percent``% labeled."""
     folder = OUT / "bccd-coco"
@@ -174,13 +220,7 @@ def bccd_data(percent: int, seed: int) -> tuple[PipelineData, str]:
 
 def seed_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
     """Every stage of one seed: the pipeline, then each row's student and evaluation."""
-    if dataset == "demo":
-        data, config = prepare_demo_data(run_dir, seed), DEMO_PRESET
-        from dpl_tools.config import preset_path
-
-        config = str(preset_path(config))
-    else:
-        data, config = bccd_data(int(dataset.removeprefix("bccd")), seed)
+    data, config = dataset_data(dataset, seed, run_dir)
     stages = pipeline_stages(data, run_dir, config, rounds=1, device="cpu")
     labeled, teacher = run_dir / "split/labeled.json", run_dir / "teacher.pt"
     paper_labels = run_dir / "labels-paper.parquet"
@@ -247,12 +287,7 @@ def refit_keep_thresholds(run_dir: Path, images: Path, config: str, target: floa
 
 def p90_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
     """The p90 row: polish with the thresholds fitted for precision P90, ignore negatives."""
-    if dataset == "demo":
-        from dpl_tools.config import preset_path
-
-        data, config = prepare_demo_data(run_dir, seed), str(preset_path(DEMO_PRESET))
-    else:
-        data, config = bccd_data(int(dataset.removeprefix("bccd")), seed)
+    data, config = dataset_data(dataset, seed, run_dir)
     keep = refit_keep_thresholds(run_dir, data.images, config, P90)
     labels = run_dir / "labels-p90.parquet"
     out = run_dir / "student-p90.pt"
@@ -427,6 +462,45 @@ def _box_quality_lines(results: dict[int, dict], seeds: list[int]) -> list[str]:
     return lines
 
 
+CONTROLS = ("teacher", "labeled-only", "oracle")
+DATASETS = ["demo", "demo-bench", "bccd10", "bccd5", "deeppcb2", "deeppcb5", "deeppcb10"]
+MIN_TEST_IMAGES = 300  # rule (c)
+
+
+def _mean_ap(results: dict[int, dict], seeds: list[int], row: str) -> float | None:
+    values = [results[s][row]["AP"] for s in seeds if row in results[s]]
+    return statistics.mean(values) if values else None
+
+
+def validity_lines(dataset: str, results: dict[int, dict], seeds: list[int]) -> list[str]:
+    """The three rules of a bench that can show what pseudo labels are worth (3-seed means
+    where there are 3): (a) labeled-only <= teacher + 1 AP, (b) oracle >= labeled-only + 8
+    AP, (c) >= 300 test images."""
+    teacher, labeled, oracle = (_mean_ap(results, seeds, r) for r in CONTROLS)
+    images = test_images(dataset)
+    rules = []
+    if teacher is not None and labeled is not None:
+        gain = 100 * (labeled - teacher)
+        rules.append(f"(a) labeled-only - teacher = {gain:+.1f} AP (<= +1: "
+                     f"{'holds' if gain <= 1 else 'FAILS'})")  # fmt: skip
+    if labeled is not None and oracle is not None:
+        room = 100 * (oracle - labeled)
+        rules.append(f"(b) oracle - labeled-only = {room:+.1f} AP (>= +8: "
+                     f"{'holds' if room >= 8 else 'FAILS'})")  # fmt: skip
+    if images is not None:
+        rules.append(f"(c) {images} test images (>= {MIN_TEST_IMAGES}: "
+                     f"{'holds' if images >= MIN_TEST_IMAGES else 'FAILS'})")  # fmt: skip
+    return ["", "bench validity: " + "; ".join(rules)] if rules else []
+
+
+def test_images(dataset: str) -> int | None:
+    """How many images the dataset's test split has (None: not made yet)."""
+    if dataset.startswith("demo"):
+        return DEMO_DATA.test_images
+    path = dataset_test_ann(dataset)
+    return len(json.loads(path.read_text())["images"]) if path.is_file() else None
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "–"
@@ -451,18 +525,19 @@ def table(dataset: str, seeds: list[int], rows: list[str], version: str) -> str:
             results[s][row]["AP"] - results[s]["raw"]["AP"] for s in done if "raw" in results[s]
         ]
         gaps = [
-            (results[s][row]["AP"] - results[s]["teacher"]["AP"])
-            / (results[s]["oracle"]["AP"] - results[s]["teacher"]["AP"])
+            (results[s][row]["AP"] - results[s]["labeled-only"]["AP"])
+            / (results[s]["oracle"]["AP"] - results[s]["labeled-only"]["AP"])
             for s in done
-            if {"teacher", "oracle"} <= set(results[s])
-            and results[s]["oracle"]["AP"] != results[s]["teacher"]["AP"]
+            if {"labeled-only", "oracle"} <= set(results[s])
+            and results[s]["oracle"]["AP"] != results[s]["labeled-only"]["AP"]
         ]
-        gap = f"{statistics.mean(gaps):.0%}" if gaps and row not in ("teacher", "oracle") else "–"
+        gap = f"{statistics.mean(gaps):.0%}" if gaps and row not in CONTROLS else "–"
         per_seed = ", ".join(f"{a:.3f}" for a in ap)
         lines.append(
             f"| {row} | {len(done)} | {_mean_std(ap)} ({per_seed}) | {_mean_std(ap50)} | "
             f"{_mean_std(diff) if row != 'raw' else '–'} | {gap} |"
         )
+    lines += validity_lines(dataset, results, seeds)
     lines += _quality_lines(results, seeds)
     lines += _box_quality_lines(results, seeds)
     if missing:
@@ -472,7 +547,7 @@ def table(dataset: str, seeds: list[int], rows: list[str], version: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="demo", choices=["demo", "bccd10", "bccd5"])
+    parser.add_argument("--dataset", default="demo", choices=DATASETS)
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"Subset of {', '.join(ROWS)}.")
     parser.add_argument("--jobs", type=int, default=2, help="Seeds run in parallel.")

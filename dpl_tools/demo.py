@@ -1,14 +1,17 @@
 """``dpl demo``: the whole method on a built-in synthetic dataset, with its headline figures.
 
-It generates coloured-shape images (no download), splits the training pool into labeled
-and unlabeled images, runs the pipeline of ``dpl run`` with the ``demo`` preset, trains a
-second student on the raw (unpolished) pseudo labels for comparison, and reports teacher
-AP, both students' AP and pseudo-label box quality before/after polishing.
+It generates textured-shape images (no download; 6 classes told apart by shape and fill,
+with distractors), splits the training pool into labeled and unlabeled images, runs the
+pipeline of ``dpl run`` with the ``demo`` preset, trains the full method's two controls
+(a student on the raw, unpolished pseudo labels and a labeled-only student with the same
+recipe) and reports the AP of the teacher and the three students, and pseudo-label
+quality before/after polishing.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from dpl_tools.config import preset_path
@@ -23,31 +26,50 @@ from dpl_tools.pipeline import (
 )
 
 DEMO_PRESET = "demo"
-TRAIN_IMAGES = 80
-TEST_IMAGES = 30
-LABELED_PERCENT = 25.0
-IMAGE_SIZE = (160, 128)
 
 
-def prepare_demo_data(out_dir: Path, seed: int = 0) -> PipelineData:
+@dataclass(frozen=True)
+class DemoData:
+    """The demo's synthetic data (``dpl_tools.data.synthetic``'s texture style): a training
+    pool of which ``labeled_percent`` is labeled, and a test set."""
+
+    train_images: int = 1000
+    test_images: int = 300
+    labeled_percent: float = 5.0
+    image_size: tuple[int, int] = (160, 128)
+    max_objects: int = 4
+    max_distractors: int = 3
+    style: str = "texture"
+
+
+DEMO_DATA = DemoData()
+TEST_SEED_OFFSET = 1000  # the test set's generator seed is the demo seed + this
+
+
+def prepare_demo_data(out_dir: Path, seed: int = 0, spec: DemoData = DEMO_DATA) -> PipelineData:
     """Generate the demo's training pool and test set under ``out_dir/data`` (idempotent)."""
     data_dir = out_dir / "data"
     sets = {}
-    for name, count, offset in (("train", TRAIN_IMAGES, 0), ("test", TEST_IMAGES, 1000)):
+    for name, count, offset in (
+        ("train", spec.train_images, 0),
+        ("test", spec.test_images, TEST_SEED_OFFSET),
+    ):
         ann = data_dir / name / "annotations.json"
         if not ann.is_file():
             make_synthetic_dataset(
                 data_dir / name,
                 num_images=count,
-                image_size=IMAGE_SIZE,
-                max_objects=4,
+                image_size=spec.image_size,
+                max_objects=spec.max_objects,
                 seed=seed + offset,
+                style=spec.style,
+                max_distractors=spec.max_distractors,
             )
         sets[name] = ann
     return PipelineData(
         ann=sets["train"],
         images=sets["train"].parent / "images",
-        percent=LABELED_PERCENT,
+        percent=spec.labeled_percent,
         fold=1,
         seed=seed,
         test_ann=sets["test"],
@@ -58,33 +80,26 @@ def prepare_demo_data(out_dir: Path, seed: int = 0) -> PipelineData:
 def demo_stages(
     data: PipelineData, run_dir: Path, device: str = "auto", config: str | Path = DEMO_PRESET
 ) -> list[Stage]:
-    """The pipeline's stages plus a student on raw pseudo labels and its evaluation
-    (``config``: the ``demo`` preset, or another preset name / YAML path)."""
+    """The pipeline's stages plus the two controls of the full method's student, each with
+    its test evaluation: a student on raw (unpolished) pseudo labels, and the labeled-only
+    student (same recipe and iterations, no pseudo label). ``config``: the ``demo`` preset,
+    or another preset name / YAML path."""
     config = str(preset_path(config))
     stages = pipeline_stages(data, run_dir, config, rounds=1, device=device)
-    raw_student = run_dir / "student_raw.pt"
-    stages += [
-        student_stage(
-            "train-student-raw",
-            run_dir / "split" / "labeled.json",
-            data.images,
-            run_dir / "labels.parquet",
-            run_dir / "teacher.pt",
-            raw_student,
-            data.seed,
-            config,
-            device,
-            pseudo_view="raw",
-        ),
-        evaluate_model_stage(
-            "evaluate-student-raw",
-            raw_student,
-            data.test_ann,
-            data.test_images,
-            run_dir / "eval" / "student-raw.json",
-            device,
-        ),
-    ]
+    labeled, labels = run_dir / "split" / "labeled.json", run_dir / "labels.parquet"
+    for row, view, extra in (
+        ("raw", "raw", None),
+        ("labeled-only", None, {"--unlabeled-ratio": 0}),
+    ):
+        student = run_dir / f"student_{row.replace('-', '_')}.pt"
+        stages += [
+            student_stage(f"train-student-{row}", labeled, data.images, labels,
+                          run_dir / "teacher.pt", student, data.seed, config, device,
+                          pseudo_view=view, extra=extra),
+            evaluate_model_stage(f"evaluate-student-{row}", student, data.test_ann,
+                                 data.test_images, run_dir / "eval" / f"student-{row}.json",
+                                 device),
+        ]  # fmt: skip
     return stages
 
 
@@ -101,6 +116,7 @@ def demo_summary(run_dir: Path) -> dict[str, float | int | None]:
     quality, kept, changes = figures["box_quality"], figures["keep_rule"], figures["label_changes"]
     return {
         "teacher_ap": ap("teacher"),
+        "student_labeled_only_ap": ap("student-labeled-only"),
         "student_raw_ap": ap("student-raw"),
         "student_polished_ap": ap("student"),
         "pseudo_iou_before": quality["mean_iou_before"],
