@@ -61,7 +61,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print("| RoI samples per image | s / step (4 images) |\n|---:|---:|")
-    for samples in (128, 64):
+    for samples in (128, 64, 32):
         print(f"| {samples} | {step_seconds(demo_detector(samples), args.steps):.2f} |")
     model = demo_detector(64)
     images, targets = batch()

@@ -66,6 +66,7 @@ sys.path.insert(0, str(ROOT))
 
 from dpl_tools.config import preset_path  # noqa: E402
 from dpl_tools.demo import DEMO_DATA, DEMO_PRESET, prepare_demo_data  # noqa: E402
+from dpl_tools.models.polisher import read_polisher_checkpoint  # noqa: E402
 from dpl_tools.pipeline import (  # noqa: E402
     PipelineData,
     Stage,
@@ -305,14 +306,27 @@ def p90_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
     ]  # fmt: skip
 
 
+def write_polisher_fit(run_dir: Path) -> None:
+    """``polisher_fit.json``: what train-polisher fitted the keep rule on (boxes per image of
+    the fold teachers and the teacher, the rule and its source) and the regression check,
+    from the polisher checkpoint (issue 26's figures)."""
+    polisher = run_dir / "polisher.pt"
+    if not polisher.is_file():
+        return
+    extra = read_polisher_checkpoint(polisher).get("extra") or {}
+    fit = {k: extra.get(k) for k in ("keep_thresholds", "regression_check")}
+    (run_dir / "polisher_fit.json").write_text(json.dumps(fit, indent=1, default=str) + "\n")
+
+
 def record_seed(dataset: str, seed: int, version: str) -> list[str]:
     """Copy a seed's finished figures (test metrics, pseudo-label quality, stage times) from
     its run directory into RECORD; returns the files copied."""
     run_dir = OUT / dataset / version / f"seed{seed}"
     record = RECORD / dataset / version / f"seed{seed}"
+    write_polisher_fit(run_dir)
     copied = []
     for path in [*run_dir.glob("eval/*.json"), *run_dir.glob("pseudo_quality*.json"),
-                 *run_dir.glob("keep-p*.json")]:  # fmt: skip
+                 *run_dir.glob("keep-p*.json"), *run_dir.glob("polisher_fit.json")]:  # fmt: skip
         target = record / path.relative_to(run_dir)
         if not target.is_file() or target.read_bytes() != path.read_bytes():
             target.parent.mkdir(parents=True, exist_ok=True)

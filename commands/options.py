@@ -94,8 +94,9 @@ SetValues = Annotated[
 
 
 def set_overrides(values: list[str] | None) -> dict[str, dict[str, Any]]:
-    """``--set section.key=value`` pairs as config overrides (values parsed as YAML);
-    a malformed pair is a usage error. Keys and values are checked by ``load_config``."""
+    """``--set section.key=value`` pairs as config overrides (values parsed as YAML; a
+    dotted key reaches into a mapping setting, e.g. ``model.detector_kwargs.KEY``); a
+    malformed pair is a usage error. Keys and values are checked by ``load_config``."""
     out: dict[str, dict[str, Any]] = {}
     for item in values or []:
         name, sep, text = item.partition("=")
@@ -108,7 +109,11 @@ def set_overrides(values: list[str] | None) -> dict[str, dict[str, Any]]:
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             raise typer.BadParameter(f"--set {item!r}: the value is not valid YAML") from None
-        out.setdefault(section, {})[key] = value
+        *parents, last = key.split(".")  # model.detector_kwargs.box_batch_size_per_image
+        node = out.setdefault(section, {})
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[last] = value
     return out
 
 

@@ -288,13 +288,16 @@ def test_cli_student_from_imagenet_and_set_overrides(inputs, tmp_path) -> None:
               "--ann", str(inputs["ann"]), "--pseudo", str(inputs["pseudo"])]  # fmt: skip
     out = tmp_path / "fresh.pt"
     proc = _dpl(*common, "--out", str(out), "--set", "student.init=imagenet",
-                "--set", "student.aug_erase_patches=[0, 2]")  # fmt: skip
+                "--set", "student.aug_erase_patches=[0, 2]",
+                "--set", "model.detector_kwargs.box_batch_size_per_image=32")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     spec = read_checkpoint(out)["spec"]
     assert spec["extra"]["init"] == "imagenet" and spec["kind"] == "student"
     saved = spec["extra"]["config"]["student"]
     assert saved["init"] == "imagenet" and saved["aug_erase_patches"] == [0, 2]
     assert saved["augment"] == "strong"
+    kwargs = spec["extra"]["config"]["model"]["detector_kwargs"]
+    assert kwargs == {**FAST, "box_batch_size_per_image": 32}  # a dotted key reaches inside
     teacher = read_checkpoint(inputs["teacher"])["state_dict"]
     student = read_checkpoint(out)["state_dict"]
     same = [k for k in teacher if k in student and torch.equal(teacher[k], student[k])]
