@@ -20,11 +20,11 @@ import typer
 from rich.console import Console
 
 from commands.options import Device, Seed, in_process, stage_printer, within
-from dpl_tools.config import load_config
+from dpl_tools.config import load_config, merge, preset_path, read_config
 from dpl_tools.defaults import AT_LEAST_1, Range
 from dpl_tools.demo import DEMO_DATA, DEMO_PRESET, demo_stages, demo_summary, prepare_demo_data
 from dpl_tools.io import write_json
-from dpl_tools.pipeline import run_stages
+from dpl_tools.pipeline import run_stages, write_stage_config
 from dpl_tools.tables import ReportTable
 
 LABELS = {
@@ -98,12 +98,26 @@ def command(
             callback=within(Range(0, 100, low_open=True, high_open=True), float),
         ),
     ] = DEMO_DATA.labeled_percent,
+    backbone_weights: Annotated[
+        str | None,
+        typer.Option(
+            "--backbone-weights",
+            help="ImageNet backbone: imagenet (torchvision's weights, downloaded once), a "
+            "checkpoint path (offline, e.g. mobilenet_v2-b0353104.pth), or none (from "
+            "scratch: much weaker in the demo's budget). Default: the preset's.",
+        ),
+    ] = None,
     device: Device = "auto",
     seed: Seed = 0,
 ) -> None:
     console = Console()
     load_config(config)  # a missing, unknown or invalid config fails before any data is made
     run_dir = out or Path(tempfile.mkdtemp(prefix="dpl-demo-"))
+    if backbone_weights is not None:
+        sections = merge(read_config(preset_path(config)),
+                         {"model": {"backbone_weights": backbone_weights}})  # fmt: skip
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = str(write_stage_config(run_dir, sections).resolve())
     try:
         spec = replace(DEMO_DATA, train_images=train_images, test_images=test_images,
                        labeled_percent=percent)  # fmt: skip

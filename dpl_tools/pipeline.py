@@ -173,12 +173,18 @@ def load_run_config(
     sections = {k: v for k, v in raw.items() if k not in ("data", "run")}
     if run.get("preset"):
         sections = merge(read_config(preset_path(run["preset"])), sections)
+    return data, run_dir, write_stage_config(run_dir, sections)
+
+
+def write_stage_config(run_dir: Path, sections: dict[str, Any]) -> Path:
+    """``<run-dir>/config.yaml``: the resolved settings every stage reads with --config
+    (rewritten only when they changed, so finished stages stay up to date)."""
     resolved = run_dir / "config.yaml"
     text = yaml.safe_dump(sections, sort_keys=True)
     if not resolved.is_file() or resolved.read_text() != text:
         with atomic_path(resolved) as tmp:
             tmp.write_text(text)
-    return data, run_dir, resolved
+    return resolved
 
 
 def round_dir(run_dir: Path, k: int) -> Path:
