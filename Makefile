@@ -15,8 +15,11 @@ $(BIN)/dpl: pyproject.toml
 
 install: $(BIN)/dpl
 
+# offline machines: the ImageNet backbone from ../shared/weights when it is there
+WEIGHTS := ../shared/weights/mobilenet_v2-b0353104.pth
+
 demo: install
-	$(BIN)/dpl demo --out dpl-demo
+	$(BIN)/dpl demo --out dpl-demo $(if $(wildcard $(WEIGHTS)),--backbone-weights $(WEIGHTS))
 
 test: install
 	$(BIN)/python -m pytest

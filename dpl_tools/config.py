@@ -121,4 +121,12 @@ def load_config(
         for section, values in (overrides or {}).items()
     }
     config = merge(config, check_config(given, "command line"))
-    return merge(config, check_config(sets or {}, "--set"))
+    return resolve_derived(merge(config, check_config(sets or {}, "--set")))
+
+
+def resolve_derived(config: dict[str, Any]) -> dict[str, Any]:
+    """Settings whose null means "as another setting": ``student.iters`` null is the
+    teacher's iterations (a student trained as long as its teacher)."""
+    if config.get("student", {}).get("iters") is None and "teacher" in config:
+        config["student"]["iters"] = config["teacher"]["iters"]
+    return config

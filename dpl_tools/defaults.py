@@ -407,6 +407,14 @@ SETTINGS: dict[str, dict[str, Setting]] = {
     },
     "student": {
         **_detector_training(warmup_iters=100, augment="strong"),
+        "iters": Setting(
+            None,
+            "training iterations (total; null: the teacher section's, a schedule as long as "
+            "the teacher's)",
+            AT_LEAST_1,
+            nullable=True,
+            kind=int,
+        ),
         "init": Setting(
             "teacher",
             "student's initial weights: teacher (checkpoint) or imagenet (fresh, STAC)",

@@ -95,6 +95,7 @@ NEW_KEYS = {
         "mixup": 0.0,
         "mosaic": 0.0,
         "init": "teacher",
+        "iters": None,  # null: the teacher's iterations
         "allow_empty": False,
         # issue 13: uncertain teacher boxes are ignore regions, not background
         "negatives": "ignore",
@@ -135,7 +136,15 @@ def write_yaml(path: Path, raw: dict) -> Path:
 def test_one_table_holds_every_section_with_the_old_values():
     assert DEFAULTS == merge(OLD_DEFAULTS, NEW_KEYS)
     assert set(DEFAULTS) == set(SETTINGS) == {"model", "teacher", "polisher", "polish", "student"}
-    assert load_config() == DEFAULTS  # every section, polish included
+    # every section, polish included; the student's null iterations become the teacher's
+    assert load_config() == merge(DEFAULTS, {"student": {"iters": 400}})
+
+
+def test_student_trains_as_long_as_its_teacher_unless_told():
+    assert load_config(None, {"teacher": {"iters": 900}})["student"]["iters"] == 900
+    given = load_config(None, {"teacher": {"iters": 900}, "student": {"iters": 50}})
+    assert given["student"]["iters"] == 50
+    assert load_config("demo")["student"]["iters"] >= load_config("demo")["teacher"]["iters"]
 
 
 def test_settings_dataclasses_take_their_defaults_from_the_table():
