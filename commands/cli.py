@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import typer
@@ -79,6 +80,51 @@ _register()
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 3
 
+# locals that name the file an OSError without a file name was about (innermost frame first)
+_PATH_LOCALS = ("tmp", "tmp_path", "dest", "path", "file", "out", "f")
+
+
+def _output_of(path: str) -> str:
+    """The output a temp file of this process stands for (``atomic_path``'s
+    ``.<name>.<pid>.<random><suffix>.tmp`` beside it), else ``path`` itself."""
+    head, name = os.path.split(path)
+    match = re.fullmatch(r"\.(.+)\.(\d+)\.[^./]+\.tmp", name)
+    if match and match[2] == str(os.getpid()):
+        return os.path.join(head, match[1])
+    return path
+
+
+def _path_of(e: OSError) -> str | None:
+    """The path an OSError is about: its file name(s), else a file-like local of the frames
+    it went through (a write to an open file names no file)."""
+    if e.filename is not None:
+        name = _output_of(os.fsdecode(e.filename))
+        return f"{name} -> {os.fsdecode(e.filename2)}" if e.filename2 is not None else name
+    frames, tb = [], e.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for key in _PATH_LOCALS:
+            value = frame.f_locals.get(key)
+            if isinstance(value, str | os.PathLike) and os.fspath(value):
+                return _output_of(os.fsdecode(os.fspath(value)))
+            name = getattr(value, "name", None)  # an open file object
+            if isinstance(name, str) and not isinstance(value, type):
+                return _output_of(name)
+    return None
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError: the path and the OS's reason."""
+    text = str(e).strip()
+    reason = e.strerror or (text.splitlines()[0] if text else type(e).__name__)
+    named = e.filename is not None and not os.path.isdir(e.filename)
+    if isinstance(e, FileExistsError | NotADirectoryError) and named:
+        reason += " (a file is where a folder is needed)"
+    path = _path_of(e)
+    return f"{path}: {reason}" if path else f"{reason} (while reading or writing a file)"
+
 
 def main() -> None:
     """Run the CLI; user errors become one ``error:`` line on stderr and exit status 2.
@@ -95,6 +141,13 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]")
         sys.exit(130)
+    except OSError as e:
+        # the user's environment (permissions, a full disk, a file-size limit, a file where
+        # a folder should be), not a defect: one line naming the path and the OS's reason
+        if os.environ.get("DPL_TRACEBACK"):
+            raise
+        err.print(f"[bold red]error:[/] {os_error_line(e)}", highlight=False, soft_wrap=True)
+        sys.exit(EXIT_USER_ERROR)
     except Exception as e:
         if os.environ.get("DPL_TRACEBACK"):
             raise

@@ -118,6 +118,8 @@ def command(
         fmt, src, split, names, images, skip_difficult, strict=strict,
         allow_outside_root=allow_outside_root,
     )  # fmt: skip
+    # the images folder found (e.g. through data.yaml's path) is read too
+    check_distinct_outputs({"the images folder": result.images_dir}, {"--out": out})
     print_report(console, result.coco.report)
     try:
         require_usable(result, src)

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from commands.options import AllowOutsideRoot, Device, RunDir, within
 from dpl_tools.data.coco import load_coco
-from dpl_tools.data.pseudo_labels import META_THRESHOLDS, read_pseudo_labels
+from dpl_tools.data.pseudo_labels import META_THRESHOLDS, dropped_warning, read_pseudo_labels
 from dpl_tools.defaults import AT_LEAST_1, NON_NEGATIVE, UNIT
 from dpl_tools.errors import DplError
 from dpl_tools.evaluation.coco_eval import METRICS
@@ -46,6 +46,9 @@ def evaluate_pseudo(console: Console, pseudo: Path, ann: Path, json_out: Path | 
     table, meta = read_pseudo_labels(pseudo)
     result = pseudo_label_quality(table, load_coco(ann))
     result["thresholds"] = meta.get(META_THRESHOLDS)  # those polish used, with their sources
+    if result["unusable_rows"]:
+        warning = dropped_warning(pseudo, result["unusable_rows"])
+        console.print(f"[yellow]warning:[/] {warning}; not scored", highlight=False, soft_wrap=True)
     console.print(format_quality_table(result))
     if result["thresholds"] and "cls_prob" in result["thresholds"]:
         t = result["thresholds"]

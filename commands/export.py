@@ -29,8 +29,10 @@ from dpl_tools.data.export import (
     ExportSummary,
     export_dataset,
 )
+from dpl_tools.data.pseudo_labels import dropped_warning
 from dpl_tools.defaults import UNIT
 from dpl_tools.errors import DplError
+from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input
 from dpl_tools.tables import ReportTable
 
@@ -56,6 +58,9 @@ def _print_summary(console: Console, summary: ExportSummary) -> None:
             f"{summary.pseudo_images_in_labeled} pseudo-labeled image(s) are also labeled: "
             "their ground truth is exported, their pseudo labels are not"
         )
+    if summary.dropped_rows:
+        warning = dropped_warning(summary.labels, summary.dropped_rows)
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     if summary.format == "yolo" and not images["val"]:
         console.print("no --val given: data.yaml's val points at the train images")
     console.print(f"figures in {Path(summary.out) / SUMMARY_FILE}")
@@ -134,6 +139,12 @@ def command(
         val_images=val_images if val_images is not None else (root if val else None),
         allow_outside_root=allow_outside_root,
     )
+    image_folders = {
+        "--images" if images is not None else "the folder of --labeled": inputs.images,
+        "--unlabeled-images": unlabeled_images,
+        "--val-images": val_images,
+    }
+    check_distinct_outputs(image_folders, {"--out": out}, folders={"--out"})
     summary = export_dataset(inputs, out, fmt, view, min_score, copy_images)
     for report in summary.reports:
         if not report.clean:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.console import Console
 
 from dpl_tools.data.coco import ValidationReport
@@ -21,6 +20,7 @@ from dpl_tools.defaults import NON_NEGATIVE, SETTINGS, Range, Setting, SettingEr
 from dpl_tools.errors import DplError
 from dpl_tools.pipeline import Stage
 from dpl_tools.tables import ReportTable
+from dpl_tools.textfiles import parse_yaml
 
 
 def check_with(rule: Setting) -> Callable[[Any], Any]:
@@ -106,9 +106,9 @@ def set_overrides(values: list[str] | None) -> dict[str, dict[str, Any]]:
                 f"--set {item!r}: expected section.key=value, e.g. student.mixup=0.5"
             )
         try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            raise typer.BadParameter(f"--set {item!r}: the value is not valid YAML") from None
+            value = parse_yaml(text, f"--set {item!r}") if text.strip() else None
+        except DplError as e:  # "--set '...': not valid YAML (...)", or an alias bomb
+            raise typer.BadParameter(str(e)) from None
         *parents, last = key.split(".")  # model.detector_kwargs.box_batch_size_per_image
         node = out.setdefault(section, {})
         for parent in parents:
@@ -206,7 +206,8 @@ AllowOutsideRoot = Annotated[
     typer.Option(
         "--allow-outside-root",
         help="Read images whose file_name is absolute or climbs out of the image folder "
-        "with '..' (refused by default).",
+        "with '..', or (an image folder listed) that lie in a linked folder leading outside "
+        "it (refused / skipped by default).",
     ),
 ]
 

@@ -36,10 +36,10 @@ from commands.options import (
 )
 from dpl_tools.config import load_config
 from dpl_tools.data.detections import TEACHER_BOXES, ExternalDetections, load_detections
-from dpl_tools.data.export import VIEWS, check_yolo_out, write_coco, write_yolo
+from dpl_tools.data.export import VIEWS, check_yolo_out, view_boxes, write_coco, write_yolo
 from dpl_tools.data.image_list import load_image_list, parse_shard, shard_records
 from dpl_tools.data.pseudo_label_writer import PseudoLabelWriter, output_file
-from dpl_tools.data.pseudo_labels import META_BOXES, read_pseudo_labels
+from dpl_tools.data.pseudo_labels import META_BOXES, dropped_warning, read_pseudo_labels
 from dpl_tools.engine.keep_thresholds import resolve_keep_thresholds
 from dpl_tools.engine.polish import (
     PolishSettings,
@@ -53,7 +53,7 @@ from dpl_tools.errors import DplError
 from dpl_tools.io import sha256_file
 from dpl_tools.models.checkpoint import load_detector
 from dpl_tools.models.polisher import load_polisher
-from dpl_tools.outputs import check_distinct_outputs, output_lock
+from dpl_tools.outputs import check_distinct_outputs, check_outputs_not_read, output_lock
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input, resolve_output
 from dpl_tools.runtime import resolve_device
 from dpl_tools.tables import ReportTable
@@ -148,18 +148,27 @@ def _export(
     if not (coco_out or yolo_out):
         return
     table, meta = read_pseudo_labels(out)
+    dropped = view_boxes(table, coco_view)["dropped"]
+    if dropped:
+        warning = dropped_warning(out, dropped)
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     if coco_out:
-        n = write_coco(table, meta, coco_out, coco_view)
+        n = write_coco(table, meta, coco_out, coco_view, source=out)
         console.print(f"COCO JSON ({coco_view} view, {n} boxes) written to {coco_out}")
     if yolo_out:
-        n = write_yolo(table, meta, yolo_out, coco_view, overwrite)
+        n = write_yolo(table, meta, yolo_out, coco_view, overwrite, source=out)
         console.print(f"YOLO labels ({coco_view} view, {n} boxes) written to {yolo_out}")
 
 
 def command(
     images: Annotated[
         Path | None,
-        typer.Option("--images", help="Unlabeled images: a folder (recursive) or a COCO JSON."),
+        typer.Option(
+            "--images",
+            help="Unlabeled images: a folder (recursive; linked folders leading outside it "
+            "are skipped with a warning unless --allow-outside-root) or a COCO JSON. No "
+            "output may lie inside it.",
+        ),
     ] = None,
     out: Annotated[
         Path | None,
@@ -402,6 +411,14 @@ def command(
     with output_lock(dest, "dpl polish"):  # a second polish of the same --out fails at once
         dev = resolve_device(device)
         image_list = load_image_list(images, image_root, allow_outside_root)
+        read = (r["path"] for r in image_list)
+        check_outputs_not_read({"--out": dest, "--coco-out": coco_out}, read, "--images")
+        if image_list.outside:
+            console.print(
+                f"[yellow]warning:[/] {image_list.outside} image(s) in linked folders leading "
+                f"outside {images} not read (--allow-outside-root reads them)",
+                highlight=False,
+            )
         records = shard_records(image_list, shard_index, shard_count)
         model, spec = load_detector(teacher_path, dev)
         teacher_sha = sha256_file(teacher_path)

@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import pyarrow as pa
 import typer
 from rich.console import Console
 
 from commands.options import Config, Seed, SetValues, set_overrides, within
 from dpl_tools.config import load_config
-from dpl_tools.data.pseudo_labels import read_pseudo_labels
+from dpl_tools.data.pseudo_labels import drop_unusable_rows, dropped_warning, read_pseudo_labels
 from dpl_tools.defaults import AT_LEAST_1, NON_NEGATIVE
 from dpl_tools.errors import DplError
 from dpl_tools.io import atomic_path
@@ -108,7 +109,12 @@ def command(
         raise DplError("give an IMAGE and --labels, or --augment with --ann and --images")
     check_distinct_outputs({"IMAGE": image, "--labels": labels}, {"--out": out})
     table, meta = read_pseudo_labels(labels)
-    rows = [r for r in rows_for_image(table, image) if r["teacher_x1"] is not None]
+    mine = pa.Table.from_pylist(rows_for_image(table, image), schema=table.schema)
+    mine, dropped = drop_unusable_rows(mine)
+    if dropped:
+        warning = f"[yellow]warning:[/] {dropped_warning(labels, dropped)} for {image}"
+        Console().print(warning, highlight=False, soft_wrap=True)
+    rows = [r for r in mine.to_pylist() if r["teacher_x1"] is not None]
     rendered = render_image(image, rows, category_names(meta), size)
     with atomic_path(out, suffix=".png") as tmp:
         rendered.save(tmp, format="PNG")

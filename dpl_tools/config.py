@@ -13,8 +13,6 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dpl_tools.defaults import (
     DEFAULTS,
     RUN_SETTINGS,
@@ -24,6 +22,7 @@ from dpl_tools.defaults import (
     unknown,
 )
 from dpl_tools.errors import DplError
+from dpl_tools.textfiles import read_yaml_file
 
 # Presets ship inside the package (dpl_tools/configs/), so a wheel install has them too.
 PRESET_DIRS = (Path(__file__).parent / "configs",)
@@ -63,10 +62,7 @@ def preset_path(name_or_path: str | Path) -> Path:
 
 def read_yaml(path: Path) -> dict[str, Any]:
     """A YAML mapping of sections, or a one-line DplError."""
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise DplError(f"{path}: cannot read YAML ({type(e).__name__})") from None
+    raw = read_yaml_file(path) or {}  # one-line DplError: unreadable, not UTF-8, alias bomb
     if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
         raise DplError(f"{path}: a config must map section names (model, teacher, ...) to mappings")
     return raw

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -62,13 +63,17 @@ def make_temp(dest: str | Path, suffix: str = "", directory: bool = False) -> Pa
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     prefix, tail = f".{dest.name}.{os.getpid()}.", suffix + ".tmp"
+    # mkstemp / mkdtemp create a new entry (O_EXCL, O_NOFOLLOW): never a planted link.
     if directory:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=tail, dir=dest.parent))
+        fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0))
     else:
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=tail, dir=dest.parent)
-        os.close(fd)
         tmp = Path(name)
-    os.chmod(tmp, default_mode(directory))
+    try:
+        os.fchmod(fd, default_mode(directory))  # the new entry itself, never a link's target
+    finally:
+        os.close(fd)
     return tmp
 
 
@@ -127,10 +132,27 @@ def atomic_path(dest: str | Path, suffix: str = "", clean: bool = True) -> Itera
             tmp_path.unlink()
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-Infinity) replaced by None: dpl never
+    writes NaN or Infinity, which are not JSON and break other readers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON of ``obj`` (non-finite floats as null, ``finite_json``)."""
+    return json.dumps(finite_json(obj), indent=indent, allow_nan=False)
+
+
 def write_json(dest: str | Path, obj: Any, indent: int | None = None) -> None:
-    """Write ``obj`` as JSON to ``dest`` atomically."""
+    """Write ``obj`` as strict JSON (``json_text``) to ``dest`` atomically."""
     with atomic_path(dest) as tmp:
-        tmp.write_text(json.dumps(obj, indent=indent))
+        tmp.write_text(json_text(obj, indent))
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

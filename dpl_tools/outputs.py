@@ -1,7 +1,11 @@
 """Output safety shared by every command that writes files.
 
 * ``check_distinct_outputs``: an output may not be one of the command's inputs, nor another
-  of its outputs (``--coco-out`` equal to ``--out`` would replace the Parquet with JSON).
+  of its outputs (``--coco-out`` equal to ``--out`` would replace the Parquet with JSON),
+  nor lie inside an input folder (whose files it reads); ``check_outputs_not_read``: nor
+  be one of the files a list (a COCO image list) names.
+* ``refuse_link``: lock, marker and staging files are never written through a link (the
+  lock is opened with ``O_NOFOLLOW``; temps are new entries, ``O_EXCL``).
 * ``inside``: a path built from a file name in the data stays inside its output folder.
 * ``output_lock``: one writer per output, through ``flock`` on a lock file holding the pid.
 * ``owned_folder``: write into a folder the user may share: a marker file lists what dpl
@@ -19,11 +23,13 @@ import os
 import re
 import shutil
 import socket
+import stat
 import time
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dpl_tools.data.images import IMAGE_EXTENSIONS
 from dpl_tools.errors import DplError
 from dpl_tools.io import clean_stale_temps, make_temp, write_json
 
@@ -32,6 +38,11 @@ try:
 except ImportError:  # not POSIX: no locking (dpl targets Linux and macOS)
     fcntl = None
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# Files dpl reads out of an input folder (images, VOC / YOLO / COCO annotations, data.yaml):
+# an output of such a kind inside an input folder could replace or join what is read there.
+# Other outputs (a checkpoint, a Parquet file) may live in an image folder.
+READ_SUFFIXES = frozenset(IMAGE_EXTENSIONS) | {".xml", ".txt", ".yaml", ".yml", ".json"}
 MARKER = ".dpl-output.json"  # in every folder dpl writes as a whole: what it wrote there
 FOLDER_LOCK = ".dpl-output.lock"  # lock file of a folder output (inside it)
 STAGING = "dpl-staging"  # staging folders inside an output folder: .dpl-staging.<pid>.*.tmp
@@ -49,15 +60,23 @@ def same_path(a: str | Path, b: str | Path) -> bool:
         return False
 
 
+def lies_inside(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` (existing or not) lies inside ``folder``, after resolving links."""
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
+
+
 def check_distinct_outputs(
     inputs: Mapping[str, str | Path | None],
     outputs: Mapping[str, str | Path | None],
     folders: Collection[str] = (),
 ) -> None:
-    """Refuse an output equal to an input or to another output (keys name the options, e.g.
-    ``--coco-out``; None values are skipped); outputs not in ``folders`` are files and may
+    """Refuse an output equal to an input or to another output, or a folder output or a
+    file of a kind dpl reads from folders (``READ_SUFFIXES``: images, annotations) inside an
+    input folder (a checkpoint or Parquet file may live there); keys name the options, e.g.
+    ``--coco-out``; None values are skipped. Outputs not in ``folders`` are files and may
     not name an existing directory."""
     given = [(name, Path(path)) for name, path in outputs.items() if path is not None]
+    input_dirs = [(n, Path(p)) for n, p in inputs.items() if p is not None and Path(p).is_dir()]
     for i, (name, path) in enumerate(given):
         if name not in folders and path.is_dir():
             raise DplError(f"{path}: {name} names an existing directory; give a file path")
@@ -67,11 +86,57 @@ def check_distinct_outputs(
                     f"{path}: {name} is the input {in_name}; writing it would destroy the "
                     f"input, choose another {name}"
                 )
+        read_kind = name in folders or path.suffix.lower() in READ_SUFFIXES
+        for in_name, folder in input_dirs:
+            if read_kind and lies_inside(path, folder):
+                what = "a folder" if name in folders else f"a {path.suffix} file"
+                raise DplError(
+                    f"{path}: {name} lies inside the input folder {in_name} ({folder}), where "
+                    f"dpl reads such files ({what}); choose another {name}"
+                )
         for other_name, other in given[:i]:
             if same_path(path, other):
                 raise DplError(
                     f"{path}: {name} and {other_name} are the same path; give each output its own"
                 )
+
+
+def check_outputs_not_read(
+    outputs: Mapping[str, str | Path | None], read: Iterable[str | Path], source: str
+) -> None:
+    """Refuse an output that is one of the files ``read`` (e.g. the images a COCO image
+    list names; ``source`` words the error). Only an existing output can be one; a read
+    file is compared (as given, then resolved) only when its base name is an output's, so
+    a long list costs no system call per file."""
+    given = [(n, Path(p)) for n, p in outputs.items() if p is not None and os.path.lexists(p)]
+    if not given:
+        return
+    wanted: dict[str, str] = {}
+    for name, path in given:
+        wanted[os.path.normpath(os.path.abspath(path))] = name
+        wanted.setdefault(str(path.resolve()), name)
+    base_names = {os.path.basename(p) for p in wanted}
+    for file in read:
+        file = os.fspath(file)
+        if os.path.basename(file) not in base_names:
+            continue
+        name = wanted.get(os.path.normpath(os.path.abspath(file)))
+        name = name or wanted.get(str(Path(file).resolve()))
+        if name is not None:
+            raise DplError(
+                f"{outputs[name]}: {name} is an image that {source} reads; writing it would "
+                f"destroy the input, choose another {name}"
+            )
+
+
+def refuse_link(path: str | Path, what: str) -> None:
+    """A one-line DplError when ``path`` is a symbolic link: dpl never writes its own
+    bookkeeping files (``what``: lock, marker, staging folder) through a link."""
+    if os.path.islink(path):
+        raise DplError(
+            f"{path}: {what} is a symbolic link; dpl does not write through a link in place "
+            "of its own files: remove the link"
+        )
 
 
 def inside(folder: str | Path, name: str | Path, what: str = "file name") -> Path:
@@ -139,7 +204,21 @@ def output_lock(output: str | Path, command: str, folder: bool = False) -> Itera
 def _acquire(output: Path, lock: Path) -> int:
     """Open and ``flock`` the lock file; -1 where the file system has no locks."""
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a link (nor onto a file with other names: a hard link)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | _NOFOLLOW | os.O_NONBLOCK, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            refuse_link(lock, "the lock file")
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+            os.close(fd)
+            refuse_link(lock, "the lock file")
+            raise DplError(
+                f"{lock}: the lock file is not a plain file of its own (a hard link or a "
+                "special file); dpl does not write to it: remove it"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -163,6 +242,7 @@ def _acquire(output: Path, lock: Path) -> int:
 
 def _read_marker(folder: Path) -> dict[str, Any] | None:
     marker = folder / MARKER
+    refuse_link(marker, "the dpl marker file")
     if not marker.exists():
         return None
     try:

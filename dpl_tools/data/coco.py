@@ -1,9 +1,11 @@
 """Load and validate COCO detection JSON, with counted reporting of every problem.
 
-Structural problems (unreadable JSON, missing keys, duplicate ids, ids that are not
-integers, file names that are not strings, images without a positive finite width/height,
-file names leaving the image folder) are fatal ``DplError``s naming the file, with how many
-items are affected and a first example. Ids are normalised to ``int`` (``1.0`` is ``1``).
+Structural problems (unreadable JSON, missing keys, duplicate ids, duplicate image file
+names or category names, ids that are not integers or do not fit in int64, file names that
+are not strings, category names with control characters such as a newline, images without
+a positive finite width/height, file names leaving the image folder) are fatal
+``DplError``s naming the file, with how many items are affected and a first example. Ids
+are normalised to ``int`` (``1.0`` is ``1``).
 Per-annotation problems are repaired and counted: zero/negative-size, sub-pixel
 (< ``MIN_BOX_SIDE``), non-finite or malformed boxes and boxes of unknown images or
 categories are dropped, boxes reaching outside their image are clipped.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +46,8 @@ REQUIRED_KEYS = ("images", "categories")
 # Boxes narrower or lower than this (px) are dropped: a detector cannot learn them, and
 # in float32 they collapse to zero size, which torchvision rejects mid-training.
 MIN_BOX_SIDE = 0.01
+# Ids are stored as int64 (Parquet, tensors, numpy); larger ones are refused when read.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass
@@ -142,12 +147,14 @@ def read_json(path: str | Path) -> Any:
         raise DplError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
-def _check_unique(path: Path, items: list[dict], what: str) -> None:
-    counts = Counter(repr(item["id"]) for item in items)
+def _check_unique(path: Path, items: list[dict], what: str, key: str = "id") -> None:
+    """One DplError when two ``items`` share ``key`` (an id, an image file_name, a category
+    name), naming the first repeated value and how often it appears."""
+    counts = Counter(repr(item[key]) for item in items)
     dups = [i for i, n in counts.items() if n > 1]
     if dups:
         raise DplError(
-            f"{path}: {len(dups)} duplicate {what} id(s) (e.g. id {dups[0]} "
+            f"{path}: {len(dups)} duplicate {what} {key}(s) (e.g. {key} {dups[0]} "
             f"appears {counts[dups[0]]} times)"
         )
 
@@ -183,6 +190,21 @@ def positive_number(value: Any) -> bool:
     )
 
 
+def in_int64(value: int) -> bool:
+    """Whether an integer id fits in int64 (how Parquet, numpy and torch store ids)."""
+    return INT64_MIN <= value <= INT64_MAX
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a category name, or None: a control character (a newline,
+    tab, NUL, ...) or a line/paragraph separator would break one-name-a-line files
+    (``classes.txt``) and one-line reports."""
+    for ch in name:
+        if unicodedata.category(ch) in ("Cc", "Zl", "Zp"):
+            return f"contains a control character (U+{ord(ch):04X})"
+    return None
+
+
 def as_int_id(value: Any) -> int | None:
     """``value`` as an integer id (``3`` or ``3.0``), or None when it is not one (a string,
     ``3.5``, NaN, a bool, null, a list)."""
@@ -200,15 +222,51 @@ def _normalize_ids(path: Path, items: list[dict], keys: tuple[str, ...], what: s
     for key in keys:
         bad = [(i, item[key]) for i, item in enumerate(items) if as_int_id(item[key]) is None]
         if bad:
-            i, value = bad[0]
-            ident = items[i].get("id") if key != "id" else None
-            record = f"{what} #{i}" + (f" (id {ident!r})" if ident is not None else "")
-            raise DplError(
-                f"{path}: {len(bad)} {what}(s) with a non-integer '{key}' (e.g. {record}: "
-                f"{key} = {json.dumps(value)}, a {type(value).__name__}); ids must be integers"
+            _refuse_ids(
+                path,
+                items,
+                bad,
+                key,
+                what,
+                f"a non-integer '{key}'",
+                lambda v: f"{json.dumps(v)}, a {type(v).__name__}",
+                "be integers",
             )
         for item in items:
             item[key] = as_int_id(item[key])
+        big = [(i, item[key]) for i, item in enumerate(items) if not in_int64(item[key])]
+        if big:
+            _refuse_ids(path, items, big, key, what, f"'{key}' outside the 64-bit integer range",
+                        str, "fit in int64")  # fmt: skip
+
+
+def _refuse_ids(
+    path: Path, items: list[dict], bad: list[tuple[int, Any]], key: str, what: str,
+    problem: str, shown: Any, rule: str,
+) -> None:  # fmt: skip
+    """One DplError naming how many records have a bad ``key`` and the first of them."""
+    i, value = bad[0]
+    ident = items[i].get("id") if key != "id" else None
+    record = f"{what} #{i}" + (f" (id {ident!r})" if ident is not None else "")
+    raise DplError(
+        f"{path}: {len(bad)} {what}(s) with {problem} (e.g. {record}: "
+        f"{key} = {shown(value)}); ids must {rule}"
+    )
+
+
+def _size_problem(im: dict[str, Any]) -> str:
+    """What is wrong with an image's width/height: a value that is not a number (a string
+    "160" is named as one), else the two values (zero, negative, non-finite)."""
+    kinds = {str: "a string", bool: "a boolean", list: "a list", dict: "an object"}
+    for key in ("width", "height"):
+        value = im[key]
+        if value is None:
+            return f"{key} is null, expected a number"
+        if type(value) in kinds:
+            return f"{key} {json.dumps(value)} is {kinds[type(value)]}, expected a number"
+        if not isinstance(value, (int, float)):
+            return f"{key} is a {type(value).__name__}, expected a number"
+    return f"{im['width']}x{im['height']}"
 
 
 def _check_file_names(path: Path, images: list[dict]) -> None:
@@ -401,7 +459,15 @@ def validate_coco(
             f"{path}: {len(bad_names)} category(s) whose name is not a non-empty string "
             f"(e.g. category {c['id']}: name = {json.dumps(c['name'])})"
         )
+    bad_chars = [(c, name_problem(c["name"])) for c in categories if name_problem(c["name"])]
+    if bad_chars:
+        c, problem = bad_chars[0]
+        raise DplError(
+            f"{path}: {len(bad_chars)} category name(s) with a control character (e.g. "
+            f"category {c['id']}: name {json.dumps(c['name'])} {problem})"
+        )
     _check_unique(path, categories, "category")
+    _check_unique(path, categories, "category", "name")
 
     images = _as_list(path, raw, "images")
     _require(path, images, ("id", "file_name", "width", "height"), "image")
@@ -409,6 +475,7 @@ def validate_coco(
     _normalize_ids(path, images, ("id",), "image")
     _check_file_names(path, images)
     _check_unique(path, images, "image")
+    _check_unique(path, images, "image", "file_name")
     bad_size = [
         im for im in images if not (positive_number(im["width"]) and positive_number(im["height"]))
     ]
@@ -416,7 +483,7 @@ def validate_coco(
         im = bad_size[0]
         raise DplError(
             f"{path}: {len(bad_size)} image(s) without a positive width/height "
-            f"(e.g. image {im['id']} {im['file_name']}: {im['width']}x{im['height']})"
+            f"(e.g. image {im['id']} {im['file_name']}: {_size_problem(im)})"
         )
     all_image_ids = {im["id"] for im in images}
 

@@ -19,10 +19,14 @@ Conventions (tested with exact numbers):
   header (EXIF rotation applied); polygon rows (segmentation labels) become their
   bounding box; class ``k`` becomes category id ``k + 1``.
 * One bad annotation file (malformed XML, a bad or non-UTF-8 YOLO label file, a
-  non-finite number) skips that file and its image; ``Conversion.skipped_files`` lists
+  non-finite number, a class name with a control character, a VOC XML whose image another
+  XML already annotates) skips that file and its image; ``Conversion.skipped_files`` lists
   each with the problem (``strict`` stops at the first instead). Image-folder entries that
   are not readable images (folders named like images, broken or looping links, names
   that are not UTF-8) are listed there too.
+* Class-name files (``data.yaml``, ``classes.txt``) and VOC split lists are read as UTF-8
+  (YAML through the alias-bomb-safe ``dpl_tools.textfiles`` loader); a bad one, or a class
+  name with a control character or given twice, is a DplError naming the file.
 * A conversion that leaves no image, or drops every box the input had, is a DplError:
   an empty dataset is never written.
 """
@@ -36,10 +40,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.progress import track
 
-from dpl_tools.data.coco import CocoData, ValidationReport, read_json, validate_coco
+from dpl_tools.data.coco import (
+    CocoData,
+    ValidationReport,
+    name_problem,
+    read_json,
+    validate_coco,
+)
 from dpl_tools.data.images import (
     IMAGE_EXTENSIONS,
     ImageReadError,
@@ -49,6 +58,7 @@ from dpl_tools.data.images import (
     utf8_name,
 )
 from dpl_tools.errors import DplError
+from dpl_tools.textfiles import read_text, read_yaml_file
 
 FORMATS = ("voc", "yolo", "coco")
 
@@ -140,6 +150,8 @@ def parse_voc_xml(path: str | Path) -> VocRecord:
         coords = [_text(box, k) for k in ("xmin", "ymin", "xmax", "ymax")]
         if not name or None in coords:
             raise DplError(f"{path}: object #{i} lacks <name> or a complete <bndbox>")
+        if name_problem(name):
+            raise DplError(f"{path}: object #{i}: class name {name!r} {name_problem(name)}")
         try:
             xmin, ymin, xmax, ymax = (float(c) for c in coords)
         except ValueError:
@@ -185,7 +197,8 @@ def _voc_split_ids(root: Path, split: str) -> list[str]:
         found = sorted(p.stem for p in main.glob("*.txt")) if main.is_dir() else []
         hint = f" (available: {', '.join(found)})" if found else " (no ImageSets/Main folder)"
         raise DplError(f"{split_file}: split '{split}' not found{hint}")
-    return [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+    lines = read_text(split_file).splitlines()  # one-line DplError when not UTF-8
+    return [line.split()[0] for line in lines if line.strip()]
 
 
 def _resolve_image(images_dir: Path | None, stem: str, filename: str | None) -> str:
@@ -238,8 +251,16 @@ def convert_voc(
     cat_id = {n: i + 1 for i, n in enumerate(names)}
     raw_images: list[dict[str, Any]] = []
     raw_anns: list[dict[str, Any]] = []
+    annotated_by: dict[str, Path] = {}  # file_name -> XML: one image, one annotation file
     for rec in records:
         file_name = _resolve_image(images, rec.xml_path.stem, rec.filename)
+        if file_name in annotated_by:
+            skips.add(
+                rec.xml_path,
+                f"its image {file_name} is already annotated by {annotated_by[file_name].name}",
+            )
+            continue
+        annotated_by[file_name] = rec.xml_path
         width, height = rec.width, rec.height
         if width is None or height is None:
             if images is None:
@@ -305,11 +326,26 @@ def _yolo_layout(src: Path, split: str | None) -> tuple[Path, Path]:
     return src, src
 
 
+def _checked_names(path: Path, names: list[str]) -> list[str]:
+    """Class names read from ``path``, or a DplError naming it for a name with a control
+    character (it would break classes.txt) or a name given twice."""
+    for i, name in enumerate(names):
+        if name_problem(name):
+            raise DplError(f"{path}: class {i} name {name!r} {name_problem(name)}")
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            raise DplError(f"{path}: class {i} repeats the name {name!r} of class {seen[name]}")
+        seen[name] = i
+    return names
+
+
 def _names_from_yaml(path: Path) -> list[str]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, OSError) as e:
-        raise DplError(f"{path}: cannot read YAML ({e})") from None
+    return _checked_names(path, _yaml_names(path))
+
+
+def _yaml_names(path: Path) -> list[str]:
+    data = read_yaml_file(path)  # one-line DplError: not UTF-8, invalid YAML, alias bomb
     names = data.get("names") if isinstance(data, dict) else None
     if isinstance(names, list):
         return [str(n) for n in names]
@@ -331,9 +367,11 @@ def yolo_class_names(src: Path, images: Path, labels: Path) -> list[str]:
             if (folder / name).is_file():
                 return _names_from_yaml(folder / name)
         if (folder / "classes.txt").is_file():
-            return [
-                n.strip() for n in (folder / "classes.txt").read_text().splitlines() if n.strip()
-            ]
+            text = read_text(folder / "classes.txt")  # one-line DplError when not UTF-8
+            # not splitlines(): it also splits at \x0b, \x1c, \x85, ..., which are refused
+            lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+            names = [n.strip() for n in lines if n.strip()]
+            return _checked_names(folder / "classes.txt", names)
     raise DplError(f"{src}: no class names found (add data.yaml or classes.txt, or pass --classes)")
 
 
@@ -431,14 +469,7 @@ def _read_yolo_labels(txt: Path) -> list[tuple[int, int, list[float], bool]]:
     it does not exist); a DplError naming the file and line for a bad file."""
     if not txt.is_file():
         return []
-    try:
-        text = txt.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DplError(
-            f"{txt}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
-        ) from None
-    except OSError as e:
-        raise DplError(f"{txt}: cannot read ({e.strerror or e})") from None
+    text = read_text(txt)
     rows = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if line.strip() and not line.lstrip().startswith("#"):

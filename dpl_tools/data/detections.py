@@ -30,11 +30,11 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-import yaml
 
 from dpl_tools.data.coco import MIN_BOX_SIDE, as_int_id, read_json
 from dpl_tools.errors import DplError
 from dpl_tools.io import sha256_file
+from dpl_tools.textfiles import parse_yaml, read_yaml_file
 
 COCO_RESULTS = "coco-results"
 YOLO_TXT = "yolo-txt"
@@ -146,10 +146,7 @@ def read_classes(path: str | Path) -> dict[int, str]:
             out[cid] = c["name"]
         return out
     if suffix in (".yaml", ".yml"):
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise DplError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raw = parse_yaml(text, path)  # one-line DplError: invalid YAML, alias bomb
         names = raw.get("names") if isinstance(raw, dict) else None
         if isinstance(names, list):
             names = dict(enumerate(names))
@@ -171,12 +168,7 @@ def read_category_map(path: str | Path) -> dict[str, str | None]:
     path = Path(path)
     if not path.is_file():
         raise DplError(f"{path}: category map file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML
-    except UnicodeDecodeError:
-        raise DplError(f"{path}: not UTF-8 text") from None
-    except yaml.YAMLError as e:
-        raise DplError(f"{path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
+    raw = read_yaml_file(path)  # JSON is YAML; one-line DplError: not UTF-8, alias bomb
     if not isinstance(raw, dict) or not all(
         isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in raw.items()
     ):

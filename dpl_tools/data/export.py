@@ -31,7 +31,11 @@ import yaml
 
 from dpl_tools.data.coco import CocoData, load_coco
 from dpl_tools.data.images import outside_root
-from dpl_tools.data.pseudo_labels import META_CATEGORIES, read_pseudo_labels
+from dpl_tools.data.pseudo_labels import (
+    META_CATEGORIES,
+    read_pseudo_labels,
+    usable_boxes,
+)
 from dpl_tools.data.pseudo_views import LABEL_SETS
 from dpl_tools.errors import DplError
 from dpl_tools.io import write_json
@@ -50,7 +54,9 @@ def view_boxes(table: pa.Table, view: str = "polished") -> dict[str, Any]:
     """Images and selected boxes of one view, as numpy arrays.
 
     Returns ``{"images": [(image_id, file_name, width, height)], "image_id", "boxes"
-    (xyxy [N,4]), "labels" (COCO category ids), "scores" (teacher scores)}``.
+    (xyxy [N,4], clipped to the image), "labels" (COCO category ids), "scores" (teacher
+    scores), "dropped" (rows left out as unusable: non-finite, inverted or empty box after
+    clipping, as the student's targets (``usable_boxes``), or no label or score)}``.
     """
     if view not in VIEWS:
         raise DplError(f"unknown export view {view!r} (choose from {', '.join(VIEWS)})")
@@ -74,13 +80,29 @@ def view_boxes(table: pa.Table, view: str = "polished") -> dict[str, Any]:
         .astype(np.float64)
         .reshape(-1, 4)
     )
+    sizes = [sel[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in ("width", "height")]
+    boxes, usable = usable_boxes(boxes, *sizes)
+    usable &= sel[chosen.labels].is_valid().to_numpy(zero_copy_only=False)
+    usable &= np.isfinite(sel["teacher_score"].to_numpy(zero_copy_only=False).astype(np.float64))
+    sel = sel.filter(pa.array(usable))
     return {
         "images": images,
         "image_id": sel["image_id"].to_numpy(zero_copy_only=False).astype(np.int64),
-        "boxes": boxes,
+        "boxes": boxes[usable],
         "labels": sel[chosen.labels].to_numpy(zero_copy_only=False).astype(np.int64),
         "scores": sel["teacher_score"].to_numpy(zero_copy_only=False).astype(np.float64),
+        "dropped": int((~usable).sum()),
     }
+
+
+def _check_view_categories(v: dict[str, Any], cats: list[dict], source: str | Path) -> None:
+    """Refuse boxes whose category is not among the file's own categories."""
+    unknown = sorted(set(v["labels"].tolist()) - {int(c["id"]) for c in cats})
+    if unknown:
+        raise DplError(
+            f"{source or 'pseudo labels'}: pseudo labels use category id(s) {unknown[:5]} that "
+            f"its {META_CATEGORIES} metadata does not list; the file was altered"
+        )
 
 
 def _categories(meta: dict[str, Any]) -> list[dict[str, Any]]:
@@ -90,9 +112,13 @@ def _categories(meta: dict[str, Any]) -> list[dict[str, Any]]:
     return cats
 
 
-def to_coco(table: pa.Table, meta: dict[str, Any], view: str = "polished") -> dict[str, Any]:
-    """The pseudo labels of ``view`` as a COCO detection dict (bbox xywh, ``score`` kept)."""
+def to_coco(
+    table: pa.Table, meta: dict[str, Any], view: str = "polished", source: str | Path = ""
+) -> dict[str, Any]:
+    """The pseudo labels of ``view`` as a COCO detection dict (bbox xywh, ``score`` kept);
+    unusable rows left out (``view_boxes``), a category the file does not list refused."""
     v = view_boxes(table, view)
+    _check_view_categories(v, _categories(meta), source)
     images = [
         {"id": image_id, "file_name": name, "width": w, "height": h}
         for image_id, name, w, h in v["images"]
@@ -122,9 +148,15 @@ def to_coco(table: pa.Table, meta: dict[str, Any], view: str = "polished") -> di
     }
 
 
-def write_coco(table: pa.Table, meta: dict[str, Any], path: str | Path, view: str = "polished"):
+def write_coco(
+    table: pa.Table,
+    meta: dict[str, Any],
+    path: str | Path,
+    view: str = "polished",
+    source: str | Path = "",
+):
     """Write ``to_coco`` atomically to ``path``; returns the number of annotations."""
-    coco = to_coco(table, meta, view)
+    coco = to_coco(table, meta, view, source)
     write_json(path, coco)
     return len(coco["annotations"])
 
@@ -154,6 +186,7 @@ def write_yolo(
     view: str = "polished",
     overwrite: bool = False,
     command: str = "dpl polish --yolo-out",
+    source: str | Path = "",
 ) -> int:
     """One ``<file stem>.txt`` per processed image (``class cx cy w h``, normalised; class =
     0-based position in the category list; subfolders kept) plus ``classes.txt``.
@@ -167,6 +200,7 @@ def write_yolo(
     cats = _categories(meta)
     index_of = {c["id"]: i for i, c in enumerate(cats)}
     v = view_boxes(table, view)
+    _check_view_categories(v, cats, source)
     by_image: dict[int, list[str]] = {}
     for image_id, (x1, y1, x2, y2), label in zip(
         v["image_id"], v["boxes"], v["labels"], strict=True
@@ -238,6 +272,7 @@ class ExportSummary:
     images: dict[str, int]
     classes: list[dict[str, Any]]
     pseudo_images_in_labeled: int = 0  # the ground truth wins; their pseudo labels dropped
+    dropped_rows: int = 0  # pseudo-label rows left out as unusable (see ``view_boxes``)
     reports: list[Any] = field(default_factory=list)  # ValidationReports of the COCO inputs
 
     def to_dict(self) -> dict[str, Any]:
@@ -287,9 +322,11 @@ def _check_categories(gt: CocoData, cats: list[dict], labels: Path) -> None:
 
 def _pseudo_images(
     table: pa.Table, meta: dict, view: str, min_score: float | None, inputs: DatasetInputs
-) -> tuple[list[dict], dict[int, list[dict]]]:
-    """The view's processed images (with their file path) and boxes (COCO-style dicts)."""
+) -> tuple[list[dict], dict[int, list[dict]], int]:
+    """The view's processed images (with their file path), boxes (COCO-style dicts) and
+    the number of rows left out as unusable."""
     v = view_boxes(table, view)
+    _check_view_categories(v, _categories(meta), inputs.labels)
     images, missing, allow = [], [], inputs.allow_outside_root
     for image_id, name, width, height in v["images"]:
         path = _image_file(inputs.unlabeled_images, name, "pseudo-labeled image", allow)
@@ -313,7 +350,7 @@ def _pseudo_images(
         boxes.setdefault(int(image_id), []).append(
             {"box": [float(c) for c in box], "category_id": int(label), "score": float(score)}
         )
-    return images, boxes
+    return images, boxes, v["dropped"]
 
 
 def _gt_images(data: CocoData, root: Path, allow: bool) -> list[dict]:
@@ -493,7 +530,7 @@ def export_dataset(
     _check_categories(gt, cats, inputs.labels)
     reports = [gt.report]
     gt_images = _gt_images(gt, inputs.images, allow)
-    pseudo_images, pseudo_boxes = _pseudo_images(table, meta, view, min_score, inputs)
+    pseudo_images, pseudo_boxes, dropped = _pseudo_images(table, meta, view, min_score, inputs)
     labeled_files = {im["path"].resolve() for im in gt_images}
     both = [im for im in pseudo_images if im["path"].resolve() in labeled_files]
     if both:
@@ -526,6 +563,7 @@ def export_dataset(
             },
             classes=_counts(cats, gt.annotations, pseudo_anns, val[0].annotations if val else []),
             pseudo_images_in_labeled=len(both),
+            dropped_rows=dropped,
             reports=reports,
         )
         write_json(staging / SUMMARY_FILE, summary.to_dict())

@@ -7,7 +7,9 @@ already holds and numbers new images above them. A COCO JSON keeps its own ids (
 ``3.0`` is ``3``) and file names (resolved against ``image_root``, by default the JSON's
 folder, and refused when they leave it unless ``allow_outside_root``). Entries of a
 folder passed over while listing (folders named like images, dangling or looping links)
-are in ``ImageList.skipped``. ``UnlabeledImages`` decodes records in DataLoader workers
+are in ``ImageList.skipped``; images reached through a linked folder leading out of the
+folder are not read unless ``allow_outside_root`` (counted in ``ImageList.outside``).
+``UnlabeledImages`` decodes records in DataLoader workers
 and yields the skip reason instead of raising for a bad file.
 """
 
@@ -23,7 +25,13 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from dpl_tools.data.coco import as_int_id, check_inside_root, positive_number, read_json
+from dpl_tools.data.coco import (
+    as_int_id,
+    check_inside_root,
+    in_int64,
+    positive_number,
+    read_json,
+)
 from dpl_tools.data.images import (
     ImageReadError,
     display_path,
@@ -37,20 +45,51 @@ ImageRecord = dict[str, Any]
 
 
 class ImageList(list):
-    """Image records (a list) plus ``skipped``: (path, reason) of entries passed over."""
+    """Image records (a list) plus ``skipped``: (path, reason) of entries passed over, and
+    ``outside``: image files not read because a linked folder led out of the image folder."""
 
-    def __init__(self, records: Sequence[ImageRecord], skipped: Sequence[tuple[str, str]] = ()):
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        skipped: Sequence[tuple[str, str]] = (),
+        outside: int = 0,
+    ):
         super().__init__(records)
         self.skipped = list(skipped)
+        self.outside = outside
 
 
-def _folder_records(root: Path) -> ImageList:
+def _inside_root(root: Path, files: list[Path], skipped: list) -> tuple[list[Path], list, int]:
+    """The files and skipped entries whose folder lies inside ``root`` once links are
+    resolved (a linked folder leading out of the root is not read), and how many files
+    were left out that way."""
+    real_root = root.resolve()
+    folders: dict[Path, bool] = {}
+
+    def kept(path: Path) -> bool:
+        if path.parent not in folders:
+            folders[path.parent] = path.parent.resolve().is_relative_to(real_root)
+        return folders[path.parent]
+
+    inside = [p for p in files if kept(p)]
+    return inside, [(p, why) for p, why in skipped if kept(p)], len(files) - len(inside)
+
+
+def _folder_records(root: Path, allow_outside_root: bool = False) -> ImageList:
     scan = scan_images(root)
+    outside = 0
+    if not allow_outside_root:
+        scan.files, scan.skipped, outside = _inside_root(root, scan.files, scan.skipped)
     bad_names = [p for p in scan.files if not utf8_name(p.relative_to(root))]
     if bad_names:
         raise DplError(
             f"{display_path(bad_names[0])}: file name is not valid UTF-8 ({len(bad_names)} such "
             "file(s) in the folder); rename them (e.g. with convmv) so they can be stored"
+        )
+    if not scan.files and outside:
+        raise DplError(
+            f"{root}: its {outside} image file(s) lie in linked folders leading outside it, "
+            "which are not read (--allow-outside-root reads them)"
         )
     if not scan.files:
         raise DplError(f"{root}: no image files found (looked recursively for common extensions)")
@@ -58,7 +97,8 @@ def _folder_records(root: Path) -> ImageList:
         {"id": i, "file_name": p.relative_to(root).as_posix(), "path": str(p), "numbered": True}
         for i, p in enumerate(scan.files, start=1)
     ]
-    return ImageList(records, [(display_path(p), reason) for p, reason in scan.skipped])
+    skipped = [(display_path(p), reason) for p, reason in scan.skipped]
+    return ImageList(records, skipped, outside)
 
 
 def _coco_records(path: Path, image_root: Path, allow_outside_root: bool) -> ImageList:
@@ -75,6 +115,11 @@ def _coco_records(path: Path, image_root: Path, allow_outside_root: bool) -> Ima
             raise DplError(
                 f"{path}: image #{n} has id {json.dumps(image['id'])} (a "
                 f"{type(image['id']).__name__}); image ids must be integers"
+            )
+        if not in_int64(image_id):
+            raise DplError(
+                f"{path}: image #{n} has id {image_id}, outside the 64-bit integer range; "
+                "ids must fit in int64"
             )
         if not isinstance(name, str) or not name or "\0" in name:
             raise DplError(
@@ -102,15 +147,17 @@ def _coco_records(path: Path, image_root: Path, allow_outside_root: bool) -> Ima
 def load_image_list(
     source: str | Path, image_root: str | Path | None = None, allow_outside_root: bool = False
 ) -> ImageList:
-    """Image records of a folder (recursive) or a COCO JSON (file names under ``image_root``,
-    which they may leave only with ``allow_outside_root``)."""
+    """Image records of a folder (recursive; images in a linked folder that leads outside
+    it are read only with ``allow_outside_root``, else counted in ``outside``) or a COCO
+    JSON (file names under ``image_root``, which they may leave only with
+    ``allow_outside_root``)."""
     source = Path(source)
     if source.is_dir():
         if image_root is not None:
             raise DplError(
                 f"--image-root is only for a COCO JSON image list, not a folder ({source})"
             )
-        return _folder_records(source)
+        return _folder_records(source, allow_outside_root)
     if not source.exists():
         raise DplError(f"{source}: image folder or COCO JSON not found")
     if source.suffix.lower() != ".json":

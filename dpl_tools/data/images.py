@@ -15,9 +15,19 @@ from dpl_tools.errors import DplError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
-# Very large photos (aerial, pathology) are legitimate here; keep a bound against
-# decompression bombs but far above PIL's default of ~89 Mpx.
-Image.MAX_IMAGE_PIXELS = 1_000_000_000
+# Decompression bombs: a small file (a 1 MB single-colour PNG) can declare 30000x30000
+# pixels, which decoding and the detector's float copies turn into 10+ GB. read_image
+# checks the header's pixel count before decoding and skips a larger image as unreadable.
+# The limit is DPL_MAX_IMAGE_PIXELS (a whole number; 0 or "none": no limit), by default
+# 100 megapixels (e.g. 10000x10000; a 12000x12000 image peaks at 6.5 GB in `polish`).
+# Headers alone are always read (image_geometry), so PIL's own guard is off.
+MAX_IMAGE_PIXELS_ENV = "DPL_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+# Detectors resize the shorter side up and cap the longer one (model.max_size), so a
+# 60000x2 strip resizes to 0 pixels high and stops a whole run; longer/shorter side above
+# this ratio is skipped as unreadable.
+MAX_ASPECT_RATIO = 100
+Image.MAX_IMAGE_PIXELS = None
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -30,19 +40,61 @@ class ImageReadError(DplError):
         self.reason = reason
 
 
+def max_image_pixels() -> int | None:
+    """The decoded-size limit of ``read_image`` in pixels (None: no limit), from
+    ``DPL_MAX_IMAGE_PIXELS`` (default ``DEFAULT_MAX_IMAGE_PIXELS``)."""
+    text = os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    if text.lower() in ("0", "none"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise DplError(
+            f"{MAX_IMAGE_PIXELS_ENV}={text!r}: expected a whole number of pixels "
+            "(e.g. 200000000), or 0 / none for no limit"
+        )
+    return value
+
+
+def size_problem(width: int, height: int, limit: int | None) -> str | None:
+    """Why an image of ``width`` x ``height`` pixels is not decoded, or None: more pixels
+    than ``limit`` (None: no limit; see ``max_image_pixels``), or an extreme aspect ratio."""
+    if limit is not None and width * height > limit:
+        return (
+            f"image too large to decode ({width}x{height} = {width * height:,} pixels, over "
+            f"the limit of {limit:,}; raise it with {MAX_IMAGE_PIXELS_ENV})"
+        )
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        return (
+            f"extreme aspect ratio ({width}x{height}, over {MAX_ASPECT_RATIO}:1): a detector "
+            "cannot resize it"
+        )
+    return None
+
+
 def read_image(path: str | Path) -> Image.Image:
     """Decode ``path`` to an upright RGB PIL image, or raise ImageReadError.
 
     The format is detected from content, not the extension (a PNG named .jpg works);
-    EXIF orientation is applied; grayscale, palette, RGBA and 16-bit become RGB.
+    EXIF orientation is applied; grayscale, palette, RGBA and 16-bit become RGB. The
+    header is checked first (``size_problem``): too many pixels (``DPL_MAX_IMAGE_PIXELS``)
+    or an extreme aspect ratio is an ImageReadError, before any pixel is decoded.
     """
     path = Path(path)
+    limit = max_image_pixels()  # a bad DPL_MAX_IMAGE_PIXELS is a DplError, not a skip
     try:
         if path.stat().st_size == 0:
             raise ImageReadError(path, "empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as img:
+                problem = size_problem(*img.size, limit)
+                if problem is not None:
+                    raise ImageReadError(path, problem)
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 if img.mode in ("RGBA", "LA", "P", "PA"):

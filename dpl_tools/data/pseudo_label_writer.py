@@ -41,6 +41,7 @@ from dpl_tools.data.pseudo_labels import (
 )
 from dpl_tools.errors import DplError
 from dpl_tools.io import atomic_path
+from dpl_tools.outputs import refuse_link
 
 # Metadata that must match for a rerun to resume or reuse earlier output.
 FINGERPRINT_KEYS = (META_CATEGORIES, META_THRESHOLDS, META_TEACHER, META_POLISHER, META_BOXES)
@@ -151,6 +152,11 @@ class PseudoLabelWriter:
 
     def open(self) -> set[str]:
         """Prepare the staging folder; return the file names already written (to skip)."""
+        refuse_link(self.staging, "the staging folder")  # never write chunks through a link
+        if self.staging.exists() and not self.staging.is_dir():
+            raise DplError(
+                f"{self.staging}: dpl's staging folder of {self.dest.name} is a file; remove it"
+            )
         if self.overwrite:
             shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir(parents=True, exist_ok=True)

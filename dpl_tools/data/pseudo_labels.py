@@ -14,11 +14,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dpl_tools.errors import DplError
+from dpl_tools.io import json_text
 
 BOX_COLUMNS = ("x1", "y1", "x2", "y2")
 
@@ -69,8 +71,8 @@ THRESHOLD_TEXT_KEYS = (
 
 
 def encode_metadata(meta: dict[str, Any]) -> dict[bytes, bytes]:
-    """JSON-encode metadata values for a Parquet schema."""
-    return {k.encode(): json.dumps(v).encode() for k, v in meta.items()}
+    """JSON-encode metadata values for a Parquet schema (strict JSON: ``json_text``)."""
+    return {k.encode(): json_text(v).encode() for k, v in meta.items()}
 
 
 def _check_meta_value(key: str, value: Any) -> str | None:
@@ -153,7 +155,135 @@ def read_pseudo_labels(path: str | Path) -> tuple[pa.Table, dict[str, Any]]:
             tables.append(t.select(SCHEMA.names).cast(SCHEMA))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
             raise DplError(f"{f}: pseudo-label columns of the wrong type ({e})") from None
-    return pa.concat_tables(tables), meta
+    table = pa.concat_tables(tables)
+    check_images(table, path)
+    return table, meta
+
+
+ALTERED = "the file was not written by dpl polish or was altered"
+
+
+def check_images(table: pa.Table, source: str | Path) -> None:
+    """Refuse (one-line DplError naming ``source``) a table whose processed images hold no
+    positive width and height, or whose image ids do not name one image each (two file
+    names under one ``image_id``: their boxes would be merged by every reader keyed by id)."""
+    ok = table.filter(pc.equal(table["status"], "ok"))
+    bad_size = pc.or_kleene(
+        pc.or_kleene(pc.is_null(ok["width"]), pc.is_null(ok["height"])),
+        pc.or_kleene(pc.less_equal(ok["width"], 0), pc.less_equal(ok["height"], 0)),
+    )
+    bad = ok.filter(bad_size.fill_null(True))
+    if bad.num_rows:
+        r = bad.slice(0, 1).to_pylist()[0]
+        raise DplError(
+            f"{source}: image {r['file_name']!r} has size {r['width']}x{r['height']} (width and "
+            f"height must be positive); {ALTERED}"
+        )
+    pairs = table.filter(pc.is_valid(table["image_id"])).select(["image_id", "file_name"])
+    names = pairs.group_by(["image_id", "file_name"]).aggregate([])
+    per_id = names.group_by("image_id").aggregate([("file_name", "count_distinct")])
+    shared = per_id.filter(pc.greater(per_id["file_name_count_distinct"], 1))
+    if shared.num_rows:
+        image_id = shared["image_id"][0].as_py()
+        files = names.filter(pc.equal(names["image_id"], image_id))["file_name"].to_pylist()
+        two = ", ".join(repr(n) for n in sorted(files, key=str)[:2])
+        raise DplError(
+            f"{source}: image_id {image_id} is given to {len(files)} file names ({two}); each "
+            f"image needs its own id, so its boxes cannot be told apart; {ALTERED}"
+        )
+
+
+def usable_boxes(boxes: np.ndarray, width, height) -> tuple[np.ndarray, np.ndarray]:
+    """The one rule for usable pseudo-label boxes, shared by every reader (the student's
+    targets, ``dpl_tools.models.student_criterion``, included): ``boxes`` (N, 4) xyxy pixels
+    clipped to their image (``width`` / ``height``: numbers, or one per box), and whether
+    each box is usable: finite, and neither inverted nor empty after clipping."""
+    b = np.asarray(boxes).reshape(-1, 4)
+    if b.dtype.kind != "f":
+        b = b.astype(np.float64)
+    n = len(b)
+    w = np.broadcast_to(np.asarray(width, dtype=b.dtype), (n,))[:, None]
+    h = np.broadcast_to(np.asarray(height, dtype=b.dtype), (n,))[:, None]
+    clipped = b.copy()
+    clipped[:, 0::2] = np.minimum(np.maximum(clipped[:, 0::2], 0), w)
+    clipped[:, 1::2] = np.minimum(np.maximum(clipped[:, 1::2], 0), h)
+    usable = (
+        np.isfinite(b).all(axis=1)
+        & (clipped[:, 2] > clipped[:, 0])
+        & (clipped[:, 3] > clipped[:, 1])
+    )
+    return clipped, usable
+
+
+# the per-box fields of a row: nulled when the row is dropped as unusable
+BOX_FIELDS = (
+    *[f"teacher_{c}" for c in BOX_COLUMNS],
+    "teacher_label",
+    "teacher_score",
+    *[f"polished_{c}" for c in BOX_COLUMNS],
+    "polished_label",
+    "polisher_prob",
+    "use_cls",
+    "use_reg",
+)
+UNUSABLE = "non-finite, inverted or empty box after clipping to the image, or no label"
+
+
+def _numbers(table: pa.Table, name: str) -> np.ndarray:
+    return np.asarray(table[name].to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def box_rows(table: pa.Table) -> np.ndarray:
+    """Rows of processed images that hold a teacher box (any teacher coordinate or label)."""
+    teacher = [f"teacher_{c}" for c in BOX_COLUMNS] + ["teacher_label"]
+    has = np.zeros(table.num_rows, bool)
+    for name in teacher:
+        has |= table[name].is_valid().to_numpy(zero_copy_only=False)
+    return has & pc.equal(table["status"], "ok").fill_null(False).to_numpy(zero_copy_only=False)
+
+
+def unusable_rows(
+    table: pa.Table,
+    boxes: tuple[str, ...] = ("teacher", "polished"),
+    labels: tuple[str, ...] = ("teacher_label", "polished_label"),
+) -> np.ndarray:
+    """Rows holding a teacher box that a reader must drop (``usable_boxes``): any of the
+    ``boxes`` prefixes' box unusable, or any of the ``labels`` columns missing."""
+    rows = box_rows(table)
+    width, height = _numbers(table, "width"), _numbers(table, "height")
+    bad = np.zeros(table.num_rows, bool)
+    for prefix in boxes:
+        xyxy = np.stack([_numbers(table, f"{prefix}_{c}") for c in BOX_COLUMNS], axis=1)
+        bad |= ~usable_boxes(xyxy, width, height)[1]
+    for name in labels:
+        bad |= table[name].is_null().to_numpy(zero_copy_only=False)
+    return rows & bad
+
+
+def drop_unusable_rows(
+    table: pa.Table,
+    boxes: tuple[str, ...] = ("teacher", "polished"),
+    labels: tuple[str, ...] = ("teacher_label", "polished_label"),
+) -> tuple[pa.Table, int]:
+    """The table with its ``unusable_rows`` made box-less (their ``BOX_FIELDS`` nulled: the
+    image stays processed, as one whose box was not kept), and how many there were."""
+    bad = unusable_rows(table, boxes, labels)
+    n = int(bad.sum())
+    if not n:
+        return table, 0
+    mask = pa.array(bad)
+    columns = [
+        pc.if_else(mask, pa.scalar(None, table.schema.field(name).type), table[name])
+        if name in BOX_FIELDS
+        else table[name]
+        for name in table.column_names
+    ]
+    return pa.Table.from_arrays(columns, schema=table.schema), n
+
+
+def dropped_warning(source: str | Path, dropped: int) -> str:
+    """The one warning line of a reader that dropped unusable rows."""
+    return f"{source}: {dropped} pseudo-label row(s) dropped ({UNUSABLE})"
 
 
 def pseudo_label_sources(labels: Path) -> dict[str, float | str | None]:

@@ -17,19 +17,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dpl_tools.data.pseudo_labels import BOX_COLUMNS
+from dpl_tools.data.pseudo_labels import BOX_COLUMNS, BOX_FIELDS
 
-# the per-row columns a student's supervision may read
-ROW_COLUMNS = (
-    *[f"teacher_{c}" for c in BOX_COLUMNS],
-    "teacher_label",
-    "teacher_score",
-    *[f"polished_{c}" for c in BOX_COLUMNS],
-    "polished_label",
-    "polisher_prob",
-    "use_cls",
-    "use_reg",
-)
+# the per-row columns a student's supervision may read (a row's box fields)
+ROW_COLUMNS = BOX_FIELDS
 
 
 @dataclass

@@ -16,9 +16,52 @@ from torchvision.models.detection import FasterRCNN
 
 from dpl_tools.data.detection import image_tensor
 from dpl_tools.data.images import ImageReadError
+from dpl_tools.errors import DplError
 from dpl_tools.runtime import amp_enabled
 
 Detection = tuple[dict[str, Any], torch.Tensor, torch.Tensor, torch.Tensor]
+
+# Longest wait (s) for a batch from DataLoader workers: a worker that can neither send its
+# batch nor its error (out of shared memory, a file-size limit) would otherwise hang the run.
+WORKER_TIMEOUT_S = 120.0
+
+
+def image_loader(
+    dataset: Dataset, batch_size: int, workers: int, collate_fn: Callable, pin_memory: bool
+) -> DataLoader:
+    """An inference DataLoader: in order, with ``WORKER_TIMEOUT_S`` when it has workers."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        pin_memory=pin_memory,
+        timeout=WORKER_TIMEOUT_S if workers > 0 else 0,
+    )
+
+
+def worker_batches(loader: DataLoader, what: str) -> Iterator[Any]:
+    """The batches of ``loader``; when it has workers, a worker's failure (killed, out of
+    shared memory, a file-size limit, an error, no batch within its timeout) ends the run
+    with one DplError line saying what happened and suggesting ``--workers 0``."""
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:
+            if loader.num_workers == 0:
+                raise
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            cause = lines[-1] if lines else type(e).__name__
+            if isinstance(e, DplError):  # a user error met in a worker: its own line
+                raise DplError(cause.removeprefix("dpl_tools.errors.DplError: ")) from None
+            raise DplError(
+                f"{what}: a DataLoader worker failed ({cause}); out of shared memory "
+                "(/dev/shm) or over a file-size limit? rerun with --workers 0"
+            ) from None
+        yield batch
 
 
 class ImageRecords(Dataset):
@@ -57,14 +100,11 @@ def predict_detections(
     order. Unreadable images are skipped and passed to ``on_error(record, reason)``."""
     device = torch.device(device)
     model.to(device).eval()
-    loader = DataLoader(
-        ImageRecords(image_records, images_dir),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_as_list,
-        pin_memory=device.type == "cuda",
-    )
-    for batch in loader:
+    loader = image_loader(
+        ImageRecords(image_records, images_dir), batch_size, workers, _as_list,
+        device.type == "cuda",
+    )  # fmt: skip
+    for batch in worker_batches(loader, str(images_dir)):
         for record, _, reason in batch:
             if reason is not None and on_error is not None:
                 on_error(record, reason)

@@ -13,7 +13,10 @@ same weights as an uninterrupted one. ``train`` builds the usual hooks and runs 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
@@ -38,6 +41,8 @@ from dpl_tools.data.detection import collate_detection
 from dpl_tools.defaults import DEFAULTS
 from dpl_tools.engine.ema import ModelEMA
 from dpl_tools.errors import DplError
+from dpl_tools.io import clean_stale_temps
+from dpl_tools.outputs import output_lock
 from dpl_tools.runtime import DistInfo, amp_enabled
 
 _TEACHER = DEFAULTS["teacher"]
@@ -422,10 +427,12 @@ def train(
     hooks: Sequence[Hook] = (),
     generators: dict[str, torch.Generator] | None = None,
     progress_parts: Sequence[str] = (),
+    out: str | Path | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with the standard hooks: LR schedule, then ``hooks`` (e.g.
     EMA), the progress bar and, with ``save``, checkpoints every ``cfg.checkpoint_every``
-    iterations and at the end."""
+    iterations and at the end. With ``out`` (the file ``save`` writes), rank 0 holds its
+    output lock throughout (see ``checkpoint_lock``)."""
     progress = ProgressBar(description, console, progress_parts)
     all_hooks: list[Hook] = [LRSchedule(), *hooks, progress]
     if save is not None:
@@ -433,7 +440,40 @@ def train(
     loop = TrainLoop(
         model, dataset, cfg, device, dist, loss_fn, collate_fn, all_hooks, generators, resume_state
     )
-    return loop.run()
+    if out is None or not loop.dist.is_main:
+        return loop.run()
+    check_writable(out)  # before any iteration, not after the last
+    with checkpoint_lock(out, f"dpl {description}"):
+        return loop.run()
+
+
+def check_writable(out: str | Path) -> None:
+    """Refuse (one-line DplError naming ``out``) a checkpoint path that cannot be written:
+    a folder, or one whose folder cannot be made or written (read-only, a file in the
+    way): a probe file is created and removed there."""
+    out = Path(out)
+    if out.is_dir():
+        raise DplError(f"{out}: --out is a folder; give the checkpoint file to write")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=out.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        if isinstance(e, FileExistsError | NotADirectoryError):
+            reason += ": a file is where a folder is needed"
+        raise DplError(f"{out}: cannot write the checkpoint there ({reason})") from None
+
+
+@contextlib.contextmanager
+def checkpoint_lock(out: str | Path, command: str) -> Iterator[None]:
+    """Hold the output lock of ``out`` (one trainer per output; ``output_lock``) and, holding
+    it, remove at once the temps that dead runs left of ``out`` and of its periodic
+    checkpoint (a kill while a checkpoint was being written), whatever their age."""
+    with output_lock(out, command):
+        clean_stale_temps(last_checkpoint_path(out), min_age_s=0.0)
+        yield
 
 
 def last_checkpoint_path(out: str | Path) -> Path:

@@ -30,7 +30,6 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from torch.utils.data import DataLoader
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.transform import resize_boxes
 
@@ -48,6 +47,7 @@ from dpl_tools.data.pseudo_labels import (
     META_VERSION,
 )
 from dpl_tools.defaults import DEFAULTS, settings_from_section
+from dpl_tools.engine.inference import image_loader, worker_batches
 from dpl_tools.engine.keep_rule import PAPER_CLS_PROB, PAPER_TEACHER_SCORE, select_pseudo_labels
 from dpl_tools.engine.tta import augmented_detections, fuse_passes, tta_augmentations
 from dpl_tools.errors import DplError
@@ -469,18 +469,15 @@ def polish_images(
     todo = [(i, r) for i, r in enumerate(records) if r["file_name"] not in done]
     summary = PolishSummary(total_images=len(records), already_done=len(records) - len(todo))
     summary.retried = sum(r["file_name"] in writer.retry for _, r in todo)
-    loader = DataLoader(
-        UnlabeledImages([r for _, r in todo]),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate_images,
-        pin_memory=device.type == "cuda",
-    )
+    loader = image_loader(
+        UnlabeledImages([r for _, r in todo]), batch_size, workers, collate_images,
+        device.type == "cuda",
+    )  # fmt: skip
     start = time.perf_counter()
     position = 0
     with _progress(console, show_progress) as progress:
         task = progress.add_task("polish", total=len(todo), rate=0.0, boxes=0)
-        for batch in loader:
+        for batch in worker_batches(loader, f"polish of {writer.dest}"):
             first_index = todo[position][0]
             position += len(batch)
             cols = _empty_columns()

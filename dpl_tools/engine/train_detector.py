@@ -124,6 +124,7 @@ def train_teacher(
         save=save,
         resume_state=resume_ckpt["train_state"] if resume_ckpt else None,
         description="train-teacher",
+        out=out,
         console=console,
     )
     return model, spec, result

@@ -522,6 +522,7 @@ def train_polisher(
         save=polisher_saver(out, ema, teacher_path, spec.categories, extra, validation, keep_fit),
         resume_state=resume_state,
         description="train-polisher",
+        out=out,
         console=console,
         hooks=[PairRounds(pairs), EMAHook(ema, polisher), *hooks, validation, keep_fit],
         generators={"pairs": generator},

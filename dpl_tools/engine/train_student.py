@@ -346,6 +346,7 @@ def train_student(
         save=save,
         resume_state=resume_ckpt["train_state"] if resume_ckpt else None,
         description="train-student",
+        out=out,
         console=console,
     )
     return model, spec, result, stats

@@ -41,6 +41,7 @@ import torch
 from torchvision.ops import box_iou
 
 from dpl_tools.data.coco import CocoData
+from dpl_tools.data.pseudo_labels import drop_unusable_rows
 from dpl_tools.data.pseudo_views import LABEL_SETS
 from dpl_tools.evaluation.coco_eval import coco_metrics
 from dpl_tools.tables import ReportTable
@@ -247,7 +248,10 @@ def keep_rule_quality(views: dict[str, _View], truth: Any, n_gt: int) -> dict[st
 
 def pseudo_label_quality(table: pa.Table, gt: CocoData) -> dict[str, Any]:
     """Score the teacher, classification and regression views of pseudo labels against
-    ground truth (see the module docstring); the result is JSON-ready."""
+    ground truth (see the module docstring); the result is JSON-ready. Unusable rows
+    (``drop_unusable_rows``: a non-finite, inverted or empty box, or no label) are left out
+    before scoring and counted in ``unusable_rows``."""
+    table, unusable = drop_unusable_rows(table)
     status = table["status"].to_pylist()
     names = table["file_name"].to_pylist()
     ok = np.array([s == "ok" for s in status], dtype=bool)
@@ -414,6 +418,7 @@ def pseudo_label_quality(table: pa.Table, gt: CocoData) -> dict[str, Any]:
             "matched_by_id": matched_by_id,
         },
         "gt_boxes": n_gt,
+        "unusable_rows": unusable,
         "views": result_views,
         "label_changes": label_changes,
         "cls_dropped": cls_dropped,

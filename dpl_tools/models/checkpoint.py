@@ -7,6 +7,7 @@ builder options, the state dict and, while training, the optimizer/iteration sta
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN
 
 from dpl_tools import __version__
-from dpl_tools.defaults import ARCHS
+from dpl_tools.defaults import ARCHS, DETECTOR_KWARGS, SettingError, check_mapping
 from dpl_tools.errors import DplError
 from dpl_tools.io import atomic_path
 
@@ -71,8 +72,22 @@ def save_detector(
 def write_payload(path: str | Path, fmt: str, version: int, payload: dict[str, Any]) -> Path:
     """Save a dpl checkpoint dict (format tag, version, dpl version + ``payload``) atomically."""
     full = {"format": fmt, "format_version": version, "dpl_version": __version__, **payload}
-    with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(full, tmp)
+    try:
+        with atomic_path(path, suffix=".pt") as tmp:
+            torch.save(full, tmp)
+    except OSError as e:
+        reason = e.strerror or str(e).strip() or type(e).__name__
+        raise DplError(f"{path}: cannot write the checkpoint ({reason})") from None
+    except RuntimeError as e:
+        # torch's zip writer reports a short write (a full disk, a file-size limit) as
+        # "unexpected pos N vs M" or "file write failed", naming no file
+        text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        if not any(k in str(e) for k in ("unexpected pos", "write failed", "StreamWriter")):
+            raise
+        raise DplError(
+            f"{path}: cannot write the checkpoint ({text.strip()}): is the disk full, or a "
+            "file-size limit (ulimit -f) reached?"
+        ) from None
     return Path(path)
 
 
@@ -82,7 +97,10 @@ def read_payload(path: str | Path, fmt: str, version: int, what: str) -> dict[st
     if not path.is_file():
         raise DplError(f"{path}: {what} checkpoint not found")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # a pickle that is not a torch checkpoint: torch warns before refusing it
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise DplError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != fmt:
@@ -96,8 +114,27 @@ def read_payload(path: str | Path, fmt: str, version: int, what: str) -> dict[st
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The raw checkpoint dict of a dpl detector file, or a one-line DplError."""
-    return read_payload(path, FORMAT, FORMAT_VERSION, "detector")
+    """The raw checkpoint dict of a dpl detector file, or a one-line DplError (also for
+    a spec or builder options outside the config's ranges: ``check_build``)."""
+    payload = read_payload(path, FORMAT, FORMAT_VERSION, "detector")
+    check_build(payload, path)
+    return payload
+
+
+def check_build(payload: dict[str, Any], path: str | Path) -> None:
+    """Refuse (one-line DplError naming ``path``) a checkpoint whose model spec is invalid
+    or whose builder options are not what ``model.detector_kwargs`` allows (unknown keys,
+    types, the ranges of ``defaults.DETECTOR_KWARGS``): a crafted or damaged file would
+    otherwise fail deep inside the model ("selected index k out of range")."""
+    if "spec" in payload:
+        spec_from_dict(payload["spec"], path)
+    build = payload.get("build", {})
+    if not isinstance(build, dict):
+        raise DplError(f"{path}: invalid detector checkpoint: build options are not a mapping")
+    try:
+        check_mapping(build, DETECTOR_KWARGS, "build.")
+    except SettingError as e:
+        raise DplError(f"{path}: invalid detector checkpoint: {e}") from None
 
 
 KINDS = ("teacher", "student")
@@ -206,6 +243,7 @@ def detector_from_checkpoint(
 
     if "spec" not in payload or not isinstance(payload.get("build", {}), dict):
         raise DplError(f"{path}: invalid detector checkpoint: no model spec or build options")
+    check_build(payload, path)
     spec = spec_from_dict(payload["spec"], path)
     try:
         model = build_detector(

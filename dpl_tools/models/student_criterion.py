@@ -51,6 +51,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import box_iou
 
+from dpl_tools.data.pseudo_labels import usable_boxes
 from dpl_tools.data.pseudo_views import LABEL_SETS, LabelSet
 from dpl_tools.defaults import DEFAULTS, PSEUDO_VIEWS, STUDENT_NEGATIVES
 from dpl_tools.errors import DplError
@@ -116,11 +117,8 @@ def _clipped_boxes(image: PseudoImage, columns: tuple[str, ...], idx: np.ndarray
     """(boxes of rows ``idx`` clipped to the image, whether each is finite and non-empty)."""
     rows = image.rows
     boxes = np.stack([rows[c][idx] for c in columns], axis=1).astype(np.float32).reshape(-1, 4)
-    boxes_t = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).clone()
-    boxes_t[:, 0::2] = boxes_t[:, 0::2].clamp(0, image.width)
-    boxes_t[:, 1::2] = boxes_t[:, 1::2].clamp(0, image.height)
-    finite = torch.as_tensor(np.isfinite(boxes).all(axis=1))
-    return boxes_t, finite & (boxes_t[:, 2] > boxes_t[:, 0]) & (boxes_t[:, 3] > boxes_t[:, 1])
+    clipped, usable = usable_boxes(boxes, image.width, image.height)  # every reader's rule
+    return torch.as_tensor(clipped, dtype=torch.float32), torch.as_tensor(usable)
 
 
 def _label_set(

@@ -20,6 +20,8 @@ from dpl_tools.data.pseudo_labels import (
     META_POLISHER,
     META_TEACHER,
     META_THRESHOLDS,
+    drop_unusable_rows,
+    dropped_warning,
     read_pseudo_labels,
 )
 from dpl_tools.errors import DplError
@@ -80,6 +82,10 @@ def build_report(
         raise DplError("--page-size must be >= 1, --max-images >= 0, --thumb-size >= 16")
     check_owned_folder(out, REPORT_KIND, REPORT_WHAT)
     table, meta = read_pseudo_labels(labels)
+    table, dropped = drop_unusable_rows(table)
+    if dropped:
+        warning = dropped_warning(labels, dropped)
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     read = [(None, name) for name in pc.unique(table["file_name"]).to_pylist()]
     check_inside_root(Path(labels), read, images_dir, allow_outside_root)
     gt = load_coco(ann) if ann is not None else None
