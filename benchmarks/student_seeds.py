@@ -185,38 +185,31 @@ def dataset_test_ann(dataset: str) -> Path:
     return OUT / "bccd-coco/test.json"
 
 
+def real_data(
+    train: Path, test: Path, images: Path, percent: int, seed: int, config: str
+) -> tuple[PipelineData, str]:
+    """A real set's train / test COCO files, fold seed + 1 of ``percent``% labeled, and the
+    runner config ``benchmarks/configs/<config>``."""
+    data = PipelineData(ann=train, images=images, percent=float(percent), fold=seed + 1,
+                        seed=seed, test_ann=test, test_images=images)  # fmt: skip
+    return data, str(ROOT / "benchmarks/configs" / config)
+
+
 def deeppcb_data(percent: int, seed: int) -> tuple[PipelineData, str]:
-    """DeepPCB's official trainval (1,000 images) / test (500) split, fold seed + 1 of
-    ``percent``% labeled; settings in benchmarks/configs/deeppcb_seeds.yaml."""
-    data = PipelineData(
-        ann=DEEPPCB / "train.json",
-        images=DEEPPCB / "images",
-        percent=float(percent),
-        fold=seed + 1,
-        seed=seed,
-        test_ann=DEEPPCB / "test.json",
-        test_images=DEEPPCB / "images",
-    )
-    return data, str(ROOT / "benchmarks/configs/deeppcb_seeds.yaml")
+    """DeepPCB's official trainval (1,000 images) / test (500) split."""
+    return real_data(DEEPPCB / "train.json", DEEPPCB / "test.json", DEEPPCB / "images",
+                     percent, seed, "deeppcb_seeds.yaml")  # fmt: skip
 
 
 def bccd_data(percent: int, seed: int) -> tuple[PipelineData, str]:
-    """BCCD train/test as COCO (converted once), fold seed + 1 of ``percent``% labeled."""
+    """BCCD train/test as COCO (converted once)."""
     folder = OUT / "bccd-coco"
     for split in ("train", "test"):
         if not (folder / f"{split}.json").is_file():
             dpl(["convert", "--format", "voc", str(BCCD), "--split", split,
                  "--out", str(folder / f"{split}.json")])  # fmt: skip
-    data = PipelineData(
-        ann=folder / "train.json",
-        images=BCCD / "JPEGImages",
-        percent=float(percent),
-        fold=seed + 1,
-        seed=seed,
-        test_ann=folder / "test.json",
-        test_images=BCCD / "JPEGImages",
-    )
-    return data, str(ROOT / "benchmarks/configs/bccd_seeds.yaml")
+    return real_data(folder / "train.json", folder / "test.json", BCCD / "JPEGImages",
+                     percent, seed, "bccd_seeds.yaml")  # fmt: skip
 
 
 def seed_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
