@@ -90,7 +90,7 @@ NEW_KEYS = {
         "find_unused_parameters": False,
         # issue 21: the student learns: strong augmentation (weak = the old flip), its init
         **AUGMENT_KEYS,
-        "augment": "strong",
+        "augment": "weak",
         "pseudo_augment": None,
         "mixup": 0.0,
         "mosaic": 0.0,

@@ -295,7 +295,7 @@ def test_cli_student_from_imagenet_and_set_overrides(inputs, tmp_path) -> None:
     assert spec["extra"]["init"] == "imagenet" and spec["kind"] == "student"
     saved = spec["extra"]["config"]["student"]
     assert saved["init"] == "imagenet" and saved["aug_erase_patches"] == [0, 2]
-    assert saved["augment"] == "strong"
+    assert saved["augment"] == "weak"
     kwargs = spec["extra"]["config"]["model"]["detector_kwargs"]
     assert kwargs == {**FAST, "box_batch_size_per_image": 32}  # a dotted key reaches inside
     teacher = read_checkpoint(inputs["teacher"])["state_dict"]
