@@ -30,7 +30,7 @@ DATE = "2026-11-24"
 
 def dpl(*args: str) -> float:
     """Run one ``dpl`` command (the real entry point); return its wall time in seconds."""
-    cmd = [sys.executable, "-m", "commands", *args]
+    cmd = [sys.executable, "-m", "dpl_tools.cli", *args]
     print("$ dpl " + " ".join(args), flush=True)
     began = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True)

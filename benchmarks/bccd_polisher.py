@@ -64,7 +64,7 @@ def dpl(*args: str) -> float:
     """Run one ``dpl`` command (the real entry point); return its wall time in seconds."""
     print("$ dpl " + " ".join(args), flush=True)
     began = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "commands", *args], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "dpl_tools.cli", *args], cwd=ROOT, check=True)
     return time.perf_counter() - began
 
 

@@ -65,7 +65,7 @@ def measure(ann: Path, run: Path, count: int) -> dict:
     image_list.write_text(json.dumps({"images": images}))
     out = OUT / f"labels_{count}.parquet"
     cmd = [
-        sys.executable, "-m", "commands", "polish", "--images", str(image_list),
+        sys.executable, "-m", "dpl_tools.cli", "polish", "--images", str(image_list),
         "--image-root", str(ann.parent / "images"), "--out", str(out), "--run-dir", str(run),
         "--overwrite", *POLISH_ARGS,
     ]  # fmt: skip

@@ -109,8 +109,8 @@ def code_version() -> str:
     """Hash of the sources and presets every stage runs (changed code reruns the table)."""
     h = hashlib.sha256()
     files = sorted(
-        [*ROOT.glob("dpl_tools/**/*.py"), *ROOT.glob("commands/*.py"),
-         *ROOT.glob("dpl_tools/configs/*.yaml"), *ROOT.glob("benchmarks/configs/*.yaml")]
+        [*ROOT.glob("dpl_tools/**/*.py"), *ROOT.glob("dpl_tools/configs/*.yaml"),
+         *ROOT.glob("benchmarks/configs/*.yaml")]
     )  # fmt: skip
     for path in files:
         h.update(str(path.relative_to(ROOT)).encode())
@@ -133,7 +133,7 @@ def dpl(argv: list[str], threads: int | None = None) -> None:
     env = dict(os.environ)
     if threads is not None:
         env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    subprocess.run([sys.executable, "-m", "commands", *argv], cwd=ROOT, check=True, env=env)
+    subprocess.run([sys.executable, "-m", "dpl_tools.cli", *argv], cwd=ROOT, check=True, env=env)
 
 
 def run_in_parallel(stages: list[Stage], run_dir: Path, jobs: int, event) -> None:

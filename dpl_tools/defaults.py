@@ -6,7 +6,7 @@ plus the ``data`` / ``run`` sections that only ``dpl run`` configs have. Each en
 ``Setting``: its default value and what a valid value is (type, range, choices). The
 settings dataclasses (``TrainConfig``, ``PairSettings``, ``PolishSettings``) take their
 defaults from here, ``dpl_tools.config`` checks YAML files against it, and the CLI flags
-of the same settings use the same ranges (``commands.options``). Importing this module
+of the same settings use the same ranges (``dpl_tools.cli.options``). Importing this module
 imports nothing heavy (no torch), so ``load_config()`` is cheap.
 """
 
@@ -204,6 +204,7 @@ def _optimizer(warmup_iters: int) -> dict[str, Setting]:
 
 
 AUGMENTS = ("weak", "strong")
+ERASE_FILLS = ("noise", "grey")  # what a Cutout patch shows (data/augment.py)
 
 
 def _augment(augment: str) -> dict[str, Setting]:
@@ -228,6 +229,11 @@ def _augment(augment: str) -> dict[str, Setting]:
             UNIT,
             item=float,
         ),  # fmt: skip
+        "aug_erase_fill": Setting(
+            "noise",
+            "strong: what a Cutout patch shows: noise (random pixels, like no object) or grey",
+            choices=ERASE_FILLS,
+        ),
         "aug_erase_drop": Setting(
             0.7, "strong: boxes erased at least this much leave the loss", UNIT
         ),

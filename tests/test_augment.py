@@ -110,7 +110,7 @@ def test_erased_boxes_leave_the_loss_and_the_rest_stay() -> None:
 
     # one patch the size of the image: every box of every set is erased, so all are dropped
     whole = dataclasses.replace(NO_COLOUR_NO_ERASE, erase_patches=(1, 1), erase_size=(1.0, 1.0),
-                                geometric_prob=0.0)  # fmt: skip
+                                geometric_prob=0.0, erase_fill="grey")  # fmt: skip
     out_image, out = DetectionAugment("strong", whole)(image, target)
     assert torch.allclose(out_image, torch.full_like(out_image, 0.5))
     for key in OBJECTS:
@@ -126,6 +126,12 @@ def test_erased_boxes_leave_the_loss_and_the_rest_stay() -> None:
             x1, y1, x2, y2 = (int(v) for v in box)
             grey = ((out_image[0, y1:y2, x1:x2] - 0.5).abs() < 1e-6).float().mean()
             assert grey < some.erase_drop
+
+    # the default fill is noise: the erased image is random pixels, not a flat colour
+    noisy = dataclasses.replace(whole, erase_fill="noise")
+    out_image, out = DetectionAugment("strong", noisy)(image, target)
+    assert out_image.std() > 0.2 and 0.0 <= float(out_image.min()) <= float(out_image.max()) <= 1.0
+    assert len(out["boxes"]) == 0
 
 
 def test_seeded_augmentation_repeats_and_seeds_differ() -> None:
@@ -200,7 +206,7 @@ def test_config_builds_the_augmentation_and_checks_pairs() -> None:
 
 def test_show_augment_draws_what_the_student_sees(synth_dataset, tmp_path) -> None:
     out = tmp_path / "grid.png"
-    cmd = [sys.executable, "-m", "commands", "show", "--augment", "--ann", str(synth_dataset),
+    cmd = [sys.executable, "-m", "dpl_tools.cli", "show", "--augment", "--ann", str(synth_dataset),
            "--images", str(synth_dataset.parent / "images"), "--count", "5", "--size", "100",
            "--out", str(out), "--set", "student.aug_scale=[0.9, 1.1]",
            "--set", "student.augment=strong"]  # fmt: skip

@@ -22,7 +22,7 @@ from PIL import Image
 from test_polish import FAST, make_run
 from typer.testing import CliRunner
 
-from commands.cli import app
+from dpl_tools.cli.cli import app
 from dpl_tools.data.coco import load_coco, read_json, validate_coco
 from dpl_tools.data.convert import convert, convert_voc, convert_yolo, require_usable
 from dpl_tools.data.image_list import load_image_list, stable_ids

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from commands.cli import app, command_help
+from dpl_tools.cli.cli import app, command_help
 
 STAGES = (
     "convert", "split", "train-teacher", "synth-noise", "train-polisher", "polish", "export",
@@ -15,7 +15,10 @@ STAGES = (
 
 def test_every_stage_is_a_command_with_help() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "commands", "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "dpl_tools.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0
     for stage in STAGES:

@@ -14,7 +14,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from commands.cli import app
+from dpl_tools.cli.cli import app
 from dpl_tools.config import DEFAULTS, list_presets, load_config, merge, preset_path
 from dpl_tools.data.polisher_pairs import PairSettings
 from dpl_tools.data.pseudo_labels import META_THRESHOLDS, read_pseudo_labels
@@ -82,7 +82,7 @@ OLD_DEFAULTS = {
 AUGMENT_KEYS = {
     "aug_colour_prob": 1.0, "aug_geometric_prob": 1.0, "aug_scale": [0.6, 1.4],
     "aug_translate": 0.1, "aug_erase_patches": [1, 5], "aug_erase_size": [0.05, 0.2],
-    "aug_erase_drop": 0.7, "aug_min_visible": 0.3,
+    "aug_erase_fill": "noise", "aug_erase_drop": 0.7, "aug_min_visible": 0.3,
 }  # fmt: skip
 NEW_KEYS = {
     "teacher": {"find_unused_parameters": False, **AUGMENT_KEYS, "augment": "weak"},
@@ -451,7 +451,7 @@ def test_crafted_checkpoint_through_the_cli(tiny_run, tmp_path):
         load_detector(nospec)
     model = crafted(tmp_path / "crafted.pt", min_size="480")
     out = subprocess.run(
-        [sys.executable, "-m", "commands", "evaluate", "--model", str(model),
+        [sys.executable, "-m", "dpl_tools.cli", "evaluate", "--model", str(model),
          "--ann", str(tiny_run["ann"]), "--images", str(tiny_run["images"])],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )  # fmt: skip

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from commands.cli import app
+from dpl_tools.cli.cli import app
 from dpl_tools.data.convert import convert_coco, convert_voc, convert_yolo, voc_box_to_coco
 from dpl_tools.errors import DplError
 
@@ -217,7 +217,7 @@ def test_cli_error_is_one_line_through_real_entry_point(voc_root, tmp_path):
     (voc_root / "Annotations" / "img1.xml").write_text("<annotation>")
     argv = ["convert", str(voc_root), "--out", str(tmp_path / "o"), "--strict"]  # else skipped
     proc = subprocess.run(
-        [sys.executable, "-m", "commands", *argv],
+        [sys.executable, "-m", "dpl_tools.cli", *argv],
         capture_output=True,
         text=True,
     )

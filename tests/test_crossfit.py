@@ -15,7 +15,7 @@ import yaml
 from torchvision.ops import box_iou
 from typer.testing import CliRunner
 
-from commands.cli import app
+from dpl_tools.cli.cli import app
 from dpl_tools.config import load_config
 from dpl_tools.data.coco import read_json
 from dpl_tools.data.crossfit_detections import read_crossfit, read_crossfit_detections

@@ -76,7 +76,7 @@ def test_wrong_class_and_no_predictions_give_zero(synth_dataset):
 
 def _dpl(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "commands", *args], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "dpl_tools.cli", *args], cwd=ROOT, capture_output=True, text=True
     )
 
 

@@ -12,7 +12,7 @@ import yaml
 from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
-from commands.cli import app
+from dpl_tools.cli.cli import app
 from dpl_tools.data.pseudo_label_writer import rows_to_table
 from dpl_tools.data.pseudo_labels import META_CATEGORIES
 from dpl_tools.data.synthetic import make_synthetic_dataset

@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from commands.cli import app
+from dpl_tools.cli.cli import app
 from dpl_tools.data.coco import load_coco
 from dpl_tools.data.crossfit_detections import read_crossfit_detections
 from dpl_tools.data.pseudo_label_writer import rows_to_table

@@ -15,7 +15,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from commands.cli import app
+from dpl_tools.cli.cli import app
 from dpl_tools.config import load_config
 from dpl_tools.data.coco import read_json
 from dpl_tools.data.crossfit_detections import LABELER_FILE, read_crossfit_detections

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from typer.testing import CliRunner
 
-from commands.cli import app
+from dpl_tools.cli.cli import app
 from dpl_tools.config import load_config
 from dpl_tools.data.coco import load_coco
 from dpl_tools.data.polisher_pairs import (

@@ -10,7 +10,7 @@ import torch
 from torchvision.ops import box_iou
 from typer.testing import CliRunner
 
-from commands.cli import app
+from dpl_tools.cli.cli import app
 from dpl_tools.data.polisher_pairs import (
     EmpiricalNoise,
     GaussianNoise,

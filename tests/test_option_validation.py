@@ -13,7 +13,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from commands.cli import app
+from dpl_tools.cli.cli import app
 from dpl_tools.errors import DplError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -207,7 +207,7 @@ def test_list_flag_values_obey_the_table():
 def test_the_real_cli_exits_2_with_one_error_line(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("teacher:\n  iters: 0\n")
-    dpl = [sys.executable, "-m", "commands"]
+    dpl = [sys.executable, "-m", "dpl_tools.cli"]
     run = subprocess.run(
         [*dpl, "train-teacher", "--ann", "a.json", "--images", "img", "--config", str(config)],
         capture_output=True, text=True, timeout=120, cwd=REPO,

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from commands.cli import app
+from dpl_tools.cli.cli import app
 from dpl_tools.data.coco import load_coco
 from dpl_tools.data.export import write_yolo
 from dpl_tools.data.pseudo_label_writer import PseudoLabelWriter, output_file, rows_to_table

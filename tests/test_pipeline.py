@@ -55,7 +55,7 @@ TINY = {
 def _dpl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "commands", *args],
+        [sys.executable, "-m", "dpl_tools.cli", *args],
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from commands.cli import app
+from dpl_tools.cli.cli import app
 from dpl_tools.data.image_list import shard_records
 from dpl_tools.data.pseudo_label_writer import rows_to_table
 from dpl_tools.data.pseudo_labels import (

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def polish_cmd(images: Path, run: Path, out: Path) -> list[str]:
     return [
-        sys.executable, "-m", "commands", "polish", "--images", str(images), "--out", str(out),
+        sys.executable, "-m", "dpl_tools.cli", "polish", "--images", str(images), "--out", str(out),
         "--run-dir", str(run), "--batch-size", "1", "--no-progress", *FAST,
     ]  # fmt: skip
 

@@ -16,7 +16,7 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import box_iou
 from typer.testing import CliRunner
 
-from commands.cli import app
+from dpl_tools.cli.cli import app
 from dpl_tools.data.pseudo_label_writer import rows_to_table
 from dpl_tools.data.pseudo_labels import META_THRESHOLDS, read_pseudo_labels
 from dpl_tools.data.synthetic import make_synthetic_dataset

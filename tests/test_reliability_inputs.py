@@ -54,7 +54,7 @@ def _limit_memory() -> None:
 def dpl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     single = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "commands", *args],
+        [sys.executable, "-m", "dpl_tools.cli", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -176,7 +176,7 @@ def test_convert_yolo_with_an_alias_bomb_data_yaml_is_one_line_error(tmp_path):
 
 
 def test_set_value_alias_bomb_is_a_usage_error():
-    from commands.options import set_overrides
+    from dpl_tools.cli.options import set_overrides
 
     bomb = "[" + ", ".join(["&a [x, x, x, x, x, x, x, x, x, x]"] + ["*a"] * 9) + "]"
     assert set_overrides([f"model.detector_kwargs={{k: {bomb}}}"])  # small: allowed

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from typer.testing import CliRunner
 
-from commands.cli import app
+from dpl_tools.cli.cli import app
 from dpl_tools.data.image_list import load_image_list
 from dpl_tools.data.pseudo_label_writer import PseudoLabelWriter, rows_to_table, staging_dir
 from dpl_tools.data.pseudo_labels import META_CATEGORIES
@@ -139,7 +139,7 @@ def test_convert_refusal_is_exit_2_with_one_line(voc):
     good = voc / "Annotations" / "good.xml"
     before = good.read_bytes()
     proc = subprocess.run(
-        [sys.executable, "-m", "commands", "convert", "--format", "voc", str(voc),
+        [sys.executable, "-m", "dpl_tools.cli", "convert", "--format", "voc", str(voc),
          "--out", str(good)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -238,7 +238,7 @@ def test_report_into_a_folder_holding_a_planted_folder_lock_link(tmp_path):
     report.mkdir()
     (report / FOLDER_LOCK).symlink_to(victim)
     proc = subprocess.run(
-        [sys.executable, "-m", "commands", "report", str(labels), "--images", str(images),
+        [sys.executable, "-m", "dpl_tools.cli", "report", str(labels), "--images", str(images),
          "--out", str(report)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from commands.cli import main
+from dpl_tools.cli.cli import main
 from dpl_tools.data.pseudo_label_writer import rows_to_table
 from dpl_tools.data.pseudo_labels import (
     META_CATEGORIES,
@@ -303,7 +303,7 @@ def test_raw_pickle_checkpoint_is_one_line(data, tmp_path):
     raw = tmp_path / "raw.pt"
     raw.write_bytes(pickle.dumps({"weights": [1.0, 2.0], "x": {1, 2}}, protocol=4))
     done = subprocess.run(
-        [sys.executable, "-m", "commands", "evaluate", "--ann", str(data["ann"]), "--images",
+        [sys.executable, "-m", "dpl_tools.cli", "evaluate", "--ann", str(data["ann"]), "--images",
          str(data["images"]), "--model", str(raw), "--device", "cpu"],
         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -346,7 +346,7 @@ def test_file_size_limit_is_a_user_error(data, tmp_path):
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "big.json"
     done = subprocess.run(
-        [sys.executable, "-m", "commands", "polish", "--out", str(data["clean"]),
+        [sys.executable, "-m", "dpl_tools.cli", "polish", "--out", str(data["clean"]),
          "--export-only", "--coco-out", str(out)],
         cwd=repo, capture_output=True, text=True, timeout=300, preexec_fn=_limited(200),
     )  # fmt: skip

@@ -114,7 +114,7 @@ def _parse(path: Path) -> _Collector:
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "commands", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "dpl_tools.cli", *args], capture_output=True, text=True, timeout=120
     )
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from commands.cli import app
+from dpl_tools.cli.cli import app
 from dpl_tools.data.coco import load_coco
 from dpl_tools.data.split import labeled_count_for, split_coco, write_split
 from dpl_tools.errors import DplError

@@ -14,7 +14,7 @@ from test_train_student import _config, write_student_inputs
 from torchvision.models.detection.roi_heads import RoIHeads
 from typer.testing import CliRunner
 
-from commands.cli import app
+from dpl_tools.cli.cli import app
 from dpl_tools.data.pseudo_label_writer import rows_to_table
 from dpl_tools.data.pseudo_labels import META_CATEGORIES
 from dpl_tools.data.pseudo_targets import ROW_COLUMNS, PseudoImage

@@ -26,7 +26,7 @@ def test_two_process_ddp_run_gives_a_loadable_student(synth_dataset, tmp_path) -
     out = tmp_path / "student.pt"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "commands", "train-student", "--run-dir", str(tmp_path / "run"),
+        "-m", "dpl_tools.cli", "train-student", "--run-dir", str(tmp_path / "run"),
         "--images", str(inputs["images"]), "--out", str(out), "--config", str(preset),
         "--iters", "2", "--batch-size", "1", "--workers", "0", "--device", "cpu",
         "--checkpoint-every", "1",

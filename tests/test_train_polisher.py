@@ -9,7 +9,7 @@ import sys
 import torch
 from typer.testing import CliRunner
 
-from commands.cli import app
+from dpl_tools.cli.cli import app
 from dpl_tools.data.coco import load_coco
 from dpl_tools.data.detection import DetectionDataset
 from dpl_tools.data.polisher_pairs import (
@@ -132,7 +132,7 @@ def test_cli_synth_noise_then_train_polisher_then_hash_check(synth_dataset, tmp_
     other = tmp_path / "other.pt"
     _teacher(other, categories, seed=1)
     proc = subprocess.run(
-        [sys.executable, "-m", "commands", "polish", "--images", str(images), "--teacher",
+        [sys.executable, "-m", "dpl_tools.cli", "polish", "--images", str(images), "--teacher",
          str(other), "--polisher", str(out), "--out", str(tmp_path / "labels.parquet"),
          "--device", "cpu"],
         capture_output=True, text=True,

@@ -241,7 +241,7 @@ def test_student_trains_saves_loads_and_resumes(inputs, tmp_path) -> None:
 
 
 def _dpl(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "commands", "train-student", *args]
+    cmd = [sys.executable, "-m", "dpl_tools.cli", "train-student", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
 

@@ -98,7 +98,7 @@ def test_cli_train_teacher_then_evaluate(synth_dataset, tmp_path):
     preset = tmp_path / "tiny.yaml"
     preset.write_text(json.dumps({"model": {"detector_kwargs": FAST}}))  # JSON is YAML
     train = [
-        sys.executable, "-m", "commands", "train-teacher", "--ann", str(synth_dataset),
+        sys.executable, "-m", "dpl_tools.cli", "train-teacher", "--ann", str(synth_dataset),
         "--images", str(images), "--run-dir", str(run_dir), "--min-size", "64", "--max-size",
         "96", "--iters", "2", "--batch-size", "2", "--workers", "0", "--device", "cpu",
         "--config", str(preset), "--checkpoint-every", "1",
@@ -114,7 +114,7 @@ def test_cli_train_teacher_then_evaluate(synth_dataset, tmp_path):
 
     metrics = tmp_path / "m.json"
     evaluate = [
-        sys.executable, "-m", "commands", "evaluate", "--run-dir", str(run_dir),
+        sys.executable, "-m", "dpl_tools.cli", "evaluate", "--run-dir", str(run_dir),
         "--ann", str(synth_dataset), "--images", str(images), "--workers", "0",
         "--device", "cpu", "--json", str(metrics),
     ]  # fmt: skip

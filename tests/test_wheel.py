@@ -51,8 +51,12 @@ def test_wheel_ships_presets_and_loads_them(tmp_path):
     )
     (wheel,) = wheels.glob("dpl-*.whl")
     with zipfile.ZipFile(wheel) as zf:
-        shipped = {Path(n).stem for n in zf.namelist() if n.startswith("dpl_tools/configs/")}
+        names = zf.namelist()
+        shipped = {Path(n).stem for n in names if n.startswith("dpl_tools/configs/")}
     assert PRESETS <= shipped
+    # one top-level package: the CLI lives in dpl_tools.cli, no generic "commands" package
+    # that another wheel could overwrite
+    assert {n.split("/")[0] for n in names if n.endswith(".py")} == {"dpl_tools"}
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
@@ -95,3 +99,7 @@ def test_wheel_ships_presets_and_loads_them(tmp_path):
         [str(venv / "bin" / "dpl"), "--help"], capture_output=True, text=True, cwd=tmp_path
     )
     assert help_out.returncode == 0 and "train-teacher" in help_out.stdout
+    version = subprocess.run(
+        [str(venv / "bin" / "dpl"), "--version"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert version.returncode == 0 and version.stdout.strip() == "dpl 0.1.0"

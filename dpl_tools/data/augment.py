@@ -49,6 +49,7 @@ class AugmentSettings:
     geometric_prob: float = 1.0
     erase_patches: tuple[int, int] = (1, 5)
     erase_size: tuple[float, float] = (0.05, 0.2)
+    erase_fill: str = "noise"
     erase_drop: float = 0.7
     min_visible: float = 0.3
 
@@ -107,8 +108,10 @@ def _keep(target: Target, key: str, keep: Tensor) -> None:
 def erase_patches(
     image: Tensor, settings: AugmentSettings, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Cutout: paint 1..n grey squares-ish patches; returns the image and the patches'
-    xyxy boxes (patch sides are ``erase_size`` fractions of the image's sides)."""
+    """Cutout: paint 1..n rectangular patches, of uniform random pixels (``erase_fill``
+    noise: unlike any object, where a flat grey patch can look like a plain object) or
+    grey; returns the image and the patches' xyxy boxes (sides are ``erase_size``
+    fractions of the image's sides)."""
     height, width = image.shape[-2:]
     low, high = settings.erase_patches
     count = int(torch.randint(low, high + 1, (1,), generator=generator))
@@ -120,7 +123,12 @@ def erase_patches(
         ph, pw = max(1, round(float(side[0]) * height)), max(1, round(float(side[1]) * width))
         y0 = int(torch.randint(0, max(1, height - ph + 1), (1,), generator=generator))
         x0 = int(torch.randint(0, max(1, width - pw + 1), (1,), generator=generator))
-        image[..., y0 : y0 + ph, x0 : x0 + pw] = FILL
+        if settings.erase_fill == "noise":
+            shape = (*image.shape[:-2], ph, pw)
+            fill = torch.rand(shape, generator=generator, dtype=image.dtype)
+            image[..., y0 : y0 + ph, x0 : x0 + pw] = fill
+        else:
+            image[..., y0 : y0 + ph, x0 : x0 + pw] = FILL
         patches.append([x0, y0, x0 + pw, y0 + ph])
     return image, torch.tensor(patches, dtype=torch.float32).reshape(-1, 4)
 

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from commands.options import AllowOutsideRoot, within
+from dpl_tools.cli.options import AllowOutsideRoot, within
 from dpl_tools.defaults import AT_LEAST_1, NON_NEGATIVE, Range
 from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.report.build import build_report

@@ -17,7 +17,6 @@ app = typer.Typer(
     "(offline form of 'Mind the Gap', AAAI 2023).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
     # click's plain help: it wraps every option's help at the terminal width, where rich's
     # option table cuts long words with an ellipsis on an 80-column terminal
     rich_markup_mode=None,
@@ -38,8 +37,27 @@ def command_help(doc: str | None) -> str:
     return "\n\n".join(out)
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from dpl_tools import __version__
+
+        typer.echo(f"dpl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_show_version, is_eager=True,
+        help="Print dpl's version and exit.",
+    ),
+) -> None:  # fmt: skip
+    """Pseudo-label polishing for semi-supervised object detection (offline form of 'Mind
+    the Gap', AAAI 2023)."""
+
+
 def _register() -> None:
-    from commands import (
+    from dpl_tools.cli import (
         convert,
         demo,
         evaluate,

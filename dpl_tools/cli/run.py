@@ -23,7 +23,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from commands.options import Device, in_process, stage_printer, within
+from dpl_tools.cli.options import Device, in_process, stage_printer, within
 from dpl_tools.data.pseudo_labels import pseudo_label_sources
 from dpl_tools.defaults import AT_LEAST_1
 from dpl_tools.pipeline import load_run_config, pipeline_stages, round_dir, run_stages

@@ -20,7 +20,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from commands.options import AllowOutsideRoot, RunDir, print_report, within
+from dpl_tools.cli.options import AllowOutsideRoot, RunDir, print_report, within
 from dpl_tools.data.export import (
     DATASET_FORMATS,
     SUMMARY_FILE,

@@ -13,7 +13,7 @@ import pyarrow as pa
 import typer
 from rich.console import Console
 
-from commands.options import Config, Seed, SetValues, set_overrides, within
+from dpl_tools.cli.options import Config, Seed, SetValues, set_overrides, within
 from dpl_tools.config import load_config
 from dpl_tools.data.pseudo_labels import drop_unusable_rows, dropped_warning, read_pseudo_labels
 from dpl_tools.defaults import AT_LEAST_1, NON_NEGATIVE

@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from commands.options import Device, Seed, in_process, stage_printer, within
+from dpl_tools.cli.options import Device, Seed, in_process, stage_printer, within
 from dpl_tools.config import load_config, merge, preset_path, read_config
 from dpl_tools.defaults import AT_LEAST_1, Range
 from dpl_tools.demo import DEMO_DATA, DEMO_PRESET, demo_stages, demo_summary, prepare_demo_data

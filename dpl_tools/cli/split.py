@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from commands.options import AllowOutsideRoot, RunDir, Seed, print_report, within
+from dpl_tools.cli.options import AllowOutsideRoot, RunDir, Seed, print_report, within
 from dpl_tools.data.coco import load_coco
 from dpl_tools.data.split import split_coco, split_paths, write_split
 from dpl_tools.defaults import AT_LEAST_1, NON_NEGATIVE, PERCENT

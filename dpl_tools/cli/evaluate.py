@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from commands.options import AllowOutsideRoot, Device, RunDir, within
+from dpl_tools.cli.options import AllowOutsideRoot, Device, RunDir, within
 from dpl_tools.data.coco import load_coco
 from dpl_tools.data.pseudo_labels import META_THRESHOLDS, dropped_warning, read_pseudo_labels
 from dpl_tools.defaults import AT_LEAST_1, NON_NEGATIVE, UNIT

@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from commands.options import (
+from dpl_tools.cli.options import (
     AllowOutsideRoot,
     CheckpointEvery,
     Config,

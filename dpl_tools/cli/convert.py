@@ -22,7 +22,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from commands.options import AllowOutsideRoot, print_report
+from dpl_tools.cli.options import AllowOutsideRoot, print_report
 from dpl_tools.data.coco import CocoData, save_coco
 from dpl_tools.data.convert import FORMATS, convert, require_usable
 from dpl_tools.errors import DplError

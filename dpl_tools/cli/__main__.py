@@ -1,0 +1,3 @@
+from dpl_tools.cli.cli import main
+
+main()
