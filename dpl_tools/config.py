@@ -10,6 +10,7 @@ did-you-mean), a wrong type or an out-of-range value is a one-line DplError nami
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -101,16 +102,19 @@ def read_config(path: str | Path, run_config: bool = False) -> dict[str, dict[st
 
 
 def load_config(
-    preset: str | Path | None = None,
+    preset: str | Path | Mapping[str, Any] | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
     sets: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Every section: the defaults table, then the preset (name or YAML path), then
+    """Every section: the defaults table, then the preset (name, YAML path, or a dict of
+    sections as from the Python API), then
     ``overrides`` whose None values (flags not given on the command line) are ignored, then
     ``sets`` (``--set section.key=value``, where null is a value). Each layer is checked
     against the table (a one-line DplError naming the file, or ``--set``)."""
     config = copy.deepcopy(DEFAULTS)
-    if preset:
+    if isinstance(preset, Mapping):
+        config = merge(config, check_config(dict(preset), "config"))
+    elif preset:
         config = merge(config, read_config(preset_path(preset)))
     given = {
         section: {k: v for k, v in values.items() if v is not None}

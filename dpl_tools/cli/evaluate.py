@@ -14,13 +14,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from dpl_tools import api
 from dpl_tools.cli.options import AllowOutsideRoot, Device, RunDir, within
 from dpl_tools.data.coco import load_coco
 from dpl_tools.data.pseudo_labels import META_THRESHOLDS, dropped_warning, read_pseudo_labels
 from dpl_tools.defaults import AT_LEAST_1, NON_NEGATIVE, UNIT
 from dpl_tools.errors import DplError
 from dpl_tools.evaluation.coco_eval import METRICS
-from dpl_tools.evaluation.detector_eval import evaluate_model
 from dpl_tools.evaluation.pseudo_quality import (
     format_box_quality_table,
     format_quality_table,
@@ -131,15 +131,16 @@ def command(
     if images is None:
         raise DplError("evaluating a model needs --images (the folder of the --ann images)")
     model_path = resolve_input(model, run_dir, "teacher", "--model")
-    result = evaluate_model(
-        model_path, ann, images, batch_size, device, workers, score_thresh, max_dets, console,
-        allow_outside_root,
+    result = api.evaluate(
+        model_path, ann, images, batch_size=batch_size, workers=workers, device=device,
+        score_thresh=score_thresh, max_dets=max_dets, json_out=json_out,
+        predictions=predictions, allow_outside_root=allow_outside_root, console=console,
     )  # fmt: skip
-    print_metrics(console, result.metrics, f"{model_path} on {ann} ({result.num_images} images)")
-    console.print(f"inference: {result.seconds:.1f} s, {result.images_per_s:.2f} images/s")
+    title = f"{model_path} on {ann} ({result.summary['images']} images)"
+    print_metrics(console, result.metrics, title)
+    speed = result.summary
+    console.print(f"inference: {speed['inference_s']:.1f} s, {speed['images_per_s']:.2f} images/s")
     if json_out:
-        write_json(json_out, {**result.metrics, **result.summary()}, indent=2)
         console.print(f"metrics written to {json_out}")
     if predictions:
-        write_json(predictions, result.detections)
         console.print(f"{len(result.detections)} detections written to {predictions}")

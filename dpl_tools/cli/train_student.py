@@ -19,6 +19,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from dpl_tools import api
 from dpl_tools.cli.options import (
     AllowOutsideRoot,
     CheckpointEvery,
@@ -37,13 +38,9 @@ from dpl_tools.cli.options import (
     set_overrides,
     setting,
 )
-from dpl_tools.config import load_config
 from dpl_tools.defaults import STUDENT_INITS
-from dpl_tools.engine.train_student import train_student
 from dpl_tools.models.student_criterion import supervision
-from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input, resolve_output
-from dpl_tools.runtime import cleanup_distributed
 from dpl_tools.tables import ReportTable
 
 
@@ -191,52 +188,34 @@ def command(
     set_values: SetValues = None,
 ) -> None:
     console = Console()
-    cfg = load_config(
-        config,
-        {
-            "student": {
-                "iters": iters,
-                "batch_size": batch_size,
-                "lr": lr,
-                "workers": workers,
-                "checkpoint_every": checkpoint_every,
-                "pseudo_view": pseudo_view,
-                "negatives": negatives,
-                "disentangle": disentangle,
-                "unlabeled_ratio": unlabeled_ratio,
-                "unlabeled_weight": unlabeled_weight,
-                "allow_empty": allow_empty or None,
-                "augment": augment,
-                "pseudo_augment": pseudo_augment,
-                "mixup": mixup,
-                "mosaic": mosaic,
-                "init": init if init in STUDENT_INITS else None,
-            },
+    flags = {
+        "student": {
+            "iters": iters, "batch_size": batch_size, "lr": lr, "workers": workers,
+            "checkpoint_every": checkpoint_every, "pseudo_view": pseudo_view,
+            "negatives": negatives, "disentangle": disentangle,
+            "unlabeled_ratio": unlabeled_ratio, "unlabeled_weight": unlabeled_weight,
+            "allow_empty": allow_empty or None, "augment": augment,
+            "pseudo_augment": pseudo_augment, "mixup": mixup, "mosaic": mosaic,
+            "init": init if init in STUDENT_INITS else None,
         },
-        set_overrides(set_values),
-    )
+    }  # fmt: skip
+    sets = set_overrides(set_values)
+    cfg = api.stage_config(config, "student", flags=flags, sets=sets)
     ann = resolve_input(ann, run_dir, "labeled")
     pseudo = resolve_input(pseudo, run_dir, "labels")
     out = resolve_output(out, run_dir, "student")
-    init = init if init not in (None, *STUDENT_INITS) else cfg["student"]["init"]
+    init = api.student_init(None if init in STUDENT_INITS else init, cfg)
     needs_teacher = init == "teacher" or cfg["student"]["negatives"] == "soft" or teacher
     teacher_ckpt = (
         resolve_input(teacher, run_dir, "teacher", "--teacher") if needs_teacher else None
     )
-    init_from = {"teacher": teacher_ckpt, "imagenet": "imagenet"}.get(init) or Path(init)
-    check_distinct_outputs(
-        {"--ann": ann, "--pseudo": pseudo, "--images": images,
-         "--unlabeled-images": unlabeled_images, "--teacher": teacher_ckpt,
-         "--init": None if init_from == "imagenet" else init_from},
-        {"--out": out},
+    trained = api.train_student(
+        ann, images, pseudo, out, cfg, teacher=teacher_ckpt, init=init,
+        unlabeled_images=unlabeled_images, device=device, seed=seed, resume=resume,
+        allow_outside_root=allow_outside_root, console=console,
     )  # fmt: skip
-    try:
-        _, spec, result, data = train_student(
-            ann, images, pseudo, out, cfg, init_from, unlabeled_images, device, seed, resume,
-            console, allow_outside_root, teacher_ckpt,
-        )  # fmt: skip
-    finally:
-        cleanup_distributed()
+    spec, result, data = trained.spec, trained.result, trained.data
+    init_from = trained.extra["init"]
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports
         return
     scfg = cfg["student"]

@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from dpl_tools import api
 from dpl_tools.cli.options import (
     AllowOutsideRoot,
     CheckpointEvery,
@@ -32,12 +33,8 @@ from dpl_tools.cli.options import (
     set_overrides,
     setting,
 )
-from dpl_tools.config import load_config
-from dpl_tools.engine.train_detector import train_teacher
 from dpl_tools.models.detector import ARCHS
-from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_output
-from dpl_tools.runtime import cleanup_distributed
 from dpl_tools.tables import ReportTable
 
 
@@ -102,37 +99,19 @@ def command(
     set_values: SetValues = None,
 ) -> None:
     console = Console()
-    cfg = load_config(
-        config,
-        {
-            "model": {
-                "arch": arch,
-                "backbone_weights": backbone_weights,
-                "min_size": min_size,
-                "max_size": max_size,
-            },
-            "teacher": {
-                "iters": iters,
-                "batch_size": batch_size,
-                "lr": lr,
-                "workers": workers,
-                "checkpoint_every": checkpoint_every,
-                "augment": augment,
-            },
-        },
-        set_overrides(set_values),
-    )
+    flags = {
+        "model": {"arch": arch, "backbone_weights": backbone_weights,
+                  "min_size": min_size, "max_size": max_size},
+        "teacher": {"iters": iters, "batch_size": batch_size, "lr": lr, "workers": workers,
+                    "checkpoint_every": checkpoint_every, "augment": augment},
+    }  # fmt: skip
     out = resolve_output(out, run_dir, "teacher")
-    weights = None if backbone_weights in (None, "imagenet", "none") else backbone_weights
-    check_distinct_outputs(
-        {"--ann": ann, "--images": images, "--backbone-weights": weights}, {"--out": out}
-    )
-    try:
-        _, spec, result = train_teacher(
-            ann, images, out, cfg, device, seed, resume, console, allow_outside_root
-        )
-    finally:
-        cleanup_distributed()
+    trained = api.train_teacher(
+        ann, images, out, config, device=device, seed=seed, resume=resume,
+        allow_outside_root=allow_outside_root, console=console, flags=flags,
+        sets=set_overrides(set_values),
+    )  # fmt: skip
+    spec, result = trained.spec, trained.result
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports
         return
     table = ReportTable(title=f"teacher {out}", title_justify="left", show_header=False)
