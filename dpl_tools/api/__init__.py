@@ -17,7 +17,7 @@ A keyword override is a key of the stage's own config section (``iters=300`` is
 values obey the same ranges as a config file or ``--set``.
 
 Stages: ``train_teacher``, ``train_student``, ``evaluate`` (``detectors``); ``polish``,
-``export_labels`` (``polish``).
+``export_labels`` (``polish``); ``synth_noise``, ``train_polisher`` (``polisher``).
 """
 
 from dpl_tools.api.config import ConfigLike, stage_config
@@ -30,16 +30,20 @@ from dpl_tools.api.detectors import (
     train_teacher,
 )
 from dpl_tools.api.polish import Polished, export_labels, polish
+from dpl_tools.api.polisher import TrainedPolisher, synth_noise, train_polisher
 
 __all__ = [
     "ConfigLike",
     "Evaluation",
     "TrainedDetector",
     "Polished",
+    "TrainedPolisher",
     "evaluate",
     "export_labels",
     "polish",
     "stage_config",
+    "synth_noise",
+    "train_polisher",
     "student_init",
     "train_student",
     "train_teacher",

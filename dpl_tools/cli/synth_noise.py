@@ -20,6 +20,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from dpl_tools import api
 from dpl_tools.cli.options import (
     AllowOutsideRoot,
     CategoryMap,
@@ -35,11 +36,8 @@ from dpl_tools.cli.options import (
     default,
     setting,
 )
-from dpl_tools.config import load_config
-from dpl_tools.data.crossfit_detections import labeler_path
-from dpl_tools.engine.polisher_noise import LabelerDetections, make_noise_file, print_crossfit
+from dpl_tools.engine.polisher_noise import print_crossfit
 from dpl_tools.errors import DplError
-from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input, resolve_output
 from dpl_tools.tables import ReportTable
 
@@ -163,50 +161,32 @@ def command(
     category_map: CategoryMap = None,
 ) -> None:
     console = Console()
-    config_all = load_config(
-        config,
-        {
-            "polisher": {
-                "rounds": rounds,
-                "reg_copies": reg_copies,
-                "reg_scale": reg_scale,
-                "cls_copies": _floats(cls_copies, "--cls-copies") or None,
-                "cls_scales": _floats(cls_scales, "--cls-scales"),
-                "fg_iou": fg_iou,
-                "noise_model": noise_model,
-                "empirical_inflate": empirical_inflate,
-                "crossfit_folds": crossfit_folds,
-                "crossfit_iters_fraction": crossfit_iters_fraction,
-            }
-        },
-    )
-    cfg = config_all["polisher"]
-    if int(cfg["rounds"]) < 1:
-        raise DplError("--rounds must be at least 1")
+    flags = {
+        "polisher": {
+            "rounds": rounds, "reg_copies": reg_copies, "reg_scale": reg_scale,
+            "cls_copies": _floats(cls_copies, "--cls-copies") or None,
+            "cls_scales": _floats(cls_scales, "--cls-scales"), "fg_iou": fg_iou,
+            "noise_model": noise_model, "empirical_inflate": empirical_inflate,
+            "crossfit_folds": crossfit_folds, "crossfit_iters_fraction": crossfit_iters_fraction,
+        }
+    }  # fmt: skip
+    cfg = api.stage_config(config, "polisher", flags=flags)["polisher"]
     ann_path = resolve_input(ann, run_dir, "labeled")
     out_path = resolve_output(out, run_dir, "noise")
-    teacher_path = None
-    if cfg["noise_model"] != "gaussian" and detections is None:
-        if images is None:
-            raise DplError(
-                f"--noise-model {cfg['noise_model']} needs --images (the labeled images' folder)"
-            )
-        teacher_path = resolve_input(teacher, run_dir, "teacher")
-    labeler = None
-    if detections is not None:
-        labeler = LabelerDetections(detections, detection_classes, category_map)
-    check_distinct_outputs(
-        {"--ann": ann_path, "--heldout-ann": heldout_ann, "--teacher": teacher,
-         "--detections": detections, "--detection-classes": detection_classes,
-         "--category-map": category_map},
-        {"--out": out_path, "labeler detections": labeler_path(out_path) if labeler
-         else None},
-    )  # fmt: skip
-    made = make_noise_file(
-        config_all, ann_path, out_path, seed, teacher_path, images, heldout_ann,
-        device, workers, console, allow_outside_root, labeler,
+    needs_teacher = cfg["noise_model"] != "gaussian" and detections is None
+    if needs_teacher and images is None:
+        raise DplError(
+            f"--noise-model {cfg['noise_model']} needs --images (the labeled images' folder)"
+        )
+    teacher_path = resolve_input(teacher, run_dir, "teacher") if needs_teacher else None
+    made = api.synth_noise(
+        ann_path, out_path, config, images=images, teacher=teacher_path,
+        heldout_ann=heldout_ann, detections=detections, detection_classes=detection_classes,
+        category_map=category_map, device=device, seed=seed, workers=workers,
+        allow_outside_root=allow_outside_root, console=console, flags=flags,
     )  # fmt: skip
     summary, model, gt = made.summary, made.model, made.gt
+    labeler = made.labeler
     if made.crossfit is not None:
         print_crossfit(made.crossfit, console)
     table = ReportTable(title=f"synth-noise -> {out_path}", title_justify="left")

@@ -30,6 +30,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from dpl_tools import api
 from dpl_tools.cli.options import (
     AllowOutsideRoot,
     CategoryMap,
@@ -46,19 +47,11 @@ from dpl_tools.cli.options import (
     default,
     setting,
 )
-from dpl_tools.config import load_config
 from dpl_tools.data.crossfit_detections import (
     CROSSFIT_FILE,
     crossfit_path,
-    labeler_path,
-    read_crossfit_detections,
 )
-from dpl_tools.engine.polisher_noise import LabelerDetections, make_noise_file, print_crossfit
-from dpl_tools.engine.train_polisher import train_polisher
-from dpl_tools.errors import DplError
-from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input, resolve_output
-from dpl_tools.runtime import cleanup_distributed
 from dpl_tools.tables import ReportTable
 
 
@@ -257,83 +250,37 @@ def command(
     category_map: CategoryMap = None,
 ) -> None:
     console = Console()
-    cfg = load_config(
-        config,
-        {
-            "polisher": {
-                "iters": iters,
-                "batch_size": batch_size,
-                "lr": lr,
-                "reg_per_image": reg_per_image,
-                "cls_per_image": cls_per_image,
-                "max_proposals": max_proposals,
-                "ema_momentum": ema_momentum,
-                "val_fraction": val_fraction,
-                "workers": workers,
-                "checkpoint_every": checkpoint_every,
-                "fit_keep_rule": fit_keep_rule,
-                "precision_target": precision_target,
-                "keep_fit_min_matches": keep_fit_min_matches,
-                "keep_fallback": keep_fallback,
-                "noise_model": noise_model,
-                "crossfit_folds": crossfit_folds,
-                "crossfit_iters_fraction": crossfit_iters_fraction,
-                "real_fraction": real_fraction,
-            }
-        },
-    )
+    flags = {
+        "polisher": {
+            "iters": iters, "batch_size": batch_size, "lr": lr, "reg_per_image": reg_per_image,
+            "cls_per_image": cls_per_image, "max_proposals": max_proposals,
+            "ema_momentum": ema_momentum, "val_fraction": val_fraction, "workers": workers,
+            "checkpoint_every": checkpoint_every, "fit_keep_rule": fit_keep_rule,
+            "precision_target": precision_target,
+            "keep_fit_min_matches": keep_fit_min_matches, "keep_fallback": keep_fallback,
+            "noise_model": noise_model, "crossfit_folds": crossfit_folds,
+            "crossfit_iters_fraction": crossfit_iters_fraction, "real_fraction": real_fraction,
+        }
+    }  # fmt: skip
+    api.stage_config(config, "polisher", flags=flags)  # a bad --config fails first
     teacher_path = resolve_input(teacher, run_dir, "teacher")
     makes_noise = noise_model is not None or detections is not None
     if not makes_noise:
         noise_path = resolve_input(noise, run_dir, "noise")
     else:
         noise_path = resolve_output(noise, run_dir, "noise")
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            raise DplError(
-                "--noise-model / --detections under torchrun: make the noise file first "
-                "(dpl synth-noise)"
-            )
     ann_path = resolve_input(ann, run_dir, "labeled")
     out_path = resolve_output(out, run_dir, "polisher")
-    if crossfit is not None:  # a bad file fails now, not after training
-        if not crossfit.is_file():
-            raise DplError(f"{crossfit}: cross-fitted detections (--crossfit) not found")
-        read_crossfit_detections(crossfit)
-    labeler_file = labeler_path(noise_path) if detections is not None else None
-    if crossfit is not None:
-        crossfit_candidates = [crossfit]
-    elif labeler_file is not None:  # the thresholds are fitted on the labeler's own boxes
-        crossfit_candidates = [labeler_file]
-    else:
-        crossfit_candidates = [crossfit_path(noise_path), run_dir / CROSSFIT_FILE]
-    check_distinct_outputs(
-        {"--teacher": teacher_path, "--ann": ann_path, "--images": images,
-         "--crossfit": crossfit, "--detections": detections,
-         "--detection-classes": detection_classes, "--category-map": category_map,
-         **({} if makes_noise else {"--noise": noise_path})},
-        {"--out": out_path, "--val-json": val_json,
-         **({"--noise": noise_path, "labeler detections": labeler_file} if makes_noise else {})},
+    if crossfit is None and detections is None:  # beside the noise file, or in the run dir
+        crossfit = [crossfit_path(noise_path), run_dir / CROSSFIT_FILE]
+    trained = api.train_polisher(
+        teacher_path, ann_path, images, out_path, config, noise=noise_path,
+        make_noise=makes_noise, crossfit=crossfit, detections=detections,
+        detection_classes=detection_classes, category_map=category_map, val_json=val_json,
+        device=device, seed=seed, resume=resume, allow_outside_root=allow_outside_root,
+        console=console, flags=flags,
     )  # fmt: skip
-    if makes_noise:
-        labeler = (
-            LabelerDetections(detections, detection_classes, category_map)
-            if detections is not None
-            else None
-        )
-        made = make_noise_file(
-            cfg, ann_path, noise_path, seed, teacher_path, images, None, device,
-            int(cfg["polisher"]["workers"]), console, allow_outside_root, labeler,
-        )  # fmt: skip
-        if made.crossfit is not None:
-            print_crossfit(made.crossfit, console)
-    try:
-        _, result = train_polisher(
-            teacher_path, noise_path, ann_path, images, out_path, cfg, device, seed,
-            val_json, console, resume=resume, allow_outside_root=allow_outside_root,
-            crossfit=crossfit_candidates,
-        )  # fmt: skip
-    finally:
-        cleanup_distributed()
+    result = trained.result
     if int(os.environ.get("RANK", 0)) != 0:
         return
     table = ReportTable(title=f"polisher {out_path}", title_justify="left", show_header=False)
