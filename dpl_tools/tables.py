@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.console import Console
 from rich.table import Table
 
 
@@ -21,3 +22,30 @@ class ReportTable(Table):
         while len(self.columns) < len(renderables):
             self.add_column()
         super().add_row(*renderables, **kwargs)
+
+
+def print_report(console: Console, report: Any) -> None:
+    """A table of every validation problem of a ``ValidationReport``: count, what was
+    done, first example."""
+    if report.clean:
+        console.print(f"[green]validation: no problems found[/] in {report.path}")
+        return
+    table = ReportTable(title=f"validation of {report.path}", title_justify="left")
+    table.add_column("problem (action)")
+    table.add_column("count", justify="right")
+    table.add_column("first example", overflow="fold")
+    for problem, n in sorted(report.counts.items()):
+        table.add_row(problem, str(n), report.examples[problem])
+    console.print(table)
+
+
+def print_skipped_files(console: Console, skipped: list[tuple[str, str]]) -> None:
+    """A table of the files skipped as unusable, with the problem of each."""
+    if not skipped:
+        return
+    table = ReportTable(title=f"{len(skipped)} file(s) skipped", title_justify="left")
+    table.add_column("file", overflow="fold")
+    table.add_column("problem", overflow="fold")
+    for name, problem in skipped:
+        table.add_row(name, problem)
+    console.print(table)

@@ -16,11 +16,13 @@ A keyword override is a key of the stage's own config section (``iters=300`` is
 (``model={"min_size": 320}``); a typo is a one-line DplError with a did-you-mean, and
 values obey the same ranges as a config file or ``--set``.
 
-Stages: ``train_teacher``, ``train_student``, ``evaluate`` (``detectors``); ``polish``,
-``export_labels`` (``polish``); ``synth_noise``, ``train_polisher`` (``polisher``).
+Stages: ``convert``, ``split``, ``export``, ``report`` (``api.data``); ``train_teacher``,
+``train_student``, ``evaluate`` (``api.detectors``); ``synth_noise``, ``train_polisher``
+(``api.polisher``); ``polish``, ``export_labels`` (``api.polish``).
 """
 
 from dpl_tools.api.config import ConfigLike, stage_config
+from dpl_tools.api.data import SplitFiles, convert, export, report, split
 from dpl_tools.api.detectors import (
     Evaluation,
     TrainedDetector,
@@ -34,6 +36,11 @@ from dpl_tools.api.polisher import TrainedPolisher, synth_noise, train_polisher
 
 __all__ = [
     "ConfigLike",
+    "SplitFiles",
+    "convert",
+    "export",
+    "report",
+    "split",
     "Evaluation",
     "TrainedDetector",
     "Polished",

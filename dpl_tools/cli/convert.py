@@ -22,12 +22,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from dpl_tools.cli.options import AllowOutsideRoot, print_report
-from dpl_tools.data.coco import CocoData, save_coco
-from dpl_tools.data.convert import FORMATS, convert, require_usable
-from dpl_tools.errors import DplError
-from dpl_tools.outputs import check_distinct_outputs
-from dpl_tools.tables import ReportTable
+from dpl_tools import api
+from dpl_tools.cli.options import AllowOutsideRoot
+from dpl_tools.data.coco import CocoData
+from dpl_tools.data.convert import FORMATS
+from dpl_tools.tables import ReportTable, print_skipped_files
 
 
 def print_summary(console: Console, coco: CocoData, title: str) -> None:
@@ -44,18 +43,6 @@ def print_summary(console: Console, coco: CocoData, title: str) -> None:
     console.print(
         f"{len(coco.images)} images, {len(coco.annotations)} boxes, {len(coco.categories)} classes"
     )
-
-
-def print_skipped_files(console: Console, skipped: list[tuple[str, str]]) -> None:
-    """A table of the files skipped as unusable, with the problem of each."""
-    if not skipped:
-        return
-    table = ReportTable(title=f"{len(skipped)} file(s) skipped", title_justify="left")
-    table.add_column("file", overflow="fold")
-    table.add_column("problem", overflow="fold")
-    for name, problem in skipped:
-        table.add_row(name, problem)
-    console.print(table)
 
 
 def command(
@@ -105,28 +92,13 @@ def command(
     allow_outside_root: AllowOutsideRoot = False,
 ) -> None:
     console = Console()
-    names = [n.strip() for n in classes.split(",") if n.strip()] if classes else None
-    if classes is not None and not names:
-        raise DplError("--classes is empty")
     fmt = fmt.lower()
-    if fmt not in FORMATS:
-        raise DplError(f"unknown --format '{fmt}' (choose from {', '.join(FORMATS)})")
-    if fmt == "coco" and split is not None:
-        raise DplError("--split applies to --format voc and yolo only")
-    check_distinct_outputs({"SRC": src, "--images": images}, {"--out": out})
-    result = convert(
-        fmt, src, split, names, images, skip_difficult, strict=strict,
-        allow_outside_root=allow_outside_root,
+    names = [n.strip() for n in classes.split(",") if n.strip()] if classes is not None else None
+    result = api.convert(
+        src, out, fmt, split=split, classes=names, images=images,
+        skip_difficult=skip_difficult, strict=strict, allow_outside_root=allow_outside_root,
+        console=console,
     )  # fmt: skip
-    # the images folder found (e.g. through data.yaml's path) is read too
-    check_distinct_outputs({"the images folder": result.images_dir}, {"--out": out})
-    print_report(console, result.coco.report)
-    try:
-        require_usable(result, src)
-    except DplError:
-        print_skipped_files(console, result.skipped_files)
-        raise
-    save_coco(result.coco, out)
     print_summary(console, result.coco, "converted")
     console.print(f"wrote {out}")
     if result.images_dir is not None:

@@ -20,19 +20,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from dpl_tools.cli.options import AllowOutsideRoot, RunDir, print_report, within
+from dpl_tools import api
+from dpl_tools.cli.options import AllowOutsideRoot, RunDir, within
 from dpl_tools.data.export import (
-    DATASET_FORMATS,
     SUMMARY_FILE,
-    VIEWS,
-    DatasetInputs,
     ExportSummary,
-    export_dataset,
 )
 from dpl_tools.data.pseudo_labels import dropped_warning
 from dpl_tools.defaults import UNIT
-from dpl_tools.errors import DplError
-from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input
 from dpl_tools.tables import ReportTable
 
@@ -123,30 +118,11 @@ def command(
     run_dir: RunDir = DEFAULT_RUN_DIR,
 ) -> None:
     console = Console()
-    if fmt not in DATASET_FORMATS:
-        raise DplError(f"--format {fmt!r}: choose from {', '.join(DATASET_FORMATS)}")
-    if view not in VIEWS:
-        raise DplError(f"--view {view!r}: choose from {', '.join(VIEWS)}")
-    labels = resolve_input(labels, run_dir, "labels", "--labels")
-    labeled = resolve_input(labeled, run_dir, "labeled", "--labeled")
-    root = images if images is not None else labeled.parent
-    inputs = DatasetInputs(
-        labels=labels,
-        labeled=labeled,
-        images=root,
-        unlabeled_images=unlabeled_images if unlabeled_images is not None else root,
-        val=val,
-        val_images=val_images if val_images is not None else (root if val else None),
-        allow_outside_root=allow_outside_root,
-    )
-    image_folders = {
-        "--images" if images is not None else "the folder of --labeled": inputs.images,
-        "--unlabeled-images": unlabeled_images,
-        "--val-images": val_images,
-    }
-    check_distinct_outputs(image_folders, {"--out": out}, folders={"--out"})
-    summary = export_dataset(inputs, out, fmt, view, min_score, copy_images)
-    for report in summary.reports:
-        if not report.clean:
-            print_report(console, report)
+    summary = api.export(
+        resolve_input(labels, run_dir, "labels", "--labels"),
+        resolve_input(labeled, run_dir, "labeled", "--labeled"), out, fmt, view=view,
+        images=images, unlabeled_images=unlabeled_images, val=val, val_images=val_images,
+        min_score=min_score, copy_images=copy_images, allow_outside_root=allow_outside_root,
+        console=console,
+    )  # fmt: skip
     _print_summary(console, summary)

@@ -15,11 +15,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from dpl_tools.data.coco import ValidationReport
 from dpl_tools.defaults import NON_NEGATIVE, SETTINGS, Range, Setting, SettingError
 from dpl_tools.errors import DplError
 from dpl_tools.pipeline import Stage
-from dpl_tools.tables import ReportTable
 from dpl_tools.textfiles import parse_yaml
 
 
@@ -214,20 +212,6 @@ AllowOutsideRoot = Annotated[
 
 # Shared CLI helpers (console output and in-process sub-commands), so that no command
 # module imports another.
-
-
-def print_report(console: Console, report: ValidationReport) -> None:
-    """A table of every validation problem: count, what was done, first example."""
-    if report.clean:
-        console.print(f"[green]validation: no problems found[/] in {report.path}")
-        return
-    table = ReportTable(title=f"validation of {report.path}", title_justify="left")
-    table.add_column("problem (action)")
-    table.add_column("count", justify="right")
-    table.add_column("first example", overflow="fold")
-    for problem, n in sorted(report.counts.items()):
-        table.add_row(problem, str(n), report.examples[problem])
-    console.print(table)
 
 
 def stage_printer(console: Console) -> Callable[[str, Stage], None]:

@@ -13,10 +13,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from dpl_tools import api
 from dpl_tools.cli.options import AllowOutsideRoot, within
 from dpl_tools.defaults import AT_LEAST_1, NON_NEGATIVE, Range
-from dpl_tools.outputs import check_distinct_outputs
-from dpl_tools.report.build import build_report
 from dpl_tools.tables import ReportTable
 
 
@@ -59,11 +58,10 @@ def command(
     allow_outside_root: AllowOutsideRoot = False,
 ) -> None:
     console = Console()
-    inputs = {"LABELS": labels, "--images": images, "--ann": ann}
-    check_distinct_outputs(inputs, {"--out": out}, folders={"--out"})
-    result = build_report(
-        labels, images, out, ann, max_images, page_size, thumb_size, console, allow_outside_root
-    )
+    result = api.report(
+        labels, images, out, ann=ann, max_images=max_images, page_size=page_size,
+        thumb_size=thumb_size, allow_outside_root=allow_outside_root, console=console,
+    )  # fmt: skip
     s = result.summary
     table = ReportTable(title=f"Report of {labels}", title_justify="left")
     for col in ("images", "skipped", "boxes", "changed", "kept cls", "kept reg", "gallery"):

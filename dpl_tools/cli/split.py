@@ -14,12 +14,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from dpl_tools.cli.options import AllowOutsideRoot, RunDir, Seed, print_report, within
-from dpl_tools.data.coco import load_coco
-from dpl_tools.data.split import split_coco, split_paths, write_split
+from dpl_tools import api
+from dpl_tools.cli.options import AllowOutsideRoot, RunDir, Seed, within
 from dpl_tools.defaults import AT_LEAST_1, NON_NEGATIVE, PERCENT
-from dpl_tools.errors import DplError
-from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, artifact
 from dpl_tools.tables import ReportTable
 
@@ -66,15 +63,12 @@ def command(
     allow_outside_root: AllowOutsideRoot = False,
 ) -> None:
     console = Console()
-    if percent is not None and labeled_count is not None:
-        raise DplError("give --percent or --labeled-count, not both")
     out_dir = out_dir or artifact(run_dir, "labeled").parent
-    outputs = {f"--out-dir {p.name}": p for p in split_paths(out_dir).values()}
-    check_distinct_outputs({"ANN": ann, "--images": images}, outputs)
-    coco = load_coco(ann, images, allow_outside_root=allow_outside_root)
-    print_report(console, coco.report)
-    result = split_coco(coco, percent, labeled_count, fold, seed)
-    paths = write_split(result, out_dir)
+    written = api.split(
+        ann, out_dir, percent=percent, labeled_count=labeled_count, fold=fold, seed=seed,
+        images=images, allow_outside_root=allow_outside_root, console=console,
+    )  # fmt: skip
+    result, paths = written.split, written.files
     table = ReportTable(title=f"split of {ann} (fold {fold}, seed {seed})", title_justify="left")
     for column in ("file", "images", "boxes"):
         table.add_column(column, justify="left" if column == "file" else "right")
