@@ -282,4 +282,5 @@ def polish(
         _print_summary(console, summary, dest, given is not None)
         _print_bad_input(console, image_list.skipped, summary)
         _export(console, dest, coco_out, coco_view, yolo_out, overwrite)
-    return Polished(dest, summary, keep.metadata(), steps)
+    rule = {"cls_prob": keep.cls_prob, "teacher_score": keep.teacher_score, **keep.metadata()}
+    return Polished(dest, summary, rule, steps)
