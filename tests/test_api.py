@@ -123,7 +123,8 @@ def test_readme_example_runs(synth_dataset, tmp_path, monkeypatch, capsys) -> No
     shutil.copy(synth_dataset, data / "test.json")
     fast = {"batch_size": 2, "workers": 0, "warmup_iters": 1, "checkpoint_every": 0}
     tiny = {
-        **TINY, "teacher": {"iters": 2, **fast}, "student": {"iters": 2, "allow_empty": True, **fast},
+        **TINY, "teacher": {"iters": 2, **fast},
+        "student": {"iters": 2, "allow_empty": True, **fast},
         "polisher": {"iters": 2, "noise_model": "gaussian", "rounds": 1, "batch_size": 2,
                      "workers": 0, "warmup_iters": 1, "checkpoint_every": 0},
         "polish": {"workers": 0},
