@@ -204,7 +204,11 @@ def _optimizer(warmup_iters: int) -> dict[str, Setting]:
 
 
 AUGMENTS = ("weak", "strong")
-ERASE_FILLS = ("noise", "grey")  # what a Cutout patch shows (data/augment.py)
+ERASE_FILLS = ("noise", "grey")
+COLOUR_OPS = (
+    "photometric",
+    "randaugment",
+)  # the strong colour op lists (data/augment.py)  # what a Cutout patch shows (data/augment.py)
 
 
 def _augment(augment: str) -> dict[str, Setting]:
@@ -213,6 +217,13 @@ def _augment(augment: str) -> dict[str, Setting]:
     return {
         "augment": Setting(augment, "training augmentation: weak or strong", choices=AUGMENTS),
         "aug_colour_prob": Setting(1.0, "strong: chance of one colour op", UNIT),
+        "aug_colour_ops": Setting(
+            "photometric",
+            "strong: the colour ops drawn from: photometric (brightness, contrast, saturation, "
+            "hue) or randaugment (also sharpness, autocontrast, equalize, posterize, "
+            "solarize, greyscale)",
+            choices=COLOUR_OPS,
+        ),
         "aug_geometric_prob": Setting(1.0, "strong: chance of the affine", UNIT),
         "aug_scale": Setting(
             [0.6, 1.4], "strong: affine scale jitter [low, high]", POSITIVE, item=float

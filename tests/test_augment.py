@@ -220,3 +220,23 @@ def test_show_augment_draws_what_the_student_sees(synth_dataset, tmp_path) -> No
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "--augment needs --ann and --images" in bad.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_photometric_colour_ops_are_the_default_and_randaugment_adds_stac_ops() -> None:
+    from torchvision.transforms import v2
+
+    from dpl_tools.data.augment import colour_ops
+
+    photometric = colour_ops("photometric")
+    assert all(isinstance(op, v2.ColorJitter) for op in photometric) and len(photometric) == 4
+    rand = colour_ops("randaugment")
+    assert len(rand) > len(photometric)
+    assert any(isinstance(op, v2.RandomSolarize) for op in rand)
+    assert AugmentSettings().colour_ops == "photometric"
+    # a photometric op keeps the image's geometry and value range, and changes its colours
+    image, target = _scene()
+    settings = dataclasses.replace(NO_COLOUR_NO_ERASE, colour_prob=1.0, geometric_prob=0.0)
+    torch.manual_seed(0)
+    out_image, out = DetectionAugment("strong", settings)(image, target)
+    assert out_image.shape == image.shape and 0.0 <= float(out_image.min())
+    assert float(out_image.max()) <= 1.0 and not torch.equal(out_image, image)

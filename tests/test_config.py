@@ -80,8 +80,9 @@ OLD_DEFAULTS = {
 # the polisher's checkpoints for --resume (100: TrainConfig's default it ran with before)
 # and the student's allow_empty (train-student --allow-empty; off: refuse 0 pseudo boxes).
 AUGMENT_KEYS = {
-    "aug_colour_prob": 1.0, "aug_geometric_prob": 1.0, "aug_scale": [0.6, 1.4],
-    "aug_translate": 0.1, "aug_erase_patches": [1, 5], "aug_erase_size": [0.05, 0.2],
+    "aug_colour_prob": 1.0, "aug_colour_ops": "photometric", "aug_geometric_prob": 1.0,
+    "aug_scale": [0.6, 1.4], "aug_translate": 0.1, "aug_erase_patches": [1, 5],
+    "aug_erase_size": [0.05, 0.2],
     "aug_erase_fill": "noise", "aug_erase_drop": 0.7, "aug_min_visible": 0.3,
 }  # fmt: skip
 NEW_KEYS = {
