@@ -44,7 +44,7 @@ def test_wheel_ships_presets_and_loads_them(tmp_path):
             "-q",
             "-w",
             str(wheels),
-            str(ROOT),
+            str(src),
         ],
         check=True,
         cwd=tmp_path,

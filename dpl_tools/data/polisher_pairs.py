@@ -39,6 +39,7 @@ from torchvision.ops import box_iou
 
 from dpl_tools.data.coco import CocoData
 from dpl_tools.data.parquet_files import open_dpl_parquet
+from dpl_tools.data.pseudo_views import BOX_COORDS
 from dpl_tools.defaults import DEFAULTS, settings_from_section
 from dpl_tools.errors import DplError
 from dpl_tools.io import atomic_path
@@ -434,8 +435,8 @@ def synthesize_pairs(
                     "image_id": gt.image_ids[own],
                     "round": np.full(n, round_, dtype=np.int32),
                     "kind": pa.array(kinds[order]),
-                    **{c: noisy[:, i] for i, c in enumerate(("x1", "y1", "x2", "y2"))},
-                    **{f"target_{c}": target[:, i] for i, c in enumerate(("x1", "y1", "x2", "y2"))},
+                    **{c: noisy[:, i] for i, c in enumerate(BOX_COORDS)},
+                    **{f"target_{c}": target[:, i] for i, c in enumerate(BOX_COORDS)},
                     "label": label,
                     "iou": iou,
                     "scale": scale,
@@ -506,8 +507,8 @@ def real_pairs(
             "image_id": cat["image_id"] if n else np.zeros(0, np.int64),
             "round": np.full(n, round_, np.int32),
             "kind": pa.array(cols["kind"], pa.string()),
-            **{c: box[:, i] for i, c in enumerate(("x1", "y1", "x2", "y2"))},
-            **{f"target_{c}": target[:, i] for i, c in enumerate(("x1", "y1", "x2", "y2"))},
+            **{c: box[:, i] for i, c in enumerate(BOX_COORDS)},
+            **{f"target_{c}": target[:, i] for i, c in enumerate(BOX_COORDS)},
             "label": cat["label"] if n else np.zeros(0, np.int32),
             "iou": cat["iou"] if n else np.zeros(0, np.float32),
             "scale": np.full(n, np.nan, np.float32),

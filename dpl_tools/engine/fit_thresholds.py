@@ -31,6 +31,7 @@ import torch
 from torchvision.ops import box_iou
 
 from dpl_tools.engine.keep_rule import PAPER_CLS_PROB, PAPER_TEACHER_SCORE, select_pseudo_labels
+from dpl_tools.evaluation.matching import true_positives
 
 # Candidate thresholds: a grid plus the paper's values (teacher_score 1.0: never keep a
 # box on the teacher's score alone).
@@ -106,20 +107,6 @@ class FittedThresholds:
         }
 
 
-def _true_positives(
-    iou: np.ndarray, scores: np.ndarray, labels: np.ndarray, gt_labels: np.ndarray
-) -> int:
-    """Greedy one-to-one class-aware matching at IoU >= 0.5, highest score first (COCO)."""
-    taken = np.zeros(len(gt_labels), bool)
-    tp = 0
-    for i in np.argsort(-scores, kind="stable"):
-        ok = (~taken) & (gt_labels == labels[i]) & (iou[i] >= 0.5)
-        if ok.any():
-            taken[np.argmax(np.where(ok, iou[i], -1.0))] = True
-            tp += 1
-    return tp
-
-
 def evaluate_rule(
     images: Sequence[HeldOutImage], ious: Sequence[np.ndarray], cls_prob: float, score: float
 ) -> tuple[int, int, int]:
@@ -134,7 +121,7 @@ def evaluate_rule(
         gt_total += len(image.gt_labels)
         kept_total += int(kept.sum())
         if kept.any() and len(image.gt_labels):
-            tp += _true_positives(
+            tp += true_positives(
                 iou[kept], image.teacher_scores[kept], labels[kept], image.gt_labels
             )
     return tp, kept_total, gt_total
@@ -146,10 +133,7 @@ def matched_detections(images: Sequence[HeldOutImage], ious: Sequence[np.ndarray
     total = 0
     for image, iou in zip(images, ious, strict=True):
         if len(image.teacher_scores) and len(image.gt_labels):
-            zeros = np.zeros(len(image.teacher_scores), np.int64)
-            total += _true_positives(
-                iou, image.teacher_scores, zeros, np.zeros(len(image.gt_labels), np.int64)
-            )
+            total += true_positives(iou, image.teacher_scores)
     return total
 
 

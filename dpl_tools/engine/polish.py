@@ -46,6 +46,7 @@ from dpl_tools.data.pseudo_labels import (
     META_THRESHOLDS,
     META_VERSION,
 )
+from dpl_tools.data.pseudo_views import BOX_COORDS
 from dpl_tools.defaults import DEFAULTS, settings_from_section
 from dpl_tools.engine.inference import image_loader, worker_batches
 from dpl_tools.engine.keep_rule import PAPER_CLS_PROB, PAPER_TEACHER_SCORE, select_pseudo_labels
@@ -405,8 +406,8 @@ def _image_rows(
             cols,
             {
                 **base,
-                **{f"teacher_{c}": v for c, v in zip(("x1", "y1", "x2", "y2"), tb, strict=True)},
-                **{f"polished_{c}": v for c, v in zip(("x1", "y1", "x2", "y2"), pb, strict=True)},
+                **{f"teacher_{c}": v for c, v in zip(BOX_COORDS, tb, strict=True)},
+                **{f"polished_{c}": v for c, v in zip(BOX_COORDS, pb, strict=True)},
                 "teacher_label": label_to_cat[int(det["labels"][j])],
                 "teacher_score": float(det["scores"][j]),
                 "polished_label": label_to_cat[int(det["polished_labels"][j])],

@@ -37,6 +37,7 @@ from dpl_tools.boxes import decode_deltas
 from dpl_tools.data.coco import CocoData
 from dpl_tools.data.detection import DetectionDataset
 from dpl_tools.data.polisher_pairs import CLS, REAL, REG, mixed_rows, read_noise_metadata
+from dpl_tools.data.pseudo_views import BOX_COORDS
 from dpl_tools.defaults import DEFAULTS
 from dpl_tools.engine.ema import ModelEMA
 from dpl_tools.engine.keep_thresholds import KeepRuleFit, fit_heldout, fitted_record
@@ -57,7 +58,7 @@ from dpl_tools.models.checkpoint import load_detector, unwrap
 from dpl_tools.models.polisher import Polisher, read_polisher_checkpoint, save_polisher
 from dpl_tools.runtime import amp_enabled, seed_everything
 
-_BOX = ["x1", "y1", "x2", "y2"]
+_BOX = list(BOX_COORDS)
 _TARGET = [f"target_{c}" for c in _BOX]
 
 

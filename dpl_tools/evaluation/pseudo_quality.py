@@ -37,13 +37,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import torch
-from torchvision.ops import box_iou
 
 from dpl_tools.data.coco import CocoData
 from dpl_tools.data.pseudo_labels import drop_unusable_rows
-from dpl_tools.data.pseudo_views import LABEL_SETS
+from dpl_tools.data.pseudo_views import BOX_COORDS, LABEL_SETS
 from dpl_tools.evaluation.coco_eval import coco_metrics
+from dpl_tools.evaluation.matching import box_iou_np, greedy_match, paired_iou
 from dpl_tools.tables import ReportTable
 
 VIEWS = ("teacher", "cls", "reg")  # names in LABEL_SETS
@@ -75,55 +74,8 @@ def _column(table: pa.Table, name: str, dtype: Any, fill: Any) -> np.ndarray:
 
 
 def _boxes(table: pa.Table, prefix: str) -> np.ndarray:
-    cols = [_column(table, f"{prefix}_{c}", np.float64, np.nan) for c in ("x1", "y1", "x2", "y2")]
+    cols = [_column(table, f"{prefix}_{c}", np.float64, np.nan) for c in BOX_COORDS]
     return np.stack(cols, axis=1) if cols[0].size else np.zeros((0, 4))
-
-
-def box_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix (len(a), len(b)) of xyxy boxes (torchvision.ops.box_iou)."""
-    if len(a) == 0 or len(b) == 0:
-        return np.zeros((len(a), len(b)))
-    return box_iou(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b)).numpy()
-
-
-def paired_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of a[i] with b[i] for two (N, 4) xyxy arrays."""
-    ix = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
-    iy = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
-    inter = ix * iy
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a + area_b - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, inter / union, 0.0)
-
-
-def greedy_match(
-    iou: np.ndarray,
-    scores: np.ndarray,
-    threshold: float,
-    same_class: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """COCO-style greedy matching of predictions (rows of ``iou``) to truths (columns).
-
-    Predictions go in descending score order; each takes the still unmatched truth with
-    the highest IoU >= ``threshold`` (restricted to ``same_class`` pairs when given).
-    Returns (matched truth index or -1, IoU of the match or 0) per prediction.
-    """
-    n_pred, n_gt = iou.shape
-    match = np.full(n_pred, -1, dtype=np.int64)
-    match_iou = np.zeros(n_pred)
-    if n_pred == 0 or n_gt == 0:
-        return match, match_iou
-    candidates = np.where(same_class, iou, -1.0) if same_class is not None else iou.copy()
-    taken = np.zeros(n_gt, dtype=bool)
-    for p in np.argsort(-scores, kind="stable"):
-        row = np.where(taken, -1.0, candidates[p])
-        g = int(np.argmax(row))
-        if row[g] >= threshold:
-            match[p], match_iou[p] = g, row[g]
-            taken[g] = True
-    return match, match_iou
 
 
 def _ratio(num: float, den: float) -> float | None:

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
 from dpl_tools.data.images import read_image
+from dpl_tools.data.pseudo_views import BOX_COORDS
 from dpl_tools.errors import DplError
 
 TEACHER_COLOUR = (255, 150, 0)  # orange, dashed: the teacher's raw box
@@ -25,11 +26,11 @@ CHANGED_COLOUR = (255, 40, 200)  # magenta label text: the polisher changed the 
 
 def has_box(row: dict[str, Any], prefix: str) -> bool:
     """Whether the row holds a complete ``teacher`` / ``polished`` box."""
-    return all(row.get(f"{prefix}_{c}") is not None for c in ("x1", "y1", "x2", "y2"))
+    return all(row.get(f"{prefix}_{c}") is not None for c in BOX_COORDS)
 
 
 def _box(row: dict[str, Any], prefix: str, scale: float) -> tuple[float, ...]:
-    return tuple(row[f"{prefix}_{c}"] * scale for c in ("x1", "y1", "x2", "y2"))
+    return tuple(row[f"{prefix}_{c}"] * scale for c in BOX_COORDS)
 
 
 def dashed_rectangle(draw: ImageDraw.ImageDraw, box: tuple, colour, width: int, dash: int):

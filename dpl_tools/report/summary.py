@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dpl_tools.data.pseudo_labels import META_CATEGORIES
-from dpl_tools.evaluation.pseudo_quality import paired_iou
+from dpl_tools.data.pseudo_views import BOX_COORDS
+from dpl_tools.evaluation.matching import paired_iou
 
 MAX_LISTED_SKIPPED = 200
 
@@ -64,7 +65,7 @@ def label_changed(table: pa.Table) -> pa.ChunkedArray:
 
 def box_shift_iou(table: pa.Table) -> np.ndarray:
     """IoU between teacher and polished box of every row (NaN where either is missing)."""
-    cols = ("x1", "y1", "x2", "y2")
+    cols = BOX_COORDS
 
     def boxes(prefix: str) -> np.ndarray:
         return np.stack(
