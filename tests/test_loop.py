@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from dpl_tools.cli.cli import app
 from dpl_tools.config import load_config
 from dpl_tools.data.coco import load_coco
+from dpl_tools.data.noise_models import GaussianNoise
 from dpl_tools.data.polisher_pairs import (
-    GaussianNoise,
     GroundTruth,
     PairSettings,
     noise_metadata,

@@ -11,9 +11,8 @@ from torchvision.ops import box_iou
 from typer.testing import CliRunner
 
 from dpl_tools.cli.cli import app
+from dpl_tools.data.noise_models import EmpiricalNoise, GaussianNoise
 from dpl_tools.data.polisher_pairs import (
-    EmpiricalNoise,
-    GaussianNoise,
     GroundTruth,
     PairSettings,
     read_noise_metadata,

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from dpl_tools.cli.cli import app
 from dpl_tools.data.coco import load_coco
 from dpl_tools.data.detection import DetectionDataset
+from dpl_tools.data.noise_models import GaussianNoise
 from dpl_tools.data.polisher_pairs import (
-    GaussianNoise,
     GroundTruth,
     PairSettings,
     noise_metadata,

@@ -44,7 +44,8 @@ from dpl_tools.data.crossfit_detections import (
     detections_table,
     write_crossfit,
 )
-from dpl_tools.data.polisher_pairs import EmpiricalNoise, GroundTruth, empirical_from_matches
+from dpl_tools.data.noise_models import EmpiricalNoise, empirical_from_matches
+from dpl_tools.data.polisher_pairs import GroundTruth
 from dpl_tools.engine.inference import predict_detections
 from dpl_tools.engine.loop import last_checkpoint_path
 from dpl_tools.errors import DplError

@@ -39,10 +39,9 @@ from dpl_tools.data.crossfit_detections import (
     write_crossfit,
 )
 from dpl_tools.data.detections import load_detections
+from dpl_tools.data.noise_models import GaussianNoise, NoiseModel
 from dpl_tools.data.polisher_pairs import (
-    GaussianNoise,
     GroundTruth,
-    NoiseModel,
     NoiseSummary,
     PairSettings,
     RealPairRules,
