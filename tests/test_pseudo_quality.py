@@ -9,11 +9,8 @@ from rich.console import Console
 
 from dpl_tools.data.coco import validate_coco
 from dpl_tools.data.pseudo_labels import SCHEMA
-from dpl_tools.evaluation.pseudo_quality import (
-    format_quality_table,
-    greedy_match,
-    pseudo_label_quality,
-)
+from dpl_tools.evaluation.pseudo_quality import greedy_match, pseudo_label_quality
+from dpl_tools.evaluation.quality_tables import format_quality_table
 
 
 def row(name, image_id, teacher=None, t_label=None, score=None, polished=None, p_label=None,

@@ -21,11 +21,8 @@ from dpl_tools.data.pseudo_labels import META_THRESHOLDS, dropped_warning, read_
 from dpl_tools.defaults import AT_LEAST_1, NON_NEGATIVE, UNIT
 from dpl_tools.errors import DplError
 from dpl_tools.evaluation.coco_eval import METRICS
-from dpl_tools.evaluation.pseudo_quality import (
-    format_box_quality_table,
-    format_quality_table,
-    pseudo_label_quality,
-)
+from dpl_tools.evaluation.pseudo_quality import pseudo_label_quality
+from dpl_tools.evaluation.quality_tables import format_box_quality_table, format_quality_table
 from dpl_tools.io import write_json
 from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, artifact, resolve_input

@@ -43,7 +43,6 @@ from dpl_tools.data.pseudo_labels import drop_unusable_rows
 from dpl_tools.data.pseudo_views import BOX_COORDS, LABEL_SETS
 from dpl_tools.evaluation.coco_eval import coco_metrics
 from dpl_tools.evaluation.matching import box_iou_np, greedy_match, paired_iou
-from dpl_tools.tables import ReportTable
 
 VIEWS = ("teacher", "cls", "reg")  # names in LABEL_SETS
 VIEW_TITLES = {name: LABEL_SETS[name].title for name in VIEWS}
@@ -198,6 +197,154 @@ def keep_rule_quality(views: dict[str, _View], truth: Any, n_gt: int) -> dict[st
     }
 
 
+@dataclass
+class _Truth:
+    """The ground truth of the evaluated images, by image id: xyxy boxes, classes, COCO
+    areas, and the COCO subset that AP is computed on."""
+
+    boxes: dict[int, np.ndarray]
+    labels: dict[int, np.ndarray]
+    areas: dict[int, np.ndarray]
+    subset: dict[str, Any]
+    count: int
+
+    @classmethod
+    def of(cls, gt: CocoData, eval_ids: set[int]) -> _Truth:
+        by_image: dict[int, list[dict]] = defaultdict(list)
+        for ann in gt.annotations:
+            if ann["image_id"] in eval_ids and not ann.get("iscrowd", 0):
+                by_image[ann["image_id"]].append(ann)
+
+        def xyxy(anns: list[dict]) -> np.ndarray:
+            boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]
+            return np.array(boxes, dtype=np.float64).reshape(-1, 4)
+
+        subset = {
+            "images": [im for im in gt.images if im["id"] in eval_ids],
+            "annotations": [a for anns in by_image.values() for a in anns],
+            "categories": gt.categories,
+        }
+        return cls(
+            boxes={k: xyxy(anns) for k, anns in by_image.items()},
+            labels={k: np.array([a["category_id"] for a in anns]) for k, anns in by_image.items()},
+            areas={k: np.array([_gt_area(a) for a in anns]) for k, anns in by_image.items()},
+            subset=subset,
+            count=sum(len(v) for v in by_image.values()),
+        )
+
+    def __call__(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes and classes of image ``k`` (empty when it has none)."""
+        return self.boxes.get(k, np.zeros((0, 4))), self.labels.get(k, np.zeros(0, np.int64))
+
+
+def view_quality(v: _View, truth: _Truth) -> tuple[dict[str, Any], dict, np.ndarray]:
+    """One view's precision and recall at each IoU threshold (class-aware), mean IoU of its
+    matched boxes (class-agnostic), COCO AP; its PR curve; which boxes are TP at .5."""
+    tp = {t: np.zeros(len(v.rows), dtype=bool) for t in IOU_THRESHOLDS}
+    agnostic_iou = np.zeros(len(v.rows))
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, k in enumerate(v.images):
+        groups[int(k)].append(i)
+    for k, idx in groups.items():
+        idx_arr = np.array(idx)
+        g_boxes, g_labels = truth(k)
+        iou = box_iou_np(v.boxes[idx_arr], g_boxes)
+        same = v.labels[idx_arr][:, None] == g_labels[None, :]
+        for t in IOU_THRESHOLDS:
+            m, _ = greedy_match(iou, v.scores[idx_arr], t, same)
+            tp[t][idx_arr] = m >= 0
+        _, m_iou = greedy_match(iou, v.scores[idx_arr], 0.5)
+        agnostic_iou[idx_arr] = m_iou
+    matched = agnostic_iou >= 0.5
+    stats: dict[str, Any] = {"boxes": int(len(v.rows))}
+    for t in IOU_THRESHOLDS:
+        suffix = f"{round(t * 100)}"
+        stats[f"precision{suffix}"] = _ratio(tp[t].sum(), len(v.rows))
+        stats[f"recall{suffix}"] = _ratio(tp[t].sum(), truth.count)
+    stats["mean_iou"] = float(agnostic_iou[matched].mean()) if matched.any() else None
+    stats["matched_boxes"] = int(matched.sum())
+    detections = [
+        {
+            "image_id": int(k),
+            "category_id": int(lab),
+            "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+            "score": float(s),
+        }
+        for b, lab, s, k in zip(v.boxes, v.labels, v.scores, v.images, strict=True)
+    ]
+    ap = coco_metrics(truth.subset, detections)
+    stats.update({m: ap[m] for m in ("AP", "AP50", "AP75")})
+    return stats, _pr_curve(v.scores, tp[0.5], truth.count), tp[0.5]
+
+
+@dataclass
+class _BoxChanges:
+    """Per teacher box with a polished box: the IoU of each with the same truth box (the
+    one overlapping the teacher box most, class-agnostic) and that truth's COCO area; per
+    row, the class of the truth at IoU >= 0.5 (-1: none)."""
+
+    before: np.ndarray
+    after: np.ndarray
+    truth_area: np.ndarray
+    truth_label: np.ndarray
+    rows: np.ndarray  # the rows ``before`` / ``after`` describe
+
+
+def box_changes(
+    teacher_boxes: np.ndarray,
+    polished_boxes: np.ndarray,
+    keys: np.ndarray,
+    has_teacher: np.ndarray,
+    has_polished: np.ndarray,
+    truth: _Truth,
+) -> _BoxChanges:
+    """How polishing moved each teacher box relative to its truth box (``_BoxChanges``)."""
+    both = np.flatnonzero(has_teacher & has_polished)
+    before, after = np.zeros(len(both)), np.zeros(len(both))
+    truth_area = np.zeros(len(both))
+    truth_label = np.full(len(teacher_boxes), -1, dtype=np.int64)
+    rows_by_image: dict[int, list[int]] = defaultdict(list)
+    for r in np.flatnonzero(has_teacher):
+        rows_by_image[int(keys[r])].append(int(r))
+    pos = {int(r): i for i, r in enumerate(both)}
+    for k, rows in rows_by_image.items():
+        g_boxes, g_labels = truth(k)
+        if len(g_boxes) == 0:
+            continue
+        rows_arr = np.array(rows)
+        iou_t = box_iou_np(teacher_boxes[rows_arr], g_boxes)
+        best = iou_t.argmax(axis=1)
+        best_iou = iou_t[np.arange(len(rows)), best]
+        truth_label[rows_arr[best_iou >= 0.5]] = g_labels[best[best_iou >= 0.5]]
+        with_polished = [i for i, r in enumerate(rows) if r in pos]
+        if with_polished:
+            sel = np.array(with_polished)
+            target = g_boxes[best[sel]]
+            at = np.array([pos[rows[i]] for i in with_polished])
+            before[at] = best_iou[sel]
+            after[at] = paired_iou(polished_boxes[rows_arr[sel]], target)
+            truth_area[at] = truth.areas[k][best[sel]]
+    return _BoxChanges(before, after, truth_area, truth_label, both)
+
+
+def label_changes(
+    has_teacher: np.ndarray,
+    teacher_label: np.ndarray,
+    polished_label: np.ndarray,
+    truth_label: np.ndarray,
+) -> dict[str, int]:
+    """Labels the polisher changed: how many, how many to the truth's class (right), how
+    many away from it (broke), how many on boxes matching no truth."""
+    changed = has_teacher & (polished_label >= 0) & (polished_label != teacher_label)
+    with_truth = changed & (truth_label >= 0)
+    return {
+        "changed": int(changed.sum()),
+        "right": int((with_truth & (polished_label == truth_label)).sum()),
+        "broke": int((with_truth & (teacher_label == truth_label)).sum()),
+        "no_truth": int((changed & (truth_label < 0)).sum()),
+    }
+
+
 def pseudo_label_quality(table: pa.Table, gt: CocoData) -> dict[str, Any]:
     """Score the teacher, classification and regression views of pseudo labels against
     ground truth (see the module docstring); the result is JSON-ready. Unusable rows
@@ -238,129 +385,19 @@ def pseudo_label_quality(table: pa.Table, gt: CocoData) -> dict[str, Any]:
         return _View(boxes[rows], labels[rows], score[rows], keys[rows], rows)
 
     views = {name: view(name) for name in VIEWS}
-
-    eval_set = set(eval_ids)
-    gt_by_image: dict[int, list[dict]] = defaultdict(list)
-    for ann in gt.annotations:
-        if ann["image_id"] in eval_set and not ann.get("iscrowd", 0):
-            gt_by_image[ann["image_id"]].append(ann)
-    gt_boxes = {
-        k: np.array(
-            [
-                [
-                    a["bbox"][0],
-                    a["bbox"][1],
-                    a["bbox"][0] + a["bbox"][2],
-                    a["bbox"][1] + a["bbox"][3],
-                ]
-                for a in anns
-            ]
-        ).reshape(-1, 4)
-        for k, anns in gt_by_image.items()
-    }
-    gt_labels = {k: np.array([a["category_id"] for a in anns]) for k, anns in gt_by_image.items()}
-    gt_areas = {k: np.array([_gt_area(a) for a in anns]) for k, anns in gt_by_image.items()}
-    n_gt = sum(len(v) for v in gt_by_image.values())
-    empty_boxes, empty_labels = np.zeros((0, 4)), np.zeros(0, dtype=np.int64)
-
-    def truth(k: int) -> tuple[np.ndarray, np.ndarray]:
-        return gt_boxes.get(k, empty_boxes), gt_labels.get(k, empty_labels)
-
-    gt_subset = {
-        "images": [im for im in gt.images if im["id"] in eval_set],
-        "annotations": [a for anns in gt_by_image.values() for a in anns],
-        "categories": gt.categories,
-    }
-
+    truth = _Truth.of(gt, set(eval_ids))
     result_views: dict[str, Any] = {}
     curves: dict[str, Any] = {}
     teacher_tp50 = np.zeros(len(table), dtype=bool)
     for name, v in views.items():
-        tp = {t: np.zeros(len(v.rows), dtype=bool) for t in IOU_THRESHOLDS}
-        agnostic_iou = np.zeros(len(v.rows))
-        groups: dict[int, list[int]] = defaultdict(list)
-        for i, k in enumerate(v.images):
-            groups[int(k)].append(i)
-        for k, idx in groups.items():
-            idx_arr = np.array(idx)
-            g_boxes, g_labels = truth(k)
-            iou = box_iou_np(v.boxes[idx_arr], g_boxes)
-            same = v.labels[idx_arr][:, None] == g_labels[None, :]
-            for t in IOU_THRESHOLDS:
-                m, _ = greedy_match(iou, v.scores[idx_arr], t, same)
-                tp[t][idx_arr] = m >= 0
-            _, m_iou = greedy_match(iou, v.scores[idx_arr], 0.5)
-            agnostic_iou[idx_arr] = m_iou
+        result_views[name], curves[name], tp50 = view_quality(v, truth)
         if name == "teacher":
-            teacher_tp50[v.rows] = tp[0.5]
-        matched = agnostic_iou >= 0.5
-        stats: dict[str, Any] = {"boxes": int(len(v.rows))}
-        for t in IOU_THRESHOLDS:
-            suffix = f"{round(t * 100)}"
-            stats[f"precision{suffix}"] = _ratio(tp[t].sum(), len(v.rows))
-            stats[f"recall{suffix}"] = _ratio(tp[t].sum(), n_gt)
-        stats["mean_iou"] = float(agnostic_iou[matched].mean()) if matched.any() else None
-        stats["matched_boxes"] = int(matched.sum())
-        detections = [
-            {
-                "image_id": int(k),
-                "category_id": int(lab),
-                "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
-                "score": float(s),
-            }
-            for b, lab, s, k in zip(v.boxes, v.labels, v.scores, v.images, strict=True)
-        ]
-        ap = coco_metrics(gt_subset, detections)
-        stats.update({m: ap[m] for m in ("AP", "AP50", "AP75")})
-        result_views[name] = stats
-        curves[name] = _pr_curve(v.scores, tp[0.5], n_gt)
+            teacher_tp50[v.rows] = tp50
 
-    # Per box: IoU of the teacher box and of the polished box with the same truth box
-    # (the one that overlaps the teacher box most, class-agnostic), and label checks.
-    both = np.flatnonzero(has_teacher & has_polished)
-    before, after = np.zeros(len(both)), np.zeros(len(both))
-    truth_area = np.zeros(len(both))  # COCO area of the truth box each is compared with
-    truth_label = np.full(len(table), -1, dtype=np.int64)  # class of the truth at IoU >= 0.5
-    rows_by_image: dict[int, list[int]] = defaultdict(list)
-    for r in np.flatnonzero(has_teacher):
-        rows_by_image[int(keys[r])].append(int(r))
-    pos = {int(r): i for i, r in enumerate(both)}
-    for k, rows in rows_by_image.items():
-        g_boxes, g_labels = truth(k)
-        if len(g_boxes) == 0:
-            continue
-        rows_arr = np.array(rows)
-        iou_t = box_iou_np(teacher_boxes[rows_arr], g_boxes)
-        best = iou_t.argmax(axis=1)
-        best_iou = iou_t[np.arange(len(rows)), best]
-        truth_label[rows_arr[best_iou >= 0.5]] = g_labels[best[best_iou >= 0.5]]
-        with_polished = [i for i, r in enumerate(rows) if r in pos]
-        if with_polished:
-            sel = np.array(with_polished)
-            target = g_boxes[best[sel]]
-            at = np.array([pos[rows[i]] for i in with_polished])
-            before[at] = best_iou[sel]
-            after[at] = paired_iou(polished_boxes[rows_arr[sel]], target)
-            truth_area[at] = gt_areas[k][best[sel]]
-    good = before >= 0.5
-    box_quality = _box_quality(before[good], after[good])
-    by_score = box_quality_by_score(before[good], after[good], score[both][good])
-    by_size = box_quality_by_size(before[good], after[good], truth_area[good])
-
-    changed = has_teacher & (polished_label >= 0) & (polished_label != teacher_label)
-    with_truth = changed & (truth_label >= 0)
-    label_changes = {
-        "changed": int(changed.sum()),
-        "right": int((with_truth & (polished_label == truth_label)).sum()),
-        "broke": int((with_truth & (teacher_label == truth_label)).sum()),
-        "no_truth": int((changed & (truth_label < 0)).sum()),
-    }
+    moved = box_changes(teacher_boxes, polished_boxes, keys, has_teacher, has_polished, truth)
+    good = moved.before >= 0.5
+    before, after = moved.before[good], moved.after[good]
     dropped = has_teacher & ~use_cls
-    cls_dropped = {
-        "dropped": int(dropped.sum()),
-        "true_positive": int((dropped & teacher_tp50).sum()),
-        "false_positive": int((dropped & ~teacher_tp50).sum()),
-    }
     return {
         "images": {
             "ok": len(ok_images),
@@ -369,112 +406,23 @@ def pseudo_label_quality(table: pa.Table, gt: CocoData) -> dict[str, Any]:
             "evaluated": len(eval_ids),
             "matched_by_id": matched_by_id,
         },
-        "gt_boxes": n_gt,
+        "gt_boxes": truth.count,
         "unusable_rows": unusable,
         "views": result_views,
-        "label_changes": label_changes,
-        "cls_dropped": cls_dropped,
-        "keep_rule": keep_rule_quality(views, truth, n_gt),
-        "box_quality": box_quality,
-        "box_quality_by_score": by_score,
-        "box_quality_by_size": by_size,
+        "label_changes": label_changes(has_teacher, teacher_label, polished_label,
+                                       moved.truth_label),
+        "cls_dropped": {
+            "dropped": int(dropped.sum()),
+            "true_positive": int((dropped & teacher_tp50).sum()),
+            "false_positive": int((dropped & ~teacher_tp50).sum()),
+        },
+        "keep_rule": keep_rule_quality(views, truth, truth.count),
+        "box_quality": _box_quality(before, after),
+        "box_quality_by_score": box_quality_by_score(before, after, score[moved.rows][good]),
+        "box_quality_by_size": box_quality_by_size(before, after, moved.truth_area[good]),
         "iou_to_truth": {
-            "before": np.round(before, 4).tolist(),
-            "after": np.round(after, 4).tolist(),
+            "before": np.round(moved.before, 4).tolist(),
+            "after": np.round(moved.after, 4).tolist(),
         },
         "pr_curves": curves,
-    }
-
-
-# The figures of a view shown by ``format_quality_table``, in order: (key, row label).
-QUALITY_ROWS = (
-    ("precision50", "P@.5"),
-    ("recall50", "R@.5"),
-    ("precision75", "P@.75"),
-    ("recall75", "R@.75"),
-    ("mean_iou", "mean IoU"),
-    ("AP", "AP"),
-    ("AP50", "AP50"),
-    ("AP75", "AP75"),
-)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None or value < 0 else f"{value:.3f}"
-
-
-def _signed(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:+.3f}"
-
-
-def format_quality_table(result: dict[str, Any]) -> ReportTable:
-    """The result of ``pseudo_label_quality`` as a rich table, one column per view and one
-    row per figure (so that it fits an 80-column terminal without cutting a cell)."""
-    im = result["images"]
-    table = ReportTable(
-        title=f"Pseudo-label quality: {im['evaluated']} images, {result['gt_boxes']} truth boxes"
-        f" ({im['skipped']} skipped, {im['not_in_gt']} not in ground truth)",
-        title_justify="left",
-    )
-    table.add_column("figure", no_wrap=True)
-    for name in VIEWS:
-        table.add_column(VIEW_TITLES[name], justify="right", no_wrap=False)
-    views = [result["views"][name] for name in VIEWS]
-    table.add_row("boxes", *(str(v["boxes"]) for v in views))
-    for key, label in QUALITY_ROWS:
-        table.add_row(label, *(_fmt(v[key]) for v in views))
-    lc, bq, dr = result["label_changes"], result["box_quality"], result["cls_dropped"]
-    kr = result["keep_rule"]
-    table.caption = (
-        f"kept for classification: {kr['kept']} of {kr['teacher_boxes']} teacher boxes with "
-        f"score >= {kr['reference_score']:g}; P@.5 {_fmt(kr['teacher_precision50'])} -> "
-        f"{_fmt(kr['kept_precision50'])}, R@.5 {_fmt(kr['teacher_recall50'])} -> "
-        f"{_fmt(kr['kept_recall50'])} (recall lost {_signed(kr['recall_lost'])})\n"
-        f"labels changed by the polisher: {lc['changed']} ({lc['right']} right, "
-        f"{lc['broke']} broke a right label, {lc['no_truth']} without truth at IoU 0.5)\n"
-        f"dropped from classification: {dr['dropped']} ({dr['false_positive']} false "
-        f"positives, {dr['true_positive']} true positives at IoU 0.5)\n"
-        f"box IoU to truth, {bq['boxes']} boxes with teacher IoU >= 0.5: "
-        f"{_fmt(bq['mean_iou_before'])} -> {_fmt(bq['mean_iou_after'])}, "
-        f"{_fmt(bq['improved_fraction'])} improved\n"
-        "mean IoU: class-agnostic greedy match at IoU >= 0.5; P/R: class-aware (COCO)"
-    )
-    table.caption_justify = "left"
-    return table
-
-
-def _box_quality_row(table: ReportTable, name: str, q: dict[str, Any]) -> None:
-    before, after = q["mean_iou_before"], q["mean_iou_after"]
-    gain = None if before is None else after - before
-    table.add_row(
-        name,
-        str(q["boxes"]),
-        _fmt(before),
-        _fmt(after),
-        "n/a" if gain is None else f"{gain:+.3f}",
-        _fmt(q["improved_fraction"]),
-    )
-
-
-def format_box_quality_table(result: dict[str, Any]) -> ReportTable:
-    """Box IoU to truth before/after polishing per teacher-score bin and per COCO object
-    size (truth area), the breakdowns of ``pseudo_label_quality``: where polishing helps."""
-    table = ReportTable(
-        title="Box IoU to truth before -> after polishing (teacher IoU >= 0.5)",
-        title_justify="left",
-    )
-    table.add_column("boxes of", no_wrap=True)
-    for name in ("boxes", "IoU before", "IoU after", "change", "improved"):
-        table.add_column(name, justify="right")
-    for q in result["box_quality_by_score"]:
-        if q["low"] < SCORE_BIN_EDGES[1] and q["boxes"] == 0:
-            continue  # below the usual initial threshold: shown only when present
-        _box_quality_row(table, f"score {q['bin']}", q)
-    table.add_section()
-    limits = {"small": "area < 32^2", "medium": "32^2 to 96^2", "large": "area >= 96^2"}
-    for name, q in result["box_quality_by_size"].items():
-        _box_quality_row(table, f"{name} ({limits[name]})", q)
-    _box_quality_row(table, "all", result["box_quality"])
-    table.caption = "score: the teacher's; size: COCO area of the truth box (px^2)"
-    table.caption_justify = "left"
-    return table
+    }  # fmt: skip
