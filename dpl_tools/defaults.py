@@ -215,7 +215,12 @@ def _augment(augment: str) -> dict[str, Setting]:
     """The training augmentation (``dpl_tools.data.augment``): ``weak`` is the flip and
     multi-scale resize; ``strong`` adds a colour op, an affine and Cutout (the aug_* keys)."""
     return {
-        "augment": Setting(augment, "training augmentation: weak or strong", choices=AUGMENTS),
+        "augment": Setting(
+            augment,
+            "training augmentation: weak (flip + multi-scale) or strong (also a colour op, "
+            "scale jitter + shift, Cutout; see dpl show --augment)",
+            choices=AUGMENTS,
+        ),
         "aug_colour_prob": Setting(1.0, "strong: chance of one colour op", UNIT),
         "aug_colour_ops": Setting(
             "photometric",
@@ -441,25 +446,51 @@ SETTINGS: dict[str, dict[str, Setting]] = {
         ),
         "pseudo_augment": Setting(
             None,
-            "augmentation of the pseudo-labeled images (null: as augment)",
+            "augmentation of the pseudo-labeled images only (null: as augment)",
             choices=AUGMENTS,
             nullable=True,
             kind=str,
         ),
-        "mixup": Setting(0.0, "chance a pseudo-labeled image is mixed up with another", UNIT),
-        "mosaic": Setting(0.0, "chance a pseudo-labeled image is a mosaic of 4", UNIT),
+        "mixup": Setting(
+            0.0, "chance that a pseudo-labeled image is mixed up with another one (MixPL)", UNIT
+        ),
+        "mosaic": Setting(
+            0.0,
+            "chance that a pseudo-labeled image is a 2 x 2 mosaic with three others (MixPL)",
+            UNIT,
+        ),
         "unlabeled_ratio": Setting(1.0, "pseudo-labeled images per labeled image", NON_NEGATIVE),
-        "unlabeled_weight": Setting(1.0, "loss = L_labeled + w * L_unlabeled", NON_NEGATIVE),
+        "unlabeled_weight": Setting(
+            1.0,
+            "weight w of the pseudo-labeled images' loss: L_labeled + w * L_unlabeled",
+            NON_NEGATIVE,
+        ),
         "pseudo_view": Setting(
-            "polished", "polished, raw, reg-only or cls-only pseudo labels", choices=PSEUDO_VIEWS
+            "polished",
+            "the pseudo labels learned from: polished; raw (teacher boxes and labels); reg-only "
+            "(classification from the teacher boxes, regression from the polished ones); "
+            "cls-only (classification pseudo labels, regression from the teacher boxes)",
+            choices=PSEUDO_VIEWS,
         ),
         "negatives": Setting(
             "ignore",
-            "unlabeled background: hard, ignore (unkept teacher boxes) or soft (teacher-weighted)",
+            "background of the unlabeled images: hard (every proposal matching no "
+            "classification pseudo label), ignore (teacher boxes not kept for classification "
+            "are ignore regions), soft (background weighted by the teacher's background "
+            "probability; needs the teacher)",
             choices=STUDENT_NEGATIVES,
         ),
-        "disentangle": Setting(True, "False: polished boxes and labels for every loss"),
-        "allow_empty": Setting(False, "train even with no usable pseudo box (warns)"),
+        "disentangle": Setting(
+            True,
+            "disentangled supervision (the paper: RPN and RoI classification from the "
+            "classification pseudo labels, box regression from the polished boxes); off: "
+            "polished boxes and labels for every loss",
+        ),
+        "allow_empty": Setting(
+            False,
+            "train even when the pseudo labels hold no usable box (warns loudly); off: that "
+            "is an error",
+        ),
     },
 }
 

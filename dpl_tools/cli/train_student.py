@@ -6,7 +6,8 @@ L_unlabeled. Disentangled supervision (the paper): RPN and RoI classification le
 from the classification pseudo labels, RoI box regression from the polished boxes.
 Ablations: --pseudo-view raw / reg-only / cls-only, --no-disentangle. --negatives: the
 unlabeled images' background (hard, ignore, soft). Starts from the teacher or from
-ImageNet (--init); strong augmentation by default (--augment, --mixup, --mosaic).
+ImageNet (--init); weak augmentation by default, strong with --augment strong (and
+--mixup, --mosaic).
 AMP on GPU, DDP under torchrun, periodic checkpoints, --resume as for the teacher.
 """
 
@@ -22,28 +23,31 @@ from rich.console import Console
 from dpl_tools import api
 from dpl_tools.cli.options import (
     AllowOutsideRoot,
-    CheckpointEvery,
     Config,
     Device,
-    Iters,
     LabeledAnn,
-    Lr,
     Resume,
     RunDir,
     Seed,
     SetValues,
-    Workers,
-    augment_option,
     default,
     set_overrides,
-    setting,
 )
+from dpl_tools.cli.setting_flags import Flags, with_setting_flags
 from dpl_tools.defaults import STUDENT_INITS
 from dpl_tools.models.student_criterion import supervision
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input, resolve_output
 from dpl_tools.tables import ReportTable
 
+# The student settings with a flag of their own (any other: --set student.KEY=VALUE).
+STUDENT_FLAGS = (
+    "pseudo_view", "negatives", "disentangle", "unlabeled_ratio", "unlabeled_weight",
+    "augment", "pseudo_augment", "mixup", "mosaic", "iters", "batch_size", "lr", "workers",
+    "checkpoint_every", "allow_empty",
+)  # fmt: skip
 
+
+@with_setting_flags({"student": STUDENT_FLAGS})
 def command(
     images: Annotated[
         Path,
@@ -87,118 +91,16 @@ def command(
     ] = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
     config: Config = None,
-    pseudo_view: Annotated[
-        str | None,
-        typer.Option(
-            "--pseudo-view",
-            help="polished (default); raw (teacher boxes and labels, unpolished); reg-only "
-            "(classification from the teacher boxes, regression from the polished ones); "
-            "cls-only (classification pseudo labels, regression from the teacher boxes).",
-            callback=setting("student", "pseudo_view"),
-        ),
-    ] = None,
-    negatives: Annotated[
-        str | None,
-        typer.Option(
-            "--negatives",
-            help="Background of the unlabeled images: hard (every proposal matching no "
-            "classification pseudo label), ignore (teacher boxes not kept for classification "
-            "are ignore regions), soft (background weighted by the teacher's background "
-            f"probability; loads --init). Default {default('student', 'negatives')}.",
-            callback=setting("student", "negatives"),
-        ),
-    ] = None,
-    disentangle: Annotated[
-        bool | None,
-        typer.Option(
-            "--disentangle/--no-disentangle",
-            help="Disentangled supervision (default) or polished boxes+labels for every loss.",
-        ),
-    ] = None,
-    unlabeled_ratio: Annotated[
-        float | None,
-        typer.Option(
-            "--unlabeled-ratio",
-            help="Pseudo-labeled images per labeled image in a batch "
-            f"(>= 0, default {default('student', 'unlabeled_ratio')}).",
-            callback=setting("student", "unlabeled_ratio"),
-        ),
-    ] = None,
-    unlabeled_weight: Annotated[
-        float | None,
-        typer.Option(
-            "--unlabeled-weight",
-            help="Weight of the pseudo-labeled images' loss "
-            f"(>= 0, default {default('student', 'unlabeled_weight')}).",
-            callback=setting("student", "unlabeled_weight"),
-        ),
-    ] = None,
-    augment: Annotated[str | None, augment_option("student")] = None,
-    pseudo_augment: Annotated[
-        str | None,
-        typer.Option(
-            "--pseudo-augment",
-            help="Augmentation of the pseudo-labeled images only (weak or strong; default: "
-            "as --augment).",
-            callback=setting("student", "pseudo_augment"),
-        ),
-    ] = None,
-    mixup: Annotated[
-        float | None,
-        typer.Option(
-            "--mixup",
-            help="Chance that a pseudo-labeled image is mixed up with another one (MixPL; "
-            f"0..1, default {default('student', 'mixup')}).",
-            callback=setting("student", "mixup"),
-        ),
-    ] = None,
-    mosaic: Annotated[
-        float | None,
-        typer.Option(
-            "--mosaic",
-            help="Chance that a pseudo-labeled image is a 2 x 2 mosaic with three others "
-            f"(MixPL; 0..1, default {default('student', 'mosaic')}).",
-            callback=setting("student", "mosaic"),
-        ),
-    ] = None,
-    iters: Iters = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--batch-size",
-            help="Labeled images per iteration per process (>= 1).",
-            callback=setting("student", "batch_size"),
-        ),
-    ] = None,
-    lr: Lr = None,
-    workers: Workers = None,
     device: Device = "auto",
     seed: Seed = 0,
     resume: Resume = False,
-    checkpoint_every: CheckpointEvery = None,
     allow_outside_root: AllowOutsideRoot = False,
-    allow_empty: Annotated[
-        bool,
-        typer.Option(
-            "--allow-empty",
-            help="Train even when the pseudo labels hold no usable box (warns loudly); "
-            "by default that is an error.",
-        ),
-    ] = False,
     set_values: SetValues = None,
+    flags: Flags | None = None,
 ) -> None:
     console = Console()
-    flags = {
-        "student": {
-            "iters": iters, "batch_size": batch_size, "lr": lr, "workers": workers,
-            "checkpoint_every": checkpoint_every, "pseudo_view": pseudo_view,
-            "negatives": negatives, "disentangle": disentangle,
-            "unlabeled_ratio": unlabeled_ratio, "unlabeled_weight": unlabeled_weight,
-            "allow_empty": allow_empty or None, "augment": augment,
-            "pseudo_augment": pseudo_augment, "mixup": mixup, "mosaic": mosaic,
-            "init": init if init in STUDENT_INITS else None,
-        },
-    }  # fmt: skip
+    flags = {"student": {**(flags or {}).get("student", {}),
+                         "init": init if init in STUDENT_INITS else None}}  # fmt: skip
     sets = set_overrides(set_values)
     cfg = api.stage_config(config, "student", flags=flags, sets=sets)
     ann = resolve_input(ann, run_dir, "labeled")
