@@ -324,7 +324,7 @@ SETTINGS: dict[str, dict[str, Setting]] = {
     "model": {
         "arch": Setting("mobilenet_v2_fpn", "detector architecture", choices=ARCHS),
         "backbone_weights": Setting("none", "imagenet, none, or a checkpoint path"),
-        "min_size": Setting(480, "test-time shorter side (px)", AT_LEAST_1),
+        "min_size": Setting(480, "test-time shorter image side (px)", AT_LEAST_1),
         "max_size": Setting(800, "longest side cap (px)", AT_LEAST_1),
         "detector_kwargs": Setting(
             {}, "extra torchvision FasterRCNN arguments", keys=DETECTOR_KWARGS
@@ -339,7 +339,14 @@ SETTINGS: dict[str, dict[str, Setting]] = {
         "cls_copies": Setting([50, 50], "classification copies per group", NON_NEGATIVE, item=int),
         "cls_scales": Setting([0.06, 0.2], "classification noise scale per group", NON_NEGATIVE),
         "fg_iou": Setting(0.7, "IoU with the best GT for a foreground label", UNIT),
-        "noise_model": Setting("gaussian", "gaussian, empirical or crossfit", choices=NOISE_MODELS),
+        "noise_model": Setting(
+            "gaussian",
+            "box noise the polishers learn from: gaussian (the paper's), empirical (teacher "
+            "errors on held-out labeled images) or crossfit (K fold teachers' out-of-fold errors "
+            "on the labeled images, no test split needed); train-polisher: make the noise file "
+            "first",
+            choices=NOISE_MODELS,
+        ),
         "empirical_min_match_iou": Setting(0.5, "IoU matching a detection to its GT", UNIT),
         "empirical_reg_min_score": Setting(0.5, "min score of regression errors", UNIT),
         "empirical_cls_min_score": Setting(0.05, "min score of classification errors", UNIT),
@@ -363,17 +370,26 @@ SETTINGS: dict[str, dict[str, Setting]] = {
             100, "checkpoint every N steps for --resume (0: none)", NON_NEGATIVE
         ),
         "reg_per_image": Setting(256, "regression pairs per image per step", AT_LEAST_1),
-        "cls_per_image": Setting(512, "classification samples per image per step", AT_LEAST_1),
-        "max_proposals": Setting(1000, "teacher RPN proposals per image", NON_NEGATIVE),
+        "cls_per_image": Setting(
+            512, "classification samples (pairs + RPN proposals) per image per step", AT_LEAST_1
+        ),
+        "max_proposals": Setting(1000, "teacher RPN proposals added per image", NON_NEGATIVE),
         "ema_momentum": Setting(0.99, "EMA momentum of the saved copy", UNIT),
-        "val_fraction": Setting(0.1, "labeled images held out (0: off)", UNIT),
-        "fit_keep_rule": Setting(True, "fit polish's keep thresholds on crossfit.parquet"),
+        "val_fraction": Setting(0.1, "labeled images held out for validation (0: off)", UNIT),
+        "fit_keep_rule": Setting(
+            True,
+            "fit dpl polish's keep thresholds on the cross-fitted detections (crossfit.parquet)",
+        ),
         "keep_fit_min_matches": Setting(
-            30, "fit: fewest matched out-of-fold boxes to fit the keep rule on", NON_NEGATIVE
+            30,
+            "fewest out-of-fold boxes matching a true box to fit the keep rule on; with fewer "
+            "(or a best F1 of 0) keep_fallback is used instead, said in one line",
+            NON_NEGATIVE,
         ),
         "keep_fallback": Setting(
             "keep_all",
-            "keep rule when the fit has too little: keep_all (every box) or paper (0.9 / 0.9)",
+            "keep rule when the fit has too little to go on: keep_all (every teacher box at "
+            "the initial threshold, the teacher's label) or paper (0.9 / 0.9)",
             choices=("keep_all", "paper"),
         ),
         "reg_check_min_pairs": Setting(
@@ -381,7 +397,8 @@ SETTINGS: dict[str, dict[str, Setting]] = {
         ),
         "precision_target": Setting(
             None,
-            "fit: best recall at this precision (null: best F1)",
+            "fit the keep thresholds for the best recall at this precision of the "
+            "classification pseudo labels (null: the best F1)",
             UNIT,
             nullable=True,
             kind=float,
@@ -392,17 +409,24 @@ SETTINGS: dict[str, dict[str, Setting]] = {
         "nms_thresh": Setting(0.5, "teacher test-time NMS IoU threshold", UNIT),
         "detections_per_img": Setting(100, "teacher detections kept per image", AT_LEAST_1),
         "initial_thresh": Setting(0.5, "teacher score from which a box is polished", UNIT),
-        "keep_rule": Setting("fitted", "fitted (by train-polisher) or paper", choices=KEEP_RULES),
+        "keep_rule": Setting(
+            "fitted",
+            "keep thresholds: fitted (by train-polisher on cross-fitted detections; the "
+            "paper's when the polisher holds none) or paper (0.9 / 0.9)",
+            choices=KEEP_RULES,
+        ),
         "cls_prob": Setting(
             None,
-            "polisher prob that keeps/relabels a box (null: keep_rule's)",
+            "classification polisher probability that keeps / relabels a box; overrides the "
+            "polisher's fitted value (null: keep_rule's)",
             UNIT,
             nullable=True,
             kind=float,
         ),
         "teacher_score": Setting(
             None,
-            "teacher score above which a box is kept (null: keep_rule's)",
+            "teacher score above which a box is kept as it is; overrides the polisher's fitted "
+            "value (null: keep_rule's)",
             UNIT,
             nullable=True,
             kind=float,
@@ -415,7 +439,11 @@ SETTINGS: dict[str, dict[str, Setting]] = {
             nullable=True,
             kind=int,
         ),
-        "tta": Setting(False, "teacher test-time augmentation (flip + tta_scales), WBF-fused"),
+        "tta": Setting(
+            False,
+            "teacher test-time augmentation: flip + tta_scales passes fused by weighted box "
+            "fusion; the fused boxes are the teacher boxes",
+        ),
         "tta_scales": Setting([0.8, 1.2], "extra TTA test scales, x model.min_size", POSITIVE),
         "tta_fusion_iou": Setting(0.55, "IoU above which TTA boxes fuse (WBF)", UNIT),
         "batch_size": Setting(

@@ -61,11 +61,12 @@ def synth_noise(
     allow_outside_root: bool = False,
     console: Console | None = None,
     flags: Mapping[str, Mapping[str, Any]] | None = None,
+    sets: Mapping[str, Mapping[str, Any]] | None = None,
     **overrides: Any,
 ) -> NoiseFile:
     """Write the polishers' training pairs (noisy / true boxes) for the labeled set ``ann``
     to ``out``; the learned noise models need ``images`` and the ``teacher`` checkpoint."""
-    cfg = stage_config(config, "polisher", overrides, flags)
+    cfg = stage_config(config, "polisher", overrides, flags, sets)
     pcfg = cfg["polisher"]
     labeler = labeler_detections(detections, detection_classes, category_map)
     if pcfg["noise_model"] != "gaussian" and labeler is None:
@@ -120,6 +121,7 @@ def train_polisher(
     allow_outside_root: bool = False,
     console: Console | None = None,
     flags: Mapping[str, Mapping[str, Any]] | None = None,
+    sets: Mapping[str, Mapping[str, Any]] | None = None,
     **overrides: Any,
 ) -> TrainedPolisher:
     """Train the regression and classification polishers on the labeled set with the
@@ -128,7 +130,7 @@ def train_polisher(
     boxes), else read them from there. ``crossfit``: the cross-fitted detections (or
     candidate files, the first existing one) the keep rule is fitted on."""
     console = console or Console()
-    cfg = stage_config(config, "polisher", overrides, flags)
+    cfg = stage_config(config, "polisher", overrides, flags, sets)
     noise = Path(noise)
     labeler = labeler_detections(detections, detection_classes, category_map)
     if make_noise and int(os.environ.get("WORLD_SIZE", 1)) > 1:

@@ -30,13 +30,20 @@ from dpl_tools.cli.options import (
     DetectionClasses,
     Device,
     RunDir,
-    default,
-    setting,
 )
+from dpl_tools.cli.setting_flags import Flags, with_setting_flags
 from dpl_tools.errors import DplError
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input, resolve_output
 
+# The polish settings with a flag of their own, and the flags named other than their key.
+POLISH_FLAGS = (
+    "score_thresh", "nms_thresh", "detections_per_img", "initial_thresh", "cls_prob",
+    "teacher_score", "keep_rule", "batch_size", "workers", "reg_steps", "tta",
+)  # fmt: skip
+POLISH_FLAG_NAMES = {"detections_per_img": "--max-dets", "initial_thresh": "--initial-threshold"}
 
+
+@with_setting_flags({"polish": POLISH_FLAGS}, POLISH_FLAG_NAMES)
 def command(
     images: Annotated[
         Path | None,
@@ -80,100 +87,6 @@ def command(
             help="Preset name or YAML path whose polish section sets the thresholds below "
             "(score_thresh, nms_thresh, detections_per_img, initial_thresh, cls_prob, "
             "teacher_score, batch_size, workers, reg_steps, tta); flags override it.",
-        ),
-    ] = None,
-    score_thresh: Annotated[
-        float | None,
-        typer.Option(
-            "--score-thresh",
-            help=f"Teacher test-time score threshold ({default('polish', 'score_thresh')}).",
-            callback=setting("polish", "score_thresh"),
-        ),
-    ] = None,
-    nms_thresh: Annotated[
-        float | None,
-        typer.Option(
-            "--nms-thresh",
-            help=f"Teacher test-time NMS IoU threshold ({default('polish', 'nms_thresh')}).",
-            callback=setting("polish", "nms_thresh"),
-        ),
-    ] = None,
-    max_dets: Annotated[
-        int | None,
-        typer.Option(
-            "--max-dets",
-            help=f"Teacher detections kept per image ({default('polish', 'detections_per_img')}).",
-            callback=setting("polish", "detections_per_img"),
-        ),
-    ] = None,
-    initial_threshold: Annotated[
-        float | None,
-        typer.Option(
-            "--initial-threshold",
-            help="Teacher boxes with this score or more are polished "
-            f"({default('polish', 'initial_thresh')}).",
-            callback=setting("polish", "initial_thresh"),
-        ),
-    ] = None,
-    cls_prob: Annotated[
-        float | None,
-        typer.Option(
-            "--cls-prob",
-            help="Classification polisher probability that keeps/relabels a box (default: "
-            "--keep-rule's value); overrides the polisher's fitted value.",
-            callback=setting("polish", "cls_prob"),
-        ),
-    ] = None,
-    teacher_score: Annotated[
-        float | None,
-        typer.Option(
-            "--teacher-score",
-            help="Teacher score above which a box is kept as it is (default: --keep-rule's "
-            "value); overrides the polisher's fitted value.",
-            callback=setting("polish", "teacher_score"),
-        ),
-    ] = None,
-    keep_rule: Annotated[
-        str | None,
-        typer.Option(
-            "--keep-rule",
-            help="Keep thresholds: fitted (by train-polisher on cross-fitted detections; the "
-            "paper's when the polisher holds none) or paper (0.9 / 0.9) "
-            f"({default('polish', 'keep_rule')}).",
-            callback=setting("polish", "keep_rule"),
-        ),
-    ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--batch-size",
-            help="Images per batch (default 16 on GPU, 2 on CPU).",
-            callback=setting("polish", "batch_size"),
-        ),
-    ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            "--workers",
-            help=f"DataLoader worker processes decoding images ({default('polish', 'workers')}).",
-            callback=setting("polish", "workers"),
-        ),
-    ] = None,
-    reg_steps: Annotated[
-        int | None,
-        typer.Option(
-            "--reg-steps",
-            help="Regression polisher passes per box, each refined box the next input "
-            f"({default('polish', 'reg_steps')}).",
-            callback=setting("polish", "reg_steps"),
-        ),
-    ] = None,
-    tta: Annotated[
-        bool | None,
-        typer.Option(
-            "--tta/--no-tta",
-            help="Teacher test-time augmentation: flip + polish.tta_scales passes fused by "
-            "weighted box fusion; the fused boxes are the teacher boxes (off by default).",
         ),
     ] = None,
     device: Device = "auto",
@@ -231,16 +144,10 @@ def command(
     progress: Annotated[
         bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")
     ] = True,
+    flags: Flags | None = None,
 ) -> None:
     console = Console()
-    flags = {
-        "polish": {
-            "score_thresh": score_thresh, "nms_thresh": nms_thresh,
-            "detections_per_img": max_dets, "initial_thresh": initial_threshold,
-            "cls_prob": cls_prob, "teacher_score": teacher_score, "keep_rule": keep_rule,
-            "batch_size": batch_size, "workers": workers, "reg_steps": reg_steps, "tta": tta,
-        }
-    }  # fmt: skip
+    flags = dict(flags or {})
     api.stage_config(config, "polish", flags=flags)  # a bad --config fails first
     out = resolve_output(out, run_dir, "labels")
     if export_only:

@@ -25,17 +25,14 @@ from dpl_tools.cli.options import (
     AllowOutsideRoot,
     CategoryMap,
     Config,
-    CrossfitFolds,
-    CrossfitItersFraction,
     DetectionClasses,
     Device,
     LabeledAnn,
-    NoiseModel,
     RunDir,
     Seed,
-    default,
     setting,
 )
+from dpl_tools.cli.setting_flags import Flags, with_setting_flags
 from dpl_tools.engine.polisher_noise import print_crossfit
 from dpl_tools.errors import DplError
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input, resolve_output
@@ -51,6 +48,14 @@ def _floats(text: str | None, what: str) -> list[float] | None:
         raise DplError(f"{what} {text!r}: expected comma-separated numbers") from None
 
 
+# The pair synthesis settings with a flag of their own.
+NOISE_FLAGS = (
+    "noise_model", "rounds", "reg_copies", "reg_scale", "fg_iou", "crossfit_folds",
+    "crossfit_iters_fraction", "empirical_inflate",
+)  # fmt: skip
+
+
+@with_setting_flags({"polisher": NOISE_FLAGS})
 def command(
     ann: LabeledAnn = None,
     out: Annotated[
@@ -59,32 +64,7 @@ def command(
     ] = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
     config: Config = None,
-    rounds: Annotated[
-        int | None,
-        typer.Option(
-            "--rounds",
-            help="Independent noise draws, one per training round "
-            f"({default('polisher', 'rounds')}).",
-            callback=setting("polisher", "rounds"),
-        ),
-    ] = None,
     seed: Seed = 0,
-    reg_copies: Annotated[
-        int | None,
-        typer.Option(
-            "--reg-copies",
-            help=f"Regression copies per GT box ({default('polisher', 'reg_copies')}).",
-            callback=setting("polisher", "reg_copies"),
-        ),
-    ] = None,
-    reg_scale: Annotated[
-        float | None,
-        typer.Option(
-            "--reg-scale",
-            help=f"Regression noise scale s ({default('polisher', 'reg_scale')}).",
-            callback=setting("polisher", "reg_scale"),
-        ),
-    ] = None,
     cls_copies: Annotated[
         str | None,
         typer.Option("--cls-copies", help="Classification copies per group, e.g. 50,50."),
@@ -93,16 +73,6 @@ def command(
         str | None,
         typer.Option("--cls-scales", help="Classification noise scale per group, e.g. 0.06,0.2."),
     ] = None,
-    fg_iou: Annotated[
-        float | None,
-        typer.Option(
-            "--fg-iou",
-            help="Classification: IoU with the best GT for its label "
-            f"({default('polisher', 'fg_iou')}).",
-            callback=setting("polisher", "fg_iou"),
-        ),
-    ] = None,
-    noise_model: NoiseModel = None,
     teacher: Annotated[
         Path | None,
         typer.Option(
@@ -127,17 +97,6 @@ def command(
             "crossfit needs no held-out set.",
         ),
     ] = None,
-    crossfit_folds: CrossfitFolds = None,
-    crossfit_iters_fraction: CrossfitItersFraction = None,
-    empirical_inflate: Annotated[
-        float | None,
-        typer.Option(
-            "--empirical-inflate",
-            help="Scale factor on the fitted teacher errors "
-            f"({default('polisher', 'empirical_inflate')}).",
-            callback=setting("polisher", "empirical_inflate"),
-        ),
-    ] = None,
     device: Device = "auto",
     workers: Annotated[
         int,
@@ -159,17 +118,12 @@ def command(
     ] = None,
     detection_classes: DetectionClasses = None,
     category_map: CategoryMap = None,
+    flags: Flags | None = None,
 ) -> None:
     console = Console()
-    flags = {
-        "polisher": {
-            "rounds": rounds, "reg_copies": reg_copies, "reg_scale": reg_scale,
-            "cls_copies": _floats(cls_copies, "--cls-copies") or None,
-            "cls_scales": _floats(cls_scales, "--cls-scales"), "fg_iou": fg_iou,
-            "noise_model": noise_model, "empirical_inflate": empirical_inflate,
-            "crossfit_folds": crossfit_folds, "crossfit_iters_fraction": crossfit_iters_fraction,
-        }
-    }  # fmt: skip
+    flags = {"polisher": {**(flags or {}).get("polisher", {}),
+                          "cls_copies": _floats(cls_copies, "--cls-copies") or None,
+                          "cls_scales": _floats(cls_scales, "--cls-scales")}}  # fmt: skip
     cfg = api.stage_config(config, "polisher", flags=flags)["polisher"]
     ann_path = resolve_input(ann, run_dir, "labeled")
     out_path = resolve_output(out, run_dir, "noise")

@@ -34,19 +34,17 @@ from dpl_tools import api
 from dpl_tools.cli.options import (
     AllowOutsideRoot,
     CategoryMap,
-    CheckpointEvery,
     Config,
-    CrossfitFolds,
-    CrossfitItersFraction,
     DetectionClasses,
     Device,
     LabeledAnn,
     Resume,
     RunDir,
     Seed,
-    default,
-    setting,
+    SetValues,
+    set_overrides,
 )
+from dpl_tools.cli.setting_flags import Flags, with_setting_flags
 from dpl_tools.data.crossfit_detections import (
     CROSSFIT_FILE,
     crossfit_path,
@@ -59,6 +57,16 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+# The polisher settings with a flag of their own (any other: --set polisher.KEY=VALUE).
+POLISHER_FLAGS = (
+    "iters", "batch_size", "lr", "reg_per_image", "cls_per_image", "max_proposals",
+    "ema_momentum", "val_fraction", "workers", "checkpoint_every", "noise_model",
+    "crossfit_folds", "crossfit_iters_fraction", "real_fraction", "fit_keep_rule",
+    "precision_target", "keep_fit_min_matches", "keep_fallback",
+)  # fmt: skip
+
+
+@with_setting_flags({"polisher": POLISHER_FLAGS})
 def command(
     images: Annotated[
         Path, typer.Option("--images", help="Folder the file names in --ann are relative to.")
@@ -80,114 +88,14 @@ def command(
     ] = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
     config: Config = None,
-    iters: Annotated[
-        int | None,
-        typer.Option(
-            "--iters",
-            help=f"Training steps ({default('polisher', 'iters')}).",
-            callback=setting("polisher", "iters"),
-        ),
-    ] = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--batch-size",
-            help=f"Images per step per process ({default('polisher', 'batch_size')}).",
-            callback=setting("polisher", "batch_size"),
-        ),
-    ] = None,
-    lr: Annotated[
-        float | None,
-        typer.Option(
-            "--lr",
-            help=f"Base SGD learning rate ({default('polisher', 'lr')}).",
-            callback=setting("polisher", "lr"),
-        ),
-    ] = None,
-    reg_per_image: Annotated[
-        int | None,
-        typer.Option(
-            "--reg-per-image",
-            help="Regression pairs sampled per image per step "
-            f"({default('polisher', 'reg_per_image')}).",
-            callback=setting("polisher", "reg_per_image"),
-        ),
-    ] = None,
-    cls_per_image: Annotated[
-        int | None,
-        typer.Option(
-            "--cls-per-image",
-            help="Classification samples (pairs + RPN proposals) per image per step "
-            f"({default('polisher', 'cls_per_image')}).",
-            callback=setting("polisher", "cls_per_image"),
-        ),
-    ] = None,
-    max_proposals: Annotated[
-        int | None,
-        typer.Option(
-            "--max-proposals",
-            help=f"Teacher RPN proposals added per image ({default('polisher', 'max_proposals')}).",
-            callback=setting("polisher", "max_proposals"),
-        ),
-    ] = None,
-    ema_momentum: Annotated[
-        float | None,
-        typer.Option(
-            "--ema-momentum",
-            help=f"EMA momentum of the saved copy ({default('polisher', 'ema_momentum')}).",
-            callback=setting("polisher", "ema_momentum"),
-        ),
-    ] = None,
-    val_fraction: Annotated[
-        float | None,
-        typer.Option(
-            "--val-fraction",
-            help="Labeled images held out for validation "
-            f"({default('polisher', 'val_fraction')}; 0 off).",
-            callback=setting("polisher", "val_fraction"),
-        ),
-    ] = None,
     val_json: Annotated[
         Path | None,
         typer.Option("--val-json", help="Also write the validation figures to this JSON file."),
     ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            "--workers",
-            help=f"DataLoader worker processes ({default('polisher', 'workers')}).",
-            callback=setting("polisher", "workers"),
-        ),
-    ] = None,
     device: Device = "auto",
     seed: Seed = 0,
     resume: Resume = False,
-    checkpoint_every: CheckpointEvery = None,
     allow_outside_root: AllowOutsideRoot = False,
-    noise_model: Annotated[
-        str | None,
-        typer.Option(
-            "--noise-model",
-            help="Make --noise first with this noise model, as dpl synth-noise would: gaussian, "
-            "empirical or crossfit (K fold teachers trained on K-1 folds of --ann, their "
-            "real errors on the held-out fold as real pairs; rerunning reuses finished "
-            "folds; costs K x crossfit_iters_fraction teacher trainings, K-1 by default; no test "
-            "split). "
-            "Default: use the existing --noise.",
-            callback=setting("polisher", "noise_model"),
-        ),
-    ] = None,
-    crossfit_folds: CrossfitFolds = None,
-    crossfit_iters_fraction: CrossfitItersFraction = None,
-    real_fraction: Annotated[
-        float | None,
-        typer.Option(
-            "--real-fraction",
-            help="Share of real (crossfit) pairs among each image's pairs "
-            f"({default('polisher', 'real_fraction')}; 0: synthetic only).",
-            callback=setting("polisher", "real_fraction"),
-        ),
-    ] = None,
     crossfit: Annotated[
         Path | None,
         typer.Option(
@@ -195,43 +103,6 @@ def command(
             help="Cross-fitted detections (--noise-model crossfit) to fit dpl polish's keep "
             "thresholds on after training (default: crossfit.parquet beside --noise, else in "
             "the run directory; none found: the paper's 0.9 / 0.9 stay).",
-        ),
-    ] = None,
-    fit_keep_rule: Annotated[
-        bool | None,
-        typer.Option(
-            "--fit-keep-rule/--no-fit-keep-rule",
-            help="Fit the keep thresholds on the cross-fitted detections "
-            f"({default('polisher', 'fit_keep_rule')}).",
-        ),
-    ] = None,
-    precision_target: Annotated[
-        float | None,
-        typer.Option(
-            "--precision-target",
-            help="Fit the keep thresholds for the best recall at this precision of the "
-            "classification pseudo labels (default: the best F1).",
-            callback=setting("polisher", "precision_target"),
-        ),
-    ] = None,
-    keep_fit_min_matches: Annotated[
-        int | None,
-        typer.Option(
-            "--keep-fit-min-matches",
-            help="Fewest out-of-fold boxes matching a true box to fit the keep thresholds on; "
-            "with fewer (or a best F1 of 0) --keep-fallback is used instead, said in one line "
-            f"({default('polisher', 'keep_fit_min_matches')}).",
-            callback=setting("polisher", "keep_fit_min_matches"),
-        ),
-    ] = None,
-    keep_fallback: Annotated[
-        str | None,
-        typer.Option(
-            "--keep-fallback",
-            help="Keep rule when the fit has too little to go on: keep_all (every teacher box "
-            "at the initial threshold, the teacher's label) or paper (0.9 / 0.9) "
-            f"({default('polisher', 'keep_fallback')}).",
-            callback=setting("polisher", "keep_fallback"),
         ),
     ] = None,
     detections: Annotated[
@@ -248,21 +119,14 @@ def command(
     ] = None,
     detection_classes: DetectionClasses = None,
     category_map: CategoryMap = None,
+    set_values: SetValues = None,
+    flags: Flags | None = None,
 ) -> None:
     console = Console()
-    flags = {
-        "polisher": {
-            "iters": iters, "batch_size": batch_size, "lr": lr, "reg_per_image": reg_per_image,
-            "cls_per_image": cls_per_image, "max_proposals": max_proposals,
-            "ema_momentum": ema_momentum, "val_fraction": val_fraction, "workers": workers,
-            "checkpoint_every": checkpoint_every, "fit_keep_rule": fit_keep_rule,
-            "precision_target": precision_target,
-            "keep_fit_min_matches": keep_fit_min_matches, "keep_fallback": keep_fallback,
-            "noise_model": noise_model, "crossfit_folds": crossfit_folds,
-            "crossfit_iters_fraction": crossfit_iters_fraction, "real_fraction": real_fraction,
-        }
-    }  # fmt: skip
-    api.stage_config(config, "polisher", flags=flags)  # a bad --config fails first
+    flags = dict(flags or {})
+    noise_model = flags["polisher"]["noise_model"]
+    sets = set_overrides(set_values)
+    api.stage_config(config, "polisher", flags=flags, sets=sets)  # a bad --config fails first
     teacher_path = resolve_input(teacher, run_dir, "teacher")
     makes_noise = noise_model is not None or detections is not None
     if not makes_noise:
@@ -278,7 +142,7 @@ def command(
         make_noise=makes_noise, crossfit=crossfit, detections=detections,
         detection_classes=detection_classes, category_map=category_map, val_json=val_json,
         device=device, seed=seed, resume=resume, allow_outside_root=allow_outside_root,
-        console=console, flags=flags,
+        console=console, flags=flags, sets=sets,
     )  # fmt: skip
     result = trained.result
     if int(os.environ.get("RANK", 0)) != 0:

@@ -19,25 +19,23 @@ from rich.console import Console
 from dpl_tools import api
 from dpl_tools.cli.options import (
     AllowOutsideRoot,
-    CheckpointEvery,
     Config,
     Device,
-    Iters,
-    Lr,
     Resume,
     RunDir,
     Seed,
     SetValues,
-    Workers,
-    augment_option,
     set_overrides,
-    setting,
 )
-from dpl_tools.models.detector import ARCHS
+from dpl_tools.cli.setting_flags import Flags, with_setting_flags
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_output
 from dpl_tools.tables import ReportTable
 
+# The teacher settings with a flag of their own (any other: --set teacher.KEY=VALUE).
+TEACHER_FLAGS = ("iters", "batch_size", "lr", "augment", "workers", "checkpoint_every")
 
+
+@with_setting_flags({"model": ("arch", "min_size", "max_size"), "teacher": TEACHER_FLAGS})
 def command(
     ann: Annotated[
         Path, typer.Option("--ann", help="Labeled COCO JSON (e.g. split/labeled.json).")
@@ -51,60 +49,22 @@ def command(
     ] = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
     config: Config = None,
-    arch: Annotated[
-        str | None,
-        typer.Option(
-            "--arch", help=f"Detector: {', '.join(ARCHS)}.", callback=setting("model", "arch")
-        ),
-    ] = None,
     backbone_weights: Annotated[
         str | None,
         typer.Option(
             "--backbone-weights", help="imagenet (torchvision weights), none, or a checkpoint path."
         ),
     ] = None,
-    min_size: Annotated[
-        int | None,
-        typer.Option(
-            "--min-size",
-            help="Test-time shorter image side (px, >= 1).",
-            callback=setting("model", "min_size"),
-        ),
-    ] = None,
-    max_size: Annotated[
-        int | None,
-        typer.Option(
-            "--max-size",
-            help="Longest image side cap (px, >= 1).",
-            callback=setting("model", "max_size"),
-        ),
-    ] = None,
-    iters: Iters = None,
-    batch_size: Annotated[
-        int | None,
-        typer.Option(
-            "--batch-size",
-            help="Images per iteration per process (>= 1).",
-            callback=setting("teacher", "batch_size"),
-        ),
-    ] = None,
-    lr: Lr = None,
-    augment: Annotated[str | None, augment_option("teacher")] = None,
-    workers: Workers = None,
     device: Device = "auto",
     seed: Seed = 0,
     resume: Resume = False,
-    checkpoint_every: CheckpointEvery = None,
     allow_outside_root: AllowOutsideRoot = False,
     set_values: SetValues = None,
+    flags: Flags | None = None,
 ) -> None:
     console = Console()
-    flags = {
-        "model": {"arch": arch, "backbone_weights": backbone_weights,
-                  "min_size": min_size, "max_size": max_size},
-        "teacher": {"iters": iters, "batch_size": batch_size, "lr": lr, "workers": workers,
-                    "checkpoint_every": checkpoint_every, "augment": augment},
-    }  # fmt: skip
+    flags = dict(flags or {})
+    flags["model"] = {**flags["model"], "backbone_weights": backbone_weights}
     out = resolve_output(out, run_dir, "teacher")
     trained = api.train_teacher(
         ann, images, out, config, device=device, seed=seed, resume=resume,
