@@ -105,6 +105,8 @@ def test_cli_train_teacher_then_evaluate(synth_dataset, tmp_path):
     ]  # fmt: skip
     proc = subprocess.run(train, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    # output to a pipe (a log file, nohup): the progress is there as plain lines
+    assert "train-teacher 2/2 (100%)" in proc.stdout
     teacher = run_dir / "teacher.pt"
     assert not (run_dir / "teacher.last.pt").exists()  # periodic file replaced by the final
     ckpt = read_checkpoint(teacher)
@@ -120,6 +122,7 @@ def test_cli_train_teacher_then_evaluate(synth_dataset, tmp_path):
     ]  # fmt: skip
     proc = subprocess.run(evaluate, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    assert "evaluate 24/24 (100%)" in proc.stdout
     saved = json.loads(metrics.read_text())
     assert saved["images"] == 24 and 0.0 <= saved["AP"] <= 1.0
 

@@ -28,7 +28,6 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -43,6 +42,7 @@ from dpl_tools.engine.ema import ModelEMA
 from dpl_tools.errors import DplError
 from dpl_tools.io import clean_stale_temps
 from dpl_tools.outputs import output_lock
+from dpl_tools.progress import Progress
 from dpl_tools.runtime import DistInfo, amp_enabled
 
 _TEACHER = DEFAULTS["teacher"]

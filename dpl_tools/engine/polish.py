@@ -25,7 +25,6 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -53,6 +52,7 @@ from dpl_tools.engine.keep_rule import PAPER_CLS_PROB, PAPER_TEACHER_SCORE, sele
 from dpl_tools.engine.tta import augmented_detections, fuse_passes, tta_augmentations
 from dpl_tools.errors import DplError
 from dpl_tools.models.detector import set_test_settings
+from dpl_tools.progress import Progress
 from dpl_tools.runtime import amp_enabled
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
 from dpl_tools.data.coco import CocoData, load_coco
 from dpl_tools.data.crossfit_detections import (
@@ -58,6 +58,7 @@ from dpl_tools.engine.crossfit import (
     run_crossfit,
 )
 from dpl_tools.errors import DplError
+from dpl_tools.progress import Progress
 
 
 @dataclass

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import track
 
 from dpl_tools.data.coco import load_coco
 from dpl_tools.data.detection import report_skipped
@@ -17,6 +16,7 @@ from dpl_tools.errors import DplError
 from dpl_tools.evaluation.coco_eval import coco_metrics
 from dpl_tools.models.checkpoint import load_detector
 from dpl_tools.models.detector import set_test_settings
+from dpl_tools.progress import track
 from dpl_tools.runtime import resolve_device
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
 from dpl_tools.data.coco import check_inside_root, load_coco
 from dpl_tools.data.pseudo_labels import (
@@ -27,6 +27,7 @@ from dpl_tools.data.pseudo_labels import (
 from dpl_tools.errors import DplError
 from dpl_tools.evaluation.pseudo_quality import pseudo_label_quality
 from dpl_tools.outputs import check_owned_folder, owned_folder
+from dpl_tools.progress import Progress
 from dpl_tools.report.gallery import gallery_items, write_thumbnail
 from dpl_tools.report.html import gallery_html, index_html, page_name
 from dpl_tools.report.plots import make_plots
