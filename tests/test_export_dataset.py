@@ -136,8 +136,8 @@ def test_yolo_layout_and_data_yaml(data, tmp_path):
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     spec = yaml.safe_load((out / "data.yaml").read_text())
-    root = Path(spec["path"])
-    assert root == out.resolve()
+    assert "path" not in spec  # relative to data.yaml's folder: the dataset can be moved
+    root = out
     assert spec["names"] == {i: c["name"] for i, c in enumerate(data["categories"])}
     for split, count in (("train", 10), ("val", 2)):
         folder = root / spec[split]
@@ -165,6 +165,10 @@ def test_yolo_layout_and_data_yaml(data, tmp_path):
     files = [p for p in (copied / "images").rglob("*.png")]
     assert len(files) == 10 and not any(p.is_symlink() for p in files)
     assert yaml.safe_load((copied / "data.yaml").read_text())["val"] == "images/train"
+    moved = tmp_path / "moved"
+    copied.rename(moved)  # a copied dataset moved elsewhere still holds its images
+    spec = yaml.safe_load((moved / "data.yaml").read_text())
+    assert len(list((moved / spec["train"]).rglob("*.png"))) == 10
 
 
 def test_yolo_export_loads_in_ultralytics(data, tmp_path):

@@ -487,8 +487,9 @@ def _yolo_dataset(staging, out, cats, gt_images, gt, pseudo_images, pseudo_boxes
         for im in val_images:
             anns = val_by_image.get(im["id"], [])
             write(im, [xyxy(a) for a in anns], [a["category_id"] for a in anns], "val", "")
+    # no "path": ultralytics then resolves train / val against data.yaml's own folder, so
+    # the dataset still loads after a move (an absolute path pointed at the old place)
     yaml_body = {
-        "path": str(out.resolve()),
         "train": "images/train",
         "val": "images/val" if val is not None else "images/train",
         "names": {i: c["name"] for i, c in enumerate(cats)},
