@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from dpl_tools.config import merge, preset_path, read_config
+from dpl_tools.defaults import RUN_SETTINGS
 from dpl_tools.errors import DplError
 from dpl_tools.io import atomic_path, sha256_file, write_json
 
@@ -121,6 +122,9 @@ def run_stages(
     return ran
 
 
+DATA_DEFAULTS = RUN_SETTINGS["data"]  # a run config's data section (split settings)
+
+
 @dataclass
 class PipelineData:
     """Where a pipeline's data is: the pool to split, its images, and an optional test set."""
@@ -147,9 +151,9 @@ class PipelineData:
         return cls(
             ann=path("ann"),
             images=path("images"),
-            percent=float(section.get("percent", 10.0)),
-            fold=int(section.get("fold", 1)),
-            seed=int(section.get("seed", 0)),
+            percent=float(section.get("percent", DATA_DEFAULTS["percent"].default)),
+            fold=int(section.get("fold", DATA_DEFAULTS["fold"].default)),
+            seed=int(section.get("seed", DATA_DEFAULTS["seed"].default)),
             test_ann=path("test_ann"),
             test_images=path("test_images") or path("images"),
         )

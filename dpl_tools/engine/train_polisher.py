@@ -38,7 +38,6 @@ from dpl_tools.data.coco import CocoData
 from dpl_tools.data.detection import DetectionDataset
 from dpl_tools.data.polisher_pairs import CLS, REAL, REG, mixed_rows, read_noise_metadata
 from dpl_tools.data.pseudo_views import BOX_COORDS
-from dpl_tools.defaults import DEFAULTS
 from dpl_tools.engine.ema import ModelEMA
 from dpl_tools.engine.keep_thresholds import KeepRuleFit, fit_heldout, fitted_record
 from dpl_tools.engine.loop import (
@@ -456,7 +455,7 @@ def train_polisher(
     if not with_boxes:
         raise DplError(f"{ann}: no boxes to train the polishers on")
     train_ids, val_ids = split_validation(with_boxes, float(pcfg["val_fraction"]), seed)
-    real_fraction = float(pcfg.get("real_fraction", DEFAULTS["polisher"]["real_fraction"]))
+    real_fraction = float(pcfg["real_fraction"])
     pairs = NoisePairs(noise_path, set(train_ids) | set(val_ids), real_fraction)
     pairs.load_round(0)
     if not any(pairs.get(i) for i in train_ids):
@@ -494,7 +493,7 @@ def train_polisher(
             )  # fmt: skip
 
     validation = PolisherValidation(ema, val_batches, len(val_ids))
-    initial = float(config.get("polish", DEFAULTS["polish"])["initial_thresh"])
+    initial = float(config["polish"]["initial_thresh"])
 
     def fit(path: Path, trained: Polisher) -> dict[str, Any] | None:
         fitted = fit_heldout(
@@ -505,7 +504,7 @@ def train_polisher(
         )  # fmt: skip
         return None if fitted is None else fitted_record(fitted, path, initial)
 
-    keep_fit = KeepRuleFit(ema.module, crossfit, fit, bool(pcfg.get("fit_keep_rule", True)))
+    keep_fit = KeepRuleFit(ema.module, crossfit, fit, bool(pcfg["fit_keep_rule"]))
     extra = {
         "config": pcfg,
         "noise": _learned_from(noise_meta.get("noise", {}), pairs),

@@ -201,7 +201,7 @@ def load_student_data(
     unlabeled = PseudoLabeledDataset(
         items, [t for t, _ in built], unlabeled_dir,
         training_augment(scfg, "student", "pseudo_augment"),
-        mixup=float(scfg.get("mixup", 0.0)), mosaic=float(scfg.get("mosaic", 0.0)),
+        mixup=float(scfg["mixup"]), mosaic=float(scfg["mosaic"]),
     )  # fmt: skip
     dataset = StudentDataset(labeled, unlabeled, float(scfg["unlabeled_ratio"]))
     stats = StudentData(
