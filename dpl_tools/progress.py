@@ -21,11 +21,11 @@ LOG_EVERY_ENV = "DPL_LOG_EVERY"
 
 
 def log_every() -> float:
-    """Seconds between two log lines of one task (``DPL_LOG_EVERY``, default 30)."""
+    """Seconds between two log lines of one task (``DPL_LOG_EVERY``, default 10)."""
     try:
-        return max(0.0, float(os.environ.get(LOG_EVERY_ENV, "30")))
+        return max(0.0, float(os.environ.get(LOG_EVERY_ENV, "10")))
     except ValueError:
-        return 30.0
+        return 10.0
 
 
 def _clock(seconds: float) -> str:

@@ -16,7 +16,19 @@ from dpl_tools.data.export import (
     VIEWS,
     DatasetInputs,
     ExportSummary,
+    check_view_categories,
     export_dataset,
+    pseudo_categories,
+    view_boxes,
+)
+from dpl_tools.data.pseudo_labels import read_pseudo_labels
+from dpl_tools.data.review import (
+    LOCAL_FILES,
+    REVIEW_FORMATS,
+    label_config,
+    review_priority,
+    review_queue,
+    write_review,
 )
 from dpl_tools.data.split import Split, split_coco, split_paths, write_split
 from dpl_tools.errors import DplError
@@ -44,7 +56,7 @@ def convert(
     fmt = format.lower()
     if fmt not in FORMATS:
         raise DplError(f"unknown --format '{format}' (choose from {', '.join(FORMATS)})")
-    if fmt == "coco" and split is not None:
+    if fmt in ("coco", *REVIEW_FORMATS) and split is not None:
         raise DplError("--split applies to --format voc and yolo only")
     if classes is not None and not classes:
         raise DplError("--classes is empty")
@@ -145,6 +157,51 @@ def export(
             if not report.clean:
                 print_report(console, report)
     return summary
+
+
+@dataclass
+class ReviewFile:
+    """A review file written for Label Studio or CVAT: its path, the images in it (the
+    review queue's first ``top``), boxes exported, and Label Studio's labeling config."""
+
+    path: Path
+    images: int
+    boxes: int
+    label_config: str
+
+
+def export_review(
+    labels: str | Path,
+    out: str | Path,
+    format: str = "label-studio",
+    *,
+    view: str = "polished",
+    top: int | None = None,
+    image_prefix: str = LOCAL_FILES,
+    min_score: float | None = None,
+) -> ReviewFile:
+    """Write the pseudo labels for human review (``dpl export --format label-studio | cvat``):
+    the images most worth a look first (``review_priority``), the first ``top`` of them,
+    with the ``view`` boxes as pre-annotations carrying their scores."""
+    if format not in REVIEW_FORMATS:
+        raise DplError(f"--format {format!r}: choose from {', '.join(REVIEW_FORMATS)}")
+    if top is not None and top < 1:
+        raise DplError(f"--top {top}: give at least 1 image")
+    check_distinct_outputs({"--labels": labels}, {"--out": out})
+    table, meta = read_pseudo_labels(labels)
+    chosen = view_boxes(table, view)
+    if min_score is not None:
+        keep = chosen["scores"] >= min_score
+        chosen = {**chosen, **{k: chosen[k][keep] for k in ("image_id", "boxes", "labels",
+                                                             "scores")}}  # fmt: skip
+    categories = pseudo_categories(meta)
+    check_view_categories(chosen, categories, labels)
+    priority = review_priority(table)
+    written = write_review(chosen, categories, priority, out, format, top, image_prefix)
+    queue = {im[0] for im in review_queue(chosen, priority, top)}
+    boxes = int(sum(int(i) in queue for i in chosen["image_id"]))
+    names = [str(c["name"]) for c in categories]
+    return ReviewFile(Path(out), written, boxes, label_config(names))
 
 
 def report(

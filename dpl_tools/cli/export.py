@@ -10,6 +10,11 @@ that is both labeled and pseudo-labeled keeps its ground truth only.
 
 DIR is dpl's own folder: dpl refuses a folder holding files it did not write, or an
 input's folder, and never writes or deletes anything outside it.
+
+--format label-studio / cvat write one file of the pseudo labels for human review instead:
+Label Studio JSON tasks (pre-annotations in percent, with scores) or CVAT for images 1.1
+XML, the images ordered by how much a look is worth (--top N keeps the first N). Read the
+corrected labels back with dpl convert --format label-studio / cvat.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from dpl_tools.data.export import (
     ExportSummary,
 )
 from dpl_tools.data.pseudo_labels import dropped_warning
-from dpl_tools.defaults import UNIT
+from dpl_tools.data.review import LOCAL_FILES, REVIEW_FORMATS
+from dpl_tools.defaults import AT_LEAST_1, UNIT
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input
 from dpl_tools.tables import ReportTable
 
@@ -62,8 +68,23 @@ def _print_summary(console: Console, summary: ExportSummary) -> None:
 
 
 def command(
-    out: Annotated[Path, typer.Option("--out", help="Export folder (new, or an earlier export).")],
-    fmt: Annotated[str, typer.Option("--format", help="coco or yolo (ultralytics layout).")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="Export folder (new, or an earlier export); a file for label-studio (.json) "
+            "and cvat (.xml).",
+        ),
+    ],
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="coco or yolo (ultralytics layout): a training set; label-studio (JSON "
+            "tasks with pre-annotations) or cvat (CVAT for images 1.1 XML): the pseudo "
+            "labels for human review, most uncertain images first.",
+        ),
+    ],
     labels: Annotated[
         Path | None,
         typer.Option(
@@ -114,10 +135,40 @@ def command(
     copy_images: Annotated[
         bool, typer.Option("--copy-images", help="Copy the images instead of linking to them.")
     ] = False,
+    top: Annotated[
+        int | None,
+        typer.Option(
+            "--top",
+            help="label-studio / cvat: only the N images most worth a human look (uncertain "
+            "boxes, teacher and polisher disagreeing); default all, in that order.",
+            callback=within(AT_LEAST_1),
+        ),
+    ] = None,
+    image_prefix: Annotated[
+        str,
+        typer.Option(
+            "--image-prefix",
+            help="label-studio: put before each file name to make the task's image URL "
+            "(default: Label Studio's local-files URL; e.g. https://host/images/).",
+        ),
+    ] = LOCAL_FILES,
     allow_outside_root: AllowOutsideRoot = False,
     run_dir: RunDir = DEFAULT_RUN_DIR,
 ) -> None:
     console = Console()
+    if fmt in REVIEW_FORMATS:
+        labels = resolve_input(labels, run_dir, "labels", "--labels")
+        review = api.export_review(
+            labels, out, fmt, view=view, top=top, image_prefix=image_prefix, min_score=min_score
+        )
+        console.print(
+            f"{review.images} image(s), {review.boxes} {view} pseudo boxes, most worth a "
+            f"review first, written to {review.path} ({fmt})"
+        )
+        if fmt == "label-studio":
+            console.print("Label Studio labeling config for these tasks:", highlight=False)
+            console.print(review.label_config, highlight=False, markup=False)
+        return
     summary = api.export(
         resolve_input(labels, run_dir, "labels", "--labels"),
         resolve_input(labeled, run_dir, "labeled", "--labeled"), out, fmt, view=view,

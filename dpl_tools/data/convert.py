@@ -57,10 +57,11 @@ from dpl_tools.data.images import (
     scan_images,
     utf8_name,
 )
+from dpl_tools.data.review import REVIEW_FORMATS, convert_review
 from dpl_tools.errors import DplError
 from dpl_tools.textfiles import read_text, read_yaml_file
 
-FORMATS = ("voc", "yolo", "coco")
+FORMATS = ("voc", "yolo", "coco", *REVIEW_FORMATS)
 
 
 @dataclass
@@ -526,7 +527,8 @@ def convert(
     strict: bool = False,
     allow_outside_root: bool = False,
 ) -> Conversion:
-    """Dispatch on ``fmt`` (voc, yolo, coco); bad files are skipped unless ``strict``.
+    """Dispatch on ``fmt`` (voc, yolo, coco, label-studio, cvat); bad files are skipped
+    unless ``strict``.
 
     The set is not checked for being usable: see ``require_usable``.
     """
@@ -536,4 +538,6 @@ def convert(
         return convert_yolo(src, split, classes, progress, strict)
     if fmt == "coco":
         return convert_coco(src, images_dir, allow_outside_root)
+    if fmt in REVIEW_FORMATS:
+        return convert_review(fmt, src, classes, images_dir, allow_outside_root)
     raise DplError(f"unknown format '{fmt}' (choose from {', '.join(FORMATS)})")

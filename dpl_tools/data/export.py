@@ -95,7 +95,7 @@ def view_boxes(table: pa.Table, view: str = "polished") -> dict[str, Any]:
     }
 
 
-def _check_view_categories(v: dict[str, Any], cats: list[dict], source: str | Path) -> None:
+def check_view_categories(v: dict[str, Any], cats: list[dict], source: str | Path) -> None:
     """Refuse boxes whose category is not among the file's own categories."""
     unknown = sorted(set(v["labels"].tolist()) - {int(c["id"]) for c in cats})
     if unknown:
@@ -105,7 +105,7 @@ def _check_view_categories(v: dict[str, Any], cats: list[dict], source: str | Pa
         )
 
 
-def _categories(meta: dict[str, Any]) -> list[dict[str, Any]]:
+def pseudo_categories(meta: dict[str, Any]) -> list[dict[str, Any]]:
     cats = meta.get(META_CATEGORIES)
     if not cats:
         raise DplError(f"pseudo-label metadata lacks {META_CATEGORIES}; cannot export classes")
@@ -118,7 +118,7 @@ def to_coco(
     """The pseudo labels of ``view`` as a COCO detection dict (bbox xywh, ``score`` kept);
     unusable rows left out (``view_boxes``), a category the file does not list refused."""
     v = view_boxes(table, view)
-    _check_view_categories(v, _categories(meta), source)
+    check_view_categories(v, pseudo_categories(meta), source)
     images = [
         {"id": image_id, "file_name": name, "width": w, "height": h}
         for image_id, name, w, h in v["images"]
@@ -139,7 +139,7 @@ def to_coco(
                 "score": round(float(score), 5),
             }
         )
-    categories = [{"id": c["id"], "name": c["name"]} for c in _categories(meta)]
+    categories = [{"id": c["id"], "name": c["name"]} for c in pseudo_categories(meta)]
     return {
         "info": {"description": f"dpl pseudo labels ({view} view)"},
         "images": images,
@@ -197,10 +197,10 @@ def write_yolo(
     number of boxes written.
     """
     out_dir = Path(out_dir)
-    cats = _categories(meta)
+    cats = pseudo_categories(meta)
     index_of = {c["id"]: i for i, c in enumerate(cats)}
     v = view_boxes(table, view)
-    _check_view_categories(v, cats, source)
+    check_view_categories(v, cats, source)
     by_image: dict[int, list[str]] = {}
     for image_id, (x1, y1, x2, y2), label in zip(
         v["image_id"], v["boxes"], v["labels"], strict=True
@@ -326,7 +326,7 @@ def _pseudo_images(
     """The view's processed images (with their file path), boxes (COCO-style dicts) and
     the number of rows left out as unusable."""
     v = view_boxes(table, view)
-    _check_view_categories(v, _categories(meta), inputs.labels)
+    check_view_categories(v, pseudo_categories(meta), inputs.labels)
     images, missing, allow = [], [], inputs.allow_outside_root
     for image_id, name, width, height in v["images"]:
         path = _image_file(inputs.unlabeled_images, name, "pseudo-labeled image", allow)
@@ -520,7 +520,7 @@ def export_dataset(
     _dataset_out_check(inputs, out)
     check_owned_folder(out, DATASET_KIND, DATASET_WHAT)
     table, meta = read_pseudo_labels(inputs.labels)
-    cats = _categories(meta)
+    cats = pseudo_categories(meta)
     allow = inputs.allow_outside_root
     gt = load_coco(inputs.labeled, inputs.images, allow_outside_root=allow)
     if not gt.images:
