@@ -32,11 +32,11 @@ from dpl_tools.models.checkpoint import (
     DetectorSpec,
     check_same_model,
     detector_from_checkpoint,
+    fresh_detector,
     requested_model,
     save_detector,
     unwrap,
 )
-from dpl_tools.models.detector import build_detector, multiscale_sizes
 from dpl_tools.runtime import seed_everything
 
 __all__ = ["TrainConfig", "TrainResult", "checkpoint_saver", "detector_losses", "train_teacher"]
@@ -93,21 +93,8 @@ def train_teacher(
             out, spec.categories, ann, coco.categories, "the checkpoint's", "cannot resume"
         )
     else:
-        spec = DetectorSpec(
-            arch=mcfg["arch"],
-            categories=coco.categories,
-            min_size=int(mcfg["min_size"]),
-            max_size=int(mcfg["max_size"]),
-            kind="teacher",
-            extra={"backbone_weights": str(mcfg["backbone_weights"]), "train_ann": str(ann)},
-        )
-        model = build_detector(
-            spec.arch,
-            spec.num_classes,
-            str(mcfg["backbone_weights"]),
-            multiscale_sizes(spec.min_size, tcfg.get("multiscale")),
-            spec.max_size,
-            **dict(mcfg.get("detector_kwargs") or {}),
+        model, spec = fresh_detector(
+            mcfg, coco.categories, "teacher", tcfg["multiscale"], train_ann=str(ann)
         )
     spec.extra["config"] = config
     seed_everything(seed + dist.rank)

@@ -46,11 +46,11 @@ from dpl_tools.models.checkpoint import (
     DetectorSpec,
     check_same_model,
     detector_from_checkpoint,
+    fresh_detector,
     read_checkpoint,
     requested_model,
     saved_model,
 )
-from dpl_tools.models.detector import build_detector, multiscale_sizes
 from dpl_tools.models.student_criterion import (
     IGNORE_KEY,
     NEGATIVES,
@@ -87,23 +87,7 @@ def build_student(
     fresh with the config's backbone weights (``init="imagenet"``)."""
     mcfg, scfg = config["model"], config["student"]
     if str(init) == "imagenet":
-        spec = DetectorSpec(
-            arch=mcfg["arch"],
-            categories=categories,
-            min_size=int(mcfg["min_size"]),
-            max_size=int(mcfg["max_size"]),
-            kind="student",
-            extra={"backbone_weights": str(mcfg["backbone_weights"]), "init": "imagenet"},
-        )
-        model = build_detector(
-            spec.arch,
-            spec.num_classes,
-            str(mcfg["backbone_weights"]),
-            multiscale_sizes(spec.min_size, scfg.get("multiscale")),
-            spec.max_size,
-            **dict(mcfg.get("detector_kwargs") or {}),
-        )
-        return model, spec
+        return fresh_detector(mcfg, categories, "student", scfg["multiscale"], init="imagenet")
     model, teacher = detector_from_checkpoint(read_checkpoint(init), init, scfg.get("multiscale"))
     check_categories(init, teacher.categories, ann, categories)
     spec = DetectorSpec(

@@ -231,6 +231,38 @@ def load_detector(
     return model.to(device).eval(), spec
 
 
+def fresh_detector(
+    model_section: dict[str, Any],
+    categories: list[dict],
+    kind: str,
+    train_scales: list[float] | None = None,
+    **extra: Any,
+) -> tuple[FasterRCNN, DetectorSpec]:
+    """A new detector of the config's ``model`` section for ``categories``, with its
+    backbone weights (imagenet, none or a path), and its spec (``kind``: teacher or
+    student; ``extra`` goes into the spec). ``train_scales``: multi-scale training factors
+    of ``min_size``."""
+    from dpl_tools.models.detector import build_detector, multiscale_sizes
+
+    spec = DetectorSpec(
+        arch=model_section["arch"],
+        categories=categories,
+        min_size=int(model_section["min_size"]),
+        max_size=int(model_section["max_size"]),
+        kind=kind,
+        extra={"backbone_weights": str(model_section["backbone_weights"]), **extra},
+    )
+    model = build_detector(
+        spec.arch,
+        spec.num_classes,
+        str(model_section["backbone_weights"]),
+        multiscale_sizes(spec.min_size, train_scales),
+        spec.max_size,
+        **dict(model_section.get("detector_kwargs") or {}),
+    )
+    return model, spec
+
+
 def detector_from_checkpoint(
     payload: dict[str, Any], path: str | Path, train_scales: list[float] | None = None
 ) -> tuple[FasterRCNN, DetectorSpec]:
