@@ -191,3 +191,18 @@ def test_review_output_is_not_an_input(data):
                  "--out", data["labels"])  # fmt: skip
     assert isinstance(result.exception, DplError) and "labels.parquet" in str(result.exception)
     assert Path(data["labels"]).stat().st_size > 0
+
+
+def test_yolo_labels_with_confidence(data, tmp_path):
+    yolo = tmp_path / "yolo"
+    result = run("polish", "--out", data["labels"], "--export-only", "--yolo-out", yolo,
+                 "--coco-view", "teacher", "--save-conf")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    stem = Path(data["files"][1]).stem
+    lines = [line.split() for line in (yolo / f"{stem}.txt").read_text().splitlines()]
+    assert sorted(float(line[5]) for line in lines) == pytest.approx([0.55, 0.9])
+    assert all(len(line) == 6 for line in lines)
+    plain = tmp_path / "plain"
+    assert run("polish", "--out", data["labels"], "--export-only", "--yolo-out", plain,
+               "--coco-view", "teacher").exit_code == 0  # fmt: skip
+    assert all(len(line.split()) == 5 for line in (plain / f"{stem}.txt").read_text().splitlines())

@@ -129,7 +129,13 @@ def _print_bad_input(console: Console, listing_skipped: list, summary: PolishSum
 
 
 def _export(
-    console: Console, out: Path, coco_out, coco_view: str, yolo_out, overwrite: bool
+    console: Console,
+    out: Path,
+    coco_out,
+    coco_view: str,
+    yolo_out,
+    overwrite: bool,
+    save_conf: bool = False,
 ) -> None:
     if not (coco_out or yolo_out):
         return
@@ -142,7 +148,7 @@ def _export(
         n = write_coco(table, meta, coco_out, coco_view, source=out)
         console.print(f"COCO JSON ({coco_view} view, {n} boxes) written to {coco_out}")
     if yolo_out:
-        n = write_yolo(table, meta, yolo_out, coco_view, overwrite, source=out)
+        n = write_yolo(table, meta, yolo_out, coco_view, overwrite, source=out, save_conf=save_conf)
         console.print(f"YOLO labels ({coco_view} view, {n} boxes) written to {yolo_out}")
 
 
@@ -153,6 +159,7 @@ def export_labels(
     view: str = "polished",
     overwrite: bool = False,
     console: Console | None = None,
+    save_conf: bool = False,
 ) -> None:
     """Export existing pseudo labels (a file or a part-file folder) as COCO JSON and / or
     YOLO txt (``dpl polish --export-only``): ``view`` picks which boxes and classes."""
@@ -165,7 +172,7 @@ def export_labels(
     check_distinct_outputs({"--out": labels}, exports, folders={"--yolo-out"})
     if yolo_out:
         check_yolo_out(yolo_out, overwrite)
-    _export(console, Path(labels), coco_out, view, yolo_out, overwrite)
+    _export(console, Path(labels), coco_out, view, yolo_out, overwrite, save_conf)
 
 
 def polish(
@@ -183,6 +190,7 @@ def polish(
     coco_out: str | Path | None = None,
     coco_view: str = "polished",
     yolo_out: str | Path | None = None,
+    save_conf: bool = False,
     detections: str | Path | None = None,
     detection_classes: str | Path | None = None,
     category_map: str | Path | None = None,
@@ -281,6 +289,6 @@ def polish(
         )
         _print_summary(console, summary, dest, given is not None)
         _print_bad_input(console, image_list.skipped, summary)
-        _export(console, dest, coco_out, coco_view, yolo_out, overwrite)
+        _export(console, dest, coco_out, coco_view, yolo_out, overwrite, save_conf)
     rule = {"cls_prob": keep.cls_prob, "teacher_score": keep.teacher_score, **keep.metadata()}
     return Polished(dest, summary, rule, steps)

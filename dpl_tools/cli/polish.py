@@ -121,6 +121,14 @@ def command(
             "--yolo-out", help="Also write YOLO txt labels (+ classes.txt) into this folder."
         ),
     ] = None,
+    save_conf: Annotated[
+        bool,
+        typer.Option(
+            "--save-conf",
+            help="--yolo-out: end each label line with the box's teacher score "
+            "(class cx cy w h conf, ultralytics' save_conf convention).",
+        ),
+    ] = False,
     export_only: Annotated[
         bool,
         typer.Option(
@@ -151,7 +159,7 @@ def command(
     api.stage_config(config, "polish", flags=flags)  # a bad --config fails first
     out = resolve_output(out, run_dir, "labels")
     if export_only:
-        api.export_labels(out, coco_out, yolo_out, coco_view, overwrite, console)
+        api.export_labels(out, coco_out, yolo_out, coco_view, overwrite, console, save_conf)
         return
     if images is None:
         raise DplError("--images is required (a folder or a COCO JSON image list)")
@@ -159,7 +167,7 @@ def command(
         images, out, resolve_input(teacher, run_dir, "teacher"),
         resolve_input(polisher, run_dir, "polisher"), config, image_root=image_root,
         device=device, shard=shard, strict=strict, overwrite=overwrite, coco_out=coco_out,
-        coco_view=coco_view, yolo_out=yolo_out, detections=detections,
+        coco_view=coco_view, yolo_out=yolo_out, save_conf=save_conf, detections=detections,
         detection_classes=detection_classes, category_map=category_map, progress=progress,
         allow_outside_root=allow_outside_root, console=console, flags=flags,
     )  # fmt: skip

@@ -187,9 +187,12 @@ def write_yolo(
     overwrite: bool = False,
     command: str = "dpl polish --yolo-out",
     source: str | Path = "",
+    save_conf: bool = False,
 ) -> int:
     """One ``<file stem>.txt`` per processed image (``class cx cy w h``, normalised; class =
-    0-based position in the category list; subfolders kept) plus ``classes.txt``.
+    0-based position in the category list; subfolders kept) plus ``classes.txt``. With
+    ``save_conf`` each line ends with the box's teacher score (``class cx cy w h conf``,
+    ultralytics' ``save_conf`` convention).
 
     ``out_dir`` is a dpl-owned folder (``dpl_tools.outputs.owned_folder``): the files are
     staged, then moved in; label files of an earlier export not written again are removed,
@@ -202,16 +205,17 @@ def write_yolo(
     v = view_boxes(table, view)
     check_view_categories(v, cats, source)
     by_image: dict[int, list[str]] = {}
-    for image_id, (x1, y1, x2, y2), label in zip(
-        v["image_id"], v["boxes"], v["labels"], strict=True
+    for image_id, (x1, y1, x2, y2), label, score in zip(
+        v["image_id"], v["boxes"], v["labels"], v["scores"], strict=True
     ):
-        by_image.setdefault(int(image_id), []).append((int(label), x1, y1, x2, y2))
+        by_image.setdefault(int(image_id), []).append((int(label), x1, y1, x2, y2, score))
     count, written = 0, {}
     with owned_folder(out_dir, YOLO_KIND, command, YOLO_WHAT, overwrite, OVERWRITE_HINT) as tmp:
         for image_id, name, width, height in v["images"]:
             lines = []
-            for label, x1, y1, x2, y2 in by_image.get(image_id, []):
-                lines.append(yolo_line(index_of[label], (x1, y1, x2, y2), width, height))
+            for label, x1, y1, x2, y2, score in by_image.get(image_id, []):
+                line = yolo_line(index_of[label], (x1, y1, x2, y2), width, height)
+                lines.append(f"{line} {float(score):.6f}" if save_conf else line)
             try:
                 rel = Path(name).with_suffix(".txt")
             except ValueError:
