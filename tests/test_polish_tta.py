@@ -23,11 +23,8 @@ from dpl_tools.data.synthetic import make_synthetic_dataset
 from dpl_tools.engine.box_fusion import _iou_one, weighted_box_fusion
 from dpl_tools.engine.polish import PolishSettings, detect, polish_boxes
 from dpl_tools.engine.tta import Augmentation, augmented_detections, hflip_images, unflip_boxes
-from dpl_tools.evaluation.pseudo_quality import (
-    format_box_quality_table,
-    format_quality_table,
-    pseudo_label_quality,
-)
+from dpl_tools.evaluation.pseudo_quality import pseudo_label_quality
+from dpl_tools.evaluation.quality_tables import format_box_quality_table, format_quality_table
 from dpl_tools.models.checkpoint import DetectorSpec, save_detector
 from dpl_tools.models.detector import build_detector, set_test_settings
 from dpl_tools.models.polisher import Polisher, save_polisher

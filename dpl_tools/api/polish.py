@@ -4,7 +4,7 @@ images, polish the boxes and classes, apply the keep rule, write the Parquet lab
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +16,13 @@ from dpl_tools.data.export import VIEWS, check_yolo_out, view_boxes, write_coco,
 from dpl_tools.data.image_list import load_image_list, parse_shard, shard_records
 from dpl_tools.data.pseudo_label_writer import PseudoLabelWriter, output_file
 from dpl_tools.data.pseudo_labels import META_BOXES, dropped_warning, read_pseudo_labels
-from dpl_tools.engine.keep_thresholds import resolve_keep_thresholds
 from dpl_tools.engine.polish import (
-    PolishSettings,
     PolishSummary,
     kept_warning,
     polish_images,
     polish_metadata,
 )
-from dpl_tools.engine.regression_check import resolve_reg_steps
+from dpl_tools.engine.polish_settings import applied_polisher
 from dpl_tools.errors import DplError
 from dpl_tools.io import sha256_file
 from dpl_tools.models.checkpoint import load_detector
@@ -240,25 +238,10 @@ def polish(
         model, spec = load_detector(teacher_path, dev)
         teacher_sha = sha256_file(teacher_path)
         refiner = load_polisher(polisher_path, teacher_sha=teacher_sha, device=dev)
-        keep = resolve_keep_thresholds(
-            pcfg["keep_rule"], refiner.fitted_thresholds, pcfg["cls_prob"],
-            pcfg["teacher_score"], str(polisher_path),
-        )  # fmt: skip
-        steps, steps_source = resolve_reg_steps(pcfg["reg_steps"], refiner.regression_check)
-        settings = replace(
-            PolishSettings.from_section(pcfg), cls_prob=keep.cls_prob,
-            teacher_score=keep.teacher_score, reg_steps=steps,
-        )  # fmt: skip
-        if keep.note:
-            console.print(f"note: {keep.note}", highlight=False)
-        console.print(keep.describe(), highlight=False)
-        if keep.source.startswith("fallback"):
-            console.print(f"[bold red]keep rule: {keep.source}[/]", highlight=False)
-        if steps == 0:
-            console.print(
-                f"[bold red]regression pseudo labels: the teacher's boxes[/] ({steps_source})",
-                highlight=False,
-            )
+        applied = applied_polisher(pcfg, refiner, polisher_path)
+        applied.announce(console)
+        settings, keep, steps = applied.settings, applied.keep, applied.settings.reg_steps
+        steps_source = applied.reg_steps_source
         meta = polish_metadata(
             spec.categories, settings, teacher_sha, sha256_file(polisher_path),
             keep_sources={**keep.metadata(), "reg_steps_source": steps_source},
