@@ -514,6 +514,17 @@ SETTINGS: dict[str, dict[str, Setting]] = {
             "classification pseudo labels, box regression from the polished boxes); off: "
             "polished boxes and labels for every loss",
         ),
+        "online": Setting(
+            False,
+            "online polishing (the paper's training): the EMA teacher and the polishers "
+            "label the unlabeled images inside the loop; starts from the teacher",
+        ),
+        "ema_momentum": Setting(
+            0.999, "online: momentum of the EMA teacher", Range(0, 1, high_open=True)
+        ),
+        "online_log_every": Setting(
+            50, "online: iterations between two pseudo-label log lines", AT_LEAST_1
+        ),
         "allow_empty": Setting(
             False,
             "train even when the pseudo labels hold no usable box (warns loudly); off: that "

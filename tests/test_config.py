@@ -93,6 +93,7 @@ NEW_KEYS = {
         **AUGMENT_KEYS,
         "augment": "weak",
         "pseudo_augment": None,
+        "online": False, "ema_momentum": 0.999, "online_log_every": 50,
         "mixup": 0.0,
         "mosaic": 0.0,
         "init": "teacher",

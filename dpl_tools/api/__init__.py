@@ -29,6 +29,7 @@ from dpl_tools.api.detectors import (
     evaluate,
     student_init,
     train_student,
+    train_student_online,
     train_teacher,
 )
 from dpl_tools.api.polish import Polished, export_labels, polish
@@ -55,5 +56,6 @@ __all__ = [
     "train_polisher",
     "student_init",
     "train_student",
+    "train_student_online",
     "train_teacher",
 ]

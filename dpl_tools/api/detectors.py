@@ -127,6 +127,53 @@ def train_student(
     return TrainedDetector(out, spec, result, cfg, data, {"init": str(init_from)})
 
 
+def train_student_online(
+    ann: str | Path,
+    images: str | Path,
+    unlabeled: str | Path,
+    teacher: str | Path,
+    polisher: str | Path,
+    out: str | Path = "runs/student.pt",
+    config: ConfigLike = None,
+    *,
+    unlabeled_root: str | Path | None = None,
+    unlabeled_gt: str | Path | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    resume: bool = False,
+    allow_outside_root: bool = False,
+    console: Console | None = None,
+    flags: Mapping[str, Mapping[str, Any]] | None = None,
+    sets: Mapping[str, Mapping[str, Any]] | None = None,
+    **overrides: Any,
+) -> TrainedDetector:
+    """Train the student online (``dpl train-student --online``): from ``teacher``, with
+    the ``unlabeled`` images (a folder, or a COCO image list under ``unlabeled_root``)
+    labelled inside the loop by its EMA teacher and the ``polisher``. Writes the student
+    to ``out`` and the EMA teacher beside it (``extra["teacher"]``); with
+    ``unlabeled_gt`` the pseudo labels' quality is logged as training goes."""
+    from dpl_tools.engine.train_online import teacher_path_of
+    from dpl_tools.engine.train_online import train_student_online as train
+
+    cfg = stage_config(config, "student", {**overrides, "online": True}, flags, sets)
+    out = Path(out)
+    check_distinct_outputs(
+        {"--ann": ann, "--images": images, "--unlabeled": unlabeled,
+         "--unlabeled-images": unlabeled_root, "--unlabeled-gt": unlabeled_gt,
+         "--teacher": teacher, "--polisher": polisher},
+        {"--out": out, "EMA teacher": teacher_path_of(out)},
+    )  # fmt: skip
+    try:
+        _, spec, result, log = train(
+            ann, images, unlabeled, out, cfg, teacher, polisher, unlabeled_root, unlabeled_gt,
+            device, seed, resume, console or Console(), allow_outside_root,
+        )  # fmt: skip
+    finally:
+        cleanup_distributed()
+    extra = {"init": str(teacher), "teacher": str(teacher_path_of(out)), "log": log.history}
+    return TrainedDetector(out, spec, result, cfg, None, extra)
+
+
 @dataclass
 class Evaluation:
     """A detector's COCO metrics on a labeled set (``metrics["AP"]`` ...) and its speed."""

@@ -43,7 +43,7 @@ from dpl_tools.tables import ReportTable
 STUDENT_FLAGS = (
     "pseudo_view", "negatives", "disentangle", "unlabeled_ratio", "unlabeled_weight",
     "augment", "pseudo_augment", "mixup", "mosaic", "iters", "batch_size", "lr", "workers",
-    "checkpoint_every", "allow_empty",
+    "checkpoint_every", "allow_empty", "online", "ema_momentum", "online_log_every",
 )  # fmt: skip
 
 
@@ -80,6 +80,31 @@ def command(
             f"path. Default {default('student', 'init')} (config: student.init).",
         ),
     ] = None,
+    polisher: Annotated[
+        Path | None,
+        typer.Option(
+            "--polisher",
+            help="--online: the trained polisher (default: <run-dir>/polisher.pt).",
+        ),
+    ] = None,
+    unlabeled: Annotated[
+        Path | None,
+        typer.Option(
+            "--unlabeled",
+            help="--online: the unlabeled images, a folder or a COCO JSON image list whose "
+            "file names are under --unlabeled-images (default: <run-dir>/split/"
+            "unlabeled.json).",
+        ),
+    ] = None,
+    unlabeled_gt: Annotated[
+        Path | None,
+        typer.Option(
+            "--unlabeled-gt",
+            help="--online: the unlabeled images' hidden truth (COCO JSON), to log the "
+            "pseudo labels' precision, recall and IoU before / after polishing as training "
+            "goes (evaluation only: nothing is learned from it).",
+        ),
+    ] = None,
     teacher: Annotated[
         Path | None,
         typer.Option(
@@ -104,8 +129,27 @@ def command(
     sets = set_overrides(set_values)
     cfg = api.stage_config(config, "student", flags=flags, sets=sets)
     ann = resolve_input(ann, run_dir, "labeled")
-    pseudo = resolve_input(pseudo, run_dir, "labels")
     out = resolve_output(out, run_dir, "student")
+    if cfg["student"]["online"]:
+        _online(
+            console,
+            cfg,
+            ann,
+            images,
+            out,
+            run_dir,
+            teacher,
+            polisher,
+            unlabeled,
+            unlabeled_images,
+            unlabeled_gt,
+            device,
+            seed,
+            resume,
+            allow_outside_root,
+        )
+        return
+    pseudo = resolve_input(pseudo, run_dir, "labels")
     init = api.student_init(None if init in STUDENT_INITS else init, cfg)
     needs_teacher = init == "teacher" or cfg["student"]["negatives"] == "soft" or teacher
     teacher_ckpt = (
@@ -141,6 +185,51 @@ def command(
         table.add_row("ignore regions", f"{data.ignore_boxes} (teacher boxes not kept)")
     if data.dropped_rows:
         table.add_row("dropped rows", f"{data.dropped_rows} (unusable box or label)")
+    table.add_row("iterations", f"{result.iterations} ({result.iterations_run} in this run)")
+    table.add_row("time", f"{result.seconds:.1f} s")
+    table.add_row("last loss", f"{result.last_loss:.4f}")
+    console.print(table)
+
+
+def _online(
+    console,
+    cfg,
+    ann,
+    images,
+    out,
+    run_dir,
+    teacher,
+    polisher,
+    unlabeled,
+    unlabeled_images,
+    unlabeled_gt,
+    device,
+    seed,
+    resume,
+    allow_outside_root,
+) -> None:
+    """``--online``: the EMA teacher and the polishers label the unlabeled images in the
+    loop (``dpl_tools.engine.online``)."""
+    unlabeled = resolve_input(unlabeled, run_dir, "unlabeled", "--unlabeled")
+    root = unlabeled_images or (images if unlabeled.suffix == ".json" else None)
+    trained = api.train_student_online(
+        ann, images, unlabeled, resolve_input(teacher, run_dir, "teacher", "--teacher"),
+        resolve_input(polisher, run_dir, "polisher", "--polisher"), out, cfg,
+        unlabeled_root=root, unlabeled_gt=unlabeled_gt, device=device, seed=seed,
+        resume=resume, allow_outside_root=allow_outside_root, console=console,
+    )  # fmt: skip
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    result, log = trained.result, trained.extra["log"]
+    table = ReportTable(title=f"student {out} (online)", title_justify="left",
+                        show_header=False)  # fmt: skip
+    table.add_row("initialised from", f"{trained.extra['init']} (the teacher)")
+    table.add_row("EMA teacher", f"{trained.extra['teacher']} (momentum "
+                  f"{cfg['student']['ema_momentum']:g})")  # fmt: skip
+    if log:
+        last = log[-1]
+        table.add_row("pseudo labels made", f"{last['pseudo_boxes']} teacher boxes, "
+                      f"{last['kept_for_classification']} kept for classification")  # fmt: skip
     table.add_row("iterations", f"{result.iterations} ({result.iterations_run} in this run)")
     table.add_row("time", f"{result.seconds:.1f} s")
     table.add_row("last loss", f"{result.last_loss:.4f}")

@@ -1,0 +1,141 @@
+"""Train a student online (``dpl train-student --online``): the mean teacher and the
+polishers label the unlabeled images inside the loop (``dpl_tools.engine.online``); the
+rest (SGD, AMP, DDP, progress, checkpoints, resume) is the offline student's loop."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+
+from dpl_tools.data.augment import training_augment
+from dpl_tools.data.coco import load_coco
+from dpl_tools.data.detection import DetectionDataset
+from dpl_tools.data.image_list import load_image_list
+from dpl_tools.data.student_data import StudentDataset, collate_student
+from dpl_tools.engine.ema import ModelEMA
+from dpl_tools.engine.loop import EMAHook, Hook, TrainLoop, TrainResult, find_resume_checkpoint
+from dpl_tools.engine.loop import train as train_loop
+from dpl_tools.engine.online import (
+    OnlineImages,
+    OnlineLabeler,
+    OnlineLog,
+    OnlineQuality,
+    online_losses,
+)
+from dpl_tools.engine.polish_settings import applied_polisher
+from dpl_tools.engine.setup import load_train_coco, setup_training
+from dpl_tools.engine.train_detector import checkpoint_saver
+from dpl_tools.engine.train_student import (
+    _resume_student,
+    build_student,
+    requested_student_model,
+)
+from dpl_tools.errors import DplError
+from dpl_tools.io import sha256_file
+from dpl_tools.models.checkpoint import DetectorSpec, check_same_model, save_detector
+from dpl_tools.models.polisher import load_polisher
+from dpl_tools.models.student_criterion import make_student, student_losses, supervision
+from dpl_tools.runtime import seed_everything
+
+
+def teacher_path_of(out: str | Path) -> Path:
+    """Where the EMA teacher of an online student ``out`` is saved."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.teacher{out.suffix or '.pt'}")
+
+
+class SaveEMATeacher(Hook):
+    """At the end of training (rank 0), save the EMA teacher as a detector checkpoint."""
+
+    def __init__(self, ema: ModelEMA, spec: DetectorSpec, out: Path, log: OnlineLog) -> None:
+        self.ema, self.spec, self.out, self.log = ema, spec, out, log
+
+    def after_train(self, loop: TrainLoop) -> None:
+        if loop.finished and loop.dist.is_main:
+            self.spec.extra["online_log"] = self.log.history
+            save_detector(self.out, self.ema.module, self.spec, loop.train_state())
+
+
+def _truth(path: str | Path | None) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+    """The hidden truth of the unlabeled images by file name (xyxy, COCO ids), or None."""
+    if path is None:
+        return None
+    gt = load_coco(path)
+    names = {im["id"]: im["file_name"] for im in gt.images}
+    out: dict[str, tuple[list, list]] = {name: ([], []) for name in names.values()}
+    for a in gt.annotations:
+        x, y, w, h = a["bbox"]
+        boxes, labels = out[names[a["image_id"]]]
+        boxes.append([x, y, x + w, y + h])
+        labels.append(a["category_id"])
+    return {k: (np.array(b, np.float64).reshape(-1, 4), np.array(c)) for k, (b, c) in out.items()}
+
+
+def train_student_online(
+    ann: str | Path,
+    images_dir: str | Path,
+    unlabeled: str | Path,
+    out: str | Path,
+    config: dict[str, Any],
+    teacher: str | Path,
+    polisher: str | Path,
+    unlabeled_root: str | Path | None = None,
+    unlabeled_gt: str | Path | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    resume: bool = False,
+    console: Console | None = None,
+    allow_outside_root: bool = False,
+) -> tuple[Any, DetectorSpec, TrainResult, OnlineLog]:
+    """Train a student from ``teacher`` on ``ann`` plus the ``unlabeled`` images (a folder
+    or COCO image list under ``unlabeled_root``) labelled online by its EMA teacher and the
+    ``polisher``; write the student to ``out`` and the EMA teacher beside it."""
+    console = console or Console()
+    out, scfg = Path(out), config["student"]
+    if scfg["negatives"] == "soft":
+        raise DplError("--online takes --negatives ignore or hard (soft needs a fixed teacher)")
+    run = setup_training(scfg, device, seed)
+    coco = load_train_coco(ann, images_dir, console, run.dist.is_main, allow_outside_root)
+    records = load_image_list(unlabeled, unlabeled_root, allow_outside_root)
+    if not records and float(scfg["unlabeled_ratio"]) > 0:
+        raise DplError(f"{unlabeled}: no unlabeled images to learn from")
+    resume_ckpt = find_resume_checkpoint(out) if resume else None
+    seed_everything(seed)
+    model, spec = build_student(teacher, coco.categories, ann, config)
+    if resume_ckpt is not None:
+        requested = requested_student_model(teacher, config)
+        check_same_model(resume_ckpt, requested, out, f"--teacher {teacher}: ")
+        model, spec = _resume_student(resume_ckpt, coco.categories, out, Path(ann), config)
+    spec.extra.update(online=True, config=config, polisher=str(polisher))
+    make_student(model)
+    model.to(run.device)
+    ema = ModelEMA(model, float(scfg["ema_momentum"]))
+    refiner = load_polisher(polisher, teacher_sha=sha256_file(teacher), device=run.device)
+    applied = applied_polisher(config["polish"], refiner, polisher)
+    if run.dist.is_main:
+        applied.announce(console)
+    truth = _truth(unlabeled_gt)
+    labeler = OnlineLabeler(
+        ema, refiner, applied.settings, spec.label_to_cat, coco.cat_to_label,
+        supervision(str(scfg["pseudo_view"]), bool(scfg["disentangle"])),
+        str(scfg["negatives"]), training_augment(scfg, "student", "pseudo_augment"),
+        OnlineQuality(truth) if truth is not None else None,
+    )  # fmt: skip
+    labeled = DetectionDataset(coco, images_dir, training_augment(scfg, "student"))
+    dataset = StudentDataset(labeled, OnlineImages(list(records)), float(scfg["unlabeled_ratio"]))
+    log = OnlineLog(labeler, int(scfg["online_log_every"]), console, record=spec.extra)
+    teacher_spec = replace(spec, kind="teacher", extra={**spec.extra, "ema_of": str(out)})
+    hooks = [EMAHook(ema, model), log, SaveEMATeacher(ema, teacher_spec, teacher_path_of(out), log)]
+    seed_everything(seed + run.dist.rank)
+    result = train_loop(
+        model, dataset, run.cfg, run.device, run.dist,
+        loss_fn=online_losses(student_losses(float(scfg["unlabeled_weight"])), labeler),
+        collate_fn=collate_student, save=checkpoint_saver(out, spec, seed), hooks=hooks,
+        resume_state=resume_ckpt["train_state"] if resume_ckpt else None,
+        description="train-student --online", console=console, out=out,
+    )  # fmt: skip
+    return model, spec, result, log

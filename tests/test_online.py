@@ -1,0 +1,121 @@
+"""Online polishing (train-student --online): the EMA teacher and the polishers label the
+unlabeled images inside the loop, through dpl polish's code path; the EMA teacher moves
+by the momentum after each step and is saved as a loadable detector."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dpl_tools import api
+from dpl_tools.cli.cli import app
+from dpl_tools.data.coco import load_coco
+from dpl_tools.data.pseudo_label_writer import rows_to_table
+from dpl_tools.data.pseudo_targets import pseudo_images
+from dpl_tools.engine.online import pseudo_image
+from dpl_tools.engine.polish import _empty_columns, _image_rows
+from dpl_tools.engine.train_online import teacher_path_of
+from dpl_tools.models.checkpoint import read_checkpoint
+from dpl_tools.models.student_criterion import student_target, supervision
+
+FAST = {
+    "rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 100,
+    "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100,
+    "box_batch_size_per_image": 64,
+}  # fmt: skip
+RUN = {"batch_size": 2, "workers": 0, "warmup_iters": 1, "checkpoint_every": 0}
+CONFIG = {
+    "model": {"min_size": 64, "max_size": 96, "detector_kwargs": FAST},
+    "teacher": {"iters": 2, **RUN},
+    "polisher": {"iters": 2, "noise_model": "gaussian", "rounds": 1, **RUN},
+    # a 2-iteration teacher scores low: polish every box it finds, so there are labels
+    "polish": {"workers": 0, "score_thresh": 0.0, "initial_thresh": 0.0},
+    "student": {"iters": 1, "ema_momentum": 0.5, "online_log_every": 1, **RUN},
+}
+
+
+@pytest.fixture(scope="module")
+def trained(synth_dataset, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("online")
+    images = synth_dataset.parent / "images"
+    teacher = api.train_teacher(synth_dataset, images, root / "teacher.pt", CONFIG, device="cpu")
+    polisher = api.train_polisher(teacher.checkpoint, synth_dataset, images,
+                                  root / "polisher.pt", CONFIG, noise=root / "noise.parquet",
+                                  device="cpu")  # fmt: skip
+    return {"root": root, "ann": synth_dataset, "images": images,
+            "teacher": teacher.checkpoint, "polisher": polisher.checkpoint}  # fmt: skip
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(path)["state_dict"]
+
+
+def test_online_student_moves_its_ema_teacher_and_saves_both(trained, tmp_path) -> None:
+    out = tmp_path / "student.pt"
+    result = api.train_student_online(
+        trained["ann"], trained["images"], trained["images"], trained["teacher"],
+        trained["polisher"], out, CONFIG, unlabeled_gt=trained["ann"], device="cpu",
+    )  # fmt: skip
+    ema_path = teacher_path_of(out)
+    assert out.is_file() and ema_path.is_file() and result.extra["teacher"] == str(ema_path)
+    student, ema, start = _weights(out), _weights(ema_path), _weights(trained["teacher"])
+    assert read_checkpoint(ema_path)["spec"]["kind"] == "teacher"
+    assert read_checkpoint(out)["spec"]["kind"] == "student"
+    # one step at momentum 0.5: the EMA teacher is halfway between the start and the student
+    moved = [k for k in student if student[k].is_floating_point()
+             and not torch.equal(student[k], start[k])]  # fmt: skip
+    assert moved, "the student did not learn"
+    for key in moved:
+        assert torch.allclose(ema[key], 0.5 * start[key] + 0.5 * student[key], atol=1e-6), key
+    (entry,) = result.extra["log"]
+    assert entry["iteration"] == 1 and entry["pseudo_boxes"] > 0
+    assert entry["teacher_recall"] is not None and 0 <= entry["teacher_recall"] <= 1
+    assert entry["iou_before"] is not None and entry["iou_after"] is not None
+    assert read_checkpoint(out)["spec"]["extra"]["online_log"] == result.extra["log"]
+
+
+def test_online_targets_are_the_offline_targets_of_the_same_boxes(trained) -> None:
+    """The loop's pseudo labels of an image become the same student target as the rows
+    dpl polish writes for the same detections (one implementation)."""
+    coco = load_coco(trained["ann"])
+    label_to_cat = {i + 1: c["id"] for i, c in enumerate(coco.categories)}
+    det = {
+        "boxes": torch.tensor([[2.0, 3.0, 30.0, 40.0], [50.0, 10.0, 90.0, 60.0]]),
+        "scores": torch.tensor([0.9, 0.6]), "labels": torch.tensor([1, 2]),
+        "polished_boxes": torch.tensor([[3.0, 3.5, 31.0, 41.0], [52.0, 11.0, 88.0, 62.0]]),
+        "polished_labels": torch.tensor([1, 3]), "probs": torch.tensor([0.95, 0.4]),
+        "use_cls": torch.tensor([True, False]), "use_reg": torch.tensor([True, True]),
+    }  # fmt: skip
+    online = pseudo_image(det, label_to_cat, "a.png", 96, 128)
+    cols = _empty_columns()
+    _image_rows(cols, {"id": 1, "file_name": "a.png"}, (96, 128), det, label_to_cat)
+    (offline,) = pseudo_images(rows_to_table(cols, {}))
+    chosen = supervision("polished", True)
+    a, _ = student_target(online, chosen, coco.cat_to_label, "ignore")
+    b, _ = student_target(offline, chosen, coco.cat_to_label, "ignore")
+    assert a.keys() == b.keys() and len(a["boxes"]) == 1 and len(a["ignore_boxes"]) == 1
+    for key in a:
+        assert torch.allclose(a[key].double(), b[key].double()), key
+
+
+def test_cli_online_and_its_refusals(trained, tmp_path) -> None:
+    import json
+
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(json.dumps(CONFIG))
+    base = [
+        "train-student", "--online", "--ann", str(trained["ann"]), "--images",
+        str(trained["images"]), "--unlabeled", str(trained["images"]), "--teacher",
+        str(trained["teacher"]), "--polisher", str(trained["polisher"]), "--config",
+        str(preset), "--device", "cpu",
+    ]  # fmt: skip
+    out = tmp_path / "s.pt"
+    result = CliRunner().invoke(app, [*base, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "online pseudo labels:" in result.output and "EMA teacher" in result.output
+    assert teacher_path_of(out).is_file()
+    soft = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "t.pt"), "--negatives", "soft"])
+    assert "--negatives ignore or hard" in str(soft.exception)
+    same = CliRunner().invoke(app, [*base, "--out", str(trained["teacher"])])
+    assert same.exception is not None and "teacher.pt" in str(same.exception)
