@@ -247,6 +247,13 @@ def _runs_teacher_for_noise(config: str | None) -> bool:
     return load_config(config)["polisher"]["noise_model"] != "gaussian"
 
 
+def _trains_online(config: str | None) -> bool:
+    """Whether the config's student trains online (``student.online``)."""
+    from dpl_tools.config import load_config
+
+    return bool(load_config(config)["student"]["online"])
+
+
 def polisher_stage(
     name: str,
     teacher: Path,
@@ -298,15 +305,20 @@ def student_stage(
     device: str,
     pseudo_view: str | None = None,
     extra: dict[str, Any] | None = None,
+    online: tuple[Path, Path] | None = None,
 ) -> Stage:
     """``dpl train-student`` from the labeled truth and the pseudo labels of ``teacher``
     (its initial weights unless the config's ``student.init`` says imagenet;
     ``pseudo_view`` ``raw``: the unpolished teacher boxes, the baseline; ``extra``: more
-    options, e.g. ``{"--unlabeled-ratio": 0}`` for the labeled-only control)."""
+    options, e.g. ``{"--unlabeled-ratio": 0}`` for the labeled-only control; ``online``:
+    (polisher, unlabeled image list) of a student trained online, ``student.online``)."""
     options = {"--ann": labeled, "--images": images, "--pseudo": labels}
     options |= {"--pseudo-view": pseudo_view, "--teacher": teacher, "--out": out, "--seed": seed}
     options |= {"--config": config, "--device": device, **(extra or {})}
     inputs = [labeled, labels, teacher, *_config_inputs(config)]
+    if online is not None:
+        options |= {"--polisher": online[0], "--unlabeled": online[1]}
+        inputs.append(online[0])
     return Stage(name, "train-student", options, out, inputs)
 
 
@@ -338,6 +350,7 @@ def pipeline_stages(
     )
     teacher = run_dir / "teacher.pt"
     runs_teacher = _runs_teacher_for_noise(config)
+    online = _trains_online(config)
     stages = [
         split_stage(data, split),
         teacher_stage(labeled, data.images, teacher, data.seed, config, device),
@@ -384,6 +397,7 @@ def pipeline_stages(
                 data.seed,
                 config,
                 device,
+                online=(polisher, unlabeled) if online else None,
             ),  # fmt: skip
             evaluate_pseudo_stage(
                 f"evaluate-pseudo{tag}", labels, unlabeled_gt, rd / "pseudo_quality.json"

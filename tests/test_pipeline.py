@@ -216,3 +216,17 @@ def test_demo_raw_student_reruns_when_the_preset_changes(tmp_path) -> None:
     assert is_current(tmp_path, raw)
     config.write_text(yaml.safe_dump({**TINY, "student": {**TINY["student"], "iters": 3}}))
     assert not is_current(tmp_path, raw)
+
+
+def test_online_config_gives_the_student_its_polisher_and_unlabeled_images(tmp_path) -> None:
+    from dpl_tools.pipeline import PipelineData, pipeline_stages
+
+    data = PipelineData(tmp_path / "a.json", tmp_path / "img")
+    online = tmp_path / "online.yaml"
+    online.write_text("student:\n  online: true\n")
+    by_name = {s.name: s for s in pipeline_stages(data, tmp_path / "run", str(online))}
+    argv = by_name["train-student"].argv
+    assert argv[argv.index("--polisher") + 1] == str(tmp_path / "run" / "polisher.pt")
+    assert argv[argv.index("--unlabeled") + 1] == str(tmp_path / "run/split/unlabeled.json")
+    offline = {s.name: s for s in pipeline_stages(data, tmp_path / "run", None)}
+    assert "--polisher" not in offline["train-student"].argv
