@@ -153,3 +153,27 @@ def test_format_quality_table(case):
     text = console.export_text()
     assert "classification pseudo labels" in text and "0.850" in text
     assert "labels changed by the polisher: 1 (1 right" in text
+
+
+def test_per_class_figures_add_up_to_the_view(case):
+    """Worked out by hand from the case: the teacher's three boxes are all class 1 (cat),
+    one right (P1); the classification view has P1 (cat) and the corrected P2 (dog)."""
+    from dpl_tools.evaluation.quality_tables import format_class_table
+
+    table, gt = case
+    res = pseudo_label_quality(table, gt)
+    t, c = res["views"]["teacher"]["per_class"], res["views"]["cls"]["per_class"]
+    assert t["cat"] == {"gt_boxes": 1, "boxes": 3, "precision50": pytest.approx(1 / 3),
+                        "recall50": 1.0, "AP": 1.0}  # fmt: skip
+    assert t["dog"]["boxes"] == 0 and t["dog"]["recall50"] == 0 and t["dog"]["AP"] == 0
+    assert c["dog"] == {"gt_boxes": 1, "boxes": 1, "precision50": 1.0, "recall50": 1.0,
+                        "AP": pytest.approx(0.7)}  # fmt: skip
+    for view in res["views"].values():  # the classes' true positives are the view's
+        hits = sum(round(k["precision50"] * k["boxes"]) for k in view["per_class"].values()
+                   if k["boxes"])  # fmt: skip
+        assert hits == round(view["precision50"] * view["boxes"])
+        assert sum(k["gt_boxes"] for k in view["per_class"].values()) == res["gt_boxes"]
+    console = Console(width=80, record=True)
+    console.print(format_class_table(res))
+    text = console.export_text()
+    assert "cat" in text and "dog" in text and "0.333 / 1.000 / 1.000" in text

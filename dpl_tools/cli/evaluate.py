@@ -22,7 +22,11 @@ from dpl_tools.defaults import AT_LEAST_1, NON_NEGATIVE, UNIT
 from dpl_tools.errors import DplError
 from dpl_tools.evaluation.coco_eval import METRICS
 from dpl_tools.evaluation.pseudo_quality import pseudo_label_quality
-from dpl_tools.evaluation.quality_tables import format_box_quality_table, format_quality_table
+from dpl_tools.evaluation.quality_tables import (
+    format_box_quality_table,
+    format_class_table,
+    format_quality_table,
+)
 from dpl_tools.io import write_json
 from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, artifact, resolve_input
@@ -56,6 +60,7 @@ def evaluate_pseudo(console: Console, pseudo: Path, ann: Path, json_out: Path | 
             highlight=False,
         )
     console.print(format_box_quality_table(result))
+    console.print(format_class_table(result))
     if json_out:
         write_json(json_out, result, indent=2)
         console.print(f"figures written to {json_out}")

@@ -41,7 +41,7 @@ import pyarrow as pa
 from dpl_tools.data.coco import CocoData
 from dpl_tools.data.pseudo_labels import drop_unusable_rows
 from dpl_tools.data.pseudo_views import BOX_COORDS, LABEL_SETS
-from dpl_tools.evaluation.coco_eval import coco_metrics
+from dpl_tools.evaluation.coco_eval import coco_evaluation
 from dpl_tools.evaluation.matching import box_iou_np, greedy_match, paired_iou
 
 VIEWS = ("teacher", "cls", "reg")  # names in LABEL_SETS
@@ -272,9 +272,34 @@ def view_quality(v: _View, truth: _Truth) -> tuple[dict[str, Any], dict, np.ndar
         }
         for b, lab, s, k in zip(v.boxes, v.labels, v.scores, v.images, strict=True)
     ]
-    ap = coco_metrics(truth.subset, detections)
+    ap, class_ap = coco_evaluation(truth.subset, detections)
     stats.update({m: ap[m] for m in ("AP", "AP50", "AP75")})
+    stats["per_class"] = class_quality(v, tp[0.5], truth, class_ap)
     return stats, _pr_curve(v.scores, tp[0.5], truth.count), tp[0.5]
+
+
+def class_quality(
+    v: _View, tp50: np.ndarray, truth: _Truth, class_ap: dict[int, float]
+) -> dict[str, dict[str, Any]]:
+    """Per category (name): the view's boxes of that class, precision and recall at IoU
+    0.5 (the same class-aware matches as the view's overall figures) and COCO AP."""
+    gt_count: dict[int, int] = defaultdict(int)
+    for labels in truth.labels.values():
+        for label in labels:
+            gt_count[int(label)] += 1
+    out = {}
+    for cat in truth.subset["categories"]:
+        cid = int(cat["id"])
+        mine = v.labels == cid
+        hits = int(tp50[mine].sum())
+        out[str(cat["name"])] = {
+            "gt_boxes": gt_count[cid],
+            "boxes": int(mine.sum()),
+            "precision50": _ratio(hits, int(mine.sum())),
+            "recall50": _ratio(hits, gt_count[cid]),
+            "AP": class_ap.get(cid, -1.0),
+        }
+    return out
 
 
 @dataclass

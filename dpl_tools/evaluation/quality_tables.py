@@ -100,3 +100,23 @@ def format_box_quality_table(result: dict[str, Any]) -> ReportTable:
     table.caption = "score: the teacher's; size: COCO area of the truth box (px^2)"
     table.caption_justify = "left"
     return table
+
+
+def format_class_table(
+    result: dict[str, Any], views: tuple[str, ...] = ("teacher", "cls")
+) -> ReportTable:
+    """Per class: the truth boxes, then precision and recall at IoU 0.5 and AP of each of
+    ``views`` (the same matches as the overall table)."""
+    table = ReportTable(title="Per class (P / R at IoU .5, AP)", title_justify="left")
+    table.add_column("class")
+    table.add_column("truth", justify="right")
+    for name in views:
+        table.add_column(f"{VIEW_TITLES[name]} P / R / AP", justify="right")
+    first = result["views"][views[0]].get("per_class", {})
+    for cls in first:
+        cells = []
+        for name in views:
+            c = result["views"][name]["per_class"][cls]
+            cells.append(f"{_fmt(c['precision50'])} / {_fmt(c['recall50'])} / {_fmt(c['AP'])}")
+        table.add_row(cls, str(first[cls]["gt_boxes"]), *cells)
+    return table
