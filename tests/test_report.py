@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -229,3 +230,78 @@ def test_report_renders_in_headless_chromium(run, tmp_path, chromium):
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
     assert pixels.shape == (900, 1200)
     assert pixels.std() > 20  # text, tables and plots, not a blank page
+
+
+def test_truth_marks_true_false_positives_and_misses() -> None:
+    from dpl_tools.report.truth_marks import FP, ROW_MARK, TP, mark_rows
+
+    def row(box, label, score, use_cls):
+        xyxy = dict(zip(("x1", "y1", "x2", "y2"), box, strict=True))
+        return {**{f"teacher_{k}": v for k, v in xyxy.items()},
+                **{f"polished_{k}": v for k, v in xyxy.items()},
+                "teacher_label": label, "polished_label": label, "teacher_score": score,
+                "use_cls": use_cls}  # fmt: skip
+
+    truth = np.array([[0, 0, 10, 10], [20, 0, 30, 10], [40, 40, 60, 60]], np.float64)
+    labels = np.array([1, 2, 1])
+    rows = [
+        row((0, 0, 10, 9), 1, 0.9, True),  # right class, IoU .9: true positive
+        row((20, 0, 30, 10), 1, 0.8, True),  # on a truth of class 2 but labelled 1: FP
+        row((40, 40, 60, 60), 1, 0.6, False),  # not kept (uncertain): neither
+    ]
+    marks = mark_rows(rows, truth, labels)
+    assert [r.get(ROW_MARK) for r in rows] == [TP, FP, None]
+    assert marks.missed == [1, 2]  # class 2's truth and the truth only the unkept box found
+    assert marks.counts(rows) == {"tp": 1, "fp": 1, "fn": 2, "uncertain": 1}
+
+
+def _figures(page: Path) -> list[dict[str, str]]:
+    class Figures(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.found: list[dict[str, str]] = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "figure":
+                self.found.append(dict(attrs))
+
+    parser = Figures()
+    parser.feed(page.read_text(encoding="utf-8"))
+    return parser.found
+
+
+def test_report_with_truth_marks_every_truth_box_found_or_missed(run, tmp_path):
+    root, ann, labels, table = run
+    out = tmp_path / "report"
+    build_report(labels, root / "images", out, ann=ann, max_images=20, page_size=50)
+    coco = json.loads(ann.read_text())
+    truths: dict[str, int] = {}
+    ids = {im["id"]: im["file_name"] for im in coco["images"]}
+    for a in coco["annotations"]:
+        truths[ids[a["image_id"]]] = truths.get(ids[a["image_id"]], 0) + 1
+    figures = _figures(out / "page-001.html")
+    assert figures
+    alts = re.findall(r'<img src="thumbs/[^"]+" alt="([^"]+)"', (out / "page-001.html").read_text())
+    for fig, name in zip(figures, alts, strict=False):
+        assert int(fig["data-tp"]) + int(fig["data-fn"]) == truths.get(name, 0), name
+    assert sum(int(f["data-fp"]) for f in figures) > 0  # the fake teacher has wrong labels
+    assert 'id="err"' in (out / "page-001.html").read_text()
+
+
+def test_error_filter_works_in_headless_chromium(run, tmp_path, chromium):
+    root, ann, labels, table = run
+    out = tmp_path / "report"
+    build_report(labels, root / "images", out, ann=ann, max_images=20)
+    page = (out / "page-001.html").resolve().as_uri() + "#err=fp"
+    cmd = [str(chromium), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page]  # fmt: skip
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=90).stdout
+    figures = re.findall(r"<figure[^>]*>", dom)
+    assert figures, "chromium returned no page"
+    with_fp = [f for f in figures if 'data-fp="0"' not in f]
+    hidden = [f for f in figures if "display: none" in f]
+    assert with_fp and len(hidden) == len(figures) - len(with_fp)
+    assert all('data-fp="0"' in f for f in hidden)
+    shown = re.search(r'<span id="shown">(\d+)</span>', dom)
+    assert shown and int(shown.group(1)) == len(with_fp)

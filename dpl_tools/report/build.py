@@ -32,6 +32,7 @@ from dpl_tools.report.gallery import gallery_items, write_thumbnail
 from dpl_tools.report.html import gallery_html, index_html, page_name
 from dpl_tools.report.plots import make_plots
 from dpl_tools.report.summary import LabelSummary, category_names, summarize
+from dpl_tools.report.truth_marks import mark_rows, truth_by_file
 
 
 @dataclass
@@ -97,10 +98,15 @@ def build_report(
     with owned_folder(out, REPORT_KIND, "dpl report", REPORT_WHAT) as tmp:
         plots = make_plots(table, tmp / "plots", quality)
         items = gallery_items(table, max_images)
+        if gt is not None:
+            truth = truth_by_file(gt)
+            for item in items:
+                if item.file_name in truth:
+                    item.truth = mark_rows(item.rows, *truth[item.file_name])
         (tmp / "thumbs").mkdir()
         columns = (TextColumn("thumbnails"), BarColumn(), MofNCompleteColumn())
         with Progress(*columns, TimeRemainingColumn(), console=console, transient=True) as bar:
-            for i, item in enumerate(bar.track(items), start=1):
+            for i, item in enumerate(bar.track(items, description="thumbnails"), start=1):
                 write_thumbnail(item, images_dir, tmp / "thumbs", i, names, thumb_size)
         unreadable = [(it.file_name, it.error) for it in items if it.error]
         pages = max(1, math.ceil(len(items) / page_size))

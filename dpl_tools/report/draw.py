@@ -22,6 +22,9 @@ TEACHER_COLOUR = (255, 150, 0)  # orange, dashed: the teacher's raw box
 POLISHED_COLOUR = (0, 230, 255)  # cyan, solid: the polished box of a kept label
 DROPPED_COLOUR = (170, 170, 170)  # grey, solid: polished box not kept for classification
 CHANGED_COLOUR = (255, 40, 200)  # magenta label text: the polisher changed the class
+TRUTH_COLOUR = (40, 200, 60)  # green, thin: a truth box (dpl report --ann)
+FP_COLOUR = (230, 30, 30)  # red, solid: a kept pseudo label matching no truth of its class
+MISSED_COLOUR = (255, 220, 0)  # yellow, thick: a truth box no kept pseudo label matches
 
 
 def has_box(row: dict[str, Any], prefix: str) -> bool:
@@ -74,16 +77,34 @@ def class_name(names: dict[int, str], label: int | None) -> str:
     return names.get(int(label), f"class {label}")
 
 
+def draw_truth(draw, truth: Any, names: dict[int, str], scale: float, width: int, font,
+               size: tuple[int, int]) -> None:  # fmt: skip
+    """Truth boxes thin green; the missed ones thick yellow, labelled ``missed``."""
+    for i, (box, label) in enumerate(zip(truth.boxes, truth.labels, strict=True)):
+        scaled = tuple(float(v) * scale for v in box)
+        if i in truth.missed:
+            draw.rectangle(scaled, outline=MISSED_COLOUR, width=2 * width)
+            text = f"missed {class_name(names, int(label))}"
+            draw_label(draw, size, (scaled[0], scaled[3]), text, MISSED_COLOUR, font, False)
+        else:
+            draw.rectangle(scaled, outline=TRUTH_COLOUR, width=1)
+
+
 def draw_pseudo_labels(
-    image: Image.Image, rows: list[dict[str, Any]], names: dict[int, str], scale: float = 1.0
-) -> Image.Image:
+    image: Image.Image, rows: list[dict[str, Any]], names: dict[int, str], scale: float = 1.0,
+    truth: Any = None,
+) -> Image.Image:  # fmt: skip
     """Draw teacher boxes (dashed orange, class + score) and polished boxes (solid cyan, or
-    grey when not kept for classification; class + polisher probability) on a copy."""
+    grey when not kept for classification; class + polisher probability) on a copy. With
+    ``truth`` (``report.truth_marks``): the truth boxes, missed ones in yellow, and kept
+    labels that are false positives in red."""
     out = image.convert("RGB").copy()
     draw = ImageDraw.Draw(out)
     side = max(out.size)
     width = max(1, round(side / 300))
     font = ImageFont.load_default(size=max(9, round(side / 48)))
+    if truth is not None:
+        draw_truth(draw, truth, names, scale, width, font, out.size)
     for row in rows:
         if has_box(row, "teacher"):
             box = _box(row, "teacher", scale)
@@ -94,6 +115,8 @@ def draw_pseudo_labels(
         if has_box(row, "polished"):
             box = _box(row, "polished", scale)
             colour = POLISHED_COLOUR if row.get("use_cls") else DROPPED_COLOUR
+            if row.get("truth_mark") == "fp":
+                colour = FP_COLOUR
             draw.rectangle(box, outline=colour, width=width)
             changed = row.get("polished_label") not in (None, row.get("teacher_label"))
             prob = row.get("polisher_prob")
@@ -113,8 +136,9 @@ def draw_pseudo_labels(
 
 
 def render_image(
-    path: str | Path, rows: list[dict[str, Any]], names: dict[int, str], size: int = 0
-) -> Image.Image:
+    path: str | Path, rows: list[dict[str, Any]], names: dict[int, str], size: int = 0,
+    truth: Any = None,
+) -> Image.Image:  # fmt: skip
     """Read ``path`` (``read_image``; raises ImageReadError), scale its long side to ``size``
     pixels (0: keep), and draw its pseudo labels."""
     image = read_image(path)
@@ -126,7 +150,7 @@ def render_image(
         )
     width = rows[0].get("width") if rows else None
     scale = image.width / width if width else 1.0
-    return draw_pseudo_labels(image, rows, names, scale)
+    return draw_pseudo_labels(image, rows, names, scale, truth)
 
 
 def rows_for_image(table: pa.Table, image: str | Path) -> list[dict[str, Any]]:

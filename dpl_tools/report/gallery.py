@@ -32,6 +32,15 @@ class GalleryItem:
     thumb: str | None = None
     error: str | None = None
     classes: set[int] = field(default_factory=set)
+    truth: Any = None  # TruthMarks with dpl report --ann
+
+    @property
+    def errors(self) -> dict[str, int]:
+        """TP / FP / missed counts (with the truth) and uncertain boxes."""
+        if self.truth is not None:
+            return self.truth.counts(self.rows)
+        uncertain = sum(1 for r in self.rows if not r.get("use_cls"))
+        return {"uncertain": uncertain}
 
     @property
     def changed(self) -> bool:
@@ -92,7 +101,7 @@ def write_thumbnail(
     """Render ``item`` with its boxes to ``out_dir/NNNNNN.jpg``; on an unreadable image
     record the reason in ``item.error`` instead."""
     try:
-        image = render_image(images_dir / item.file_name, item.rows, names, size)
+        image = render_image(images_dir / item.file_name, item.rows, names, size, item.truth)
     except ImageReadError as e:
         item.error = e.reason
         return

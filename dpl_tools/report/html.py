@@ -34,15 +34,34 @@ FILTER_JS = """
 function applyFilter(){
   var cls=document.getElementById('cls').value;
   var onlyChanged=document.getElementById('changed').checked;
+  var err=document.getElementById('err').value;
   var shown=0;
   document.querySelectorAll('figure.thumb').forEach(function(f){
     var ok=!cls||f.dataset.classes.split(' ').indexOf(cls)>=0;
     ok=ok&&(!onlyChanged||f.dataset.changed==='1');
+    ok=ok&&(!err||Number(f.dataset[err]||0)>0);
     f.style.display=ok?'':'none'; if(ok){shown++;}
   });
   document.getElementById('shown').textContent=shown;
 }
+function filterFromHash(){
+  // page-001.html#err=fp&cls=2 opens the page filtered
+  location.hash.replace(/^#/,'').split('&').forEach(function(kv){
+    var p=kv.split('='), el=document.getElementById(p[0]);
+    if(el&&p.length==2){el.value=decodeURIComponent(p[1]);}
+  });
+  applyFilter();
+}
+document.addEventListener('DOMContentLoaded', filterFromHash);
 """
+ERROR_FILTERS = (("fp", "false positives"), ("fn", "missed objects"),
+                 ("uncertain", "uncertain boxes"))  # fmt: skip
+TRUTH_LEGEND = (
+    '<p class="legend"><span><b style="color:#28c83c">&#9472;</b> truth box</span>'
+    '<span><b style="color:#e61e1e">&#9473;&#9473;</b> kept label with no truth of its class '
+    '(false positive)</span><span><b style="color:#e6c800">&#9473;&#9473;</b> truth box no '
+    "kept label found (missed)</span></p>"
+)
 
 LEGEND = (
     '<p class="legend"><span><b style="color:#ff9600">- - -</b> teacher box, class, score</span>'
@@ -182,10 +201,17 @@ def _figure(item: GalleryItem, names: dict[int, str]) -> str:
         img = f'<img src="thumbs/{item.thumb}" alt="{escape(item.file_name)}" loading="lazy">'
     else:
         img = f'<p class="bad">unreadable: {escape(item.error or "")}</p>'
+    errors = item.errors
+    data = "".join(f' data-{k}="{v}"' for k, v in errors.items())
+    marks = ""
+    if item.truth is not None:
+        marks = (f"<br>{errors['tp']} true positive(s), {errors['fp']} false positive(s), "
+                 f"{errors['fn']} missed, {errors['uncertain']} uncertain")  # fmt: skip
     return (
-        f'<figure class="thumb" data-classes="{classes}" data-changed="{int(item.changed)}">'
-        f"{img}<figcaption><b>{escape(item.file_name)}</b> (correction "
-        f"{item.correction:.2f})<br>{'<br>'.join(lines) or 'no boxes'}</figcaption></figure>"
+        f'<figure class="thumb" data-classes="{classes}" data-changed="{int(item.changed)}"'
+        f"{data}>{img}<figcaption><b>{escape(item.file_name)}</b> (correction "
+        f"{item.correction:.2f}){marks}<br>{'<br>'.join(lines) or 'no boxes'}</figcaption>"
+        "</figure>"
     )
 
 
@@ -206,14 +232,19 @@ def gallery_html(
     options = "".join(
         f'<option value="{c}">{escape(class_name(names, c))}</option>' for c in classes
     )
+    with_truth = any(item.truth is not None for item in items)
+    kinds = [(k, t) for k, t in ERROR_FILTERS if with_truth or k == "uncertain"]
+    errors = "".join(f'<option value="{k}">with {t}</option>' for k, t in kinds)
     body = [
         f"<h1>Gallery, page {page} of {pages}</h1>",
         " ".join(nav),
         '<p>class: <select id="cls" onchange="applyFilter()"><option value="">all</option>'
         f"{options}</select> "
         '<label><input type="checkbox" id="changed" onchange="applyFilter()"> only changed '
-        f'labels</label> &mdash; <span id="shown">{len(items)}</span> shown</p>',
-        LEGEND,
+        'labels</label> images: <select id="err" onchange="applyFilter()"><option '
+        f'value="">all</option>{errors}</select> &mdash; <span id="shown">{len(items)}</span>'
+        " shown</p>",
+        LEGEND + (TRUTH_LEGEND if with_truth else ""),
         '<div class="grid">',
         *(_figure(item, names) for item in items),
         "</div>",
