@@ -21,6 +21,8 @@ ARTIFACTS = {
     "polisher": "polisher.pt",
     "labels": "labels.parquet",
     "student": "student.pt",
+    "crossfit": "crossfit.parquet",
+    "audit": "audit.parquet",
 }
 
 

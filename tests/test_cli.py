@@ -9,7 +9,7 @@ from dpl_tools.cli.cli import app, command_help
 
 STAGES = (
     "convert", "split", "train-teacher", "synth-noise", "train-polisher", "polish", "export",
-    "train-student", "evaluate", "run", "demo", "report", "show",
+    "train-student", "evaluate", "run", "demo", "report", "show", "audit",
 )  # fmt: skip
 
 

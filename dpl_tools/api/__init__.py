@@ -22,7 +22,17 @@ Stages: ``convert``, ``split``, ``export``, ``report`` (``api.data``); ``train_t
 """
 
 from dpl_tools.api.config import ConfigLike, stage_config
-from dpl_tools.api.data import ReviewFile, SplitFiles, convert, export, export_review, report, split
+from dpl_tools.api.data import (
+    LabelAudit,
+    ReviewFile,
+    SplitFiles,
+    audit,
+    convert,
+    export,
+    export_review,
+    report,
+    split,
+)
 from dpl_tools.api.detectors import (
     Evaluation,
     TrainedDetector,
@@ -37,6 +47,8 @@ from dpl_tools.api.polisher import TrainedPolisher, synth_noise, train_polisher
 
 __all__ = [
     "ConfigLike",
+    "LabelAudit",
+    "audit",
     "ReviewFile",
     "SplitFiles",
     "convert",

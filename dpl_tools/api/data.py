@@ -6,11 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 from rich.console import Console
 
 from dpl_tools.data.coco import load_coco, save_coco
 from dpl_tools.data.convert import FORMATS, Conversion, require_usable
 from dpl_tools.data.convert import convert as convert_files
+from dpl_tools.data.crossfit_detections import read_crossfit_detections
 from dpl_tools.data.export import (
     DATASET_FORMATS,
     VIEWS,
@@ -32,6 +34,7 @@ from dpl_tools.data.review import (
 )
 from dpl_tools.data.split import Split, split_coco, split_paths, write_split
 from dpl_tools.errors import DplError
+from dpl_tools.evaluation.label_audit import ISSUES, audit_labels, write_audit
 from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.report.build import ReportResult, build_report
 from dpl_tools.tables import print_report, print_skipped_files
@@ -202,6 +205,38 @@ def export_review(
     boxes = int(sum(int(i) in queue for i in chosen["image_id"]))
     names = [str(c["name"]) for c in categories]
     return ReviewFile(Path(out), written, boxes, label_config(names))
+
+
+@dataclass
+class LabelAudit:
+    """``dpl audit``'s result: the issues found (most likely first), the files written."""
+
+    issues: pa.Table
+    counts: dict[str, int]
+    written: list[Path]
+
+
+def audit(
+    ann: str | Path,
+    crossfit: str | Path,
+    out: str | Path,
+    *,
+    csv: str | Path | None = None,
+    images: str | Path | None = None,
+    min_score: float = 0.5,
+    overlap_iou: float = 0.1,
+) -> LabelAudit:
+    """Likely mistakes in the labels of ``ann`` (missing boxes, wrong classes, misplaced
+    boxes) from the out-of-fold detections ``crossfit`` (``dpl audit``), written to
+    ``out`` (Parquet) and ``csv``."""
+    check_distinct_outputs({"--ann": ann, "--crossfit": crossfit, "--images": images},
+                           {"--out": out, "--csv": csv})  # fmt: skip
+    gt = load_coco(ann, images)
+    issues = audit_labels(gt, read_crossfit_detections(crossfit), min_score, overlap_iou)
+    write_audit(issues, out, csv)
+    kinds = issues["issue"].to_pylist()
+    counts = {kind: kinds.count(kind) for kind in ISSUES}
+    return LabelAudit(issues, counts, [Path(out)] + ([Path(csv)] if csv else []))
 
 
 def report(

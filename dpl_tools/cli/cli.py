@@ -58,6 +58,7 @@ def _main(
 
 def _register() -> None:
     from dpl_tools.cli import (
+        audit,
         convert,
         demo,
         evaluate,
@@ -87,6 +88,7 @@ def _register() -> None:
         ("demo", demo),
         ("report", report),
         ("show", show),
+        ("audit", audit),
     ]:
         app.command(name, help=command_help(module.__doc__))(module.command)
 
