@@ -107,6 +107,20 @@ def test_run_produces_every_stage_artifact(pipeline_run) -> None:
     assert yaml.safe_load((run / "config.yaml").read_text())["teacher"]["iters"] == 2
 
 
+def test_python_run_reads_the_finished_run(pipeline_run, monkeypatch) -> None:
+    """api.run on a finished run: every stage current, nothing runs, the figures are read."""
+    from dpl_tools import api
+
+    root, result = pipeline_run
+    assert result.returncode == 0, result.stderr[-2000:]
+    monkeypatch.chdir(root)
+    done = api.run("run.yaml", device="cpu")  # as `dpl run run.yaml` was given, in root
+    assert done.ran == [] and Path(done.run_dir).resolve() == (root / "run").resolve()
+    assert {"split", "train-teacher", "train-student"} <= set(done.stages)
+    saved = json.loads((root / "run" / "eval" / "student.json").read_text())
+    assert done.evaluations["student"]["AP"] == saved["AP"]
+
+
 def test_rerun_skips_finished_stages_and_reruns_changed_ones(pipeline_run) -> None:
     root, first = pipeline_run
     assert first.returncode == 0

@@ -42,6 +42,7 @@ from dpl_tools.api.detectors import (
     train_student_online,
     train_teacher,
 )
+from dpl_tools.api.pipeline import PipelineRun, run
 from dpl_tools.api.polish import Polished, export_labels, polish
 from dpl_tools.api.polisher import TrainedPolisher, synth_noise, train_polisher
 
@@ -55,9 +56,11 @@ __all__ = [
     "export",
     "export_review",
     "report",
+    "run",
     "split",
     "Evaluation",
     "TrainedDetector",
+    "PipelineRun",
     "Polished",
     "TrainedPolisher",
     "evaluate",

@@ -228,10 +228,18 @@ def stage_printer(console: Console) -> Callable[[str, Stage], None]:
     return on_event
 
 
-def in_process(ctx: typer.Context) -> Callable[[list[str]], None]:
+def in_process(ctx: typer.Context | None = None) -> Callable[[list[str]], None]:
     """Run ``dpl <argv>`` in this process through the same CLI as ``ctx`` (``dpl run`` and
-    ``dpl demo`` run their stages this way, exactly as if typed)."""
-    group = ctx.find_root().command
+    ``dpl demo`` run their stages this way, exactly as if typed; without ``ctx``: the
+    ``dpl`` app itself, for the Python API's ``run``)."""
+    if ctx is not None:
+        group = ctx.find_root().command
+    else:
+        import typer.main
+
+        from dpl_tools.cli.cli import app
+
+        group = typer.main.get_command(app)
 
     def invoke(argv: list[str]) -> None:
         try:

@@ -23,14 +23,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from dpl_tools.cli.options import Device, in_process, stage_printer, within
+from dpl_tools import api
+from dpl_tools.cli.options import Device, within
 from dpl_tools.data.pseudo_labels import pseudo_label_sources
 from dpl_tools.defaults import AT_LEAST_1
-from dpl_tools.pipeline import load_run_config, pipeline_stages, round_dir, run_stages
+from dpl_tools.pipeline import round_dir
 
 
 def command(
-    ctx: typer.Context,
     config: Annotated[Path, typer.Argument(help="Run config (YAML): a data section + presets.")],
     run_dir: Annotated[
         Path | None,
@@ -49,10 +49,9 @@ def command(
     force: Annotated[bool, typer.Option("--force", help="Rerun every stage.")] = False,
     device: Device = "auto",
 ) -> None:
-    data, run_dir, stage_config = load_run_config(config, run_dir)
     console = Console()
-    stages = pipeline_stages(data, run_dir, str(stage_config), rounds=rounds, device=device)
-    ran = run_stages(stages, run_dir, in_process(ctx), stage_printer(console), force=force)
+    result = api.run(config, run_dir, rounds=rounds, device=device, force=force, console=console)
+    ran, stages, run_dir = result.ran, result.stages, result.run_dir
     console.print(
         f"[bold green]done[/]: {len(ran)} stage(s) ran, {len(stages) - len(ran)} up to date"
     )

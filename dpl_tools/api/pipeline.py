@@ -1,0 +1,50 @@
+"""The whole pipeline from Python (``dpl run``): every stage of a run config, each skipped
+when its output is current, run in this process exactly as its command would run (the
+stages are ``dpl`` command lines, so what is printed can be typed to rerun one)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from dpl_tools.pipeline import load_run_config, pipeline_stages, run_stages
+
+
+@dataclass
+class PipelineRun:
+    """A pipeline run: its directory, the stages (names) that ran and those of the whole
+    pipeline, and the figures of its evaluations (``eval/*.json``, by model name)."""
+
+    run_dir: Path
+    ran: list[str]
+    stages: list[str]
+    evaluations: dict[str, dict[str, Any]]
+
+
+def run(
+    config: str | Path,
+    run_dir: str | Path | None = None,
+    *,
+    rounds: int = 1,
+    device: str = "auto",
+    force: bool = False,
+    console: Console | None = None,
+) -> PipelineRun:
+    """Run every stage of the run config ``config`` (a data section + presets) in
+    ``run_dir`` (default: the config's ``run.run_dir``, else dpl-run); ``rounds``
+    self-training rounds; ``force`` reruns current stages too. With a ``console`` each
+    stage prints its command line as it starts."""
+    from dpl_tools.cli.options import in_process, stage_printer
+
+    data, run_dir, stage_config = load_run_config(Path(config), run_dir)
+    stages = pipeline_stages(data, run_dir, str(stage_config), rounds=rounds, device=device)
+    printer = stage_printer(console) if console is not None else None
+    ran = run_stages(stages, run_dir, in_process(), printer, force=force)
+    evaluations = {
+        p.stem: json.loads(p.read_text()) for p in sorted((Path(run_dir) / "eval").glob("*.json"))
+    }
+    return PipelineRun(Path(run_dir), ran, [s.name for s in stages], evaluations)
