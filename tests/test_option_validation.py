@@ -33,6 +33,7 @@ REQUIRED = {
     "show": ["x.png", "--labels", "labels.parquet"],
     "run": ["run.yaml"],
     "demo": [],
+    "audit": [],
 }
 
 # (command, flag, bad value, what the message says)
@@ -87,6 +88,11 @@ CASES = [
     ("polish", "--reg-steps", "-1", "must be in [0, 10], got -1"),
     ("train-polisher", "--keep-fit-min-matches", "-1", "must be >= 0, got -1"),
     ("export", "--min-score", "2", "must be in [0, 1], got 2"),
+    ("export", "--top", "0", "must be >= 1, got 0"),
+    ("audit", "--min-score", "1.5", "must be in [0, 1], got 1.5"),
+    ("audit", "--top", "0", "must be >= 1, got 0"),
+    ("train-student", "--ema-momentum", "1", "must be in [0, 1), got 1"),
+    ("train-student", "--online-log-every", "0", "must be >= 1, got 0"),
     ("polish", "--score-thresh", "-0.1", "must be in [0, 1], got -0.1"),
     ("polish", "--nms-thresh", "1.5", "must be in [0, 1], got 1.5"),
     ("polish", "--max-dets", "0", "must be >= 1, got 0"),
