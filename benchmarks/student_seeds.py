@@ -226,8 +226,11 @@ def seed_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
                               run_dir / "split/unlabeled_gt.json",
                               run_dir / "pseudo_quality-paper.json"),
     ]  # fmt: skip
+    same_images = matched_batch(config)
     for row, (view, extra) in ROW_STUDENTS.items():
         ann = data.ann if row == "oracle" else labeled
+        if row in ("labeled-only", "oracle"):  # as many images per step as the full method
+            extra = {**extra, "--batch-size": same_images}
         labels = paper_labels if row.startswith("paper") else run_dir / "labels.parquet"
         out = run_dir / f"student-{row}.pt"
         stages += [
@@ -238,6 +241,16 @@ def seed_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
                                  "cpu"),
         ]  # fmt: skip
     return stages
+
+
+def matched_batch(config: str) -> int:
+    """Images per step of the full method's student (its labeled batch plus the
+    pseudo-labeled images that come with it): the batch of the controls without pseudo
+    labels (labeled-only, oracle), so that every row sees as many images per step."""
+    from dpl_tools.config import load_config
+
+    student = load_config(config)["student"]
+    return round(student["batch_size"] * (1 + student["unlabeled_ratio"]))
 
 
 def wanted(stage: Stage, rows: set[str]) -> bool:
