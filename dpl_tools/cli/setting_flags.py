@@ -17,21 +17,10 @@ from typing import Annotated, Any
 
 import typer
 
-from dpl_tools.defaults import SETTINGS, Setting, SettingError
+from dpl_tools.cli.options import check_with
+from dpl_tools.defaults import SETTINGS
 
 Flags = dict[str, dict[str, Any]]
-
-
-def _checked(rule: Setting) -> Callable[[Any], Any]:
-    def callback(value: Any) -> Any:
-        if value is None:
-            return None
-        try:
-            return rule.check(value)
-        except SettingError as e:
-            raise typer.BadParameter(str(e)) from None
-
-    return callback
 
 
 def _shown(value: Any) -> str:
@@ -64,7 +53,7 @@ def setting_parameter(section: str, key: str, flag: str | None = None) -> inspec
         annotation: Any = Annotated[bool | None, option]
     elif rule.type in (int, float, str):
         option = typer.Option(
-            flag or flag_name(key), help=flag_help(section, key), callback=_checked(rule)
+            flag or flag_name(key), help=flag_help(section, key), callback=check_with(rule)
         )
         annotation = Annotated[rule.type | None, option]  # type: ignore[operator]
     else:
