@@ -104,6 +104,9 @@ def test_schema_metadata_bad_images_and_exports(run_setup, tmp_path):
         assert 0 <= r["polished_x1"] <= r["polished_x2"] <= r["width"]
         assert r["use_reg"] and r["teacher_score"] >= 0.0
         assert r["use_cls"] == (r["polisher_prob"] >= 0.9 or r["teacher_score"] > 0.9)
+        assert r["polisher_label"] in (1, 2, 3)  # the polisher's own class, kept or not
+        relabel = r["polisher_prob"] >= 0.9 and r["teacher_score"] < 0.9
+        assert r["polished_label"] == (r["polisher_label"] if relabel else r["teacher_label"])
 
     coco = json.loads((tmp_path / "pseudo.json").read_text())
     assert len(coco["images"]) == 8 and len(coco["annotations"]) == 24

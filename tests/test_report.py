@@ -17,7 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from dpl_tools.data.pseudo_labels import META_CATEGORIES, SCHEMA, encode_metadata
+from dpl_tools.data.pseudo_labels import (
+    META_CATEGORIES,
+    META_THRESHOLDS,
+    SCHEMA,
+    encode_metadata,
+    read_pseudo_labels,
+)
 from dpl_tools.data.synthetic import make_synthetic_dataset
 from dpl_tools.report.build import build_report
 
@@ -56,17 +62,20 @@ def fake_polish_run(ann_path: Path, seed: int = 0) -> tuple[pa.Table, dict]:
             t_label = true % n_cls + 1 if wrong else true
             score = float(rng.uniform(0.5, 1.0))
             prob = 0.95 if wrong and rng.random() < 0.6 else float(rng.uniform(0.5, 1.0))
-            p_label = true if (prob >= 0.9 and score < 0.9) else t_label
+            p_class = true if prob >= 0.9 else t_label  # the polisher's own class
+            p_label = p_class if (prob >= 0.9 and score < 0.9) else t_label
             rows.append(
                 {**base, **dict(zip(("teacher_x1", "teacher_y1", "teacher_x2", "teacher_y2"),
                                     teacher.tolist(), strict=True)),
                  **dict(zip(("polished_x1", "polished_y1", "polished_x2", "polished_y2"),
                             polished.tolist(), strict=True)),
                  "teacher_label": t_label, "teacher_score": score, "polished_label": p_label,
-                 "polisher_prob": prob, "use_cls": prob >= 0.9 or score > 0.9, "use_reg": True}
+                 "polisher_prob": prob, "polisher_label": p_class,
+                 "use_cls": prob >= 0.9 or score > 0.9, "use_reg": True}
             )  # fmt: skip
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    meta = {META_CATEGORIES: coco["categories"]}
+    meta = {META_CATEGORIES: coco["categories"],
+            META_THRESHOLDS: {"initial": 0.5, "cls_prob": 0.9, "teacher_score": 0.9}}  # fmt: skip
     return table.replace_schema_metadata(encode_metadata(meta)), coco
 
 
@@ -157,7 +166,9 @@ def test_report_cli_counts_links_and_pages(run, tmp_path):
             assert (out / link).is_file(), f"{page} links missing {link}"
         figures += parsed.figures
     assert figures == 7
-    assert {"plots/iou_to_truth.png", "plots/pr_curves.png"} <= set(index.links)
+    assert {"plots/iou_to_truth.png", "plots/pr_curves.png", "plots/keep_rule.png"} <= set(
+        index.links
+    )
     # largest corrections first: the first page starts with a changed label
     first = (out / "page-001.html").read_text()
     assert 'data-changed="1"' in first.split("<figure", 2)[1]
@@ -305,3 +316,68 @@ def test_error_filter_works_in_headless_chromium(run, tmp_path, chromium):
     assert all('data-fp="0"' in f for f in hidden)
     shown = re.search(r'<span id="shown">(\d+)</span>', dom)
     assert shown and int(shown.group(1)) == len(with_fp)
+
+
+def test_keep_rule_sweep_replays_the_rule_as_the_quality_table_counts(run):
+    from dpl_tools.data.coco import load_coco
+    from dpl_tools.evaluation.keep_sweep import keep_rule_sweep
+    from dpl_tools.evaluation.pseudo_quality import pseudo_label_quality
+
+    root, ann, labels, table = run
+    gt = load_coco(ann)
+    quality = pseudo_label_quality(table, gt)
+    sweep = keep_rule_sweep(table, gt, 0.9, 0.9)
+    assert sweep["exact"]
+    # at the file's operating point: the classification view of the quality table
+    point, cls = sweep["operating_point"], quality["views"]["cls"]
+    assert point["kept"] == cls["boxes"]
+    assert point["precision"] == pytest.approx(cls["precision50"])
+    assert point["recall"] == pytest.approx(cls["recall50"])
+    # teacher_score 0 keeps every box, relabels none: the teacher view
+    curve, teacher = sweep["teacher_score"], quality["views"]["teacher"]
+    i = curve["threshold"].index(0.0)
+    assert curve["kept"][i] == teacher["boxes"]
+    assert curve["precision"][i] == pytest.approx(teacher["precision50"])
+    # cls_prob 1.0 relabels nothing and keeps only boxes scored above 0.9
+    curve = sweep["cls_prob"]
+    i = curve["threshold"].index(1.0)
+    boxed = [r for r in table.to_pylist() if r["teacher_x1"] is not None]
+    assert curve["kept"][i] == sum(r["teacher_score"] > 0.9 for r in boxed)
+
+
+def test_keep_rule_sweep_of_an_older_file_without_the_polisher_class(run, tmp_path):
+    from dpl_tools.data.coco import load_coco
+    from dpl_tools.evaluation.keep_sweep import keep_rule_sweep
+
+    root, ann, labels, table = run
+    old = tmp_path / "old.parquet"
+    pq.write_table(table.drop_columns(["polisher_label"]), old)
+    read, _ = read_pseudo_labels(old)
+    assert read["polisher_label"].null_count == read.num_rows
+    sweep = keep_rule_sweep(read, load_coco(ann), 0.9, 0.9)
+    assert not sweep["exact"]
+    assert sweep["operating_point"]["kept"] == sum(r["use_cls"] for r in table.to_pylist()
+                                                   if r["teacher_x1"] is not None)  # fmt: skip
+    # with the polisher's class the sweep replays relabelling: at teacher_score 1 the boxes
+    # scored above 0.9, kept as they were in the file, now take the polisher's (right) class
+    exact = keep_rule_sweep(table, load_coco(ann), 0.9, 0.9)["teacher_score"]
+    i = exact["threshold"].index(1.0)
+    assert exact["kept"][i] == sweep["teacher_score"]["kept"][i]
+    assert exact["precision"][i] > sweep["teacher_score"]["precision"][i]
+
+
+def test_report_page_has_per_class_table_and_keep_rule(run, tmp_path):
+    root, ann, labels, table = run
+    out = tmp_path / "report"
+    build_report(labels, root / "images", out, ann=ann, max_images=5)
+    index = _parse(out / "index.html")
+    text = (out / "index.html").read_text()
+    assert "<h2>Per class</h2>" in text and "<h2>Keep rule</h2>" in text
+    coco = json.loads(ann.read_text())
+    for i, cat in enumerate(coco["categories"]):
+        for view in ("teacher", "cls", "reg"):
+            assert f"pc-{view}-AP-{i}" in index.ids, (view, cat["name"])
+    kept = sum(r["use_cls"] for r in table.to_pylist() if r["teacher_x1"] is not None)
+    assert int(index.ids["keep-kept"]) == kept
+    assert 0 < float(index.ids["keep-p"]) <= 1 and 0 < float(index.ids["keep-r"]) <= 1
+    assert (out / "plots/keep_rule.png").stat().st_size > 1000

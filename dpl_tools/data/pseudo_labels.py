@@ -38,10 +38,14 @@ SCHEMA = pa.schema(
         *[(f"polished_{c}", pa.float32()) for c in BOX_COLUMNS],
         ("polished_label", pa.int32()),
         ("polisher_prob", pa.float32()),  # classification polisher's best foreground prob
+        ("polisher_label", pa.int32()),  # its class (null without a polisher): re-thresholding
         ("use_cls", pa.bool_()),  # box is a classification pseudo label
         ("use_reg", pa.bool_()),  # box is a regression pseudo label
     ]
 )
+
+# Columns that files of earlier dpl versions lack (read as nulls).
+OPTIONAL_COLUMNS = ("polisher_label",)
 
 # Keys of the file's key-value metadata (values are JSON strings).
 META_CATEGORIES = "dpl.categories"  # [{"id": 1, "name": "..."}, ...]
@@ -148,7 +152,10 @@ def read_pseudo_labels(path: str | Path) -> tuple[pa.Table, dict[str, Any]]:
         except (pa.ArrowInvalid, OSError) as e:
             raise DplError(f"{f}: not a readable Parquet file ({e})") from None
         missing = [n for n in SCHEMA.names if n not in t.column_names]
-        if missing:
+        if missing and set(missing) <= set(OPTIONAL_COLUMNS):  # an older file: all nulls
+            for name in missing:
+                t = t.append_column(name, pa.nulls(t.num_rows, SCHEMA.field(name).type))
+        elif missing:
             raise DplError(f"{f}: not a dpl pseudo-label file (missing {', '.join(missing)})")
         meta = meta or decode_metadata(t.schema.metadata, f)
         try:
@@ -223,6 +230,7 @@ BOX_FIELDS = (
     *[f"polished_{c}" for c in BOX_COLUMNS],
     "polished_label",
     "polisher_prob",
+    "polisher_label",
     "use_cls",
     "use_reg",
 )

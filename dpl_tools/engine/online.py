@@ -70,11 +70,13 @@ def pseudo_image(det: dict[str, torch.Tensor], label_to_cat: dict[int, int],
     n = len(det["scores"])
     cats = np.array([label_to_cat[int(v)] for v in det["labels"]], dtype=np.float64)
     polished = np.array([label_to_cat[int(v)] for v in det["polished_labels"]], np.float64)
+    own = np.array([label_to_cat.get(int(v), -1) for v in det["polisher_labels"]], np.float64)
     rows: dict[str, np.ndarray] = {
         "teacher_label": cats.reshape(n),
         "polished_label": polished.reshape(n),
         "teacher_score": det["scores"].double().numpy().reshape(n),
         "polisher_prob": det["probs"].double().numpy().reshape(n),
+        "polisher_label": own.reshape(n),
         "use_cls": det["use_cls"].numpy().astype(bool).reshape(n),
         "use_reg": det["use_reg"].numpy().astype(bool).reshape(n),
     }

@@ -291,7 +291,8 @@ def polish_boxes(
     Regression pseudo labels: every box, refined; classification pseudo labels: the
     ``select_pseudo_labels`` rule. Per image, CPU tensors in original pixels
     (``original_sizes``): ``boxes``, ``scores``, ``labels``, ``polished_boxes``,
-    ``polished_labels``, ``probs`` (best foreground prob), ``use_cls``, ``use_reg``.
+    ``polished_labels`` (the rule's labels), ``polisher_labels`` (the polisher's best
+    foreground class) and ``probs`` (its probability), ``use_cls``, ``use_reg``.
     Without a polisher the polished view equals the input (teacher-only timing). With
     ``settings.reg_steps`` N > 1 the regression polisher runs N times, each refined box
     (its RoI features pooled again) the next input; classification uses the input box.
@@ -313,6 +314,7 @@ def polish_boxes(
         if polisher is None:
             polished, best = boxes[i], torch.full_like(score, float("nan"))
             polished_labels, use_cls = label, torch.ones_like(score, dtype=torch.bool)
+            cls = label - 1  # unused: no polisher, no polisher class (written as null)
         else:
             polished = refined[i].float()
             best, cls = probs[i].float()[:, 1:].max(dim=1)
@@ -328,6 +330,7 @@ def polish_boxes(
                 "labels": label.cpu(),
                 "polished_boxes": resize_boxes(polished, size_t, size_o).cpu(),
                 "polished_labels": polished_labels.cpu(),
+                "polisher_labels": (cls + 1).cpu(),
                 "probs": best.cpu(),
                 "use_cls": use_cls.cpu(),
                 "use_reg": torch.ones_like(use_cls).cpu(),
@@ -398,6 +401,7 @@ def _image_rows(
         _append(cols, base)
         return
     probs = det["probs"].tolist()
+    polisher_cat = [label_to_cat.get(int(v)) for v in det["polisher_labels"]]
     for j, (tb, pb) in enumerate(
         zip(det["boxes"].tolist(), det["polished_boxes"].tolist(), strict=True)
     ):
@@ -412,6 +416,7 @@ def _image_rows(
                 "teacher_score": float(det["scores"][j]),
                 "polished_label": label_to_cat[int(det["polished_labels"][j])],
                 "polisher_prob": None if prob != prob else prob,
+                "polisher_label": None if prob != prob else polisher_cat[j],
                 "use_cls": bool(det["use_cls"][j]),
                 "use_reg": bool(det["use_reg"][j]),
             },

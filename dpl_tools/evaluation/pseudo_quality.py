@@ -97,7 +97,7 @@ def _pr_curve(scores: np.ndarray, tp: np.ndarray, n_gt: int) -> dict[str, list[f
     }
 
 
-def _gt_image_keys(table: pa.Table, gt: CocoData) -> tuple[np.ndarray, int]:
+def gt_image_keys(table: pa.Table, gt: CocoData) -> tuple[np.ndarray, int]:
     """Ground-truth image id of each row (-1 where none), and how many matched by id."""
     by_name = {im["file_name"]: im["id"] for im in gt.images}
     by_id = {im["id"] for im in gt.images}
@@ -198,7 +198,7 @@ def keep_rule_quality(views: dict[str, _View], truth: Any, n_gt: int) -> dict[st
 
 
 @dataclass
-class _Truth:
+class Truth:
     """The ground truth of the evaluated images, by image id: xyxy boxes, classes, COCO
     areas, and the COCO subset that AP is computed on."""
 
@@ -209,7 +209,7 @@ class _Truth:
     count: int
 
     @classmethod
-    def of(cls, gt: CocoData, eval_ids: set[int]) -> _Truth:
+    def of(cls, gt: CocoData, eval_ids: set[int]) -> Truth:
         by_image: dict[int, list[dict]] = defaultdict(list)
         for ann in gt.annotations:
             if ann["image_id"] in eval_ids and not ann.get("iscrowd", 0):
@@ -237,7 +237,7 @@ class _Truth:
         return self.boxes.get(k, np.zeros((0, 4))), self.labels.get(k, np.zeros(0, np.int64))
 
 
-def view_quality(v: _View, truth: _Truth) -> tuple[dict[str, Any], dict, np.ndarray]:
+def view_quality(v: _View, truth: Truth) -> tuple[dict[str, Any], dict, np.ndarray]:
     """One view's precision and recall at each IoU threshold (class-aware), mean IoU of its
     matched boxes (class-agnostic), COCO AP; its PR curve; which boxes are TP at .5."""
     tp = {t: np.zeros(len(v.rows), dtype=bool) for t in IOU_THRESHOLDS}
@@ -279,7 +279,7 @@ def view_quality(v: _View, truth: _Truth) -> tuple[dict[str, Any], dict, np.ndar
 
 
 def class_quality(
-    v: _View, tp50: np.ndarray, truth: _Truth, class_ap: dict[int, float]
+    v: _View, tp50: np.ndarray, truth: Truth, class_ap: dict[int, float]
 ) -> dict[str, dict[str, Any]]:
     """Per category (name): the view's boxes of that class, precision and recall at IoU
     0.5 (the same class-aware matches as the view's overall figures) and COCO AP."""
@@ -321,7 +321,7 @@ def box_changes(
     keys: np.ndarray,
     has_teacher: np.ndarray,
     has_polished: np.ndarray,
-    truth: _Truth,
+    truth: Truth,
 ) -> _BoxChanges:
     """How polishing moved each teacher box relative to its truth box (``_BoxChanges``)."""
     both = np.flatnonzero(has_teacher & has_polished)
@@ -380,7 +380,7 @@ def pseudo_label_quality(table: pa.Table, gt: CocoData) -> dict[str, Any]:
     names = table["file_name"].to_pylist()
     ok = np.array([s == "ok" for s in status], dtype=bool)
     skipped_images = {n for n, s in zip(names, status, strict=True) if s != "ok"}
-    keys, matched_by_id = _gt_image_keys(table, gt)
+    keys, matched_by_id = gt_image_keys(table, gt)
     ok_images = {n for n, o in zip(names, ok, strict=True) if o}
     in_gt = ok & (keys >= 0)
     not_in_gt = {n for n, o, k in zip(names, ok, keys, strict=True) if o and k < 0}
@@ -410,7 +410,7 @@ def pseudo_label_quality(table: pa.Table, gt: CocoData) -> dict[str, Any]:
         return _View(boxes[rows], labels[rows], score[rows], keys[rows], rows)
 
     views = {name: view(name) for name in VIEWS}
-    truth = _Truth.of(gt, set(eval_ids))
+    truth = Truth.of(gt, set(eval_ids))
     result_views: dict[str, Any] = {}
     curves: dict[str, Any] = {}
     teacher_tp50 = np.zeros(len(table), dtype=bool)

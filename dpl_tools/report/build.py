@@ -25,6 +25,7 @@ from dpl_tools.data.pseudo_labels import (
     read_pseudo_labels,
 )
 from dpl_tools.errors import DplError
+from dpl_tools.evaluation.keep_sweep import keep_rule_sweep
 from dpl_tools.evaluation.pseudo_quality import pseudo_label_quality
 from dpl_tools.outputs import check_owned_folder, owned_folder
 from dpl_tools.progress import Progress
@@ -94,9 +95,16 @@ def build_report(
     names = category_names(meta, gt.categories if gt else None)
     summary = summarize(table)
     quality = pseudo_label_quality(table, gt) if gt is not None else None
+    thresholds = meta.get(META_THRESHOLDS) or {}
+    sweep = None
+    if gt is not None and {"cls_prob", "teacher_score"} <= set(thresholds):
+        if table["polisher_prob"].null_count < table.num_rows:  # a polisher was used
+            sweep = keep_rule_sweep(
+                table, gt, float(thresholds["cls_prob"]), float(thresholds["teacher_score"])
+            )
 
     with owned_folder(out, REPORT_KIND, "dpl report", REPORT_WHAT) as tmp:
-        plots = make_plots(table, tmp / "plots", quality)
+        plots = make_plots(table, tmp / "plots", quality, sweep)
         items = gallery_items(table, max_images)
         if gt is not None:
             truth = truth_by_file(gt)
@@ -116,7 +124,8 @@ def build_report(
             (tmp / page_name(page)).write_text(html, encoding="utf-8")
         bad = summary.skipped + unreadable
         html = index_html(
-            str(labels), _meta_lines(meta), summary, names, plots, pages, len(items), bad, quality
-        )
+            str(labels), _meta_lines(meta), summary, names, plots, pages, len(items), bad,
+            quality, sweep, thresholds,
+        )  # fmt: skip
         (tmp / "index.html").write_text(html, encoding="utf-8")
     return ReportResult(out / "index.html", summary, len(items), pages, unreadable)

@@ -87,6 +87,10 @@ def _num(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def _pct(value: Any) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
 def page_name(page: int) -> str:
     """File name of gallery page ``page`` (1-based)."""
     return f"page-{page:03d}.html"
@@ -143,10 +147,49 @@ def _quality_html(q: dict[str, Any]) -> str:
         f"<p>Labels changed: {lc['changed']} ({lc['right']} right, {lc['broke']} broke a right "
         f"label, {lc['no_truth']} without truth at IoU 0.5). Box IoU to truth over "
         f"{bq['boxes']} boxes with teacher IoU &ge; 0.5: {_num(bq['mean_iou_before'])} &rarr; "
-        f"{_num(bq['mean_iou_after'])} ({_num(bq['improved_fraction'])} improved). "
+        f"{_num(bq['mean_iou_after'])} ({_pct(bq['improved_fraction'])} improved). "
         "P/R: class-aware greedy matching (COCO); mean IoU: class-agnostic at IoU &ge; 0.5.</p>"
     )
     return "\n".join(out)
+
+
+def _per_class_html(q: dict[str, Any]) -> str:
+    """Per class: truth boxes, then P@.5 / R@.5 / AP of each view (the same matches as the
+    table above)."""
+    first = q["views"][VIEWS[0]].get("per_class", {})
+    out = ["<h2>Per class</h2><table>", '<tr><th class="l">class</th><th>truth</th>']
+    out += [f"<th>{VIEW_TITLES[v]} P@.5</th><th>R@.5</th><th>AP</th>" for v in VIEWS]
+    out.append("</tr>")
+    for i, name in enumerate(first):
+        cells = [f'<td class="l">{escape(name)}</td><td>{first[name]["gt_boxes"]}</td>']
+        for v in VIEWS:
+            c = q["views"][v]["per_class"][name]
+            cells += [f'<td id="pc-{v}-{k}-{i}">{_num(c[k])}</td>'
+                      for k in ("precision50", "recall50", "AP")]  # fmt: skip
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _keep_rule_html(sweep: dict[str, Any], sources: dict[str, Any]) -> str:
+    """The keep rule's operating point on these images, and how to read its plot."""
+    p = sweep["operating_point"]
+    where = {k: sources.get(f"{k}_source", "") for k in ("cls_prob", "teacher_score")}
+    shown = ", ".join(f"{k} {p[k]:g}" + (f" ({where[k]})" if where[k] else "") for k in where)
+    note = "" if sweep["exact"] else (
+        " This file predates the polisher_label column: relabelling at other thresholds is "
+        "not replayed, the labels as polished stand in."
+    )  # fmt: skip
+    return (
+        f"<h2>Keep rule</h2><p>Operating point: {escape(shown)}. On these "
+        f'{sweep["images"]} images it keeps <span id="keep-kept">{p["kept"]}</span> '
+        f'classification pseudo labels: P@.5 <span id="keep-p">{_num(p["precision"])}</span>, '
+        f'R@.5 <span id="keep-r">{_num(p["recall"])}</span>, '
+        f'F1 <span id="keep-f1">{_num(p["f1"])}</span>. The plot "Keep rule" shows what '
+        "another threshold would give (each curve moves one threshold, the other stays at "
+        f"the operating point); <code>dpl polish --cls-prob X --teacher-score Y</code> "
+        f"applies it.{escape(note)}</p>"
+    )
 
 
 def index_html(
@@ -159,6 +202,8 @@ def index_html(
     gallery_count: int,
     bad_images: list[tuple[str, str]],
     quality: dict[str, Any] | None,
+    sweep: dict[str, Any] | None = None,
+    thresholds: dict[str, Any] | None = None,
 ) -> str:
     """The report's front page."""
     body = [f"<h1>Pseudo-label report</h1><p>Labels: <code>{escape(source)}</code></p>"]
@@ -167,6 +212,9 @@ def index_html(
     body.append(_summary_html(summary, names))
     if quality is not None:
         body.append(_quality_html(quality))
+        body.append(_per_class_html(quality))
+    if sweep is not None:
+        body.append(_keep_rule_html(sweep, thresholds or {}))
     body.append('<h2>Plots</h2><div class="plots">')
     body += [f'<img src="plots/{f}" alt="{escape(t)}" title="{escape(t)}">' for t, f in plots]
     body.append("</div>")

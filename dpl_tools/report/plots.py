@@ -37,6 +37,9 @@ def histogram(values: np.ndarray, path: Path, title: str, xlabel: str) -> None:
 
 def iou_before_after(before: np.ndarray, after: np.ndarray, path: Path) -> None:
     """Scatter of each box's IoU to truth before (teacher) and after (polished) polishing."""
+    # the page's "improved" figure: boxes whose teacher box has IoU >= 0.5 with its truth
+    good = before >= 0.5
+    better = float(np.mean(after[good] > before[good])) if good.any() else 0.0
     rng = np.random.default_rng(0)
     if len(before) > MAX_SCATTER_POINTS:
         keep = rng.choice(len(before), MAX_SCATTER_POINTS, replace=False)
@@ -44,9 +47,9 @@ def iou_before_after(before: np.ndarray, after: np.ndarray, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(4.2, 4.0))
     ax.scatter(before, after, s=6, alpha=0.4, color="#3478b5", linewidths=0)
     ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
-    better = float(np.mean(after > before)) if len(before) else 0.0
+    ax.axvline(0.5, color="grey", lw=0.8, ls=":")
     ax.set(
-        title=f"IoU to truth ({better:.0%} improved)",
+        title=f"IoU to truth ({better:.1%} of IoU >= .5 improved)",
         xlabel="teacher box",
         ylabel="polished box",
         xlim=(0, 1),
@@ -67,7 +70,34 @@ def pr_curves(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
     _save(fig, path)
 
 
-def make_plots(table: pa.Table, out_dir: Path, quality: dict[str, Any] | None) -> list[tuple]:
+SWEEP_TITLES = {"cls_prob": "polisher probability threshold (cls_prob)",
+                "teacher_score": "teacher score threshold (teacher_score)"}  # fmt: skip
+
+
+def keep_rule_curves(sweep: dict[str, Any], path: Path) -> None:
+    """Precision, recall and F1 of the classification pseudo labels against each keep
+    threshold (the other at the operating point), the operating point marked."""
+    point = sweep["operating_point"]
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.4), sharey=True)
+    for ax, name in zip(axes, ("cls_prob", "teacher_score"), strict=True):
+        curve = sweep[name]
+        for metric, colour in (("precision", "#3478b5"), ("recall", "#d9822b"), ("f1", "#2a9d4b")):
+            ax.plot(curve["threshold"], curve[metric], label=metric, color=colour)
+        ax.axvline(point[name], color="grey", ls="--", lw=1)
+        ax.plot([point[name]] * 3, [point["precision"], point["recall"], point["f1"]], "ko", ms=4)
+        ax.set(xlabel=SWEEP_TITLES[name], xlim=(0, 1), ylim=(0, 1.02))
+        ax.set_title(f"operating point {name} {point[name]:g}", fontsize=9)
+    axes[0].set_ylabel("classification pseudo labels")
+    axes[0].legend(fontsize=8, loc="lower left")
+    _save(fig, path)
+
+
+def make_plots(
+    table: pa.Table,
+    out_dir: Path,
+    quality: dict[str, Any] | None,
+    sweep: dict[str, Any] | None = None,
+) -> list[tuple]:
     """Write the report's PNGs into ``out_dir``; returns (title, file name) pairs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     boxes = table.filter(has_teacher_box(table))
@@ -99,4 +129,7 @@ def make_plots(table: pa.Table, out_dir: Path, quality: dict[str, Any] | None) -
         plots.append(("IoU to truth, before vs after", "iou_to_truth.png"))
         pr_curves(quality["pr_curves"], out_dir / "pr_curves.png")
         plots.append(("Precision / recall", "pr_curves.png"))
+    if sweep is not None:
+        keep_rule_curves(sweep, out_dir / "keep_rule.png")
+        plots.append(("Keep rule: precision, recall and F1 by threshold", "keep_rule.png"))
     return plots
