@@ -78,6 +78,9 @@ def keep_rule_curves(sweep: dict[str, Any], path: Path) -> None:
     """Precision, recall and F1 of the classification pseudo labels against each keep
     threshold (the other at the operating point), the operating point marked."""
     point = sweep["operating_point"]
+    values = [v for n in ("cls_prob", "teacher_score") for m in ("precision", "recall", "f1")
+              for v in sweep[n][m]]  # fmt: skip
+    low = max(0.0, np.floor((min(values, default=0.0) - 0.05) * 10) / 10)  # zoom to the curves
     fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.4), sharey=True)
     for ax, name in zip(axes, ("cls_prob", "teacher_score"), strict=True):
         curve = sweep[name]
@@ -85,7 +88,7 @@ def keep_rule_curves(sweep: dict[str, Any], path: Path) -> None:
             ax.plot(curve["threshold"], curve[metric], label=metric, color=colour)
         ax.axvline(point[name], color="grey", ls="--", lw=1)
         ax.plot([point[name]] * 3, [point["precision"], point["recall"], point["f1"]], "ko", ms=4)
-        ax.set(xlabel=SWEEP_TITLES[name], xlim=(0, 1), ylim=(0, 1.02))
+        ax.set(xlabel=SWEEP_TITLES[name], xlim=(0, 1), ylim=(low, 1.02))
         ax.set_title(f"operating point {name} {point[name]:g}", fontsize=9)
     axes[0].set_ylabel("classification pseudo labels")
     axes[0].legend(fontsize=8, loc="lower left")
