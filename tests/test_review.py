@@ -129,6 +129,38 @@ def test_label_studio_tasks_follow_its_json_import(data, tmp_path):
     assert box["height"] == pytest.approx(100 * 20 / 64)
 
 
+def test_label_studios_own_converter_reads_the_exported_tasks(data, tmp_path):
+    """Label Studio's converter package (label-studio-converter, what Label Studio runs to
+    export a project as COCO) reads dpl's tasks once a reviewer accepted the predictions:
+    the same boxes to 1e-6 px and the same classes, under the labeling config dpl printed."""
+    from label_studio_converter import Converter
+
+    from dpl_tools.data.review import LOCAL_FILES, label_config
+
+    out = tmp_path / "tasks.json"
+    assert run("export", "--format", "label-studio", "--labels", data["labels"], "--out", out,
+               "--view", "teacher").exit_code == 0  # fmt: skip
+    tasks = json.loads(out.read_text())
+    for i, task in enumerate(tasks):  # what Label Studio adds: task ids, accepted results
+        task["id"] = i + 1
+        task["annotations"] = [{"id": i + 1, "result": task["predictions"][0]["result"]}]
+    accepted = tmp_path / "accepted.json"
+    accepted.write_text(json.dumps(tasks))
+    names = list(data["names"].values())
+    converter = Converter(config=label_config(names), project_dir=str(tmp_path),
+                          download_resources=False)  # fmt: skip
+    converter.convert_to_coco(str(accepted), str(tmp_path / "ls"), is_dir=False)
+    coco = json.loads((tmp_path / "ls/result.json").read_text())
+    for image in coco["images"]:
+        image["file_name"] = image["file_name"].removeprefix(LOCAL_FILES)
+    got, want = _boxes(coco), _expected(data)
+    assert got.keys() == want.keys() and sum(map(len, got.values())) == 4
+    for name in want:
+        assert [c for c, _ in got[name]] == [c for c, _ in want[name]], name
+        for (_, g), (_, w) in zip(got[name], want[name], strict=True):
+            assert np.allclose(g, w, atol=1e-6, rtol=0), (name, g, w)
+
+
 def test_review_queue_puts_uncertain_images_first_and_top_keeps_n(data, tmp_path):
     out = tmp_path / "queue.xml"
     assert run("export", "--format", "cvat", "--labels", data["labels"], "--out", out,
