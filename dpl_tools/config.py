@@ -14,15 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dpl_tools.defaults import (
-    DEFAULTS,
-    RUN_SETTINGS,
-    SETTINGS,
-    SettingError,
-    check_mapping,
-    unknown,
-)
+from dpl_tools.defaults import DEFAULTS, RUN_SETTINGS, SETTINGS
 from dpl_tools.errors import DplError
+from dpl_tools.settings import SettingError, check_mapping, unknown
 from dpl_tools.textfiles import read_yaml_file
 
 # Presets ship inside the package (dpl_tools/configs/), so a wheel install has them too.

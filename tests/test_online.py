@@ -85,7 +85,8 @@ def test_online_targets_are_the_offline_targets_of_the_same_boxes(trained) -> No
         "scores": torch.tensor([0.9, 0.6]), "labels": torch.tensor([1, 2]),
         "polished_boxes": torch.tensor([[3.0, 3.5, 31.0, 41.0], [52.0, 11.0, 88.0, 62.0]]),
         "polished_labels": torch.tensor([1, 3]), "polisher_labels": torch.tensor([1, 3]),
-        "probs": torch.tensor([0.95, 0.4]), "use_cls": torch.tensor([True, False]), "use_reg": torch.tensor([True, True]),
+        "probs": torch.tensor([0.95, 0.4]), "use_cls": torch.tensor([True, False]),
+        "use_reg": torch.tensor([True, True]),
     }  # fmt: skip
     online = pseudo_image(det, label_to_cat, "a.png", 96, 128)
     cols = _empty_columns()

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from dpl_tools.config import load_config
-from dpl_tools.defaults import SETTINGS, unknown
+from dpl_tools.defaults import SETTINGS
 from dpl_tools.errors import DplError
+from dpl_tools.settings import unknown
 
 ConfigLike = str | Path | Mapping[str, Any] | None
 

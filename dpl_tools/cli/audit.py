@@ -18,8 +18,8 @@ from rich.console import Console
 
 from dpl_tools import api
 from dpl_tools.cli.options import RunDir, within
-from dpl_tools.defaults import AT_LEAST_1, UNIT
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input, resolve_output
+from dpl_tools.settings import AT_LEAST_1, UNIT
 from dpl_tools.tables import ReportTable
 
 

@@ -21,10 +21,10 @@ from rich.console import Console
 
 from dpl_tools.cli.options import Device, Seed, in_process, stage_printer, within
 from dpl_tools.config import load_config, merge, preset_path, read_config
-from dpl_tools.defaults import AT_LEAST_1, Range
 from dpl_tools.demo import DEMO_DATA, DEMO_PRESET, demo_stages, demo_summary, prepare_demo_data
 from dpl_tools.io import write_json
 from dpl_tools.pipeline import run_stages, write_stage_config
+from dpl_tools.settings import AT_LEAST_1, Range
 from dpl_tools.tables import ReportTable
 
 LABELS = {

@@ -18,7 +18,6 @@ from dpl_tools import api
 from dpl_tools.cli.options import AllowOutsideRoot, Device, RunDir, within
 from dpl_tools.data.coco import load_coco
 from dpl_tools.data.pseudo_labels import META_THRESHOLDS, dropped_warning, read_pseudo_labels
-from dpl_tools.defaults import AT_LEAST_1, NON_NEGATIVE, UNIT
 from dpl_tools.errors import DplError
 from dpl_tools.evaluation.coco_eval import METRICS
 from dpl_tools.evaluation.pseudo_quality import pseudo_label_quality
@@ -30,6 +29,7 @@ from dpl_tools.evaluation.quality_tables import (
 from dpl_tools.io import write_json
 from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, artifact, resolve_input
+from dpl_tools.settings import AT_LEAST_1, NON_NEGATIVE, UNIT
 from dpl_tools.tables import ReportTable
 
 

@@ -33,8 +33,8 @@ from dpl_tools.data.export import (
 )
 from dpl_tools.data.pseudo_labels import dropped_warning
 from dpl_tools.data.review import LOCAL_FILES, REVIEW_FORMATS
-from dpl_tools.defaults import AT_LEAST_1, UNIT
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input
+from dpl_tools.settings import AT_LEAST_1, UNIT
 from dpl_tools.tables import ReportTable
 
 

@@ -15,9 +15,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from dpl_tools.defaults import NON_NEGATIVE, SETTINGS, Range, Setting, SettingError
+from dpl_tools.defaults import SETTINGS
 from dpl_tools.errors import DplError
 from dpl_tools.pipeline import Stage
+from dpl_tools.settings import NON_NEGATIVE, Range, Setting, SettingError
 from dpl_tools.textfiles import parse_yaml
 
 

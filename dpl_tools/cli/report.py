@@ -15,7 +15,7 @@ from rich.console import Console
 
 from dpl_tools import api
 from dpl_tools.cli.options import AllowOutsideRoot, within
-from dpl_tools.defaults import AT_LEAST_1, NON_NEGATIVE, Range
+from dpl_tools.settings import AT_LEAST_1, NON_NEGATIVE, Range
 from dpl_tools.tables import ReportTable
 
 

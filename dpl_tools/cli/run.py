@@ -26,8 +26,8 @@ from rich.console import Console
 from dpl_tools import api
 from dpl_tools.cli.options import Device, within
 from dpl_tools.data.pseudo_labels import pseudo_label_sources
-from dpl_tools.defaults import AT_LEAST_1
 from dpl_tools.pipeline import round_dir
+from dpl_tools.settings import AT_LEAST_1
 
 
 def command(

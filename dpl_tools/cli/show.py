@@ -16,13 +16,13 @@ from rich.console import Console
 from dpl_tools.cli.options import Config, Seed, SetValues, set_overrides, within
 from dpl_tools.config import load_config
 from dpl_tools.data.pseudo_labels import drop_unusable_rows, dropped_warning, read_pseudo_labels
-from dpl_tools.defaults import AT_LEAST_1, NON_NEGATIVE
 from dpl_tools.errors import DplError
 from dpl_tools.io import atomic_path
 from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.report.augment_preview import CELL, draw_sample, sample_grid, training_samples
 from dpl_tools.report.draw import render_image, rows_for_image
 from dpl_tools.report.summary import category_names
+from dpl_tools.settings import AT_LEAST_1, NON_NEGATIVE
 
 
 def command(

@@ -16,8 +16,8 @@ from rich.console import Console
 
 from dpl_tools import api
 from dpl_tools.cli.options import AllowOutsideRoot, RunDir, Seed, within
-from dpl_tools.defaults import AT_LEAST_1, NON_NEGATIVE, PERCENT
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, artifact
+from dpl_tools.settings import AT_LEAST_1, NON_NEGATIVE, PERCENT
 from dpl_tools.tables import ReportTable
 
 

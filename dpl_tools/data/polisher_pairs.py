@@ -46,9 +46,10 @@ from dpl_tools.data.noise_models import (
 )
 from dpl_tools.data.parquet_files import open_dpl_parquet
 from dpl_tools.data.pseudo_views import BOX_COORDS
-from dpl_tools.defaults import DEFAULTS, settings_from_section
+from dpl_tools.defaults import DEFAULTS
 from dpl_tools.errors import DplError
 from dpl_tools.io import atomic_path
+from dpl_tools.settings import settings_from_section
 
 META_KEY = b"dpl_noise"
 GT_GROUP = -1  # ``group`` of the GT boxes themselves (noise groups are 0, 1, ...)

@@ -46,7 +46,7 @@ from dpl_tools.data.pseudo_labels import (
     META_VERSION,
 )
 from dpl_tools.data.pseudo_views import BOX_COORDS
-from dpl_tools.defaults import DEFAULTS, settings_from_section
+from dpl_tools.defaults import DEFAULTS
 from dpl_tools.engine.inference import image_loader, worker_batches
 from dpl_tools.engine.keep_rule import PAPER_CLS_PROB, PAPER_TEACHER_SCORE, select_pseudo_labels
 from dpl_tools.engine.tta import augmented_detections, fuse_passes, tta_augmentations
@@ -54,6 +54,7 @@ from dpl_tools.errors import DplError
 from dpl_tools.models.detector import set_test_settings
 from dpl_tools.progress import Progress
 from dpl_tools.runtime import amp_enabled
+from dpl_tools.settings import settings_from_section
 
 
 class Refiner(Protocol):

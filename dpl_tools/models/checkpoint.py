@@ -17,9 +17,10 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN
 
 from dpl_tools import __version__
-from dpl_tools.defaults import ARCHS, DETECTOR_KWARGS, SettingError, check_mapping
+from dpl_tools.defaults import ARCHS, DETECTOR_KWARGS
 from dpl_tools.errors import DplError
 from dpl_tools.io import atomic_path
+from dpl_tools.settings import SettingError, check_mapping
 
 FORMAT = "dpl-detector"
 FORMAT_VERSION = 1
