@@ -30,15 +30,14 @@ import json
 import math
 import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dpl_tools.data.images import ImageGeometry, ImageReadError, image_geometry, outside_root
+from dpl_tools.data.image_sizes import BoxMap, fit_images_to_files
+from dpl_tools.data.images import outside_root
 from dpl_tools.errors import DplError
 from dpl_tools.io import write_json
 
@@ -325,107 +324,89 @@ def _too_small(x: float, y: float, w: float, h: float) -> bool:
     return not (corners[2] > corners[0] and corners[3] > corners[1])
 
 
-BoxMap = Callable[[float, float, float, float], tuple[float, float, float, float]]
-_SIZE_RESCALED = "width/height differ from the image file by a resize (boxes rescaled to it)"
-_SIZE_EXIF = "annotated on the stored pixels of an EXIF-rotated image (boxes rotated upright)"
-_SIZE_DROPPED = "width/height differ from the image file, not by a resize (image dropped)"
+def _checked_categories(path: Path, raw: dict) -> list[dict]:
+    """The categories, ids normalised; bad or duplicate ids and names are fatal."""
+    categories = _as_list(path, raw, "categories")
+    _require(path, categories, ("id", "name"), "category")
+    categories = [dict(c) for c in categories]
+    _normalize_ids(path, categories, ("id",), "category")
+    bad_names = [c for c in categories if not isinstance(c["name"], str) or not c["name"]]
+    if bad_names:
+        c = bad_names[0]
+        raise DplError(
+            f"{path}: {len(bad_names)} category(s) whose name is not a non-empty string "
+            f"(e.g. category {c['id']}: name = {json.dumps(c['name'])})"
+        )
+    bad_chars = [(c, name_problem(c["name"])) for c in categories if name_problem(c["name"])]
+    if bad_chars:
+        c, problem = bad_chars[0]
+        raise DplError(
+            f"{path}: {len(bad_chars)} category name(s) with a control character (e.g. "
+            f"category {c['id']}: name {json.dumps(c['name'])} {problem})"
+        )
+    _check_unique(path, categories, "category")
+    _check_unique(path, categories, "category", "name")
+    return categories
 
 
-def _uniform(aw: float, ah: float, w: int, h: int) -> bool:
-    """Whether ``w x h`` is ``aw x ah`` resized with one factor, up to pixel rounding."""
-    return abs(w * ah - h * aw) <= max(aw, ah)
-
-
-def _orient(box: tuple[float, float, float, float], geo: ImageGeometry):
-    """A box in stored pixels mapped into the EXIF-upright image (as exif_transpose does)."""
-    x1, y1, x2, y2 = box
-    sw, sh = geo.stored_width, geo.stored_height
-    point = {
-        5: lambda x, y: (y, x),  # transpose
-        6: lambda x, y: (sh - y, x),  # rotate 90 clockwise
-        7: lambda x, y: (sh - y, sw - x),  # transverse
-        8: lambda x, y: (y, sw - x),  # rotate 90 counter-clockwise
-    }[geo.orientation]
-    (ax, ay), (bx, by) = point(x1, y1), point(x2, y2)
-    return min(ax, bx), min(ay, by), max(ax, bx), max(ay, by)
-
-
-def _frame_fix(im: dict[str, Any], geo: ImageGeometry) -> tuple[str, BoxMap | None] | None:
-    """How an image's boxes reach its decoded frame: None when the sizes agree, else
-    (problem, box map), the map None when the image must be dropped (module docstring)."""
-    aw, ah = float(im["width"]), float(im["height"])
-    width, height = geo.size
-    if (aw, ah) == (width, height):
-        return None
-    if _uniform(aw, ah, width, height):
-        sx, sy = width / aw, height / ah
-        return _SIZE_RESCALED, lambda x, y, w, h: (x * sx, y * sy, w * sx, h * sy)
-    if geo.swaps_sides and _uniform(aw, ah, geo.stored_width, geo.stored_height):
-        sx, sy = geo.stored_width / aw, geo.stored_height / ah
-
-        def rotate(x: float, y: float, w: float, h: float):
-            x1, y1, x2, y2 = _orient((x * sx, y * sy, (x + w) * sx, (y + h) * sy), geo)
-            return x1, y1, x2 - x1, y2 - y1
-
-        return _SIZE_EXIF, rotate
-    return _SIZE_DROPPED, None
-
-
-def _geometries(paths: list[Path]) -> list[ImageGeometry | None]:
-    """Header geometry per path (None when unreadable; decoding reports it later)."""
-
-    def one(p: Path) -> ImageGeometry | None:
-        try:
-            return image_geometry(p)
-        except ImageReadError:
-            return None
-
-    if len(paths) < 64:
-        return [one(p) for p in paths]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(one, paths, chunksize=64))
-
-
-def size_mismatches(root: Path, images: list[tuple[str, int, int]]) -> list[str]:
-    """File names of ``(file_name, width, height)`` whose file under ``root`` now decodes
-    to another (EXIF-upright) size; unreadable files are left to the decoder to report."""
-    geometries = _geometries([root / name for name, _, _ in images])
-    return [
-        name
-        for (name, width, height), geo in zip(images, geometries, strict=True)
-        if geo is not None and geo.size != (width, height)
+def _checked_images(path: Path, raw: dict) -> list[dict]:
+    """The images, ids normalised; bad ids, file names or sizes are fatal."""
+    images = _as_list(path, raw, "images")
+    _require(path, images, ("id", "file_name", "width", "height"), "image")
+    images = [dict(im) for im in images]
+    _normalize_ids(path, images, ("id",), "image")
+    _check_file_names(path, images)
+    _check_unique(path, images, "image")
+    _check_unique(path, images, "image", "file_name")
+    bad_size = [
+        im for im in images if not (positive_number(im["width"]) and positive_number(im["height"]))
     ]
+    if bad_size:
+        im = bad_size[0]
+        raise DplError(
+            f"{path}: {len(bad_size)} image(s) without a positive width/height "
+            f"(e.g. image {im['id']} {im['file_name']}: {_size_problem(im)})"
+        )
+    return images
 
 
-def _fit_images_to_files(
-    images: list[dict[str, Any]], images_dir: Path, report: ValidationReport
-) -> tuple[list[dict[str, Any]], dict[int, BoxMap]]:
-    """Drop images whose file is missing; check each width/height against the file (see
-    the module docstring). Returns the kept images and box maps of repaired ones."""
-    present = []
-    for im in images:
-        if (images_dir / im["file_name"]).is_file():
-            present.append(im)
-        else:
-            report.add("missing image file (image dropped)", str(images_dir / im["file_name"]))
-    kept, maps = [], {}
-    geometries = _geometries([images_dir / im["file_name"] for im in present])
-    for im, geo in zip(present, geometries, strict=True):
-        fix = _frame_fix(im, geo) if geo is not None else None
-        if fix is not None:
-            problem, box_map = fix
-            width, height = geo.size
-            report.add(
-                problem,
-                f"image {im['id']} {im['file_name']}: annotated {im['width']}x{im['height']}, "
-                f"file {width}x{height}",
-            )
-            if box_map is None:
-                continue
-            maps[im["id"]] = box_map
-            im["width"], im["height"] = width, height
-        kept.append(im)
-    return kept, maps
+def _repaired_box(
+    a: dict, im: dict, box_map: BoxMap | None, report: ValidationReport
+) -> dict | None:
+    """Annotation ``a`` of image ``im`` with its box in the image's frame (mapped by
+    ``box_map``, clipped), or None when it must be dropped; every repair is counted."""
+    ref = f"annotation {a['id']} ({im['file_name']})"
+    box = _box(a["bbox"])
+    if box is None or not all(math.isfinite(v) for v in box):  # NaN/Infinity rejected
+        report.add("malformed bbox (annotation dropped)", f"{ref}: {a['bbox']!r}")
+        return None
+    x, y, w, h = box
+    if w <= 0 or h <= 0:
+        report.add("zero or negative size box (dropped)", f"{ref}: {a['bbox']}")
+        return None
+    area = a.get("area")
+    if "area" in a and not positive_number(area):
+        report.add("missing or invalid area (recomputed)", f"{ref}: area = {area!r}")
+        del a["area"]
+    if box_map is not None:
+        x, y, w, h = box_map(x, y, w, h)
+        a.pop("area", None)
+    x1, y1 = max(x, 0.0), max(y, 0.0)
+    x2, y2 = min(x + w, float(im["width"])), min(y + h, float(im["height"]))
+    clipped = (x1, y1, x2, y2) != (x, y, x + w, y + h)
+    if clipped and (x2 <= x1 or y2 <= y1):
+        report.add("box entirely outside its image (dropped)", f"{ref}: {a['bbox']}")
+        return None
+    if _too_small(x1, y1, x2 - x1, y2 - y1):
+        report.add(f"box smaller than {MIN_BOX_SIDE} px (dropped)", f"{ref}: {a['bbox']}")
+        return None
+    if clipped:
+        report.add("box outside its image (clipped)", f"{ref}: {a['bbox']}")
+        a["area"] = min(float(a.get("area", math.inf)), (x2 - x1) * (y2 - y1))
+    a["bbox"] = [x1, y1, x2 - x1, y2 - y1]
+    a.setdefault("area", (x2 - x1) * (y2 - y1))
+    a.setdefault("iscrowd", 0)
+    return a
 
 
 def validate_coco(
@@ -447,53 +428,16 @@ def validate_coco(
     if missing:
         raise DplError(f"{path}: missing top-level key(s) {', '.join(missing)}")
     report = ValidationReport(path)
-
-    categories = _as_list(path, raw, "categories")
-    _require(path, categories, ("id", "name"), "category")
-    categories = [dict(c) for c in categories]
-    _normalize_ids(path, categories, ("id",), "category")
-    bad_names = [c for c in categories if not isinstance(c["name"], str) or not c["name"]]
-    if bad_names:
-        c = bad_names[0]
-        raise DplError(
-            f"{path}: {len(bad_names)} category(s) whose name is not a non-empty string "
-            f"(e.g. category {c['id']}: name = {json.dumps(c['name'])})"
-        )
-    bad_chars = [(c, name_problem(c["name"])) for c in categories if name_problem(c["name"])]
-    if bad_chars:
-        c, problem = bad_chars[0]
-        raise DplError(
-            f"{path}: {len(bad_chars)} category name(s) with a control character (e.g. "
-            f"category {c['id']}: name {json.dumps(c['name'])} {problem})"
-        )
-    _check_unique(path, categories, "category")
-    _check_unique(path, categories, "category", "name")
-
-    images = _as_list(path, raw, "images")
-    _require(path, images, ("id", "file_name", "width", "height"), "image")
-    images = [dict(im) for im in images]
-    _normalize_ids(path, images, ("id",), "image")
-    _check_file_names(path, images)
-    _check_unique(path, images, "image")
-    _check_unique(path, images, "image", "file_name")
-    bad_size = [
-        im for im in images if not (positive_number(im["width"]) and positive_number(im["height"]))
-    ]
-    if bad_size:
-        im = bad_size[0]
-        raise DplError(
-            f"{path}: {len(bad_size)} image(s) without a positive width/height "
-            f"(e.g. image {im['id']} {im['file_name']}: {_size_problem(im)})"
-        )
+    categories = _checked_categories(path, raw)
+    images = _checked_images(path, raw)
     all_image_ids = {im["id"] for im in images}
-
     box_maps: dict[int, BoxMap] = {}
     if images_dir is not None:
         images_dir = Path(images_dir)
         check_inside_root(
             path, [(im["id"], im["file_name"]) for im in images], images_dir, allow_outside_root
         )
-        images, box_maps = _fit_images_to_files(images, images_dir, report)
+        images, box_maps = fit_images_to_files(images, images_dir, report)
 
     image_by_id = {im["id"]: im for im in images}
     cat_ids = {c["id"] for c in categories}
@@ -502,53 +446,23 @@ def validate_coco(
     annotations = [dict(a) for a in annotations]
     _normalize_ids(path, annotations, ("id", "image_id", "category_id"), "annotation")
     _check_unique(path, annotations, "annotation")
-
     kept_anns = []
     for a in annotations:
-        ref = f"annotation {a['id']}"
         if a["image_id"] not in image_by_id:
-            example = f"{ref}: image {a['image_id']}"
+            example = f"annotation {a['id']}: image {a['image_id']}"
             if a["image_id"] in all_image_ids:
                 report.add("annotation of a dropped image (dropped)", example)
             else:
                 report.add("unknown image id (annotation dropped)", example)
             continue
         im = image_by_id[a["image_id"]]
-        ref = f"annotation {a['id']} ({im['file_name']})"
         if a["category_id"] not in cat_ids:
+            ref = f"annotation {a['id']} ({im['file_name']})"
             report.add("unknown category id (annotation dropped)", f"{ref}: {a['category_id']}")
             continue
-        box = _box(a["bbox"])
-        if box is None or not all(math.isfinite(v) for v in box):  # NaN/Infinity rejected
-            report.add("malformed bbox (annotation dropped)", f"{ref}: {a['bbox']!r}")
-            continue
-        x, y, w, h = box
-        if w <= 0 or h <= 0:
-            report.add("zero or negative size box (dropped)", f"{ref}: {a['bbox']}")
-            continue
-        area = a.get("area")
-        if "area" in a and not positive_number(area):
-            report.add("missing or invalid area (recomputed)", f"{ref}: area = {area!r}")
-            del a["area"]
-        if im["id"] in box_maps:
-            x, y, w, h = box_maps[im["id"]](x, y, w, h)
-            a.pop("area", None)
-        x1, y1 = max(x, 0.0), max(y, 0.0)
-        x2, y2 = min(x + w, float(im["width"])), min(y + h, float(im["height"]))
-        clipped = (x1, y1, x2, y2) != (x, y, x + w, y + h)
-        if clipped and (x2 <= x1 or y2 <= y1):
-            report.add("box entirely outside its image (dropped)", f"{ref}: {a['bbox']}")
-            continue
-        if _too_small(x1, y1, x2 - x1, y2 - y1):
-            report.add(f"box smaller than {MIN_BOX_SIDE} px (dropped)", f"{ref}: {a['bbox']}")
-            continue
-        if clipped:
-            report.add("box outside its image (clipped)", f"{ref}: {a['bbox']}")
-            a["area"] = min(float(a.get("area", math.inf)), (x2 - x1) * (y2 - y1))
-        a["bbox"] = [x1, y1, x2 - x1, y2 - y1]
-        a.setdefault("area", (x2 - x1) * (y2 - y1))
-        a.setdefault("iscrowd", 0)
-        kept_anns.append(a)
+        kept = _repaired_box(a, im, box_maps.get(im["id"]), report)
+        if kept is not None:
+            kept_anns.append(kept)
 
     extra = {k: v for k, v in raw.items() if k not in ("images", "annotations", "categories")}
     return CocoData(path, images, kept_anns, categories, report, extra)

@@ -26,8 +26,9 @@ from rich.console import Console
 from torch import nn
 
 from dpl_tools.data.augment import training_augment
-from dpl_tools.data.coco import check_inside_root, size_mismatches
+from dpl_tools.data.coco import check_inside_root
 from dpl_tools.data.detection import DetectionDataset
+from dpl_tools.data.image_sizes import size_mismatches
 from dpl_tools.data.pseudo_labels import read_pseudo_labels
 from dpl_tools.data.pseudo_targets import pseudo_images
 from dpl_tools.data.student_data import (
