@@ -13,15 +13,12 @@ from dpl_tools.data.coco import load_coco, save_coco
 from dpl_tools.data.convert import FORMATS, Conversion, require_usable
 from dpl_tools.data.convert import convert as convert_files
 from dpl_tools.data.crossfit_detections import read_crossfit_detections
-from dpl_tools.data.export import (
+from dpl_tools.data.export import VIEWS, check_view_categories, pseudo_categories, view_boxes
+from dpl_tools.data.export_dataset import (
     DATASET_FORMATS,
-    VIEWS,
     DatasetInputs,
     ExportSummary,
-    check_view_categories,
     export_dataset,
-    pseudo_categories,
-    view_boxes,
 )
 from dpl_tools.data.pseudo_labels import read_pseudo_labels
 from dpl_tools.data.review import (

@@ -27,10 +27,7 @@ from rich.console import Console
 
 from dpl_tools import api
 from dpl_tools.cli.options import AllowOutsideRoot, RunDir, within
-from dpl_tools.data.export import (
-    SUMMARY_FILE,
-    ExportSummary,
-)
+from dpl_tools.data.export_dataset import SUMMARY_FILE, ExportSummary
 from dpl_tools.data.pseudo_labels import dropped_warning
 from dpl_tools.data.review import LOCAL_FILES, REVIEW_FORMATS
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input
