@@ -2,11 +2,12 @@
 
 A copy of a labeled set gets known mistakes: 5% of its boxes dropped (missing), 5% given
 another class (wrong class) and 5% shifted by 30% of their size (misplaced), three disjoint
-draws. Cross-fitting runs on the corrupted copy (`dpl synth-noise --noise-model crossfit`:
-the fold teachers train on the mistakes, as a user's would), then `dpl audit` ranks the
-issues. For each kind, with K the number planted: precision of the audit's top K of that
-kind (a hit: a missing flag whose box has IoU >= 0.5 with a dropped box; a wrong-class or
-misplaced flag on an annotation that was swapped or shifted) and the recall it gives.
+draws. A teacher and cross-fitting run on the corrupted copy (`dpl train-teacher`, `dpl
+synth-noise --noise-model crossfit`: the fold teachers train on the mistakes, as a user's
+would), then `dpl audit` ranks the issues. For each kind, with K the number planted:
+precision of the audit's top K of that kind (a hit: a missing flag whose box has IoU >= 0.5
+with a dropped box; a wrong-class or misplaced flag on an annotation that was swapped or
+shifted) and the recall it gives.
 The original labels have their own mistakes (BCCD is known to leave cells unlabeled), which
 count as misses here: the figures are a lower bound.
 
@@ -205,9 +206,13 @@ def main() -> None:
         if args.crossfit_iters_fraction is not None:
             sections["polisher"]["crossfit_iters_fraction"] = args.crossfit_iters_fraction
         (out / "config.yaml").write_text(yaml.safe_dump(sections))
+        common = ["--images", images, "--config", out / "config.yaml", "--seed", args.seed,
+                  "--device", "cpu"]  # fmt: skip
+        if not (out / "teacher.pt").is_file():  # the teacher a user would have, on the mistakes
+            dpl("train-teacher", "--ann", out / "corrupted.json", "--out", out / "teacher.pt",
+                *common)  # fmt: skip
         dpl("synth-noise", "--noise-model", "crossfit", "--ann", out / "corrupted.json",
-            "--images", images, "--config", out / "config.yaml",
-            "--out", out / "noise.parquet", "--seed", args.seed, "--device", "cpu")  # fmt: skip
+            "--teacher", out / "teacher.pt", "--out", out / "noise.parquet", *common)  # fmt: skip
     crossfit_s = time.time() - start
     dpl("audit", "--ann", out / "corrupted.json", "--crossfit", crossfit,
         "--out", out / "audit.parquet", "--csv", out / "audit.csv")  # fmt: skip

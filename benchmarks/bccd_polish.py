@@ -54,7 +54,8 @@ def speed(teacher: Path, polisher: Path, count: int, repeats: int, batch: int) -
     """Best-of-``repeats`` images/s of teacher-only vs teacher + polishing, same images."""
     from dpl_tools.data.image_list import load_image_list
     from dpl_tools.data.pseudo_label_writer import PseudoLabelWriter
-    from dpl_tools.engine.polish import PolishSettings, polish_images
+    from dpl_tools.engine.polish import PolishSettings
+    from dpl_tools.engine.polish_job import polish_images
     from dpl_tools.io import sha256_file
     from dpl_tools.models.checkpoint import load_detector
     from dpl_tools.models.polisher import load_polisher

@@ -10,7 +10,7 @@ did-you-mean), a wrong type or an out-of-range value is a one-line DplError nami
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,83 @@ from dpl_tools.textfiles import read_yaml_file
 
 # Presets ship inside the package (dpl_tools/configs/), so a wheel install has them too.
 PRESET_DIRS = (Path(__file__).parent / "configs",)
+
+
+class Section(Mapping[str, Any]):
+    """One checked config section, read-only: a setting by attribute (``cfg.student.iters``)
+    or by key (``cfg["student"]["iters"]``). Values are in their canonical types (a float
+    setting holds a float); nested mappings (``model.detector_kwargs``) are Sections too
+    and lists are tuples, so nothing inside can change after the checks."""
+
+    __slots__ = ("_name", "_values")
+
+    def __init__(self, name: str, values: Mapping[str, Any]) -> None:
+        frozen = {k: _frozen(f"{name}.{k}", v) for k, v in values.items()}
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_values", frozen)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(f"config {self._name} has no setting {key!r}") from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError(f"config {self._name} is read-only (build another with load_config)")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._name!r}, {self.to_dict()!r})"
+
+    def __deepcopy__(self, memo: dict) -> Section:
+        return self  # read-only: a copy is the same object
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self._name, self.to_dict()))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dicts and lists (JSON, YAML, checkpoints)."""
+        return {k: _thawed(v) for k, v in self._values.items()}
+
+
+class Config(Section):
+    """Every section of a loaded config (``load_config``): ``cfg.student`` is a Section."""
+
+    def __init__(self, sections: Mapping[str, Mapping[str, Any]]) -> None:
+        object.__setattr__(self, "_name", "config")
+        object.__setattr__(self, "_values", {k: Section(k, v) for k, v in sections.items()})
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.to_dict(),))
+
+
+def _frozen(name: str, value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return Section(name, value)
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(name, v) for v in value)
+    return value
+
+
+def _thawed(value: Any) -> Any:
+    if isinstance(value, Section):
+        return value.to_dict()
+    if isinstance(value, tuple):
+        return [_thawed(v) for v in value]
+    return value
+
+
+def plain(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A config or section as plain dicts (a plain dict is returned as a deep copy)."""
+    return config.to_dict() if isinstance(config, Section) else copy.deepcopy(dict(config))
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -99,15 +176,15 @@ def load_config(
     preset: str | Path | Mapping[str, Any] | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
     sets: dict[str, dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """Every section: the defaults table, then the preset (name, YAML path, or a dict of
-    sections as from the Python API), then
-    ``overrides`` whose None values (flags not given on the command line) are ignored, then
-    ``sets`` (``--set section.key=value``, where null is a value). Each layer is checked
-    against the table (a one-line DplError naming the file, or ``--set``)."""
+) -> Config:
+    """Every section, as a read-only ``Config``: the defaults table, then the preset (name,
+    YAML path, or a dict of sections as from the Python API), then ``overrides`` whose None
+    values (flags not given on the command line) are ignored, then ``sets`` (``--set
+    section.key=value``, where null is a value). Each layer is checked against the table
+    (a one-line DplError naming the file, or ``--set``)."""
     config = copy.deepcopy(DEFAULTS)
     if isinstance(preset, Mapping):
-        config = merge(config, check_config(dict(preset), "config"))
+        config = merge(config, check_config(plain(preset), "config"))
     elif preset:
         config = merge(config, read_config(preset_path(preset)))
     given = {
@@ -115,7 +192,7 @@ def load_config(
         for section, values in (overrides or {}).items()
     }
     config = merge(config, check_config(given, "command line"))
-    return resolve_derived(merge(config, check_config(sets or {}, "--set")))
+    return Config(resolve_derived(merge(config, check_config(sets or {}, "--set"))))
 
 
 def resolve_derived(config: dict[str, Any]) -> dict[str, Any]:

@@ -24,12 +24,14 @@ from typer.testing import CliRunner
 
 from dpl_tools.cli.cli import app
 from dpl_tools.data.coco import load_coco, read_json, validate_coco
-from dpl_tools.data.convert import convert, convert_voc, convert_yolo, require_usable
+from dpl_tools.data.convert import convert, require_usable
 from dpl_tools.data.image_list import load_image_list, stable_ids
 from dpl_tools.data.images import image_size, read_image, scan_images
 from dpl_tools.data.polisher_pairs import read_noise_metadata
 from dpl_tools.data.pseudo_label_writer import PseudoLabelWriter, rows_to_table
 from dpl_tools.data.pseudo_labels import META_CATEGORIES, read_pseudo_labels
+from dpl_tools.data.voc import convert_voc
+from dpl_tools.data.yolo_labels import convert_yolo
 from dpl_tools.errors import DplError
 
 CATS = [{"id": 1, "name": "thing"}]

@@ -12,7 +12,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dpl_tools.cli.cli import app
-from dpl_tools.data.convert import convert_coco, convert_voc, convert_yolo, voc_box_to_coco
+from dpl_tools.data.convert import convert_coco
+from dpl_tools.data.voc import convert_voc, voc_box_to_coco
+from dpl_tools.data.yolo_labels import convert_yolo
 from dpl_tools.errors import DplError
 
 

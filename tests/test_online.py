@@ -14,7 +14,7 @@ from dpl_tools.data.coco import load_coco
 from dpl_tools.data.pseudo_label_writer import rows_to_table
 from dpl_tools.data.pseudo_targets import pseudo_images
 from dpl_tools.engine.online import pseudo_image
-from dpl_tools.engine.polish import _empty_columns, _image_rows
+from dpl_tools.engine.polish_job import empty_columns, image_rows
 from dpl_tools.engine.train_online import teacher_path_of
 from dpl_tools.models.checkpoint import read_checkpoint
 from dpl_tools.models.student_criterion import student_target, supervision
@@ -89,8 +89,8 @@ def test_online_targets_are_the_offline_targets_of_the_same_boxes(trained) -> No
         "use_reg": torch.tensor([True, True]),
     }  # fmt: skip
     online = pseudo_image(det, label_to_cat, "a.png", 96, 128)
-    cols = _empty_columns()
-    _image_rows(cols, {"id": 1, "file_name": "a.png"}, (96, 128), det, label_to_cat)
+    cols = empty_columns()
+    image_rows(cols, {"id": 1, "file_name": "a.png"}, (96, 128), det, label_to_cat)
     (offline,) = pseudo_images(rows_to_table(cols, {}))
     chosen = supervision("polished", True)
     a, _ = student_target(online, chosen, coco.cat_to_label, "ignore")

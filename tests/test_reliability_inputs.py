@@ -26,10 +26,12 @@ from test_polish import FAST, make_run
 
 from dpl_tools.config import read_config
 from dpl_tools.data.coco import validate_coco
-from dpl_tools.data.convert import convert, convert_voc, convert_yolo
+from dpl_tools.data.convert import convert
 from dpl_tools.data.detections import read_category_map, read_classes
 from dpl_tools.data.image_list import load_image_list
 from dpl_tools.data.images import ImageReadError, image_size, read_image
+from dpl_tools.data.voc import convert_voc
+from dpl_tools.data.yolo_labels import convert_yolo
 from dpl_tools.errors import DplError
 from dpl_tools.textfiles import MAX_ALIAS_EXPANSION, parse_yaml
 

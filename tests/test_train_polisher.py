@@ -20,13 +20,13 @@ from dpl_tools.data.polisher_pairs import (
     synthesize_pairs,
     write_noise_parquet,
 )
-from dpl_tools.engine.train_polisher import (
+from dpl_tools.engine.polisher_batches import (
     NoisePairs,
     PolisherLoss,
     evaluate_polisher,
-    split_validation,
     teacher_batch,
 )
+from dpl_tools.engine.train_polisher import split_validation
 from dpl_tools.io import sha256_file
 from dpl_tools.models.checkpoint import DetectorSpec, save_detector
 from dpl_tools.models.detector import build_detector

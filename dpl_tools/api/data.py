@@ -10,7 +10,8 @@ import pyarrow as pa
 from rich.console import Console
 
 from dpl_tools.data.coco import load_coco, save_coco
-from dpl_tools.data.convert import FORMATS, Conversion, require_usable
+from dpl_tools.data.conversion import Conversion
+from dpl_tools.data.convert import FORMATS, require_usable
 from dpl_tools.data.convert import convert as convert_files
 from dpl_tools.data.crossfit_detections import read_crossfit_detections
 from dpl_tools.data.export import VIEWS, check_view_categories, pseudo_categories, view_boxes

@@ -16,12 +16,7 @@ from dpl_tools.data.export import VIEWS, check_yolo_out, view_boxes, write_coco,
 from dpl_tools.data.image_list import load_image_list, parse_shard, shard_records
 from dpl_tools.data.pseudo_label_writer import PseudoLabelWriter, output_file
 from dpl_tools.data.pseudo_labels import META_BOXES, dropped_warning, read_pseudo_labels
-from dpl_tools.engine.polish import (
-    PolishSummary,
-    kept_warning,
-    polish_images,
-    polish_metadata,
-)
+from dpl_tools.engine.polish_job import PolishSummary, kept_warning, polish_images, polish_metadata
 from dpl_tools.engine.polish_settings import applied_polisher
 from dpl_tools.errors import DplError
 from dpl_tools.io import sha256_file

@@ -45,68 +45,77 @@ LABELS = {
 }
 
 
+OutOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        help="Keep the run directory here (usable as --run-dir by every command); "
+        "default: a temporary directory, removed at the end. Rerunning with the same "
+        "--out skips finished stages.",
+    ),
+]
+JsonOutOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--json",
+        help="Also write the figures as JSON (teacher_ap, student_labeled_only_ap, "
+        "student_raw_ap, student_polished_ap, pseudo_iou_before, pseudo_iou_after, "
+        "pseudo_teacher_boxes, "
+        "pseudo_kept, pseudo_recall_lost, labels_changed, labels_changed_right).",
+    ),
+]
+ConfigOption = Annotated[
+    str,
+    typer.Option(
+        "--config",
+        help="Settings of every stage: the demo preset (dpl_tools/configs/demo.yaml: 128 px, "
+        "a few hundred iterations) or another preset name / YAML path.",
+    ),
+]
+TrainImagesOption = Annotated[
+    int,
+    typer.Option(
+        "--train-images",
+        help="Images in the generated training pool (>= 2).",
+        callback=within(Range(2)),
+    ),
+]
+TestImagesOption = Annotated[
+    int,
+    typer.Option(
+        "--test-images",
+        help="Images in the generated test set (>= 1).",
+        callback=within(AT_LEAST_1),
+    ),
+]
+PercentOption = Annotated[
+    float,
+    typer.Option(
+        "--percent",
+        help="Percent of the training pool that is labeled, in (0, 100).",
+        callback=within(Range(0, 100, low_open=True, high_open=True), float),
+    ),
+]
+BackboneWeightsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--backbone-weights",
+        help="ImageNet backbone: imagenet (torchvision's weights, downloaded once), a "
+        "checkpoint path (offline, e.g. mobilenet_v2-b0353104.pth), or none (from "
+        "scratch: much weaker in the demo's budget). Default: the preset's.",
+    ),
+]
+
+
 def command(
     ctx: typer.Context,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            help="Keep the run directory here (usable as --run-dir by every command); "
-            "default: a temporary directory, removed at the end. Rerunning with the same "
-            "--out skips finished stages.",
-        ),
-    ] = None,
-    json_out: Annotated[
-        Path | None,
-        typer.Option(
-            "--json",
-            help="Also write the figures as JSON (teacher_ap, student_labeled_only_ap, "
-            "student_raw_ap, student_polished_ap, pseudo_iou_before, pseudo_iou_after, "
-            "pseudo_teacher_boxes, "
-            "pseudo_kept, pseudo_recall_lost, labels_changed, labels_changed_right).",
-        ),
-    ] = None,
-    config: Annotated[
-        str,
-        typer.Option(
-            "--config",
-            help="Settings of every stage: the demo preset (dpl_tools/configs/demo.yaml: 128 px, "
-            "a few hundred iterations) or another preset name / YAML path.",
-        ),
-    ] = DEMO_PRESET,
-    train_images: Annotated[
-        int,
-        typer.Option(
-            "--train-images",
-            help="Images in the generated training pool (>= 2).",
-            callback=within(Range(2)),
-        ),
-    ] = DEMO_DATA.train_images,
-    test_images: Annotated[
-        int,
-        typer.Option(
-            "--test-images",
-            help="Images in the generated test set (>= 1).",
-            callback=within(AT_LEAST_1),
-        ),
-    ] = DEMO_DATA.test_images,
-    percent: Annotated[
-        float,
-        typer.Option(
-            "--percent",
-            help="Percent of the training pool that is labeled, in (0, 100).",
-            callback=within(Range(0, 100, low_open=True, high_open=True), float),
-        ),
-    ] = DEMO_DATA.labeled_percent,
-    backbone_weights: Annotated[
-        str | None,
-        typer.Option(
-            "--backbone-weights",
-            help="ImageNet backbone: imagenet (torchvision's weights, downloaded once), a "
-            "checkpoint path (offline, e.g. mobilenet_v2-b0353104.pth), or none (from "
-            "scratch: much weaker in the demo's budget). Default: the preset's.",
-        ),
-    ] = None,
+    out: OutOption = None,
+    json_out: JsonOutOption = None,
+    config: ConfigOption = DEMO_PRESET,
+    train_images: TrainImagesOption = DEMO_DATA.train_images,
+    test_images: TestImagesOption = DEMO_DATA.test_images,
+    percent: PercentOption = DEMO_DATA.labeled_percent,
+    backbone_weights: BackboneWeightsOption = None,
     device: Device = "auto",
     seed: Seed = 0,
 ) -> None:

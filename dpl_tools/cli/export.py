@@ -64,91 +64,106 @@ def _print_summary(console: Console, summary: ExportSummary) -> None:
     console.print(f"figures in {Path(summary.out) / SUMMARY_FILE}")
 
 
+OutOption = Annotated[
+    Path,
+    typer.Option(
+        "--out",
+        help="Export folder (new, or an earlier export); a file for label-studio (.json) "
+        "and cvat (.xml).",
+    ),
+]
+FmtOption = Annotated[
+    str,
+    typer.Option(
+        "--format",
+        help="coco or yolo (ultralytics layout): a training set; label-studio (JSON "
+        "tasks with pre-annotations) or cvat (CVAT for images 1.1 XML): the pseudo "
+        "labels for human review, most uncertain images first.",
+    ),
+]
+LabelsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--labels", help="Pseudo-label Parquet file or part folder (default <run-dir>/...)."
+    ),
+]
+LabeledOption = Annotated[
+    Path | None,
+    typer.Option("--labeled", help="Labeled COCO JSON (default <run-dir>/split/labeled.json)."),
+]
+ViewOption = Annotated[
+    str,
+    typer.Option(
+        "--view",
+        help="Pseudo labels exported: polished (default), cls, reg or teacher (unpolished).",
+    ),
+]
+MinScoreOption = Annotated[
+    float | None,
+    typer.Option(
+        "--min-score",
+        help="Leave out pseudo boxes whose detector score is below this (0..1).",
+        callback=within(UNIT, float),
+    ),
+]
+ValOption = Annotated[
+    Path | None, typer.Option("--val", help="Val/test COCO JSON copied into the export.")
+]
+ImagesOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--images", help="Folder --labeled's file names are relative to (default its folder)."
+    ),
+]
+UnlabeledImagesOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--unlabeled-images",
+        help="Folder the pseudo labels' file names are relative to (default --images).",
+    ),
+]
+ValImagesOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--val-images", help="Folder --val's file names are relative to (default --images)."
+    ),
+]
+CopyImagesOption = Annotated[
+    bool, typer.Option("--copy-images", help="Copy the images instead of linking to them.")
+]
+TopOption = Annotated[
+    int | None,
+    typer.Option(
+        "--top",
+        help="label-studio / cvat: only the N images most worth a human look (uncertain "
+        "boxes, teacher and polisher disagreeing); default all, in that order.",
+        callback=within(AT_LEAST_1),
+    ),
+]
+ImagePrefixOption = Annotated[
+    str,
+    typer.Option(
+        "--image-prefix",
+        help="label-studio: put before each file name to make the task's image URL "
+        "(default: Label Studio's local-files URL; e.g. https://host/images/).",
+    ),
+]
+
+
 def command(
-    out: Annotated[
-        Path,
-        typer.Option(
-            "--out",
-            help="Export folder (new, or an earlier export); a file for label-studio (.json) "
-            "and cvat (.xml).",
-        ),
-    ],
-    fmt: Annotated[
-        str,
-        typer.Option(
-            "--format",
-            help="coco or yolo (ultralytics layout): a training set; label-studio (JSON "
-            "tasks with pre-annotations) or cvat (CVAT for images 1.1 XML): the pseudo "
-            "labels for human review, most uncertain images first.",
-        ),
-    ],
-    labels: Annotated[
-        Path | None,
-        typer.Option(
-            "--labels", help="Pseudo-label Parquet file or part folder (default <run-dir>/...)."
-        ),
-    ] = None,
-    labeled: Annotated[
-        Path | None,
-        typer.Option("--labeled", help="Labeled COCO JSON (default <run-dir>/split/labeled.json)."),
-    ] = None,
-    view: Annotated[
-        str,
-        typer.Option(
-            "--view",
-            help="Pseudo labels exported: polished (default), cls, reg or teacher (unpolished).",
-        ),
-    ] = "polished",
-    min_score: Annotated[
-        float | None,
-        typer.Option(
-            "--min-score",
-            help="Leave out pseudo boxes whose detector score is below this (0..1).",
-            callback=within(UNIT, float),
-        ),
-    ] = None,
-    val: Annotated[
-        Path | None, typer.Option("--val", help="Val/test COCO JSON copied into the export.")
-    ] = None,
-    images: Annotated[
-        Path | None,
-        typer.Option(
-            "--images", help="Folder --labeled's file names are relative to (default its folder)."
-        ),
-    ] = None,
-    unlabeled_images: Annotated[
-        Path | None,
-        typer.Option(
-            "--unlabeled-images",
-            help="Folder the pseudo labels' file names are relative to (default --images).",
-        ),
-    ] = None,
-    val_images: Annotated[
-        Path | None,
-        typer.Option(
-            "--val-images", help="Folder --val's file names are relative to (default --images)."
-        ),
-    ] = None,
-    copy_images: Annotated[
-        bool, typer.Option("--copy-images", help="Copy the images instead of linking to them.")
-    ] = False,
-    top: Annotated[
-        int | None,
-        typer.Option(
-            "--top",
-            help="label-studio / cvat: only the N images most worth a human look (uncertain "
-            "boxes, teacher and polisher disagreeing); default all, in that order.",
-            callback=within(AT_LEAST_1),
-        ),
-    ] = None,
-    image_prefix: Annotated[
-        str,
-        typer.Option(
-            "--image-prefix",
-            help="label-studio: put before each file name to make the task's image URL "
-            "(default: Label Studio's local-files URL; e.g. https://host/images/).",
-        ),
-    ] = LOCAL_FILES,
+    out: OutOption,
+    fmt: FmtOption,
+    labels: LabelsOption = None,
+    labeled: LabeledOption = None,
+    view: ViewOption = "polished",
+    min_score: MinScoreOption = None,
+    val: ValOption = None,
+    images: ImagesOption = None,
+    unlabeled_images: UnlabeledImagesOption = None,
+    val_images: ValImagesOption = None,
+    copy_images: CopyImagesOption = False,
+    top: TopOption = None,
+    image_prefix: ImagePrefixOption = LOCAL_FILES,
     allow_outside_root: AllowOutsideRoot = False,
     run_dir: RunDir = DEFAULT_RUN_DIR,
 ) -> None:

@@ -43,115 +43,129 @@ POLISH_FLAGS = (
 POLISH_FLAG_NAMES = {"detections_per_img": "--max-dets", "initial_thresh": "--initial-threshold"}
 
 
+ImagesOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--images",
+        help="Unlabeled images: a folder (recursive; linked folders leading outside it "
+        "are skipped with a warning unless --allow-outside-root) or a COCO JSON. No "
+        "output may lie inside it.",
+    ),
+]
+OutOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        help="Output .parquet file, or a directory of part files (sharded runs); "
+        "default <run-dir>/labels.parquet.",
+    ),
+]
+TeacherOption = Annotated[
+    Path | None,
+    typer.Option("--teacher", help="Teacher checkpoint (default <run-dir>/teacher.pt)."),
+]
+PolisherOption = Annotated[
+    Path | None,
+    typer.Option("--polisher", help="Polisher checkpoint (default <run-dir>/polisher.pt)."),
+]
+ImageRootOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--image-root",
+        help="Folder the file names of a COCO JSON --images are relative to "
+        "(default: the JSON's folder).",
+    ),
+]
+ConfigOption = Annotated[
+    str | None,
+    typer.Option(
+        "--config",
+        help="Preset name or YAML path whose polish section sets the thresholds below "
+        "(score_thresh, nms_thresh, detections_per_img, initial_thresh, cls_prob, "
+        "teacher_score, batch_size, workers, reg_steps, tta); flags override it.",
+    ),
+]
+ShardOption = Annotated[
+    str | None,
+    typer.Option("--shard", help="Process shard I of N (0-based, e.g. 0/4); --out is a directory."),
+]
+StrictOption = Annotated[
+    bool, typer.Option("--strict", help="Stop with an error at the first unreadable image.")
+]
+OverwriteOption = Annotated[
+    bool,
+    typer.Option("--overwrite", help="Start again instead of resuming or reusing the output."),
+]
+CocoOutOption = Annotated[
+    Path | None, typer.Option("--coco-out", help="Also write the labels as COCO JSON here.")
+]
+CocoViewOption = Annotated[
+    str,
+    typer.Option(
+        "--coco-view",
+        help="Labels exported by --coco-out/--yolo-out: polished (use_cls rows, polished "
+        "box + label), cls (teacher box, polished label), reg (use_reg rows, polished box, "
+        "teacher label), teacher (all kept teacher boxes).",
+    ),
+]
+YoloOutOption = Annotated[
+    Path | None,
+    typer.Option("--yolo-out", help="Also write YOLO txt labels (+ classes.txt) into this folder."),
+]
+SaveConfOption = Annotated[
+    bool,
+    typer.Option(
+        "--save-conf",
+        help="--yolo-out: end each label line with the box's teacher score "
+        "(class cx cy w h conf, ultralytics' save_conf convention).",
+    ),
+]
+ExportOnlyOption = Annotated[
+    bool,
+    typer.Option(
+        "--export-only",
+        help="Run no model: export an existing --out (file or part directory) to "
+        "--coco-out/--yolo-out, e.g. after all shards finished.",
+    ),
+]
+DetectionsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--detections",
+        help="Polish another labeler's boxes instead of the teacher's: a COCO results "
+        "JSON (image_id or file_name, category_id, bbox, score) or a folder of YOLO txt "
+        "files with a confidence column (class cx cy w h conf). The teacher still "
+        "supplies the features; --initial-threshold applies to the labeler's scores.",
+    ),
+]
+ProgressOption = Annotated[
+    bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")
+]
+
+
 @with_setting_flags({"polish": POLISH_FLAGS}, POLISH_FLAG_NAMES)
 def command(
-    images: Annotated[
-        Path | None,
-        typer.Option(
-            "--images",
-            help="Unlabeled images: a folder (recursive; linked folders leading outside it "
-            "are skipped with a warning unless --allow-outside-root) or a COCO JSON. No "
-            "output may lie inside it.",
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            help="Output .parquet file, or a directory of part files (sharded runs); "
-            "default <run-dir>/labels.parquet.",
-        ),
-    ] = None,
+    images: ImagesOption = None,
+    out: OutOption = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
-    teacher: Annotated[
-        Path | None,
-        typer.Option("--teacher", help="Teacher checkpoint (default <run-dir>/teacher.pt)."),
-    ] = None,
-    polisher: Annotated[
-        Path | None,
-        typer.Option("--polisher", help="Polisher checkpoint (default <run-dir>/polisher.pt)."),
-    ] = None,
+    teacher: TeacherOption = None,
+    polisher: PolisherOption = None,
     allow_outside_root: AllowOutsideRoot = False,
-    image_root: Annotated[
-        Path | None,
-        typer.Option(
-            "--image-root",
-            help="Folder the file names of a COCO JSON --images are relative to "
-            "(default: the JSON's folder).",
-        ),
-    ] = None,
-    config: Annotated[
-        str | None,
-        typer.Option(
-            "--config",
-            help="Preset name or YAML path whose polish section sets the thresholds below "
-            "(score_thresh, nms_thresh, detections_per_img, initial_thresh, cls_prob, "
-            "teacher_score, batch_size, workers, reg_steps, tta); flags override it.",
-        ),
-    ] = None,
+    image_root: ImageRootOption = None,
+    config: ConfigOption = None,
     device: Device = "auto",
-    shard: Annotated[
-        str | None,
-        typer.Option(
-            "--shard", help="Process shard I of N (0-based, e.g. 0/4); --out is a directory."
-        ),
-    ] = None,
-    strict: Annotated[
-        bool, typer.Option("--strict", help="Stop with an error at the first unreadable image.")
-    ] = False,
-    overwrite: Annotated[
-        bool,
-        typer.Option("--overwrite", help="Start again instead of resuming or reusing the output."),
-    ] = False,
-    coco_out: Annotated[
-        Path | None, typer.Option("--coco-out", help="Also write the labels as COCO JSON here.")
-    ] = None,
-    coco_view: Annotated[
-        str,
-        typer.Option(
-            "--coco-view",
-            help="Labels exported by --coco-out/--yolo-out: polished (use_cls rows, polished "
-            "box + label), cls (teacher box, polished label), reg (use_reg rows, polished box, "
-            "teacher label), teacher (all kept teacher boxes).",
-        ),
-    ] = "polished",
-    yolo_out: Annotated[
-        Path | None,
-        typer.Option(
-            "--yolo-out", help="Also write YOLO txt labels (+ classes.txt) into this folder."
-        ),
-    ] = None,
-    save_conf: Annotated[
-        bool,
-        typer.Option(
-            "--save-conf",
-            help="--yolo-out: end each label line with the box's teacher score "
-            "(class cx cy w h conf, ultralytics' save_conf convention).",
-        ),
-    ] = False,
-    export_only: Annotated[
-        bool,
-        typer.Option(
-            "--export-only",
-            help="Run no model: export an existing --out (file or part directory) to "
-            "--coco-out/--yolo-out, e.g. after all shards finished.",
-        ),
-    ] = False,
-    detections: Annotated[
-        Path | None,
-        typer.Option(
-            "--detections",
-            help="Polish another labeler's boxes instead of the teacher's: a COCO results "
-            "JSON (image_id or file_name, category_id, bbox, score) or a folder of YOLO txt "
-            "files with a confidence column (class cx cy w h conf). The teacher still "
-            "supplies the features; --initial-threshold applies to the labeler's scores.",
-        ),
-    ] = None,
+    shard: ShardOption = None,
+    strict: StrictOption = False,
+    overwrite: OverwriteOption = False,
+    coco_out: CocoOutOption = None,
+    coco_view: CocoViewOption = "polished",
+    yolo_out: YoloOutOption = None,
+    save_conf: SaveConfOption = False,
+    export_only: ExportOnlyOption = False,
+    detections: DetectionsOption = None,
     detection_classes: DetectionClasses = None,
     category_map: CategoryMap = None,
-    progress: Annotated[
-        bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")
-    ] = True,
+    progress: ProgressOption = True,
     flags: Flags | None = None,
 ) -> None:
     console = Console()

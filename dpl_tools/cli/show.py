@@ -24,62 +24,71 @@ from dpl_tools.report.draw import render_image, rows_for_image
 from dpl_tools.report.summary import category_names
 from dpl_tools.settings import AT_LEAST_1, NON_NEGATIVE
 
+ImageOption = Annotated[
+    Path | None,
+    typer.Argument(help="Image file to render (as listed in the labels); not with --augment."),
+]
+LabelsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--labels",
+        help="Pseudo-label Parquet file (or part-file folder); with --augment, the "
+        "student's pseudo-labeled images are drawn too.",
+    ),
+]
+OutOption = Annotated[Path, typer.Option("--out", help="PNG file to write.")]
+SizeOption = Annotated[
+    int,
+    typer.Option(
+        "--size",
+        help="Long side of the output in pixels (0: the image's own); with --augment, of "
+        "each sample (default 320).",
+        callback=within(NON_NEGATIVE),
+    ),
+]
+AugmentOption = Annotated[
+    bool,
+    typer.Option(
+        "--augment",
+        help="Draw a grid of training samples as the detector sees them (the --section's "
+        "augmentation from --config) instead of one image's pseudo labels: classification "
+        "boxes green, regression pseudo labels cyan, ignore regions grey dashed.",
+    ),
+]
+AnnOption = Annotated[Path | None, typer.Option("--ann", help="--augment: labeled COCO JSON.")]
+ImagesOption = Annotated[
+    Path | None,
+    typer.Option("--images", help="--augment: folder the file names in --ann are relative to."),
+]
+UnlabeledImagesOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--unlabeled-images",
+        help="--augment: folder of the pseudo-labeled images (default: --images).",
+    ),
+]
+SectionOption = Annotated[
+    str,
+    typer.Option("--section", help="--augment: whose training to show, teacher or student."),
+]
+CountOption = Annotated[
+    int,
+    typer.Option("--count", help="--augment: samples to draw (>= 1).", callback=within(AT_LEAST_1)),
+]
+
 
 def command(
-    image: Annotated[
-        Path | None,
-        typer.Argument(help="Image file to render (as listed in the labels); not with --augment."),
-    ] = None,
-    labels: Annotated[
-        Path | None,
-        typer.Option(
-            "--labels",
-            help="Pseudo-label Parquet file (or part-file folder); with --augment, the "
-            "student's pseudo-labeled images are drawn too.",
-        ),
-    ] = None,
-    out: Annotated[Path, typer.Option("--out", help="PNG file to write.")] = Path("image.png"),
-    size: Annotated[
-        int,
-        typer.Option(
-            "--size",
-            help="Long side of the output in pixels (0: the image's own); with --augment, of "
-            "each sample (default 320).",
-            callback=within(NON_NEGATIVE),
-        ),
-    ] = 0,
-    augment: Annotated[
-        bool,
-        typer.Option(
-            "--augment",
-            help="Draw a grid of training samples as the detector sees them (the --section's "
-            "augmentation from --config) instead of one image's pseudo labels: classification "
-            "boxes green, regression pseudo labels cyan, ignore regions grey dashed.",
-        ),
-    ] = False,
-    ann: Annotated[Path | None, typer.Option("--ann", help="--augment: labeled COCO JSON.")] = None,
-    images: Annotated[
-        Path | None,
-        typer.Option("--images", help="--augment: folder the file names in --ann are relative to."),
-    ] = None,
-    unlabeled_images: Annotated[
-        Path | None,
-        typer.Option(
-            "--unlabeled-images",
-            help="--augment: folder of the pseudo-labeled images (default: --images).",
-        ),
-    ] = None,
-    section: Annotated[
-        str,
-        typer.Option("--section", help="--augment: whose training to show, teacher or student."),
-    ] = "student",
+    image: ImageOption = None,
+    labels: LabelsOption = None,
+    out: OutOption = Path("image.png"),
+    size: SizeOption = 0,
+    augment: AugmentOption = False,
+    ann: AnnOption = None,
+    images: ImagesOption = None,
+    unlabeled_images: UnlabeledImagesOption = None,
+    section: SectionOption = "student",
     config: Config = None,
-    count: Annotated[
-        int,
-        typer.Option(
-            "--count", help="--augment: samples to draw (>= 1).", callback=within(AT_LEAST_1)
-        ),
-    ] = 8,
+    count: CountOption = 8,
     seed: Seed = 0,
     set_values: SetValues = None,
 ) -> None:

@@ -55,67 +55,77 @@ NOISE_FLAGS = (
 )  # fmt: skip
 
 
+OutOption = Annotated[
+    Path | None,
+    typer.Option("--out", help="Noise Parquet to write (default <run-dir>/noise.parquet)."),
+]
+ClsCopiesOption = Annotated[
+    str | None,
+    typer.Option("--cls-copies", help="Classification copies per group, e.g. 50,50."),
+]
+ClsScalesOption = Annotated[
+    str | None,
+    typer.Option("--cls-scales", help="Classification noise scale per group, e.g. 0.06,0.2."),
+]
+TeacherOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--teacher",
+        help="Teacher for --noise-model empirical / crossfit (<run-dir>/teacher.pt).",
+    ),
+]
+ImagesOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--images",
+        help="Image folder of --ann (crossfit) or --heldout-ann (empirical noise).",
+    ),
+]
+HeldoutAnnOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--heldout-ann",
+        help="empirical: COCO JSON of labeled images the teacher did not train on, to fit "
+        "the noise on (default: --ann itself, which understates real errors). Must not "
+        "be a test split: the figures measured on it would be leaked; --noise-model "
+        "crossfit needs no held-out set.",
+    ),
+]
+WorkersOption = Annotated[
+    int,
+    typer.Option(
+        "--workers",
+        help="DataLoader workers for the teacher (empirical).",
+        callback=setting("polisher", "workers"),
+    ),
+]
+DetectionsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--detections",
+        help="Real pairs from another labeler's detections on the --ann images (COCO "
+        "results JSON or YOLO txt folder) instead of the noise model's; optimistic if "
+        "the labeler trained on these images (give out-of-fold predictions).",
+    ),
+]
+
+
 @with_setting_flags({"polisher": NOISE_FLAGS})
 def command(
     ann: LabeledAnn = None,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", help="Noise Parquet to write (default <run-dir>/noise.parquet)."),
-    ] = None,
+    out: OutOption = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
     config: Config = None,
     seed: Seed = 0,
-    cls_copies: Annotated[
-        str | None,
-        typer.Option("--cls-copies", help="Classification copies per group, e.g. 50,50."),
-    ] = None,
-    cls_scales: Annotated[
-        str | None,
-        typer.Option("--cls-scales", help="Classification noise scale per group, e.g. 0.06,0.2."),
-    ] = None,
-    teacher: Annotated[
-        Path | None,
-        typer.Option(
-            "--teacher",
-            help="Teacher for --noise-model empirical / crossfit (<run-dir>/teacher.pt).",
-        ),
-    ] = None,
-    images: Annotated[
-        Path | None,
-        typer.Option(
-            "--images",
-            help="Image folder of --ann (crossfit) or --heldout-ann (empirical noise).",
-        ),
-    ] = None,
-    heldout_ann: Annotated[
-        Path | None,
-        typer.Option(
-            "--heldout-ann",
-            help="empirical: COCO JSON of labeled images the teacher did not train on, to fit "
-            "the noise on (default: --ann itself, which understates real errors). Must not "
-            "be a test split: the figures measured on it would be leaked; --noise-model "
-            "crossfit needs no held-out set.",
-        ),
-    ] = None,
+    cls_copies: ClsCopiesOption = None,
+    cls_scales: ClsScalesOption = None,
+    teacher: TeacherOption = None,
+    images: ImagesOption = None,
+    heldout_ann: HeldoutAnnOption = None,
     device: Device = "auto",
-    workers: Annotated[
-        int,
-        typer.Option(
-            "--workers",
-            help="DataLoader workers for the teacher (empirical).",
-            callback=setting("polisher", "workers"),
-        ),
-    ] = 2,
+    workers: WorkersOption = 2,
     allow_outside_root: AllowOutsideRoot = False,
-    detections: Annotated[
-        Path | None,
-        typer.Option(
-            "--detections",
-            help="Real pairs from another labeler's detections on the --ann images (COCO "
-            "results JSON or YOLO txt folder) instead of the noise model's; optimistic if "
-            "the labeler trained on these images (give out-of-fold predictions).",
-        ),
-    ] = None,
+    detections: DetectionsOption = None,
     detection_classes: DetectionClasses = None,
     category_map: CategoryMap = None,
     flags: Flags | None = None,

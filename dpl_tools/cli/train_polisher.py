@@ -66,57 +66,64 @@ POLISHER_FLAGS = (
 )  # fmt: skip
 
 
+ImagesOption = Annotated[
+    Path, typer.Option("--images", help="Folder the file names in --ann are relative to.")
+]
+TeacherOption = Annotated[
+    Path | None,
+    typer.Option("--teacher", help="Teacher checkpoint (default <run-dir>/teacher.pt)."),
+]
+NoiseOption = Annotated[
+    Path | None,
+    typer.Option("--noise", help="Pairs from dpl synth-noise (default <run-dir>/noise.parquet)."),
+]
+OutOption = Annotated[
+    Path | None,
+    typer.Option("--out", help="Polisher checkpoint to write (default <run-dir>/polisher.pt)."),
+]
+ValJsonOption = Annotated[
+    Path | None,
+    typer.Option("--val-json", help="Also write the validation figures to this JSON file."),
+]
+CrossfitOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--crossfit",
+        help="Cross-fitted detections (--noise-model crossfit) to fit dpl polish's keep "
+        "thresholds on after training (default: crossfit.parquet beside --noise, else in "
+        "the run directory; none found: the paper's 0.9 / 0.9 stay).",
+    ),
+]
+DetectionsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--detections",
+        help="Learn another labeler's mistakes: its detections on the --ann images (COCO "
+        "results JSON or YOLO txt folder, as dpl polish --detections), matched to their "
+        "ground truth, become the real pairs and fit the synthetic noise and the keep "
+        "thresholds (makes --noise; written beside it: labeler_detections.parquet). If "
+        "the labeler trained on these images its errors are optimistic: give out-of-fold "
+        "predictions.",
+    ),
+]
+
+
 @with_setting_flags({"polisher": POLISHER_FLAGS})
 def command(
-    images: Annotated[
-        Path, typer.Option("--images", help="Folder the file names in --ann are relative to.")
-    ],
-    teacher: Annotated[
-        Path | None,
-        typer.Option("--teacher", help="Teacher checkpoint (default <run-dir>/teacher.pt)."),
-    ] = None,
-    noise: Annotated[
-        Path | None,
-        typer.Option(
-            "--noise", help="Pairs from dpl synth-noise (default <run-dir>/noise.parquet)."
-        ),
-    ] = None,
+    images: ImagesOption,
+    teacher: TeacherOption = None,
+    noise: NoiseOption = None,
     ann: LabeledAnn = None,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", help="Polisher checkpoint to write (default <run-dir>/polisher.pt)."),
-    ] = None,
+    out: OutOption = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
     config: Config = None,
-    val_json: Annotated[
-        Path | None,
-        typer.Option("--val-json", help="Also write the validation figures to this JSON file."),
-    ] = None,
+    val_json: ValJsonOption = None,
     device: Device = "auto",
     seed: Seed = 0,
     resume: Resume = False,
     allow_outside_root: AllowOutsideRoot = False,
-    crossfit: Annotated[
-        Path | None,
-        typer.Option(
-            "--crossfit",
-            help="Cross-fitted detections (--noise-model crossfit) to fit dpl polish's keep "
-            "thresholds on after training (default: crossfit.parquet beside --noise, else in "
-            "the run directory; none found: the paper's 0.9 / 0.9 stay).",
-        ),
-    ] = None,
-    detections: Annotated[
-        Path | None,
-        typer.Option(
-            "--detections",
-            help="Learn another labeler's mistakes: its detections on the --ann images (COCO "
-            "results JSON or YOLO txt folder, as dpl polish --detections), matched to their "
-            "ground truth, become the real pairs and fit the synthetic noise and the keep "
-            "thresholds (makes --noise; written beside it: labeler_detections.parquet). If "
-            "the labeler trained on these images its errors are optimistic: give out-of-fold "
-            "predictions.",
-        ),
-    ] = None,
+    crossfit: CrossfitOption = None,
+    detections: DetectionsOption = None,
     detection_classes: DetectionClasses = None,
     category_map: CategoryMap = None,
     set_values: SetValues = None,

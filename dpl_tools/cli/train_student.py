@@ -47,73 +47,84 @@ STUDENT_FLAGS = (
 )  # fmt: skip
 
 
+ImagesOption = Annotated[
+    Path,
+    typer.Option("--images", help="Folder the file names in --ann are relative to."),
+]
+PseudoOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--pseudo", help="Pseudo labels from dpl polish (default: <run-dir>/labels.parquet)."
+    ),
+]
+UnlabeledImagesOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--unlabeled-images",
+        help="Folder the pseudo-labeled file names are relative to (default: --images).",
+    ),
+]
+OutOption = Annotated[
+    Path | None,
+    typer.Option("--out", help="Checkpoint to write (default: <run-dir>/student.pt)."),
+]
+InitOption = Annotated[
+    str | None,
+    typer.Option(
+        "--init",
+        help="Initial weights: teacher (the --teacher checkpoint), imagenet (a fresh "
+        "detector with the config's backbone weights, as STAC), or a detector checkpoint "
+        f"path. Default {default('student', 'init')} (config: student.init).",
+    ),
+]
+PolisherOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--polisher",
+        help="--online: the trained polisher (default: <run-dir>/polisher.pt).",
+    ),
+]
+UnlabeledOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--unlabeled",
+        help="--online: the unlabeled images, a folder or a COCO JSON image list whose "
+        "file names are under --unlabeled-images (default: <run-dir>/split/"
+        "unlabeled.json).",
+    ),
+]
+UnlabeledGtOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--unlabeled-gt",
+        help="--online: the unlabeled images' hidden truth (COCO JSON), to log the "
+        "pseudo labels' precision, recall and IoU before / after polishing as training "
+        "goes (evaluation only: nothing is learned from it).",
+    ),
+]
+TeacherOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--teacher",
+        help="The teacher checkpoint that made the pseudo labels: the weights of --init "
+        "teacher, and the background scorer of --negatives soft "
+        "(default: <run-dir>/teacher.pt).",
+    ),
+]
+
+
 @with_setting_flags({"student": STUDENT_FLAGS})
 def command(
-    images: Annotated[
-        Path,
-        typer.Option("--images", help="Folder the file names in --ann are relative to."),
-    ],
+    images: ImagesOption,
     ann: LabeledAnn = None,
-    pseudo: Annotated[
-        Path | None,
-        typer.Option(
-            "--pseudo", help="Pseudo labels from dpl polish (default: <run-dir>/labels.parquet)."
-        ),
-    ] = None,
-    unlabeled_images: Annotated[
-        Path | None,
-        typer.Option(
-            "--unlabeled-images",
-            help="Folder the pseudo-labeled file names are relative to (default: --images).",
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", help="Checkpoint to write (default: <run-dir>/student.pt)."),
-    ] = None,
-    init: Annotated[
-        str | None,
-        typer.Option(
-            "--init",
-            help="Initial weights: teacher (the --teacher checkpoint), imagenet (a fresh "
-            "detector with the config's backbone weights, as STAC), or a detector checkpoint "
-            f"path. Default {default('student', 'init')} (config: student.init).",
-        ),
-    ] = None,
-    polisher: Annotated[
-        Path | None,
-        typer.Option(
-            "--polisher",
-            help="--online: the trained polisher (default: <run-dir>/polisher.pt).",
-        ),
-    ] = None,
-    unlabeled: Annotated[
-        Path | None,
-        typer.Option(
-            "--unlabeled",
-            help="--online: the unlabeled images, a folder or a COCO JSON image list whose "
-            "file names are under --unlabeled-images (default: <run-dir>/split/"
-            "unlabeled.json).",
-        ),
-    ] = None,
-    unlabeled_gt: Annotated[
-        Path | None,
-        typer.Option(
-            "--unlabeled-gt",
-            help="--online: the unlabeled images' hidden truth (COCO JSON), to log the "
-            "pseudo labels' precision, recall and IoU before / after polishing as training "
-            "goes (evaluation only: nothing is learned from it).",
-        ),
-    ] = None,
-    teacher: Annotated[
-        Path | None,
-        typer.Option(
-            "--teacher",
-            help="The teacher checkpoint that made the pseudo labels: the weights of --init "
-            "teacher, and the background scorer of --negatives soft "
-            "(default: <run-dir>/teacher.pt).",
-        ),
-    ] = None,
+    pseudo: PseudoOption = None,
+    unlabeled_images: UnlabeledImagesOption = None,
+    out: OutOption = None,
+    init: InitOption = None,
+    polisher: PolisherOption = None,
+    unlabeled: UnlabeledOption = None,
+    unlabeled_gt: UnlabeledGtOption = None,
+    teacher: TeacherOption = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
     config: Config = None,
     device: Device = "auto",
@@ -132,22 +143,9 @@ def command(
     out = resolve_output(out, run_dir, "student")
     if cfg["student"]["online"]:
         _online(
-            console,
-            cfg,
-            ann,
-            images,
-            out,
-            run_dir,
-            teacher,
-            polisher,
-            unlabeled,
-            unlabeled_images,
-            unlabeled_gt,
-            device,
-            seed,
-            resume,
-            allow_outside_root,
-        )
+            console, cfg, ann, images, out, run_dir, teacher, polisher, unlabeled,
+            unlabeled_images, unlabeled_gt, device, seed, resume, allow_outside_root,
+        )  # fmt: skip
         return
     pseudo = resolve_input(pseudo, run_dir, "labels")
     init = api.student_init(None if init in STUDENT_INITS else init, cfg)
@@ -160,11 +158,14 @@ def command(
         unlabeled_images=unlabeled_images, device=device, seed=seed, resume=resume,
         allow_outside_root=allow_outside_root, console=console,
     )  # fmt: skip
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 reports
+        _print_student(console, out, trained, cfg["student"])
+
+
+def _print_student(console: Console, out: Path, trained, scfg: dict) -> None:
+    """The trained student's table: what it learned from, and how long it took."""
     spec, result, data = trained.spec, trained.result, trained.data
     init_from = trained.extra["init"]
-    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports
-        return
-    scfg = cfg["student"]
     table = ReportTable(title=f"student {out}", title_justify="left", show_header=False)
     table.add_row(
         "architecture", f"{spec.arch} ({len(spec.categories)} classes, {spec.min_size} px)"

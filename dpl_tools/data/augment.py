@@ -237,8 +237,8 @@ def training_augment(
     """The training augmentation a config section asks for: ``section[key]`` (weak or
     strong; the student's ``pseudo_augment``, null meaning its ``augment``) with the
     section's ``aug_*`` settings."""
-    kind = section.get(key) or section.get("augment") or "weak"
-    return DetectionAugment(str(kind), AugmentSettings.from_config(section, name))
+    kind = section[key] or section["augment"]
+    return DetectionAugment(kind, AugmentSettings.from_config(section, name))
 
 
 def _resized(image: Tensor, target: Target, size: Sequence[int]) -> tuple[Tensor, Target]:

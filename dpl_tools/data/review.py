@@ -279,7 +279,7 @@ def convert_review(
         else read_cvat(src, classes)
     )
     from dpl_tools.data.coco import validate_coco
-    from dpl_tools.data.convert import Conversion
+    from dpl_tools.data.conversion import Conversion
 
     coco = validate_coco(raw, src, images_dir, allow_outside_root=allow_outside_root)
     return Conversion(coco, Path(images_dir) if images_dir else None,

@@ -24,7 +24,6 @@ over the labeled images.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from dpl_tools.config import plain
 from dpl_tools.data.coco import CocoData, read_json
 from dpl_tools.data.crossfit_detections import (
     crossfit_path,
@@ -81,7 +81,7 @@ def fold_fraction(fraction: float | None, folds: int) -> float:
 def fold_recipe(teacher_config: dict[str, Any], fraction: float) -> dict[str, Any]:
     """The fold teachers' config: the teacher's ``model`` and ``teacher`` sections with
     ``iters`` and ``warmup_iters`` times ``fraction`` (so the schedule keeps its shape)."""
-    recipe = {k: copy.deepcopy(teacher_config[k]) for k in ("model", "teacher")}
+    recipe = {k: plain(teacher_config[k]) for k in ("model", "teacher")}
     t = recipe["teacher"]
     t["iters"] = max(1, round(int(t["iters"]) * fraction))
     t["warmup_iters"] = round(int(t.get("warmup_iters", 0)) * fraction)
@@ -103,7 +103,7 @@ def teacher_recipe(teacher_path: str | Path, current: dict[str, Any]) -> dict[st
     if isinstance(recorded, dict) and all(isinstance(recorded.get(k), dict) for k in
                                           ("model", "teacher")):  # fmt: skip
         return {k: recorded[k] for k in ("model", "teacher")}
-    return {k: current[k] for k in ("model", "teacher")}
+    return {k: plain(current[k]) for k in ("model", "teacher")}
 
 
 def fold_subset(raw: dict[str, Any], image_ids: set[int]) -> dict[str, Any]:

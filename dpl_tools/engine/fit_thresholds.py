@@ -27,11 +27,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from torchvision.ops import box_iou
 
 from dpl_tools.engine.keep_rule import PAPER_CLS_PROB, PAPER_TEACHER_SCORE, select_pseudo_labels
-from dpl_tools.evaluation.matching import true_positives
+from dpl_tools.evaluation.matching import box_iou_np, true_positives
 
 # Candidate thresholds: a grid plus the paper's values (teacher_score 1.0: never keep a
 # box on the teacher's score alone).
@@ -127,6 +125,19 @@ def evaluate_rule(
     return tp, kept_total, gt_total
 
 
+def rule_point(
+    images: Sequence[HeldOutImage], ious: Sequence[np.ndarray], cls_prob: float,
+    teacher_score: float,
+) -> dict[str, float]:  # fmt: skip
+    """The rule at one operating point: its thresholds, the kept boxes' precision, recall and
+    F1 (class-aware, IoU 0.5), how many it kept and how many true boxes there are."""
+    tp, kept, gt = evaluate_rule(images, ious, cls_prob, teacher_score)
+    precision, recall = (tp / kept if kept else 0.0), (tp / gt if gt else 0.0)
+    f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
+    return {"cls_prob": cls_prob, "teacher_score": teacher_score, "precision": precision,
+            "recall": recall, "f1": f1, "kept": kept, "gt": gt}  # fmt: skip
+
+
 def matched_detections(images: Sequence[HeldOutImage], ious: Sequence[np.ndarray]) -> int:
     """Detections that match a true box one-to-one at IoU >= 0.5, whatever their class:
     what there is to fit the keep rule on."""
@@ -157,22 +168,12 @@ def fit_keep_thresholds(
         raise ValueError(f"keep-rule fallback {fallback!r}: choose {', '.join(FALLBACK_RULES)}")
     if not images:
         raise ValueError("no held-out images to fit the keep thresholds on")
-    ious = [
-        box_iou(torch.as_tensor(im.boxes, dtype=torch.float64).reshape(-1, 4),
-                torch.as_tensor(im.gt_boxes, dtype=torch.float64).reshape(-1, 4)).numpy()
-        for im in images
-    ]  # fmt: skip
-    candidates = []
-    for cp in sorted(set(cls_prob_grid)):
-        for ts in sorted(set(teacher_score_grid)):
-            tp, kept, gt = evaluate_rule(images, ious, cp, ts)
-            precision = tp / kept if kept else 0.0
-            recall = tp / gt if gt else 0.0
-            f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
-            candidates.append(
-                {"cls_prob": cp, "teacher_score": ts, "precision": precision,
-                 "recall": recall, "f1": f1, "kept": kept, "gt": gt}
-            )  # fmt: skip
+    ious = [box_iou_np(im.boxes.reshape(-1, 4), im.gt_boxes.reshape(-1, 4)) for im in images]
+    candidates = [
+        rule_point(images, ious, cp, ts)
+        for cp in sorted(set(cls_prob_grid))
+        for ts in sorted(set(teacher_score_grid))
+    ]
 
     def order(c: dict) -> tuple:
         return (c["precision"], c["cls_prob"], c["teacher_score"])
@@ -197,12 +198,7 @@ def fit_keep_thresholds(
     )
     source = "fitted"
     if why:
-        cp, ts = FALLBACK_RULES[fallback]
-        tp, kept, gt = evaluate_rule(images, ious, cp, ts)
-        precision, recall = (tp / kept if kept else 0.0), (tp / gt if gt else 0.0)
-        f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
-        best = {"cls_prob": cp, "teacher_score": ts, "precision": precision,
-                "recall": recall, "f1": f1, "kept": kept, "gt": gt}  # fmt: skip
+        best = rule_point(images, ious, *FALLBACK_RULES[fallback])
         source = f"fallback {fallback} ({why})"
     scores = [im.teacher_scores for im in images if len(im.teacher_scores)]
     return FittedThresholds(

@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from dpl_tools.config import plain
 from dpl_tools.data.augment import training_augment
 from dpl_tools.data.detection import DetectionDataset
 from dpl_tools.engine.loop import (
@@ -88,7 +89,7 @@ def train_teacher(
     seed_everything(seed)
     if resume_ckpt is not None:
         check_same_model(resume_ckpt, requested_model(mcfg), out)
-        model, spec = detector_from_checkpoint(resume_ckpt, out, tcfg.get("multiscale"))
+        model, spec = detector_from_checkpoint(resume_ckpt, out, tcfg["multiscale"])
         check_categories(
             out, spec.categories, ann, coco.categories, "the checkpoint's", "cannot resume"
         )
@@ -96,7 +97,7 @@ def train_teacher(
         model, spec = fresh_detector(
             mcfg, coco.categories, "teacher", tcfg["multiscale"], train_ann=str(ann)
         )
-    spec.extra["config"] = config
+    spec.extra["config"] = plain(config)
     seed_everything(seed + dist.rank)
     dataset = DetectionDataset(coco, images_dir, training_augment(tcfg, "teacher"))
 

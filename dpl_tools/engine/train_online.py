@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
+from dpl_tools.config import plain
 from dpl_tools.data.augment import training_augment
 from dpl_tools.data.coco import load_coco
 from dpl_tools.data.detection import DetectionDataset
@@ -110,7 +111,7 @@ def train_student_online(
         requested = requested_student_model(teacher, config)
         check_same_model(resume_ckpt, requested, out, f"--teacher {teacher}: ")
         model, spec = _resume_student(resume_ckpt, coco.categories, out, Path(ann), config)
-    spec.extra.update(online=True, config=config, polisher=str(polisher))
+    spec.extra.update(online=True, config=plain(config), polisher=str(polisher))
     make_student(model)
     model.to(run.device)
     ema = ModelEMA(model, float(scfg["ema_momentum"]))

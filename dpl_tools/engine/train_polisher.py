@@ -22,21 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from torch import Tensor, nn
 from torch.utils.data import Subset
 from torchvision.models.detection import FasterRCNN
-from torchvision.models.detection.transform import resize_boxes
-from torchvision.ops import box_iou, generalized_box_iou_loss
 
-from dpl_tools.boxes import decode_deltas
+from dpl_tools.config import plain
 from dpl_tools.data.coco import CocoData
 from dpl_tools.data.detection import DetectionDataset
-from dpl_tools.data.polisher_pairs import CLS, REAL, REG, mixed_rows, read_noise_metadata
+from dpl_tools.data.polisher_pairs import read_noise_metadata
 from dpl_tools.data.pseudo_views import BOX_COORDS
 from dpl_tools.engine.ema import ModelEMA
 from dpl_tools.engine.keep_thresholds import KeepRuleFit, fit_heldout, fitted_record
@@ -50,232 +45,22 @@ from dpl_tools.engine.loop import (
     last_checkpoint_path,
     train,
 )
+from dpl_tools.engine.polisher_batches import (
+    NoisePairs,
+    PolisherBatch,
+    PolisherLoss,
+    evaluate_polisher,
+    teacher_batch,
+)
 from dpl_tools.engine.setup import check_categories, load_train_coco, setup_training
 from dpl_tools.errors import DplError
 from dpl_tools.io import sha256_file, write_json
 from dpl_tools.models.checkpoint import load_detector, unwrap
 from dpl_tools.models.polisher import Polisher, read_polisher_checkpoint, save_polisher
-from dpl_tools.runtime import amp_enabled, seed_everything
+from dpl_tools.runtime import seed_everything
 
 _BOX = list(BOX_COORDS)
 _TARGET = [f"target_{c}" for c in _BOX]
-
-
-@dataclass
-class ImagePairs:
-    """One image's pairs of one round: noisy boxes, targets, labels (original pixels)."""
-
-    reg_boxes: np.ndarray
-    reg_targets: np.ndarray
-    cls_boxes: np.ndarray
-    cls_labels: np.ndarray
-
-
-class NoisePairs:
-    """The pairs of a noise file, one round at a time, indexed by image id. Where the file
-    has real pairs (``source`` "real": crossfit or a labeler's detections), each image's
-    pairs of each kind are mixed so that real ones make up ``real_fraction`` of them
-    (``mixed_rows``)."""
-
-    def __init__(self, path: str | Path, image_ids: set[int], real_fraction: float = 0.5) -> None:
-        self.path = Path(path)
-        self.meta = read_noise_metadata(self.path)
-        self.rounds = int(self.meta.get("rounds", 1))
-        self.image_ids = image_ids
-        self.real_fraction = real_fraction
-        self.has_source = "source" in pq.read_schema(self.path).names
-        self._round: int | None = None
-        self._pairs: dict[int, ImagePairs] = {}
-
-    def load_round(self, round_: int) -> None:
-        """Read round ``round_`` (only its rows, only this run's images) into memory."""
-        if round_ == self._round:
-            return
-        table = pq.read_table(
-            self.path,
-            columns=["image_id", "kind", *_BOX, *_TARGET, "label"]
-            + (["source"] if self.has_source else []),
-            filters=[("round", "=", round_)],
-        )
-        is_real = (
-            pc.equal(table["source"], REAL).to_numpy(zero_copy_only=False)
-            if self.has_source
-            else np.zeros(table.num_rows, bool)
-        )
-        ids = table["image_id"].to_numpy()
-        keep = np.isin(ids, np.fromiter(self.image_ids, np.int64, len(self.image_ids)))
-        is_reg = (pc.equal(table["kind"], REG)).to_numpy(zero_copy_only=False)
-        boxes = np.stack([table[c].to_numpy() for c in _BOX], 1)
-        targets = np.stack([table[c].to_numpy() for c in _TARGET], 1)
-        labels = table["label"].to_numpy()
-        self._pairs = {}
-        for kind_mask, kind in ((is_reg, REG), (~is_reg, CLS)):
-            sel = np.flatnonzero(keep & kind_mask)
-            order = sel[np.argsort(ids[sel], kind="stable")]
-            uniq, starts = np.unique(ids[order], return_index=True)
-            bounds = np.append(starts, len(order))
-            for k, image_id in enumerate(uniq.tolist()):
-                rows = order[bounds[k] : bounds[k + 1]]
-                if is_real[rows].any():
-                    rng = np.random.default_rng([round_, image_id, kind == REG])
-                    rows = rows[mixed_rows(is_real[rows], self.real_fraction, rng)]
-                entry = self._pairs.setdefault(
-                    image_id,
-                    ImagePairs(
-                        np.zeros((0, 4), np.float32),
-                        np.zeros((0, 4), np.float32),
-                        np.zeros((0, 4), np.float32),
-                        np.zeros(0, np.int64),
-                    ),
-                )
-                if kind == REG:
-                    entry.reg_boxes, entry.reg_targets = boxes[rows], targets[rows]
-                else:
-                    entry.cls_boxes, entry.cls_labels = boxes[rows], labels[rows].astype(np.int64)
-        self._round = round_
-
-    def get(self, image_id: int) -> ImagePairs | None:
-        return self._pairs.get(int(image_id))
-
-
-@dataclass
-class PolisherBatch:
-    """Training inputs of one step, in the teacher's resized coordinates (per image)."""
-
-    features: dict[str, Tensor]
-    image_sizes: list[tuple[int, int]]
-    reg_boxes: list[Tensor]
-    reg_targets: list[Tensor]
-    cls_boxes: list[Tensor]
-    cls_labels: list[Tensor]
-
-
-def _sample(n: int, cap: int, generator: torch.Generator) -> Tensor:
-    if cap <= 0 or n <= cap:
-        return torch.arange(n)
-    return torch.randperm(n, generator=generator)[:cap]
-
-
-def proposal_labels(
-    proposals: Tensor, gt_boxes: Tensor, gt_labels: Tensor, fg_iou: float
-) -> Tensor:
-    """Class of the best-IoU GT box if that IoU >= ``fg_iou``, else background (0)."""
-    if len(gt_boxes) == 0:
-        return torch.zeros(len(proposals), dtype=torch.int64, device=proposals.device)
-    best_iou, best = box_iou(proposals, gt_boxes).max(dim=1)
-    return torch.where(best_iou >= fg_iou, gt_labels[best], torch.zeros_like(best))
-
-
-@torch.no_grad()
-def teacher_batch(
-    teacher: FasterRCNN,
-    images: list[Tensor],
-    targets: list[dict],
-    pairs: list[ImagePairs | None],
-    reg_cap: int,
-    cls_cap: int,
-    max_proposals: int,
-    fg_iou: float,
-    generator: torch.Generator,
-) -> PolisherBatch:
-    """One frozen-teacher pass (features + RPN proposals) and the sampled pairs of a batch."""
-    device = images[0].device
-    with torch.autocast(device.type, enabled=amp_enabled(device)):
-        batch, _ = teacher.transform(images)
-        features = teacher.backbone(batch.tensors)
-        proposals, _ = teacher.rpn(batch, features) if max_proposals > 0 else ([], None)
-    features = {k: v.float() for k, v in features.items()}
-    sizes = [tuple(s) for s in batch.image_sizes]
-    out = PolisherBatch(features, sizes, [], [], [], [])
-    for i, (image, target, p) in enumerate(zip(images, targets, pairs, strict=True)):
-        original, resized = tuple(image.shape[-2:]), sizes[i]
-
-        def scaled(boxes: np.ndarray, original=original, resized=resized) -> Tensor:
-            t = torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)).to(device)
-            return resize_boxes(t, original, resized)
-
-        empty = torch.zeros((0, 4), device=device)
-        if p is None:
-            reg_b, reg_t, cls_b = empty, empty, empty
-            cls_l = torch.zeros(0, dtype=torch.int64, device=device)
-        else:
-            k = _sample(len(p.reg_boxes), reg_cap, generator).numpy()
-            reg_b, reg_t = scaled(p.reg_boxes[k]), scaled(p.reg_targets[k])
-            cls_b = scaled(p.cls_boxes)
-            cls_l = torch.from_numpy(p.cls_labels).to(device)
-        if max_proposals > 0:
-            props = proposals[i][:max_proposals].float()
-            gt = resize_boxes(target["boxes"].to(device), original, resized)
-            labels = proposal_labels(props, gt, target["labels"].to(device), fg_iou)
-            cls_b, cls_l = torch.cat([cls_b, props]), torch.cat([cls_l, labels])
-        k = _sample(len(cls_b), cls_cap, generator).to(device)
-        out.reg_boxes.append(reg_b)
-        out.reg_targets.append(reg_t)
-        out.cls_boxes.append(cls_b[k])
-        out.cls_labels.append(cls_l[k])
-    return out
-
-
-class PolisherLoss(nn.Module):
-    """Both polishers' losses for a ``PolisherBatch`` (a module, so DDP can wrap it)."""
-
-    def __init__(self, polisher: Polisher) -> None:
-        super().__init__()
-        self.polisher = polisher
-
-    def forward(self, b: PolisherBatch) -> dict[str, Tensor]:
-        pol = self.polisher
-        zero = sum(p.sum() * 0.0 for p in pol.parameters())  # every parameter joins the graph
-        losses = {"reg": zero, "cls": zero}
-        if sum(len(x) for x in b.reg_boxes):
-            deltas = pol.regression(pol.vote_features(b.features, b.reg_boxes, b.image_sizes))
-            decoded = decode_deltas(deltas.float(), torch.cat(b.reg_boxes))
-            target = torch.cat(b.reg_targets)
-            losses["reg"] = zero + generalized_box_iou_loss(decoded, target, reduction="mean")
-        if sum(len(x) for x in b.cls_boxes):
-            logits = pol.classification(pol.box_features(b.features, b.cls_boxes, b.image_sizes))
-            losses["cls"] = zero + F.cross_entropy(logits.float(), torch.cat(b.cls_labels))
-        return losses
-
-
-@torch.no_grad()
-def evaluate_polisher(polisher: Polisher, batches: Iterable[PolisherBatch]) -> dict[str, Any]:
-    """Mean IoU to GT of the noisy boxes before / after regression polishing, and the
-    classification accuracy, foreground recall (right class) and background recall.
-    ``batches`` may be a generator: only per-box results are kept, not the features."""
-    polisher.eval()
-    before, after, correct, labels = [], [], [], []
-    for b in batches:
-        if sum(len(x) for x in b.reg_boxes):
-            refined = polisher.regress(b.features, b.reg_boxes, b.image_sizes)
-            for box, new, target in zip(b.reg_boxes, refined, b.reg_targets, strict=True):
-                before.append(box_iou(box, target).diagonal())
-                after.append(box_iou(new, target).diagonal())
-        if sum(len(x) for x in b.cls_boxes):
-            probs = polisher.classify(b.features, b.cls_boxes, b.image_sizes)
-            for p, lab in zip(probs, b.cls_labels, strict=True):
-                correct.append(p.argmax(dim=1) == lab)
-                labels.append(lab)
-    result: dict[str, Any] = {"reg_pairs": 0, "cls_samples": 0}
-    if before:
-        b_iou, a_iou = torch.cat(before), torch.cat(after)
-        result.update(
-            reg_pairs=len(b_iou),
-            mean_iou_before=float(b_iou.mean()),
-            mean_iou_after=float(a_iou.mean()),
-            improved_fraction=float((a_iou > b_iou).float().mean()),
-        )
-    if correct:
-        ok, lab = torch.cat(correct), torch.cat(labels)
-        fg, bg = lab > 0, lab == 0
-        result.update(
-            cls_samples=len(ok),
-            foreground_samples=int(fg.sum()),
-            cls_accuracy=float(ok.float().mean()),
-            fg_recall=float(ok[fg].float().mean()) if fg.any() else None,
-            bg_recall=float(ok[bg].float().mean()) if bg.any() else None,
-        )
-    return result
 
 
 @dataclass
@@ -386,15 +171,18 @@ def polisher_saver(
 
 
 def _resume_state(
-    ckpt: dict,
-    where: Path,
-    polisher: Polisher,
-    teacher_path: str | Path,
-    ann: str | Path,
-    coco: CocoData,
-) -> dict:
-    """Load a periodic checkpoint's (``where``) raw weights into ``polisher``; its training
-    state for the loop (the EMA weights back under the EMA hook)."""
+    out: str | Path, polisher: Polisher, teacher_path: str | Path, ann: str | Path,
+    coco: CocoData, console: Console, dist: Any,
+) -> dict | None:  # fmt: skip
+    """Load the periodic checkpoint of ``out`` (``<stem>.last.pt``) into ``polisher`` and
+    return its training state for the loop (the EMA weights back under the EMA hook); None
+    (said on the main process) when there is none to resume."""
+    where = last_checkpoint_path(out)
+    ckpt = find_resume_checkpoint(out, read_polisher_checkpoint)
+    if ckpt is None:
+        if dist.is_main:
+            console.print(f"no checkpoint to resume at {where}; starting afresh")
+        return None
     if ckpt["teacher_sha256"] != sha256_file(teacher_path):
         raise DplError(f"{where}: trained with another teacher than {teacher_path}; cannot resume")
     check_categories(where, ckpt["categories"], ann, coco.categories, consequence="cannot resume")
@@ -446,31 +234,15 @@ def train_polisher(
     teacher, spec = load_detector(teacher_path, torch_device)
     teacher.eval().requires_grad_(False)
     coco = load_train_coco(ann, images_dir, console, dist.is_main, allow_outside_root)
-    noise_meta = read_noise_metadata(noise_path)
     check_categories(teacher_path, spec.categories, ann, coco.categories, "the teacher's")
-    check_categories(
-        noise_path, noise_meta.get("categories", []), ann, coco.categories, "the noise file's"
-    )
-    with_boxes = sorted({a["image_id"] for a in coco.annotations if not a.get("iscrowd", 0)})
-    if not with_boxes:
-        raise DplError(f"{ann}: no boxes to train the polishers on")
-    train_ids, val_ids = split_validation(with_boxes, float(pcfg["val_fraction"]), seed)
-    real_fraction = float(pcfg["real_fraction"])
-    pairs = NoisePairs(noise_path, set(train_ids) | set(val_ids), real_fraction)
-    pairs.load_round(0)
-    if not any(pairs.get(i) for i in train_ids):
-        raise DplError(f"{noise_path}: no pairs for the images of {ann} (made from another set?)")
+    noise_meta, train_ids, val_ids, pairs = _training_pairs(noise_path, ann, coco, pcfg, seed)
 
-    resume_ckpt = find_resume_checkpoint(out, read_polisher_checkpoint) if resume else None
-    if resume and resume_ckpt is None and dist.is_main:
-        console.print(f"no checkpoint to resume at {last_checkpoint_path(out)}; starting afresh")
     seed_everything(seed)
     polisher = Polisher.for_teacher(teacher, spec.num_classes).to(torch_device)
     ema = ModelEMA(polisher, float(pcfg["ema_momentum"]))
     resume_state = None
-    if resume_ckpt is not None:  # only periodic checkpoints hold a training state
-        where = last_checkpoint_path(out)
-        resume_state = _resume_state(resume_ckpt, where, polisher, teacher_path, ann, coco)
+    if resume:  # only periodic checkpoints hold a training state
+        resume_state = _resume_state(out, polisher, teacher_path, ann, coco, console, dist)
 
     index_of = {r["id"]: k for k, r in enumerate(coco.images)}
     dataset = DetectionDataset(coco, images_dir)
@@ -479,68 +251,91 @@ def train_polisher(
     caps = (int(pcfg["reg_per_image"]), int(pcfg["cls_per_image"]))
     max_props, fg_iou = int(pcfg["max_proposals"]), float(pcfg["fg_iou"])
 
-    def val_batches() -> Iterator[PolisherBatch]:
-        pairs.load_round(0)
-        val_gen = torch.Generator().manual_seed(seed)
-        for image_id in val_ids:
-            item = dataset[index_of[image_id]]
-            if item is None:
-                continue
-            image, target = item
-            yield teacher_batch(
-                teacher, [image.to(torch_device)], [target], [pairs.get(image_id)],
-                *caps, max_props, fg_iou, val_gen,
-            )  # fmt: skip
-
+    val_set = Subset(dataset, [index_of[i] for i in val_ids])
+    val_batches = _validation_batches(teacher, val_set, val_ids, pairs, caps, max_props, fg_iou,
+                                      seed, torch_device)  # fmt: skip
     validation = PolisherValidation(ema, val_batches, len(val_ids))
-    initial = float(config["polish"]["initial_thresh"])
+    fit = _keep_rule_fitter(teacher, spec.label_to_cat, coco, images_dir, config, torch_device,
+                            val_ids)  # fmt: skip
+    keep_fit = KeepRuleFit(ema.module, crossfit, fit, bool(pcfg["fit_keep_rule"]))
+    noise = _learned_from(noise_meta.get("noise", {}), pairs)
+    extra = {"config": plain(pcfg), "noise": noise, "noise_file": str(noise_path), "ann": str(ann),
+             "ema_momentum": ema.momentum}  # fmt: skip
+    result = train(
+        PolisherLoss(polisher), train_set, cfg, torch_device, dist,
+        loss_fn=polisher_losses(teacher, pairs, caps, max_props, fg_iou, generator),
+        save=polisher_saver(out, ema, teacher_path, spec.categories, extra, validation, keep_fit),
+        resume_state=resume_state, description="train-polisher", out=out, console=console,
+        hooks=[PairRounds(pairs), EMAHook(ema, polisher), *hooks, validation, keep_fit],
+        generators={"pairs": generator}, progress_parts=("reg", "cls"),
+    )  # fmt: skip
+    last = result.last_losses or {"reg": math.nan, "cls": math.nan}
+    if dist.is_main and val_json is not None:
+        write_json(val_json, validation.figures, indent=2)
+    return ema.module, PolisherResult(
+        result.iterations, result.seconds, last, len(train_ids), len(val_ids),
+        validation.figures, result.iterations_run, keep_thresholds=keep_fit.fitted,
+        keep_note=keep_fit.note, regression_check=keep_fit.regression,
+    )  # fmt: skip
+
+
+def _validation_batches(
+    teacher: FasterRCNN, images: Subset, image_ids: list[int], pairs: NoisePairs,
+    caps: tuple[int, int], max_props: int, fg_iou: float, seed: int, device: torch.device,
+) -> Callable[[], Iterator[PolisherBatch]]:  # fmt: skip
+    """The held-out images' batches (one image each, round-0 pairs, a fixed sampling seed),
+    made afresh at every validation."""
+
+    def batches() -> Iterator[PolisherBatch]:
+        pairs.load_round(0)
+        generator = torch.Generator().manual_seed(seed)
+        for image_id, item in zip(image_ids, images, strict=True):
+            if item is not None:
+                image, target = item
+                yield teacher_batch(
+                    teacher, [image.to(device)], [target], [pairs.get(image_id)],
+                    *caps, max_props, fg_iou, generator,
+                )  # fmt: skip
+
+    return batches
+
+
+def _keep_rule_fitter(
+    teacher: FasterRCNN, label_to_cat: dict[int, int], coco: CocoData, images_dir: str | Path,
+    config: dict[str, Any], device: torch.device, val_ids: list[int],
+) -> Callable[[Path, Polisher], dict[str, Any] | None]:  # fmt: skip
+    """What ``KeepRuleFit`` runs after training: the keep rule fitted on the cross-fitted
+    detections at ``path`` with the trained polisher (``keep_thresholds.fit_heldout``)."""
+    pcfg, initial = config["polisher"], float(config["polish"]["initial_thresh"])
 
     def fit(path: Path, trained: Polisher) -> dict[str, Any] | None:
         fitted = fit_heldout(
-            path, teacher, spec.label_to_cat, trained, coco, images_dir, initial,
-            pcfg["precision_target"], torch_device, int(pcfg["batch_size"]),
+            path, teacher, label_to_cat, trained, coco, images_dir, initial,
+            pcfg["precision_target"], device, int(pcfg["batch_size"]),
             int(pcfg["workers"]), int(pcfg["keep_fit_min_matches"]), pcfg["keep_fallback"],
             val_ids, int(pcfg["reg_check_min_pairs"]),
         )  # fmt: skip
         return None if fitted is None else fitted_record(fitted, path, initial)
 
-    keep_fit = KeepRuleFit(ema.module, crossfit, fit, bool(pcfg["fit_keep_rule"]))
-    extra = {
-        "config": pcfg,
-        "noise": _learned_from(noise_meta.get("noise", {}), pairs),
-        "noise_file": str(noise_path),
-        "ann": str(ann),
-        "ema_momentum": ema.momentum,
-    }
-    result = train(
-        PolisherLoss(polisher),
-        train_set,
-        cfg,
-        torch_device,
-        dist,
-        loss_fn=polisher_losses(teacher, pairs, caps, max_props, fg_iou, generator),
-        save=polisher_saver(out, ema, teacher_path, spec.categories, extra, validation, keep_fit),
-        resume_state=resume_state,
-        description="train-polisher",
-        out=out,
-        console=console,
-        hooks=[PairRounds(pairs), EMAHook(ema, polisher), *hooks, validation, keep_fit],
-        generators={"pairs": generator},
-        progress_parts=("reg", "cls"),
+    return fit
+
+
+def _training_pairs(
+    noise_path: str | Path, ann: str | Path, coco: CocoData, pcfg: dict[str, Any], seed: int
+) -> tuple[dict[str, Any], list[int], list[int], NoisePairs]:
+    """The noise file's metadata, the training and validation image ids (images with
+    boxes) and their pairs, round 0 loaded; one-line errors when there is nothing to train
+    on or the pairs were made from another set."""
+    noise_meta = read_noise_metadata(noise_path)
+    check_categories(
+        noise_path, noise_meta.get("categories", []), ann, coco.categories, "the noise file's"
     )
-    last = result.last_losses or {"reg": math.nan, "cls": math.nan}
-    if dist.is_main and val_json is not None:
-        write_json(val_json, validation.figures, indent=2)
-    figures = validation.figures
-    return ema.module, PolisherResult(
-        result.iterations,
-        result.seconds,
-        last,
-        len(train_ids),
-        len(val_ids),
-        figures,
-        result.iterations_run,
-        keep_thresholds=keep_fit.fitted,
-        keep_note=keep_fit.note,
-        regression_check=keep_fit.regression,
-    )
+    with_boxes = sorted({a["image_id"] for a in coco.annotations if not a.get("iscrowd", 0)})
+    if not with_boxes:
+        raise DplError(f"{ann}: no boxes to train the polishers on")
+    train_ids, val_ids = split_validation(with_boxes, float(pcfg["val_fraction"]), seed)
+    pairs = NoisePairs(noise_path, set(train_ids) | set(val_ids), float(pcfg["real_fraction"]))
+    pairs.load_round(0)
+    if not any(pairs.get(i) for i in train_ids):
+        raise DplError(f"{noise_path}: no pairs for the images of {ann} (made from another set?)")
+    return noise_meta, train_ids, val_ids, pairs

@@ -89,7 +89,7 @@ def build_student(
     mcfg, scfg = config["model"], config["student"]
     if str(init) == "imagenet":
         return fresh_detector(mcfg, categories, "student", scfg["multiscale"], init="imagenet")
-    model, teacher = detector_from_checkpoint(read_checkpoint(init), init, scfg.get("multiscale"))
+    model, teacher = detector_from_checkpoint(read_checkpoint(init), init, scfg["multiscale"])
     check_categories(init, teacher.categories, ann, categories)
     spec = DetectorSpec(
         arch=teacher.arch,
@@ -113,7 +113,7 @@ def requested_student_model(init: str | Path, config: dict[str, Any]) -> dict[st
 
 
 def _resume_student(ckpt: dict, categories: list[dict], out: Path, ann: Path, config: dict):
-    model, spec = detector_from_checkpoint(ckpt, out, config["student"].get("multiscale"))
+    model, spec = detector_from_checkpoint(ckpt, out, config["student"]["multiscale"])
     if spec.kind != "student":
         raise DplError(f"{out}: a {spec.kind} checkpoint, not a student; cannot resume")
     check_categories(out, spec.categories, ann, categories, consequence="cannot resume")

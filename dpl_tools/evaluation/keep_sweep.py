@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from dpl_tools.data.coco import CocoData
 from dpl_tools.data.pseudo_views import BOX_COORDS
-from dpl_tools.engine.fit_thresholds import HeldOutImage, evaluate_rule
+from dpl_tools.engine.fit_thresholds import HeldOutImage, rule_point
 from dpl_tools.evaluation.matching import box_iou_np
 from dpl_tools.evaluation.pseudo_quality import Truth, gt_image_keys
 
@@ -61,15 +61,6 @@ def images_with_truth(table: pa.Table, gt: CocoData) -> tuple[list[HeldOutImage]
     return images, exact
 
 
-def _point(images: list[HeldOutImage], ious: list[np.ndarray], cls_prob: float,
-           teacher_score: float) -> dict[str, float]:  # fmt: skip
-    tp, kept, gt = evaluate_rule(images, ious, cls_prob, teacher_score)
-    precision = tp / kept if kept else 0.0
-    recall = tp / gt if gt else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1, "kept": kept}
-
-
 def keep_rule_sweep(table: pa.Table, gt: CocoData, cls_prob: float, teacher_score: float
                     ) -> dict[str, Any]:  # fmt: skip
     """P / R / F1 of the kept boxes at every ``SWEEP_GRID`` value of each threshold, the
@@ -78,17 +69,17 @@ def keep_rule_sweep(table: pa.Table, gt: CocoData, cls_prob: float, teacher_scor
     images, exact = images_with_truth(table, gt)
     ious = [box_iou_np(im.boxes, im.gt_boxes) for im in images]
     out: dict[str, Any] = {
-        "operating_point": {"cls_prob": cls_prob, "teacher_score": teacher_score,
-                            **_point(images, ious, cls_prob, teacher_score)},
+        "operating_point": rule_point(images, ious, cls_prob, teacher_score),
         "exact": exact,
         "images": len(images),
     }  # fmt: skip
     for name, value in (("cls_prob", cls_prob), ("teacher_score", teacher_score)):
         grid = sorted({*SWEEP_GRID, float(value)})
         points = [
-            _point(images, ious, t, teacher_score) if name == "cls_prob"
-            else _point(images, ious, cls_prob, t)
+            rule_point(images, ious, t, teacher_score) if name == "cls_prob"
+            else rule_point(images, ious, cls_prob, t)
             for t in grid
         ]  # fmt: skip
-        out[name] = {"threshold": grid, **{m: [p[m] for p in points] for m in points[0]}}
+        metrics = ("precision", "recall", "f1", "kept")
+        out[name] = {"threshold": grid, **{m: [p[m] for p in points] for m in metrics}}
     return out

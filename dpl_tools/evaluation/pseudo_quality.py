@@ -397,8 +397,8 @@ def pseudo_label_quality(table: pa.Table, gt: CocoData) -> dict[str, Any]:
     has_polished = in_gt & ~np.isnan(polished_boxes).any(axis=1)
 
     box_columns = {"teacher": teacher_boxes, "polished": polished_boxes}
-    label_columns = {"teacher_label": teacher_label, "polished_label": polished_label}
-    flags = {"use_cls": use_cls, "use_reg": use_reg}
+    label_columns, flags = ({"teacher_label": teacher_label, "polished_label": polished_label},
+                            {"use_cls": use_cls, "use_reg": use_reg})  # fmt: skip
 
     def view(name: str) -> _View:
         chosen = LABEL_SETS[name]
@@ -421,8 +421,7 @@ def pseudo_label_quality(table: pa.Table, gt: CocoData) -> dict[str, Any]:
 
     moved = box_changes(teacher_boxes, polished_boxes, keys, has_teacher, has_polished, truth)
     good = moved.before >= 0.5
-    before, after = moved.before[good], moved.after[good]
-    dropped = has_teacher & ~use_cls
+    before, after, dropped = moved.before[good], moved.after[good], has_teacher & ~use_cls
     return {
         "images": {
             "ok": len(ok_images),

@@ -194,7 +194,7 @@ def saved_model(payload: dict[str, Any], path: str | Path) -> dict[str, Any]:
 
 def requested_model(model_section: dict[str, Any]) -> dict[str, Any]:
     """The detector a config's ``model`` section asks for, in ``saved_model``'s form."""
-    kwargs = dict(model_section.get("detector_kwargs") or {})
+    kwargs = dict(model_section["detector_kwargs"])
     return {
         "arch": model_section["arch"],
         "min_size": int(model_section["min_size"]),
@@ -259,7 +259,7 @@ def fresh_detector(
         str(model_section["backbone_weights"]),
         multiscale_sizes(spec.min_size, train_scales),
         spec.max_size,
-        **dict(model_section.get("detector_kwargs") or {}),
+        **dict(model_section["detector_kwargs"]),
     )
     return model, spec
 
