@@ -135,7 +135,7 @@ def _typed(kind: type, value: Any, setting: Setting) -> Any:
         if isinstance(value, float) and not value.is_integer():
             raise wrong
         return int(value)
-    return value  # an int is a valid number where a float is expected
+    return float(value)  # an int is a valid number where a float is expected
 
 
 def check_mapping(
@@ -189,8 +189,8 @@ def settings_from_section(cls: type, section: Mapping[str, Any], **overrides: An
 
 def _like(default: Any, value: Any) -> Any:
     """``value`` converted to ``default``'s number type (lists item by item)."""
-    if isinstance(default, list) and isinstance(value, list) and default:
-        return [_like(default[0], v) for v in value]
+    if isinstance(default, list) and isinstance(value, list | tuple):  # a Config holds tuples
+        return [_like(default[0], v) for v in value] if default else list(value)
     if value is None or isinstance(value, bool) or isinstance(default, bool):
         return value
     if isinstance(default, float) and isinstance(value, int):

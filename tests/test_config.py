@@ -141,7 +141,33 @@ def test_one_table_holds_every_section_with_the_old_values():
     assert DEFAULTS == merge(OLD_DEFAULTS, NEW_KEYS)
     assert set(DEFAULTS) == set(SETTINGS) == {"model", "teacher", "polisher", "polish", "student"}
     # every section, polish included; the student's null iterations become the teacher's
-    assert load_config() == merge(DEFAULTS, {"student": {"iters": 400}})
+    assert load_config().to_dict() == merge(DEFAULTS, {"student": {"iters": 400}})
+
+
+def test_loaded_config_is_typed_read_only_and_plain_on_demand(tmp_path):
+    import copy
+    import pickle
+
+    from dpl_tools.config import Config, Section
+
+    path = write_yaml(tmp_path / "c.yaml", {"teacher": {"lr": 1, "iters": 30},
+                                            "student": {"aug_scale": [1, 2]}})  # fmt: skip
+    cfg = load_config(path)
+    assert isinstance(cfg, Config) and isinstance(cfg.student, Section)
+    assert cfg.teacher.iters == cfg["teacher"]["iters"] == 30
+    assert cfg.teacher.lr == 1.0 and isinstance(cfg.teacher.lr, float)  # a float setting
+    assert cfg.student.aug_scale == (1.0, 2.0) and cfg.student.iters == 30
+    with pytest.raises(AttributeError, match="read-only"):
+        cfg.teacher.iters = 5
+    with pytest.raises(TypeError):
+        cfg["teacher"]["iters"] = 5  # no item assignment either
+    with pytest.raises(AttributeError, match="no setting 'iter'"):
+        _ = cfg.teacher.iter
+    plain = cfg.to_dict()
+    assert plain["student"]["aug_scale"] == [1.0, 2.0] and isinstance(plain["model"], dict)
+    assert yaml.safe_load(yaml.safe_dump(plain)) == plain  # what run directories store
+    assert load_config(cfg).to_dict() == plain  # a Config is a config like a dict
+    assert copy.deepcopy(cfg) is cfg and pickle.loads(pickle.dumps(cfg)).to_dict() == plain
 
 
 def test_student_trains_as_long_as_its_teacher_unless_told():
@@ -199,7 +225,7 @@ def test_every_preset_and_benchmark_config_loads():
     assert {"cpu_mobilenet", "coco_r50_fpn", "voc_r50_fpn", "demo"} <= set(list_presets())
     assert any(f.parent.name == "configs" and f.parent.parent.name == "benchmarks" for f in files)
     for path in files:
-        cfg = load_config(str(path))
+        cfg = load_config(str(path)).to_dict()
         assert set(cfg) == set(DEFAULTS), path
         raw = yaml.safe_load(path.read_text())
         for section, values in raw.items():  # the file's values are what load_config gives
@@ -389,7 +415,8 @@ def test_resume_refuses_a_different_teacher_model(tiny_run, tmp_path):
         f"{out}: cannot resume a different model: model.arch 'resnet18_fpn' (checkpoint: "
         "'mobilenet_v2_fpn') (drop --resume to start again, or write to another --out)"
     )
-    cfg["model"].update(arch="mobilenet_v2_fpn", min_size=80, backbone_weights="imagenet")
+    model = {"arch": "mobilenet_v2_fpn", "min_size": 80, "backbone_weights": "imagenet"}
+    cfg = load_config(cfg, {"model": model})  # a config is read-only: build another
     with pytest.raises(DplError, match="model.min_size 80 .checkpoint: 64.; model.backbone_w"):
         train_teacher(tiny_run["ann"], tiny_run["images"], out, cfg, "cpu", resume=True)
 

@@ -141,9 +141,9 @@ def crossfit_data(tmp_path_factory):
 
     test_ids = {r["id"] for r in raw["images"]} - labeled_ids
     labeled, test = subset(labeled_ids, "labeled.json"), subset(test_ids, "test.json")
-    config = load_config(overrides={"model": FAST_MODEL})
-    config["teacher"] |= {"iters": 2, "batch_size": 2, "workers": 0, "multiscale": None,
-                          "checkpoint_every": 0, "warmup_iters": 2}  # fmt: skip
+    recipe = {"iters": 2, "batch_size": 2, "workers": 0, "multiscale": None,
+              "checkpoint_every": 0, "warmup_iters": 2}  # fmt: skip
+    config = load_config(None, {"model": FAST_MODEL}, {"teacher": recipe})  # null: a value
     torch.manual_seed(0)
     model = build_detector("mobilenet_v2_fpn", 3, "none", min_size=64, max_size=96,
                            **FAST_MODEL["detector_kwargs"])  # fmt: skip

@@ -208,7 +208,9 @@ def test_no_usable_pseudo_label_is_refused_unless_allowed(inputs, tmp_path, caps
 def test_cli_allow_empty_trains_and_reports(inputs, tmp_path) -> None:
     broken = _pseudo_file(inputs, tmp_path, lambda r: {**r, "teacher_x2": -1.0, "use_reg": False})
     preset = tmp_path / "tiny.yaml"
-    preset.write_text(json.dumps({"model": _config()["model"], "student": {"warmup_iters": 1}}))
+    preset.write_text(
+        json.dumps({"model": _config()["model"].to_dict(), "student": {"warmup_iters": 1}})
+    )
     args = ["train-student", "--images", str(inputs["images"]), "--ann", str(inputs["ann"]),
             "--pseudo", broken, "--init", str(inputs["teacher"]), "--config", str(preset),
             "--device", "cpu", "--iters", "1", "--batch-size", "1", "--workers", "0",

@@ -63,9 +63,9 @@ def weak(tmp_path_factory) -> dict:
 
     labeled = subset(labeled_ids, "labeled.json")
     unlabeled = subset({r["id"] for r in raw["images"]} - labeled_ids, "unlabeled.json")
-    config = load_config(overrides={"model": MODEL})
-    config["teacher"] |= {"iters": 2, "batch_size": 2, "workers": 0, "multiscale": None,
-                          "checkpoint_every": 0, "warmup_iters": 2}  # fmt: skip
+    recipe = {"iters": 2, "batch_size": 2, "workers": 0, "multiscale": None,
+              "checkpoint_every": 0, "warmup_iters": 2}  # fmt: skip
+    config = load_config(None, {"model": MODEL}, {"teacher": recipe})  # null: a value
     torch.manual_seed(0)
     model = build_detector("mobilenet_v2_fpn", 3, "none", min_size=64, max_size=96, **KWARGS)
     teacher = root / "teacher.pt"

@@ -44,6 +44,7 @@ from dpl_tools.io import clean_stale_temps
 from dpl_tools.outputs import output_lock
 from dpl_tools.progress import Progress
 from dpl_tools.runtime import DistInfo, amp_enabled
+from dpl_tools.settings import settings_from_section
 
 _TEACHER = DEFAULTS["teacher"]
 # loss_fn(model, images, targets) -> named losses (summed for the step); model may be DDP.
@@ -75,9 +76,7 @@ class TrainConfig:
     @classmethod
     def from_section(cls, section: dict[str, Any], **overrides: Any) -> TrainConfig:
         """Pick this dataclass's keys out of a config section (other keys ignored)."""
-        names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in {**section, **overrides}.items() if k in names}
-        return cls(**values)
+        return settings_from_section(cls, section, **overrides)
 
     def lr_at(self, iteration: int) -> float:
         """Learning rate at ``iteration``: linear warm-up, then x gamma at each step."""

@@ -25,6 +25,7 @@ from typing import Any
 from rich.console import Console
 from torch import nn
 
+from dpl_tools.config import plain
 from dpl_tools.data.augment import training_augment
 from dpl_tools.data.coco import check_inside_root
 from dpl_tools.data.detection import DetectionDataset
@@ -309,7 +310,7 @@ def train_student(
             unlabeled_ratio=float(scfg["unlabeled_ratio"]),
             unlabeled_weight=float(scfg["unlabeled_weight"]),
             negatives=str(scfg["negatives"]),
-            config=config,
+            config=plain(config),
         )
         if Path(pseudo).is_file():
             spec.extra["pseudo_labels_sha256"] = sha256_file(pseudo)

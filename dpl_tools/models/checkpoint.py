@@ -17,6 +17,7 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN
 
 from dpl_tools import __version__
+from dpl_tools.config import Section
 from dpl_tools.defaults import ARCHS, DETECTOR_KWARGS
 from dpl_tools.errors import DplError
 from dpl_tools.io import atomic_path
@@ -72,7 +73,8 @@ def save_detector(
 
 def write_payload(path: str | Path, fmt: str, version: int, payload: dict[str, Any]) -> Path:
     """Save a dpl checkpoint dict (format tag, version, dpl version + ``payload``) atomically."""
-    full = {"format": fmt, "format_version": version, "dpl_version": __version__, **payload}
+    full = {"format": fmt, "format_version": version, "dpl_version": __version__,
+            **_plain_values(payload)}  # fmt: skip
     try:
         with atomic_path(path, suffix=".pt") as tmp:
             torch.save(full, tmp)
@@ -90,6 +92,18 @@ def write_payload(path: str | Path, fmt: str, version: int, payload: dict[str, A
             "file-size limit (ulimit -f) reached?"
         ) from None
     return Path(path)
+
+
+def _plain_values(value: Any) -> Any:
+    """``value`` with every config ``Section`` inside as plain dicts: a checkpoint holds only
+    what ``torch.load(weights_only=True)`` reads back."""
+    if isinstance(value, Section):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {k: _plain_values(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain_values(v) for v in value)
+    return value
 
 
 def read_payload(path: str | Path, fmt: str, version: int, what: str) -> dict[str, Any]:
