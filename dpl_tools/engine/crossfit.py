@@ -188,7 +188,7 @@ def run_crossfit(
 
     console = console or Console()
     pcfg, polish = config["polisher"], config["polish"]
-    k_folds = int(pcfg["crossfit_folds"])
+    k_folds = pcfg["crossfit_folds"]
     fraction = fold_fraction(pcfg["crossfit_iters_fraction"], k_folds)
     base = teacher_recipe(teacher_path, config)
     recipe = fold_recipe(base, fraction)
@@ -222,7 +222,7 @@ def run_crossfit(
     dev = resolve_device(device)
     by_id = {r["id"]: r for r in coco.images}
     cols: dict[str, list] = {k: [] for k in ("id", "name", "fold", "box", "score", "cat")}
-    min_score = float(pcfg["empirical_cls_min_score"])
+    min_score = pcfg["empirical_cls_min_score"]
     test = {k: polish[k] for k in ("score_thresh", "nms_thresh", "detections_per_img")}
     for k, (path, held_out) in enumerate(zip(paths, folds, strict=True)):
         detector, spec = load_detector(path, dev)
@@ -327,10 +327,10 @@ def empirical_from_crossfit(
     try:
         return empirical_from_matches(
             crossfit_matches(path, gt),
-            float(section["empirical_min_match_iou"]),
-            float(section["empirical_reg_min_score"]),
-            float(section["empirical_cls_min_score"]),
-            inflate=float(section["empirical_inflate"]),
+            section["empirical_min_match_iou"],
+            section["empirical_reg_min_score"],
+            section["empirical_cls_min_score"],
+            inflate=section["empirical_inflate"],
         )
     except DplError:
         return None

@@ -112,7 +112,7 @@ def make_noise_file(
         raise DplError(f"--noise-model {name!r}: choose from {', '.join(NOISE_MODELS)}")
     settings = PairSettings.from_section(cfg)
     settings.groups("cls")  # validates copies vs scales
-    rounds = int(cfg["rounds"])
+    rounds = cfg["rounds"]
     coco = load_coco(ann_path)
     for line in coco.report.lines():
         console.print(f"[yellow]warning:[/] {line}", highlight=False)
@@ -161,8 +161,8 @@ def make_noise_file(
     tables = synthesize_pairs(gt, model, settings, rounds, seed)
     if real_source is not None:
         rules = RealPairRules(
-            float(cfg["empirical_min_match_iou"]), float(config["polish"]["initial_thresh"]),
-            float(cfg["empirical_cls_min_score"]), settings.fg_iou,
+            cfg["empirical_min_match_iou"], config["polish"]["initial_thresh"],
+            cfg["empirical_cls_min_score"], settings.fg_iou,
         )  # fmt: skip
         dets = list(detections_by_image(real_source))
         real = [real_pairs(gt, dets, rules, r) for r in range(rounds)]
@@ -258,10 +258,10 @@ def _fit_on_heldout(
         task = progress.add_task("fit", total=len(fit_coco.images))
         return fit_empirical_noise(
             detector, fit_coco, images, dev, workers=workers,
-            min_match_iou=float(cfg["empirical_min_match_iou"]),
-            reg_min_score=float(cfg["empirical_reg_min_score"]),
-            cls_min_score=float(cfg["empirical_cls_min_score"]),
-            inflate=float(cfg["empirical_inflate"]),
+            min_match_iou=cfg["empirical_min_match_iou"],
+            reg_min_score=cfg["empirical_reg_min_score"],
+            cls_min_score=cfg["empirical_cls_min_score"],
+            inflate=cfg["empirical_inflate"],
             progress=lambda: progress.advance(task),
         )  # fmt: skip
 

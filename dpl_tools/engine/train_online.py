@@ -102,7 +102,7 @@ def train_student_online(
     run = setup_training(scfg, device, seed)
     coco = load_train_coco(ann, images_dir, console, run.dist.is_main, allow_outside_root)
     records = load_image_list(unlabeled, unlabeled_root, allow_outside_root)
-    if not records and float(scfg["unlabeled_ratio"]) > 0:
+    if not records and scfg["unlabeled_ratio"] > 0:
         raise DplError(f"{unlabeled}: no unlabeled images to learn from")
     resume_ckpt = find_resume_checkpoint(out) if resume else None
     seed_everything(seed)
@@ -114,7 +114,7 @@ def train_student_online(
     spec.extra.update(online=True, config=plain(config), polisher=str(polisher))
     make_student(model)
     model.to(run.device)
-    ema = ModelEMA(model, float(scfg["ema_momentum"]))
+    ema = ModelEMA(model, scfg["ema_momentum"])
     refiner = load_polisher(polisher, teacher_sha=sha256_file(teacher), device=run.device)
     applied = applied_polisher(config["polish"], refiner, polisher)
     if run.dist.is_main:
@@ -122,19 +122,19 @@ def train_student_online(
     truth = _truth(unlabeled_gt)
     labeler = OnlineLabeler(
         ema, refiner, applied.settings, spec.label_to_cat, coco.cat_to_label,
-        supervision(str(scfg["pseudo_view"]), bool(scfg["disentangle"])),
-        str(scfg["negatives"]), training_augment(scfg, "student", "pseudo_augment"),
+        supervision(scfg["pseudo_view"], scfg["disentangle"]),
+        scfg["negatives"], training_augment(scfg, "student", "pseudo_augment"),
         OnlineQuality(truth) if truth is not None else None,
     )  # fmt: skip
     labeled = DetectionDataset(coco, images_dir, training_augment(scfg, "student"))
-    dataset = StudentDataset(labeled, OnlineImages(list(records)), float(scfg["unlabeled_ratio"]))
-    log = OnlineLog(labeler, int(scfg["online_log_every"]), console, record=spec.extra)
+    dataset = StudentDataset(labeled, OnlineImages(list(records)), scfg["unlabeled_ratio"])
+    log = OnlineLog(labeler, scfg["online_log_every"], console, record=spec.extra)
     teacher_spec = replace(spec, kind="teacher", extra={**spec.extra, "ema_of": str(out)})
     hooks = [EMAHook(ema, model), log, SaveEMATeacher(ema, teacher_spec, teacher_path_of(out), log)]
     seed_everything(seed + run.dist.rank)
     result = train_loop(
         model, dataset, run.cfg, run.device, run.dist,
-        loss_fn=online_losses(student_losses(float(scfg["unlabeled_weight"])), labeler),
+        loss_fn=online_losses(student_losses(scfg["unlabeled_weight"]), labeler),
         collate_fn=collate_student, save=checkpoint_saver(out, spec, seed), hooks=hooks,
         resume_state=resume_ckpt["train_state"] if resume_ckpt else None,
         description="train-student --online", console=console, out=out,

@@ -239,7 +239,7 @@ def train_polisher(
 
     seed_everything(seed)
     polisher = Polisher.for_teacher(teacher, spec.num_classes).to(torch_device)
-    ema = ModelEMA(polisher, float(pcfg["ema_momentum"]))
+    ema = ModelEMA(polisher, pcfg["ema_momentum"])
     resume_state = None
     if resume:  # only periodic checkpoints hold a training state
         resume_state = _resume_state(out, polisher, teacher_path, ann, coco, console, dist)
@@ -248,8 +248,8 @@ def train_polisher(
     dataset = DetectionDataset(coco, images_dir)
     train_set = Subset(dataset, [index_of[i] for i in train_ids])
     generator = torch.Generator().manual_seed(seed + dist.rank)
-    caps = (int(pcfg["reg_per_image"]), int(pcfg["cls_per_image"]))
-    max_props, fg_iou = int(pcfg["max_proposals"]), float(pcfg["fg_iou"])
+    caps = (pcfg["reg_per_image"], pcfg["cls_per_image"])
+    max_props, fg_iou = pcfg["max_proposals"], pcfg["fg_iou"]
 
     val_set = Subset(dataset, [index_of[i] for i in val_ids])
     val_batches = _validation_batches(teacher, val_set, val_ids, pairs, caps, max_props, fg_iou,
@@ -257,7 +257,7 @@ def train_polisher(
     validation = PolisherValidation(ema, val_batches, len(val_ids))
     fit = _keep_rule_fitter(teacher, spec.label_to_cat, coco, images_dir, config, torch_device,
                             val_ids)  # fmt: skip
-    keep_fit = KeepRuleFit(ema.module, crossfit, fit, bool(pcfg["fit_keep_rule"]))
+    keep_fit = KeepRuleFit(ema.module, crossfit, fit, pcfg["fit_keep_rule"])
     noise = _learned_from(noise_meta.get("noise", {}), pairs)
     extra = {"config": plain(pcfg), "noise": noise, "noise_file": str(noise_path), "ann": str(ann),
              "ema_momentum": ema.momentum}  # fmt: skip
@@ -306,14 +306,14 @@ def _keep_rule_fitter(
 ) -> Callable[[Path, Polisher], dict[str, Any] | None]:  # fmt: skip
     """What ``KeepRuleFit`` runs after training: the keep rule fitted on the cross-fitted
     detections at ``path`` with the trained polisher (``keep_thresholds.fit_heldout``)."""
-    pcfg, initial = config["polisher"], float(config["polish"]["initial_thresh"])
+    pcfg, initial = config["polisher"], config["polish"]["initial_thresh"]
 
     def fit(path: Path, trained: Polisher) -> dict[str, Any] | None:
         fitted = fit_heldout(
             path, teacher, label_to_cat, trained, coco, images_dir, initial,
-            pcfg["precision_target"], device, int(pcfg["batch_size"]),
-            int(pcfg["workers"]), int(pcfg["keep_fit_min_matches"]), pcfg["keep_fallback"],
-            val_ids, int(pcfg["reg_check_min_pairs"]),
+            pcfg["precision_target"], device, pcfg["batch_size"],
+            pcfg["workers"], pcfg["keep_fit_min_matches"], pcfg["keep_fallback"],
+            val_ids, pcfg["reg_check_min_pairs"],
         )  # fmt: skip
         return None if fitted is None else fitted_record(fitted, path, initial)
 
@@ -333,8 +333,8 @@ def _training_pairs(
     with_boxes = sorted({a["image_id"] for a in coco.annotations if not a.get("iscrowd", 0)})
     if not with_boxes:
         raise DplError(f"{ann}: no boxes to train the polishers on")
-    train_ids, val_ids = split_validation(with_boxes, float(pcfg["val_fraction"]), seed)
-    pairs = NoisePairs(noise_path, set(train_ids) | set(val_ids), float(pcfg["real_fraction"]))
+    train_ids, val_ids = split_validation(with_boxes, pcfg["val_fraction"], seed)
+    pairs = NoisePairs(noise_path, set(train_ids) | set(val_ids), pcfg["real_fraction"])
     pairs.load_round(0)
     if not any(pairs.get(i) for i in train_ids):
         raise DplError(f"{noise_path}: no pairs for the images of {ann} (made from another set?)")

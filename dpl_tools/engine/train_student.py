@@ -135,10 +135,10 @@ def load_student_data(
     paired for training; checks classes and image folders (one-line DplErrors). Image
     files whose size changed since polish are left out (their boxes would land wrong)."""
     console = console or Console()
-    view, disentangle = str(scfg["pseudo_view"]), bool(scfg["disentangle"])
+    view, disentangle = scfg["pseudo_view"], scfg["disentangle"]
     if view not in VIEWS:
         raise DplError(f"unknown --pseudo-view {view!r} (choose from {', '.join(VIEWS)})")
-    if str(scfg["negatives"]) not in NEGATIVES:
+    if scfg["negatives"] not in NEGATIVES:
         raise DplError(
             f"unknown --negatives {scfg['negatives']!r} (choose from {', '.join(NEGATIVES)})"
         )
@@ -178,18 +178,18 @@ def load_student_data(
             )
         changed = set(resized)
         items = [t for t in items if t.file_name not in changed]
-    if not items and float(scfg["unlabeled_ratio"]) > 0:
+    if not items and scfg["unlabeled_ratio"] > 0:
         raise DplError(f"{pseudo}: no processed unlabeled images to learn from")
 
     labeled = DetectionDataset(coco, images_dir, training_augment(scfg, "student"))
-    negatives = str(scfg["negatives"])
+    negatives = scfg["negatives"]
     built = [student_target(t, chosen, coco.cat_to_label, negatives) for t in items]
     unlabeled = PseudoLabeledDataset(
         items, [t for t, _ in built], unlabeled_dir,
         training_augment(scfg, "student", "pseudo_augment"),
-        mixup=float(scfg["mixup"]), mosaic=float(scfg["mosaic"]),
+        mixup=scfg["mixup"], mosaic=scfg["mosaic"],
     )  # fmt: skip
-    dataset = StudentDataset(labeled, unlabeled, float(scfg["unlabeled_ratio"]))
+    dataset = StudentDataset(labeled, unlabeled, scfg["unlabeled_ratio"])
     stats = StudentData(
         labeled_images=len(labeled),
         unlabeled_images=len(unlabeled),
@@ -215,7 +215,7 @@ def check_usable_pseudo_labels(
             "(non-finite, inverted or empty box after clipping to the image, or no label)",
             highlight=False,
         )
-    used = float(scfg["unlabeled_ratio"]) > 0 and float(scfg["unlabeled_weight"]) > 0
+    used = scfg["unlabeled_ratio"] > 0 and scfg["unlabeled_weight"] > 0
     if not used or stats.unlabeled_images == 0 or stats.cls_boxes > 0:
         return
     dropped = f", {stats.dropped_rows} row(s) dropped as unusable" if stats.dropped_rows else ""
@@ -305,11 +305,11 @@ def train_student(
         spec.extra.update(
             train_ann=str(ann),
             pseudo_labels=str(pseudo),
-            pseudo_view=str(scfg["pseudo_view"]),
-            disentangle=bool(scfg["disentangle"]),
-            unlabeled_ratio=float(scfg["unlabeled_ratio"]),
-            unlabeled_weight=float(scfg["unlabeled_weight"]),
-            negatives=str(scfg["negatives"]),
+            pseudo_view=scfg["pseudo_view"],
+            disentangle=scfg["disentangle"],
+            unlabeled_ratio=scfg["unlabeled_ratio"],
+            unlabeled_weight=scfg["unlabeled_weight"],
+            negatives=scfg["negatives"],
             config=plain(config),
         )
         if Path(pseudo).is_file():
@@ -327,7 +327,7 @@ def train_student(
         run.cfg,
         run.device,
         dist,
-        loss_fn=student_losses(float(scfg["unlabeled_weight"]), scorer),
+        loss_fn=student_losses(scfg["unlabeled_weight"], scorer),
         collate_fn=collate_student,
         save=save,
         resume_state=resume_ckpt["train_state"] if resume_ckpt else None,
