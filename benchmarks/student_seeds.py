@@ -65,7 +65,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dpl_tools.config import preset_path  # noqa: E402
+from dpl_tools.config import load_config, preset_path  # noqa: E402
 from dpl_tools.demo import DEMO_DATA, DEMO_PRESET, prepare_demo_data  # noqa: E402
 from dpl_tools.models.polisher import read_polisher_checkpoint  # noqa: E402
 from dpl_tools.pipeline import (  # noqa: E402
@@ -234,15 +234,19 @@ def seed_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
                               run_dir / "pseudo_quality-paper.json"),
     ]  # fmt: skip
     same_images = matched_batch(config)
+    from_imagenet = load_config(config)["student"]["init"] == "imagenet"
     for row, (view, extra) in ROW_STUDENTS.items():
         ann = data.ann if row == "oracle" else labeled
+        labels = paper_labels if row.startswith("paper") else run_dir / "labels.parquet"
+        row_teacher = teacher
         if row in ("labeled-only", "oracle"):  # as many images per step as the full method
             extra = {**extra, "--batch-size": same_images}
-        labels = paper_labels if row.startswith("paper") else run_dir / "labels.parquet"
+            labels = None  # no pseudo labels: it need not wait for them
+            row_teacher = None if from_imagenet else teacher
         out = run_dir / f"student-{row}.pt"
         stages += [
             student_stage(f"train-student-{row}", ann, data.images, labels,
-                          teacher, out, seed, config, "cpu", pseudo_view=view, extra=extra),
+                          row_teacher, out, seed, config, "cpu", pseudo_view=view, extra=extra),
             evaluate_model_stage(f"evaluate-student-{row}", out, data.test_ann,
                                  data.test_images, run_dir / "eval" / f"student-{row}.json",
                                  "cpu"),
@@ -254,7 +258,6 @@ def matched_batch(config: str) -> int:
     """Images per step of the full method's student (its labeled batch plus the
     pseudo-labeled images that come with it): the batch of the controls without pseudo
     labels (labeled-only, oracle), so that every row sees as many images per step."""
-    from dpl_tools.config import load_config
 
     student = load_config(config)["student"]
     return round(student["batch_size"] * (1 + student["unlabeled_ratio"]))
@@ -282,7 +285,6 @@ def refit_keep_thresholds(run_dir: Path, images: Path, config: str, target: floa
     out = run_dir / f"keep-p{round(target * 100)}.json"
     if out.is_file():
         return json.loads(out.read_text())
-    from dpl_tools.config import load_config
     from dpl_tools.data.coco import load_coco
     from dpl_tools.engine.keep_thresholds import fit_on_crossfit
     from dpl_tools.models.checkpoint import load_detector

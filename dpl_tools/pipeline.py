@@ -297,8 +297,8 @@ def student_stage(
     name: str,
     labeled: Path,
     images: Path,
-    labels: Path,
-    teacher: Path,
+    labels: Path | None,
+    teacher: Path | None,
     out: Path,
     seed: int,
     config: str | None,
@@ -310,12 +310,13 @@ def student_stage(
     """``dpl train-student`` from the labeled truth and the pseudo labels of ``teacher``
     (its initial weights unless the config's ``student.init`` says imagenet;
     ``pseudo_view`` ``raw``: the unpolished teacher boxes, the baseline; ``extra``: more
-    options, e.g. ``{"--unlabeled-ratio": 0}`` for the labeled-only control; ``online``:
+    options, e.g. ``{"--unlabeled-ratio": 0}`` for the labeled-only control (with ``labels``
+    and ``teacher`` None when it starts from ImageNet: it waits for neither); ``online``:
     (polisher, unlabeled image list) of a student trained online, ``student.online``)."""
     options = {"--ann": labeled, "--images": images, "--pseudo": labels}
     options |= {"--pseudo-view": pseudo_view, "--teacher": teacher, "--out": out, "--seed": seed}
     options |= {"--config": config, "--device": device, **(extra or {})}
-    inputs = [labeled, labels, teacher, *_config_inputs(config)]
+    inputs = [p for p in (labeled, labels, teacher) if p is not None] + _config_inputs(config)
     if online is not None:
         options |= {"--polisher": online[0], "--unlabeled": online[1]}
         inputs.append(online[0])

@@ -316,3 +316,24 @@ def test_cli_student_from_imagenet_and_set_overrides(inputs, tmp_path) -> None:
         assert bad.returncode == 2 and message in bad.stderr, (wrong, bad.stderr)
         assert "Traceback" not in bad.stderr
     assert not (tmp_path / "b.pt").exists()
+
+
+def test_cli_labeled_only_student_needs_no_pseudo_labels(inputs, tmp_path) -> None:
+    """``--unlabeled-ratio 0`` without ``--pseudo``: a student of the labeled images only
+    (the benchmarks' labeled-only control), trained from ImageNet with no teacher and no
+    pseudo-label file anywhere; with a ratio above 0 the missing file is a one-line error."""
+    run_dir = tmp_path / "run"  # holds neither labels.parquet nor teacher.pt
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(json.dumps({"model": TINY, "student": {"warmup_iters": 1}}))
+    common = ["--images", str(inputs["images"]), "--config", str(preset), "--device", "cpu",
+              "--iters", "1", "--batch-size", "2", "--workers", "0", "--run-dir", str(run_dir),
+              "--ann", str(inputs["ann"]), "--init", "imagenet"]  # fmt: skip
+    out = tmp_path / "labeled-only.pt"
+    proc = _dpl(*common, "--out", str(out), "--unlabeled-ratio", "0")
+    assert proc.returncode == 0, proc.stderr
+    extra = read_checkpoint(out)["spec"]["extra"]
+    assert extra["pseudo_labels"] is None and extra["unlabeled_ratio"] == 0.0
+    assert "0 pseudo-labeled" in " ".join(proc.stdout.split())
+    bad = _dpl(*common, "--out", str(tmp_path / "b.pt"))
+    assert bad.returncode == 2 and "labels not found" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "b.pt").exists()

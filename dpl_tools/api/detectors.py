@@ -80,7 +80,7 @@ def student_init(init: str | None, cfg: Mapping[str, Any]) -> str:
 def train_student(
     ann: str | Path,
     images: str | Path,
-    pseudo: str | Path,
+    pseudo: str | Path | None,
     out: str | Path = "runs/student.pt",
     config: ConfigLike = None,
     *,
@@ -99,7 +99,8 @@ def train_student(
     """Train the student on ground truth plus pseudo labels and write its checkpoint to
     ``out`` (``dpl train-student``). ``teacher`` is the checkpoint that made the pseudo
     labels (needed for ``init`` teacher and for soft negatives); ``init`` teacher,
-    imagenet or a checkpoint path (default: ``student.init``)."""
+    imagenet or a checkpoint path (default: ``student.init``). ``pseudo`` None with
+    ``unlabeled_ratio=0``: a student of the labeled images only (the labeled-only control)."""
     from dpl_tools.engine.train_student import train_student as train
 
     if init in STUDENT_INITS:

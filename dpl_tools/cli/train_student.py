@@ -54,7 +54,9 @@ ImagesOption = Annotated[
 PseudoOption = Annotated[
     Path | None,
     typer.Option(
-        "--pseudo", help="Pseudo labels from dpl polish (default: <run-dir>/labels.parquet)."
+        "--pseudo",
+        help="Pseudo labels from dpl polish (default: <run-dir>/labels.parquet; none with "
+        "--unlabeled-ratio 0: a student of the labeled images only, the labeled-only control).",
     ),
 ]
 UnlabeledImagesOption = Annotated[
@@ -147,7 +149,8 @@ def command(
             unlabeled_images, unlabeled_gt, device, seed, resume, allow_outside_root,
         )  # fmt: skip
         return
-    pseudo = resolve_input(pseudo, run_dir, "labels")
+    if pseudo is not None or cfg["student"]["unlabeled_ratio"] > 0:
+        pseudo = resolve_input(pseudo, run_dir, "labels")  # else: the labeled images only
     init = api.student_init(None if init in STUDENT_INITS else init, cfg)
     needs_teacher = init == "teacher" or cfg["student"]["negatives"] == "soft" or teacher
     teacher_ckpt = (

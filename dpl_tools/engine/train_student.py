@@ -124,7 +124,7 @@ def _resume_student(ckpt: dict, categories: list[dict], out: Path, ann: Path, co
 def load_student_data(
     ann: str | Path,
     images_dir: str | Path,
-    pseudo: str | Path,
+    pseudo: str | Path | None,
     unlabeled_images: str | Path | None,
     scfg: dict[str, Any],
     console: Console | None = None,
@@ -133,7 +133,8 @@ def load_student_data(
 ) -> tuple[StudentDataset, StudentData]:
     """The labeled set (ground truth) and the pseudo-labeled set (the configured view),
     paired for training; checks classes and image folders (one-line DplErrors). Image
-    files whose size changed since polish are left out (their boxes would land wrong)."""
+    files whose size changed since polish are left out (their boxes would land wrong).
+    ``pseudo`` None: the labeled images only (``unlabeled_ratio`` must be 0)."""
     console = console or Console()
     view, disentangle = scfg["pseudo_view"], scfg["disentangle"]
     if view not in VIEWS:
@@ -143,7 +144,13 @@ def load_student_data(
             f"unknown --negatives {scfg['negatives']!r} (choose from {', '.join(NEGATIVES)})"
         )
     coco = load_train_coco(ann, images_dir, console, verbose, allow_outside_root)
-
+    if pseudo is None:  # a labeled-only student (--unlabeled-ratio 0 without --pseudo)
+        if scfg["unlabeled_ratio"] > 0:
+            raise DplError("no pseudo labels: pass --pseudo, or --unlabeled-ratio 0 for a "
+                           "student of the labeled images only")  # fmt: skip
+        labeled = DetectionDataset(coco, images_dir, training_augment(scfg, "student"))
+        none = PseudoLabeledDataset([], [], images_dir)
+        return StudentDataset(labeled, none, 0.0), StudentData(len(labeled), 0, 0, 0)
     table, meta = read_pseudo_labels(pseudo)
     items = pseudo_images(table)
     chosen = supervision(view, disentangle)
@@ -304,7 +311,7 @@ def train_student(
         model, spec = build_student(init, categories, ann, config)
         spec.extra.update(
             train_ann=str(ann),
-            pseudo_labels=str(pseudo),
+            pseudo_labels=None if pseudo is None else str(pseudo),
             pseudo_view=scfg["pseudo_view"],
             disentangle=scfg["disentangle"],
             unlabeled_ratio=scfg["unlabeled_ratio"],
@@ -312,7 +319,7 @@ def train_student(
             negatives=scfg["negatives"],
             config=plain(config),
         )
-        if Path(pseudo).is_file():
+        if pseudo is not None and Path(pseudo).is_file():
             spec.extra["pseudo_labels_sha256"] = sha256_file(pseudo)
     make_student(model)
     scorer = None
