@@ -114,8 +114,9 @@ def dpl_ranking(audit_parquet: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
     rows = pq.read_table(audit_parquet).to_pylist()
-    for r in rows:
-        r["box"] = [r["x1"], r["y1"], r["x2"], r["y2"]]
+    for r in rows:  # a missing box is the detection, the suggested box; others the label's
+        prefix = "suggested_" if r["issue"] == "missing" else ""
+        r["box"] = [r[f"{prefix}{c}"] for c in ("x1", "y1", "x2", "y2")]
     return rows  # most likely first
 
 
