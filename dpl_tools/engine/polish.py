@@ -200,14 +200,14 @@ def polish_boxes(
         if polisher is None:
             polished, best = boxes[i], torch.full_like(score, float("nan"))
             polished_labels, use_cls = label, torch.ones_like(score, dtype=torch.bool)
-            cls = label - 1  # unused: no polisher, no polisher class (written as null)
+            own = label  # no polisher class: its rows are written with a null one
         else:
             polished = refined[i].float()
             best, cls = probs[i].float()[:, 1:].max(dim=1)
             choice = select_pseudo_labels(
                 label, score, cls + 1, best, settings.cls_prob, settings.teacher_score
             )
-            polished_labels, use_cls = choice.labels, choice.use_cls
+            polished_labels, use_cls, own = choice.labels, choice.use_cls, cls + 1
         size_t, size_o = image_sizes[i], original_sizes[i]
         out.append(
             {
@@ -216,7 +216,7 @@ def polish_boxes(
                 "labels": label.cpu(),
                 "polished_boxes": resize_boxes(polished, size_t, size_o).cpu(),
                 "polished_labels": polished_labels.cpu(),
-                "polisher_labels": (cls + 1).cpu(),
+                "polisher_labels": own.cpu(),
                 "probs": best.cpu(),
                 "use_cls": use_cls.cpu(),
                 "use_reg": torch.ones_like(use_cls).cpu(),

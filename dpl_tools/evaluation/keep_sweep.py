@@ -50,9 +50,12 @@ def images_with_truth(table: pa.Table, gt: CocoData) -> tuple[list[HeldOutImage]
     }
     ids = sorted({int(k) for k in keys[ok & (keys >= 0)]})
     truth = Truth.of(gt, set(ids))
+    rows_of: dict[int, list[int]] = {k: [] for k in ids}
+    for row in np.flatnonzero(has_box):  # one pass over the rows, not one per image
+        rows_of[int(keys[row])].append(int(row))
     images = []
     for k in ids:
-        rows = np.flatnonzero(has_box & (keys == k))
+        rows = np.asarray(rows_of[k], dtype=np.int64)
         gt_boxes, gt_labels = truth(k)
         images.append(
             HeldOutImage(boxes=boxes[rows], gt_boxes=gt_boxes, gt_labels=gt_labels, image_id=k,
