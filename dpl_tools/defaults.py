@@ -169,6 +169,12 @@ DETECTOR_KWARGS: dict[str, Setting] = {
     "frozen_bn": Setting(
         None, "frozen BatchNorm (default: when pretrained)", nullable=True, kind=bool
     ),
+    "frozen_stem": Setting(
+        None,
+        "freeze the backbone's first layers, as torchvision does (default: when pretrained)",
+        nullable=True,
+        kind=bool,
+    ),
 }
 
 SETTINGS: dict[str, dict[str, Setting]] = {

@@ -124,3 +124,27 @@ def test_lr_schedule_and_multiscale():
     assert cfg.lr_at(80) == pytest.approx(0.001)
     assert multiscale_sizes(100, [0.8, 1.0, 1.2]) == (80, 120, 100)  # test size last
     assert multiscale_sizes(100, None) == 100
+
+
+def test_checkpoint_rebuilds_the_frozen_backbone_stem(tmp_path):
+    """Training continues with the parameters it trained (a resumed optimizer needs the same
+    ones): the stem frozen on pretrained weights stays frozen, also for checkpoints written
+    before ``frozen_stem`` was recorded; fine-tuning a teacher into a student trains it."""
+    from dpl_tools.models.checkpoint import detector_from_checkpoint, read_checkpoint
+
+    def frozen(model):
+        return sorted(n for n, p in model.named_parameters() if not p.requires_grad)
+
+    weights = tmp_path / "mnv2.pth"
+    torch.save(mobilenet_v2().state_dict(), weights)
+    model = build_detector("mobilenet_v2_fpn", 2, str(weights), min_size=64, max_size=96)
+    assert model.dpl_build["frozen_stem"] is True and frozen(model)
+    spec = DetectorSpec("mobilenet_v2_fpn", CATS, 64, 96, extra={"backbone_weights": str(weights)})
+    path = save_detector(tmp_path / "t.pt", model, spec)
+    payload = read_checkpoint(path)
+    assert frozen(detector_from_checkpoint(payload, path, [0.5, 1.0])[0]) == frozen(model)
+    del payload["build"]["frozen_stem"]  # an older checkpoint
+    assert frozen(detector_from_checkpoint(payload, path, [0.5, 1.0])[0]) == frozen(model)
+    assert frozen(detector_from_checkpoint(payload, path, None, frozen_stem=False)[0]) == []
+    scratch = build_detector("mobilenet_v2_fpn", 2, min_size=64, max_size=96)
+    assert scratch.dpl_build["frozen_stem"] is False and frozen(scratch) == []

@@ -272,3 +272,37 @@ def _preset(tmp_path):
     path = tmp_path / "warmup.yaml"
     path.write_text("polisher:\n  warmup_iters: 2\n")
     return path
+
+
+def test_killed_teacher_with_a_pretrained_backbone_resumes_to_the_uninterrupted_weights(
+    synth_dataset, tmp_path
+):
+    """A teacher from backbone weights trains with its stem frozen; the resumed run rebuilds
+    the same trainable parameters (it once failed: "parameter group doesn't match")."""
+    from torchvision.models import mobilenet_v2
+
+    from dpl_tools.engine.train_detector import train_teacher
+    from dpl_tools.models.checkpoint import load_detector
+
+    torch.manual_seed(0)
+    weights = tmp_path / "mnv2.pth"
+    torch.save(mobilenet_v2().state_dict(), weights)
+    cfg = load_config(None, {
+        "model": {"backbone_weights": str(weights), "min_size": 64, "max_size": 96},
+        "teacher": {"iters": 3, "batch_size": 2, "workers": 0, "warmup_iters": 1,
+                    "checkpoint_every": 2},
+    })  # fmt: skip
+    images = synth_dataset.parent / "images"
+    whole, once = tmp_path / "whole.pt", tmp_path / "resumed.pt"
+    train_teacher(synth_dataset, images, whole, cfg, "cpu", seed=1)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(synth_dataset, images, once, cfg, "cpu", seed=1, hooks=[StopAt(2)])
+    assert (tmp_path / "resumed.last.pt").is_file() and not once.exists()
+    model, _, result = train_teacher(synth_dataset, images, once, cfg, "cpu", seed=1, resume=True)
+    assert (result.iterations, result.iterations_run) == (3, 1)
+    stem = model.backbone.body["0"]
+    assert not any(p.requires_grad for p in stem.parameters())
+    a, b = load_detector(whole)[0].state_dict(), load_detector(once)[0].state_dict()
+    assert _same(a, b)
+    # the frozen stem still holds the backbone file's weights
+    assert torch.equal(b["backbone.body.0.0.weight"], torch.load(weights)["features.0.0.weight"])

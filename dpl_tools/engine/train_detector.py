@@ -10,6 +10,7 @@ uninterrupted one (with ``workers=0``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from dpl_tools.config import plain
 from dpl_tools.data.augment import training_augment
 from dpl_tools.data.detection import DetectionDataset
 from dpl_tools.engine.loop import (
+    Hook,
     SaveFn,
     TrainConfig,
     TrainResult,
@@ -71,11 +73,13 @@ def train_teacher(
     resume: bool = False,
     console: Console | None = None,
     allow_outside_root: bool = False,
+    hooks: Sequence[Hook] = (),
 ) -> tuple[nn.Module, DetectorSpec, TrainResult]:
     """Train a teacher detector on a labeled COCO set and save it to ``out``; returns the
     trained model (eval mode), its spec and the run's numbers.
 
-    ``config`` has ``model`` and ``teacher`` sections (see ``dpl_tools.config``).
+    ``config`` has ``model`` and ``teacher`` sections (see ``dpl_tools.config``); ``hooks``
+    run inside the training loop (``dpl_tools.engine.loop.Hook``).
     """
     console = console or Console()
     mcfg, tcfg = config["model"], config["teacher"]
@@ -114,5 +118,6 @@ def train_teacher(
         description="train-teacher",
         out=out,
         console=console,
+        hooks=hooks,
     )
     return model, spec, result

@@ -90,7 +90,10 @@ def build_student(
     mcfg, scfg = config["model"], config["student"]
     if str(init) == "imagenet":
         return fresh_detector(mcfg, categories, "student", scfg["multiscale"], init="imagenet")
-    model, teacher = detector_from_checkpoint(read_checkpoint(init), init, scfg["multiscale"])
+    # the whole backbone trains when fine-tuning a teacher (its stem froze on ImageNet)
+    model, teacher = detector_from_checkpoint(
+        read_checkpoint(init), init, scfg["multiscale"], frozen_stem=False
+    )
     check_categories(init, teacher.categories, ann, categories)
     spec = DetectorSpec(
         arch=teacher.arch,

@@ -192,11 +192,15 @@ def spec_from_dict(raw: dict[str, Any], path: str | Path | None = None) -> Detec
     return DetectorSpec(**{k: v for k, v in raw.items() if k in names})
 
 
+# build options that default from the backbone weights (compared through those weights)
+DERIVED_BUILD = ("frozen_bn", "frozen_stem")
+
+
 def saved_model(payload: dict[str, Any], path: str | Path) -> dict[str, Any]:
     """What a checkpoint's detector is: arch, input sizes, backbone weights (None when not
     recorded) and the extra FasterRCNN arguments it was built with."""
     spec = spec_from_dict(payload.get("spec"), path)
-    build = {k: v for k, v in dict(payload.get("build") or {}).items() if k != "frozen_bn"}
+    build = {k: v for k, v in dict(payload.get("build") or {}).items() if k not in DERIVED_BUILD}
     return {
         "arch": spec.arch,
         "min_size": spec.min_size,
@@ -214,7 +218,7 @@ def requested_model(model_section: dict[str, Any]) -> dict[str, Any]:
         "min_size": int(model_section["min_size"]),
         "max_size": int(model_section["max_size"]),
         "backbone_weights": str(model_section["backbone_weights"]),
-        "detector_kwargs": {k: v for k, v in kwargs.items() if k != "frozen_bn"},
+        "detector_kwargs": {k: v for k, v in kwargs.items() if k not in DERIVED_BUILD},
     }
 
 
@@ -279,12 +283,17 @@ def fresh_detector(
 
 
 def detector_from_checkpoint(
-    payload: dict[str, Any], path: str | Path, train_scales: list[float] | None = None
+    payload: dict[str, Any],
+    path: str | Path,
+    train_scales: list[float] | None = None,
+    frozen_stem: bool | None = None,
 ) -> tuple[FasterRCNN, DetectorSpec]:
     """Rebuild the detector of a checkpoint dict (from ``read_checkpoint``) and its spec.
 
     ``train_scales``: multi-scale training factors of the test size (to continue training
-    it); without them the model has its test input size only.
+    it); without them the model has its test input size only. The backbone layers frozen
+    in training stay frozen (so a resumed run has the same trainable parameters), unless
+    ``frozen_stem`` says otherwise.
     """
     from dpl_tools.models.detector import build_detector, multiscale_sizes
 
@@ -292,6 +301,11 @@ def detector_from_checkpoint(
         raise DplError(f"{path}: invalid detector checkpoint: no model spec or build options")
     check_build(payload, path)
     spec = spec_from_dict(payload["spec"], path)
+    build = dict(payload["build"])
+    if frozen_stem is not None:
+        build["frozen_stem"] = frozen_stem
+    elif "frozen_stem" not in build:  # not recorded before 2026-12-07: frozen when pretrained
+        build["frozen_stem"] = str(spec.extra.get("backbone_weights", "none")) != "none"
     try:
         model = build_detector(
             spec.arch,
@@ -299,7 +313,7 @@ def detector_from_checkpoint(
             "none",
             multiscale_sizes(spec.min_size, train_scales),
             spec.max_size,
-            **payload["build"],
+            **build,
         )
         model.load_state_dict(payload["state_dict"])
     except DplError as e:

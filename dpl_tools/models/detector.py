@@ -91,11 +91,13 @@ def load_classifier(arch: str, backbone_weights: str, norm_layer: Callable[..., 
     return net
 
 
-def mobilenet_v2_fpn_backbone(backbone_weights: str, frozen_bn: bool) -> BackboneWithFPN:
+def mobilenet_v2_fpn_backbone(
+    backbone_weights: str, frozen_bn: bool, frozen_stem: bool
+) -> BackboneWithFPN:
     """MobileNetV2 stage outputs at strides 8/16/32 + FPN (256 ch) + max-pool level."""
     norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
     features = load_classifier("mobilenet_v2_fpn", backbone_weights, norm).features
-    if backbone_weights != "none":
+    if frozen_stem:
         for layer in features[:_MOBILENET_V2_FROZEN]:
             layer.requires_grad_(False)
     return BackboneWithFPN(
@@ -107,12 +109,13 @@ def mobilenet_v2_fpn_backbone(backbone_weights: str, frozen_bn: bool) -> Backbon
     )
 
 
-def resnet_fpn_backbone(arch: str, backbone_weights: str, frozen_bn: bool) -> BackboneWithFPN:
+def resnet_fpn_backbone(
+    arch: str, backbone_weights: str, frozen_bn: bool, frozen_stem: bool
+) -> BackboneWithFPN:
     """ResNet C2..C5 + FPN (256 ch) + max-pool level, as in torchvision's R50-FPN."""
     norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
     net = load_classifier(arch, backbone_weights, norm)
-    trainable = 5 if backbone_weights == "none" else 3
-    return _resnet_fpn_extractor(net, trainable)
+    return _resnet_fpn_extractor(net, 3 if frozen_stem else 5)
 
 
 def multiscale_sizes(min_size: int, factors: list[float] | None) -> int | tuple[int, ...]:
@@ -137,22 +140,25 @@ def build_detector(
     ``min_size`` may be a tuple: in train mode torchvision picks one at random per batch
     (multi-scale training), in eval mode it uses the last. ``frozen_bn`` (default: frozen
     exactly when pretrained weights are loaded) picks FrozenBatchNorm2d vs BatchNorm2d;
-    other keyword arguments go to ``FasterRCNN`` (e.g. ``box_score_thresh``). The resolved
-    build options are kept in ``model.dpl_build`` so a checkpoint can rebuild the model.
+    ``frozen_stem`` (same default) freezes the backbone's first layers; other keyword
+    arguments go to ``FasterRCNN`` (e.g. ``box_score_thresh``). The resolved build options
+    are kept in ``model.dpl_build`` so a checkpoint can rebuild the model.
     """
     if arch not in ARCHS:
         raise DplError(f"unknown detector architecture {arch!r} (choose from {', '.join(ARCHS)})")
     if num_classes < 1:
         raise DplError(f"a detector needs at least one class, got {num_classes}")
+    pretrained = backbone_weights != "none"
     frozen_bn = kwargs.pop("frozen_bn", None)
-    if frozen_bn is None:
-        frozen_bn = backbone_weights != "none"
+    frozen_bn = pretrained if frozen_bn is None else frozen_bn
+    frozen_stem = kwargs.pop("frozen_stem", None)
+    frozen_stem = pretrained if frozen_stem is None else frozen_stem
     if arch == "mobilenet_v2_fpn":
-        backbone = mobilenet_v2_fpn_backbone(backbone_weights, frozen_bn)
+        backbone = mobilenet_v2_fpn_backbone(backbone_weights, frozen_bn, frozen_stem)
         anchor_sizes = ((32,), (64,), (128,), (256,))
         featmaps = ["0", "1", "2"]
     else:
-        backbone = resnet_fpn_backbone(arch, backbone_weights, frozen_bn)
+        backbone = resnet_fpn_backbone(arch, backbone_weights, frozen_bn, frozen_stem)
         anchor_sizes = ((32,), (64,), (128,), (256,), (512,))
         featmaps = ["0", "1", "2", "3"]
     anchors = AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(anchor_sizes))
@@ -166,7 +172,7 @@ def build_detector(
         box_roi_pool=pooler,
         **kwargs,
     )
-    model.dpl_build = {"frozen_bn": frozen_bn, **kwargs}
+    model.dpl_build = {"frozen_bn": frozen_bn, "frozen_stem": frozen_stem, **kwargs}
     return model
 
 
