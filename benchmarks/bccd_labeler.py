@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from student_seeds import bccd_data, dpl  # noqa: E402  (the BCCD split and stage runner)
+from student_seeds import bccd_data, run_stage  # noqa: E402  (the BCCD split and stage runner)
 
 from dpl_tools.data.crossfit_detections import read_crossfit  # noqa: E402
 from dpl_tools.io import write_json  # noqa: E402
@@ -80,15 +80,15 @@ def stages(rows: set[str]) -> tuple[list[Stage], list[Stage]]:
         split_stage(data, split),
         teacher_stage(labeled, images, teacher, 0, TEACHER_CONFIG, "cpu"),
         labeler_stage,
-        Stage("labeler-oof", "synth-noise",
-              {"--ann": labeled, "--teacher": labeler, "--images": images,
-               "--out": OUT / "labeler_oof/noise.parquet", "--config": LABELER_CONFIG,
-               "--device": "cpu", "--seed": 0},
+        Stage("labeler-oof", "synth_noise",
+              {"ann": labeled, "teacher": labeler, "images": images,
+               "out": OUT / "labeler_oof/noise.parquet", "config": LABELER_CONFIG,
+               "device": "cpu", "seed": 0},
               OUT / "labeler_oof/noise.parquet", [labeled, labeler, Path(LABELER_CONFIG)]),
         Stage("labeler-unlabeled", "evaluate",
-              {"--model": labeler, "--ann": truth, "--images": images,
-               "--predictions": OUT / "labeler_unlabeled.json",
-               "--json": OUT / "labeler_unlabeled_ap.json", "--device": "cpu"},
+              {"model": labeler, "ann": truth, "images": images,
+               "predictions": OUT / "labeler_unlabeled.json",
+               "json": OUT / "labeler_unlabeled_ap.json", "device": "cpu"},
               OUT / "labeler_unlabeled.json", [labeler, truth]),
     ]  # fmt: skip
     oof = OUT / "labeler_oof.json"
@@ -101,32 +101,31 @@ def stages(rows: set[str]) -> tuple[list[Stage], list[Stage]]:
         polisher = rd / "polisher.pt"
         if row == "labeler-oof":
             after.append(Stage(
-                f"train-polisher-{row}", "train-polisher",
-                {"--teacher": teacher, "--ann": labeled, "--images": images,
-                 "--detections": oof, "--noise": rd / "noise.parquet", "--out": polisher,
-                 "--config": TEACHER_CONFIG, "--device": "cpu", "--seed": 0},
+                f"train-polisher-{row}", "train_polisher",
+                {"teacher": teacher, "ann": labeled, "images": images,
+                 "detections": oof, "noise": rd / "noise.parquet", "out": polisher,
+                 "config": TEACHER_CONFIG, "device": "cpu", "seed": 0},
                 polisher, [teacher, labeled, oof, Path(TEACHER_CONFIG)]))  # fmt: skip
             keep = {}
         else:
             after += [
-                Stage(f"synth-noise-{row}", "synth-noise",
-                      {"--ann": labeled, "--out": rd / "noise.parquet", "--config": TEACHER_CONFIG,
-                       "--noise-model": "gaussian", "--seed": 0},
+                Stage(f"synth-noise-{row}", "synth_noise",
+                      {"ann": labeled, "out": rd / "noise.parquet", "config": TEACHER_CONFIG,
+                       "noise_model": "gaussian", "seed": 0},
                       rd / "noise.parquet", [labeled, Path(TEACHER_CONFIG)]),
-                Stage(f"train-polisher-{row}", "train-polisher",
-                      {"--teacher": teacher, "--ann": labeled, "--images": images,
-                       "--noise": rd / "noise.parquet", "--out": polisher,
-                       "--config": TEACHER_CONFIG, "--device": "cpu", "--seed": 0},
+                Stage(f"train-polisher-{row}", "train_polisher",
+                      {"teacher": teacher, "ann": labeled, "images": images,
+                       "noise": rd / "noise.parquet", "out": polisher,
+                       "config": TEACHER_CONFIG, "device": "cpu", "seed": 0},
                       polisher, [teacher, labeled, rd / "noise.parquet", Path(TEACHER_CONFIG)]),
             ]  # fmt: skip
-            keep = {"--keep-rule": "paper"}
+            keep = {"keep_rule": "paper"}
         labels = rd / "labels.parquet"
         after += [
             Stage(f"polish-{row}", "polish",
-                  {"--images": unlabeled, "--image-root": images, "--teacher": teacher,
-                   "--polisher": polisher, "--detections": preds, "--out": labels,
-                   "--overwrite": True, "--config": TEACHER_CONFIG, "--device": "cpu",
-                   "--no-progress": True, **keep},
+                  {"images": unlabeled, "image_root": images, "teacher": teacher,
+                   "polisher": polisher, "detections": preds, "out": labels,
+                   "overwrite": True, "config": TEACHER_CONFIG, "device": "cpu", **keep},
                   labels, [teacher, polisher, unlabeled, preds, Path(TEACHER_CONFIG)]),
             evaluate_pseudo_stage(f"evaluate-{row}", labels, truth, rd / "quality.json"),
         ]  # fmt: skip
@@ -178,12 +177,12 @@ def main() -> None:
         OUT.mkdir(parents=True, exist_ok=True)
         first, after = stages(set(rows))
         event = lambda e, s: print(f"[labeler] {e} {s.name}", flush=True)  # noqa: E731
-        run_stages(first, OUT, dpl, event)
+        run_stages(first, OUT, run_stage, event)
         oof = OUT / "labeler_oof.json"
         crossfit = OUT / "labeler_oof/crossfit.parquet"
         if not oof.is_file() or oof.stat().st_mtime < crossfit.stat().st_mtime:
             crossfit_to_coco_results(crossfit, oof)
-        run_stages(after, OUT, dpl, event)
+        run_stages(after, OUT, run_stage, event)
     print(table(rows))
 
 

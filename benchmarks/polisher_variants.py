@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from student_seeds import OUT, RECORD, bccd_data, dpl  # noqa: E402
+from student_seeds import OUT, RECORD, bccd_data, run_stage  # noqa: E402
 from student_seeds import _mean_std as _ms  # noqa: E402
 
 from dpl_tools.config import preset_path  # noqa: E402
@@ -73,25 +73,25 @@ def variant_stages(run: Path, variant: str, images: Path, config: str) -> list[S
     stages = []
     if variant in RETRAINED:
         polisher = out / "polisher.pt"
-        common = {"--teacher": teacher, "--ann": labeled, "--images": images, "--out": polisher,
-                  "--seed": 0, "--config": config, "--device": "cpu"}  # fmt: skip
+        common = {"teacher": teacher, "ann": labeled, "images": images, "out": polisher,
+                  "seed": 0, "config": config, "device": "cpu"}  # fmt: skip
         if variant == "gaussian":
             noise = out / "noise.parquet"
-            stages.append(Stage("synth-noise", "synth-noise",
-                                {"--ann": labeled, "--out": noise, "--seed": 0,
-                                 "--config": config, "--noise-model": "gaussian"},
+            stages.append(Stage("synth-noise", "synth_noise",
+                                {"ann": labeled, "out": noise, "seed": 0,
+                                 "config": config, "noise_model": "gaussian"},
                                 noise, [labeled]))  # fmt: skip
-            options = {**common, "--noise": noise, "--crossfit": run / "crossfit.parquet"}
+            options = {**common, "noise": noise, "crossfit": run / "crossfit.parquet"}
             inputs = [teacher, noise, run / "crossfit.parquet"]
         else:
             share = {"crossfit-r0": 0, "crossfit-r25": 0.25}[variant]
-            options = {**common, "--noise": run / "noise.parquet", "--real-fraction": share}
+            options = {**common, "noise": run / "noise.parquet", "real_fraction": share}
             inputs = [teacher, run / "noise.parquet"]
-        stages.append(Stage("train-polisher", "train-polisher", options, polisher, inputs))
+        stages.append(Stage("train-polisher", "train_polisher", options, polisher, inputs))
     elif variant in ("reg2", "reg3"):
-        extra = {"--reg-steps": int(variant[-1])}
+        extra = {"reg_steps": int(variant[-1])}
     elif variant == "tta":
-        extra = {"--tta": True}
+        extra = {"tta": True}
     stages += [
         polish_stage("polish", run / "split/unlabeled.json", images, out / "labels.parquet",
                      teacher, polisher, config, "cpu", extra=extra),
@@ -213,7 +213,7 @@ def main() -> None:
                 out = run / "variants" / variant
                 out.mkdir(parents=True, exist_ok=True)
                 tag = f"[seed {seed} {variant}]"
-                run_stages(variant_stages(run, variant, images, config), out, dpl,
+                run_stages(variant_stages(run, variant, images, config), out, run_stage,
                            lambda e, s, t=tag: print(f"{t} {e} {s.name}", flush=True))  # fmt: skip
             finish(run, record, variant)
         results[seed] = {

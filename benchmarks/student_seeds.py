@@ -95,18 +95,18 @@ ROWS = ("teacher", "labeled-only", "raw", "full", "full-weak", "full-imagenet", 
 P90 = 0.9  # precision target of the p90 row
 # row -> (train-student --pseudo-view, extra options); the full method is the pipeline's own
 ROW_STUDENTS = {
-    "labeled-only": (None, {"--unlabeled-ratio": 0}),
+    "labeled-only": (None, {"unlabeled_ratio": 0}),
     "raw": ("raw", {}),
-    "full-weak": (None, {"--augment": "weak"}),
-    "full-imagenet": (None, {"--init": "imagenet"}),
-    "full-teacher": (None, {"--init": "teacher"}),
-    "full-hard": (None, {"--negatives": "hard"}),
-    "full-soft": (None, {"--negatives": "soft"}),
-    "paper": (None, {"--negatives": "hard"}),
-    "paper-ignore": (None, {"--negatives": "ignore"}),
+    "full-weak": (None, {"augment": "weak"}),
+    "full-imagenet": (None, {"init": "imagenet"}),
+    "full-teacher": (None, {"init": "teacher"}),
+    "full-hard": (None, {"negatives": "hard"}),
+    "full-soft": (None, {"negatives": "soft"}),
+    "paper": (None, {"negatives": "hard"}),
+    "paper-ignore": (None, {"negatives": "ignore"}),
     "reg-only": ("reg-only", {}),
     "cls-only": ("cls-only", {}),
-    "oracle": (None, {"--unlabeled-ratio": 0}),
+    "oracle": (None, {"unlabeled_ratio": 0}),
 }
 
 
@@ -141,6 +141,11 @@ def dpl(argv: list[str], threads: int | None = None) -> None:
     subprocess.run([sys.executable, "-m", "dpl_tools.cli", *argv], cwd=ROOT, check=True, env=env)
 
 
+def run_stage(stage: Stage, resume: bool, threads: int | None = None) -> None:
+    """A pipeline stage as a user runs it: its printed ``dpl`` command, in a subprocess."""
+    dpl(stage.command_line(resume), threads)
+
+
 def run_in_parallel(stages: list[Stage], run_dir: Path, jobs: int, event) -> None:
     """``run_stages`` with up to ``jobs`` stages at a time: a stage starts once the stages
     making its inputs are done and its other inputs exist, earlier-listed stages first.
@@ -153,7 +158,7 @@ def run_in_parallel(stages: list[Stage], run_dir: Path, jobs: int, event) -> Non
 
     def one(stage: Stage) -> None:
         threads = CHAIN_THREADS.get(stage.command, 1)
-        run_stages([stage], run_dir, lambda argv: dpl(argv, threads), event)
+        run_stages([stage], run_dir, lambda stage, resume: run_stage(stage, resume, threads), event)
 
     with ThreadPoolExecutor(jobs) as pool:
         while pending or running:
@@ -228,7 +233,7 @@ def seed_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
     stages += [
         polish_stage("polish-paper", run_dir / "split/unlabeled.json", data.images, paper_labels,
                      teacher, run_dir / "polisher.pt", config, "cpu",
-                     extra={"--keep-rule": "paper"}),
+                     extra={"keep_rule": "paper"}),
         evaluate_pseudo_stage("evaluate-pseudo-paper", paper_labels,
                               run_dir / "split/unlabeled_gt.json",
                               run_dir / "pseudo_quality-paper.json"),
@@ -240,7 +245,7 @@ def seed_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
         labels = paper_labels if row.startswith("paper") else run_dir / "labels.parquet"
         row_teacher = teacher
         if row in ("labeled-only", "oracle"):  # as many images per step as the full method
-            extra = {**extra, "--batch-size": same_images}
+            extra = {**extra, "batch_size": same_images}
             labels = None  # no pseudo labels: it need not wait for them
             row_teacher = None if from_imagenet else teacher
         out = run_dir / f"student-{row}.pt"
@@ -307,7 +312,7 @@ def p90_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
     keep = refit_keep_thresholds(run_dir, data.images, config, P90)
     labels = run_dir / "labels-p90.parquet"
     out = run_dir / "student-p90.pt"
-    extra = {"--cls-prob": keep["cls_prob"], "--teacher-score": keep["teacher_score"]}
+    extra = {"cls_prob": keep["cls_prob"], "teacher_score": keep["teacher_score"]}
     return [
         polish_stage("polish-p90", run_dir / "split/unlabeled.json", data.images, labels,
                      run_dir / "teacher.pt", run_dir / "polisher.pt", config, "cpu", extra=extra),
@@ -315,7 +320,7 @@ def p90_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
                               run_dir / "pseudo_quality-p90.json"),
         student_stage("train-student-p90", run_dir / "split/labeled.json", data.images, labels,
                       run_dir / "teacher.pt", out, seed, config, "cpu",
-                      extra={"--negatives": "ignore"}),
+                      extra={"negatives": "ignore"}),
         evaluate_model_stage("evaluate-student-p90", out, data.test_ann, data.test_images,
                              run_dir / "eval" / "student-p90.json", "cpu"),
     ]  # fmt: skip
@@ -397,9 +402,9 @@ def run_seed(dataset: str, seed: int, rows: set[str], version: str, stage_jobs: 
     if stage_jobs > 1:
         run_in_parallel(stages, run_dir, stage_jobs, event)
     else:
-        run_stages(stages, run_dir, dpl, event)
+        run_stages(stages, run_dir, run_stage, event)
     if "p90" in todo:  # its polish options come from a fit on the trained polisher
-        run_stages(p90_stages(dataset, seed, run_dir), run_dir, dpl, event)
+        run_stages(p90_stages(dataset, seed, run_dir), run_dir, run_stage, event)
     record_seed(dataset, seed, version)
 
 

@@ -89,7 +89,7 @@ def demo_stages(
     labeled, labels = run_dir / "split" / "labeled.json", run_dir / "labels.parquet"
     for row, view, extra in (
         ("raw", "raw", None),
-        ("labeled-only", None, {"--unlabeled-ratio": 0}),
+        ("labeled-only", None, {"unlabeled_ratio": 0}),
     ):
         student = run_dir / f"student_{row.replace('-', '_')}.pt"
         stages += [

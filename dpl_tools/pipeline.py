@@ -1,13 +1,14 @@
 """The whole pipeline as a list of stages, each skipped when its output is current.
 
-A stage is a ``dpl`` sub-command with its options, the files it reads and the file it
-writes; each kind of stage is declared once below (``teacher_stage``, ``student_stage``,
-...) and reused by ``dpl run`` and ``dpl demo``.
+A stage is a call of a ``dpl_tools.api`` function with its keywords, the files it reads
+and the file it writes; each kind of stage is declared once below (``teacher_stage``,
+``student_stage``, ...) and reused by ``dpl run`` and ``dpl demo``. Its ``dpl`` command
+line is derived from the declaration, for printing and for the stamps.
 After a stage runs, a stamp (``<run-dir>/.stages/<name>.json``) records its command line
 and the content hashes of its inputs; a later run skips the stage when its output exists
 and the stamp still matches, and reruns it (and so every stage after it whose inputs
-change) otherwise. Stages run in-process through the same typer app as the CLI, so a
-pipeline run behaves exactly like typing the commands.
+change) otherwise. Stages run in this process through the API functions that the
+commands call, so a pipeline run behaves like typing the printed commands.
 """
 
 from __future__ import annotations
@@ -25,30 +26,59 @@ from dpl_tools.defaults import RUN_SETTINGS
 from dpl_tools.errors import DplError
 from dpl_tools.io import atomic_path, sha256_file, write_json
 
+# The flag of an API keyword when it is not ``--`` + the keyword with dashes; keywords
+# given as positional arguments, by function.
+FLAGS = {"json_out": "--json", "unlabeled_root": "--unlabeled-images"}
+POSITIONAL = {"split": ("ann",)}
+# API functions run by another command than their own name
+COMMANDS = {"train_student_online": "train-student", "evaluate_pseudo": "evaluate"}
+
 
 @dataclass
 class Stage:
-    """One pipeline step: ``dpl <command> <args> <options>`` reading ``inputs`` and writing
-    ``output``. The command line is derived from the declaration, so what a run prints is
-    exactly what a user can type to rerun one stage by hand."""
+    """One pipeline step: the ``dpl_tools.api`` function ``function`` called with
+    ``params`` (its keywords), reading ``inputs`` and writing ``output``. Its ``dpl``
+    command line is derived from the same declaration, so what a run prints is exactly
+    what a user can type to rerun the stage by hand."""
 
     name: str
-    command: str
-    options: dict[str, Any]
+    function: str
+    params: dict[str, Any]
     output: Path
     inputs: list[Path] = field(default_factory=list)
-    args: list[Any] = field(default_factory=list)
+
+    @property
+    def command(self) -> str:
+        """The ``dpl`` sub-command of the stage."""
+        return COMMANDS.get(self.function, self.function.replace("_", "-"))
 
     @property
     def argv(self) -> list[str]:
-        """The ``dpl`` argument list: command, positional arguments, then each option
-        (``True`` is a bare flag; ``None`` and ``False`` leave the option out)."""
-        argv = [self.command, *map(str, self.args)]
-        for flag, value in self.options.items():
-            if value is None or value is False:
+        """The ``dpl`` argument list: command, positional arguments, then each keyword as
+        its flag (``True`` is a bare flag; ``None`` and ``False`` leave it out)."""
+        positional = POSITIONAL.get(self.function, ())
+        argv = [self.command, *(str(self.params[k]) for k in positional)]
+        for key, value in self.params.items():
+            if key in positional or value is None or value is False:
                 continue
+            flag = FLAGS.get(key, "--" + key.replace("_", "-"))
             argv += [flag] if value is True else [flag, str(value)]
         return argv
+
+    def command_line(self, resume: bool = False) -> list[str]:
+        """``argv``, with ``--resume`` when continuing an interrupted training stage."""
+        return [*self.argv, "--resume"] if resume else self.argv
+
+    def call(self, resume: bool = False, console: Any = None) -> Any:
+        """Run the stage in this process: its API function with its keywords; returns the
+        function's result object."""
+        from dpl_tools import api
+
+        extra = {"resume": resume} if self.function in RESUMABLE else {}
+        if self.function not in ("evaluate_pseudo",):
+            extra["console"] = console
+        params = {k: v for k, v in self.params.items() if v is not None}  # as in argv
+        return getattr(api, self.function)(**params, **extra)
 
     def fingerprint(self) -> dict:
         """What the output depends on: the command line and the inputs' contents."""
@@ -73,8 +103,8 @@ def is_current(run_dir: Path, stage: Stage) -> bool:
         return False
 
 
-# Training commands whose periodic checkpoint (<out stem>.last.pt) ``--resume`` continues.
-RESUMABLE = ("train-teacher", "train-polisher", "train-student")
+# Training stages whose periodic checkpoint (<out stem>.last.pt) ``--resume`` continues.
+RESUMABLE = ("train_teacher", "train_polisher", "train_student", "train_student_online")
 
 
 def resumes(run_dir: Path, stage: Stage) -> bool:
@@ -83,7 +113,7 @@ def resumes(run_dir: Path, stage: Stage) -> bool:
     Then rerunning continues from that checkpoint instead of starting over."""
     from dpl_tools.engine.loop import last_checkpoint_path
 
-    if stage.command not in RESUMABLE or stage.output.exists():
+    if stage.function not in RESUMABLE or stage.output.exists():
         return False
     started = stamp_path(run_dir, stage, ".started")
     if not (started.is_file() and last_checkpoint_path(stage.output).is_file()):
@@ -94,29 +124,33 @@ def resumes(run_dir: Path, stage: Stage) -> bool:
         return False
 
 
+Invoke = Callable[[Stage, bool], Any]
+
+
 def run_stages(
     stages: Sequence[Stage],
     run_dir: Path,
-    invoke: Callable[[list[str]], None],
+    invoke: Invoke | None = None,
     on_event: Callable[[str, Stage], None] | None = None,
     force: bool = False,
 ) -> list[str]:
     """Run each stage whose output is not current; returns the names of those that ran.
-    A training stage that was interrupted (``resumes``) continues with ``--resume``; the
-    event is then "resume" instead of "start"."""
+    ``invoke(stage, resume)`` runs one (default: ``stage.call`` in this process). A
+    training stage that was interrupted (``resumes``) continues with resume; the event
+    is then "resume" instead of "start"."""
+    invoke = invoke or (lambda stage, resume: stage.call(resume))
     ran = []
     for stage in stages:
         if not force and is_current(run_dir, stage):
             if on_event:
                 on_event("skip", stage)
             continue
-        argv = [str(a) for a in stage.argv]
         resume = not force and resumes(run_dir, stage)
         if on_event:
             on_event("resume" if resume else "start", stage)
-        if stage.command in RESUMABLE and not resume:
+        if stage.function in RESUMABLE and not resume:
             write_json(stamp_path(run_dir, stage, ".started"), stage.fingerprint())
-        invoke([*argv, "--resume"] if resume else argv)
+        invoke(stage, resume)
         write_json(stamp_path(run_dir, stage), stage.fingerprint())
         ran.append(stage.name)
     return ran
@@ -196,9 +230,9 @@ def round_dir(run_dir: Path, k: int) -> Path:
     return run_dir if k == 1 else run_dir / f"round-{k}"
 
 
-# One declaration per stage kind: its command, options, output and inputs. ``config`` is
-# the preset name or YAML path passed with --config; a config *file* is an input, so
-# editing it reruns every stage that reads it.
+# One declaration per stage kind: its API function, keywords, output and inputs. ``config``
+# is the preset name or YAML path of the stages; a config *file* is an input, so editing
+# it reruns every stage that reads it.
 
 
 def _config_inputs(config: str | None) -> list[Path]:
@@ -207,18 +241,18 @@ def _config_inputs(config: str | None) -> list[Path]:
 
 def split_stage(data: PipelineData, split_dir: Path) -> Stage:
     """``dpl split``: the labeled / unlabeled / unlabeled_gt JSONs of the SSOD protocol."""
-    options = {"--percent": data.percent, "--fold": data.fold, "--seed": data.seed}
-    options["--out-dir"] = split_dir
-    return Stage("split", "split", options, split_dir / "labeled.json", [data.ann], [data.ann])
+    params = {"ann": data.ann, "percent": data.percent, "fold": data.fold, "seed": data.seed}
+    params["out_dir"] = split_dir
+    return Stage("split", "split", params, split_dir / "labeled.json", [data.ann])
 
 
 def teacher_stage(
     labeled: Path, images: Path, out: Path, seed: int, config: str | None, device: str
 ) -> Stage:
     """``dpl train-teacher`` on the labeled images."""
-    options = {"--ann": labeled, "--images": images, "--out": out, "--seed": seed}
-    options |= {"--config": config, "--device": device}
-    return Stage("train-teacher", "train-teacher", options, out, [labeled, *_config_inputs(config)])
+    params = {"ann": labeled, "images": images, "out": out, "seed": seed}
+    params |= {"config": config, "device": device}
+    return Stage("train-teacher", "train_teacher", params, out, [labeled, *_config_inputs(config)])
 
 
 def synth_noise_stage(
@@ -232,12 +266,12 @@ def synth_noise_stage(
     """``dpl synth-noise``: the polishers' training box pairs from the labeled boxes;
     ``teacher`` (teacher, images, device) for the noise models that run the teacher
     (empirical, crossfit: its fold teachers and ``crossfit.parquet`` go beside ``out``)."""
-    options = {"--ann": labeled, "--out": out, "--seed": seed, "--config": config}
+    params = {"ann": labeled, "out": out, "seed": seed, "config": config}
     inputs = [labeled, *_config_inputs(config)]
     if teacher is not None:
-        options |= {"--teacher": teacher[0], "--images": teacher[1], "--device": teacher[2]}
+        params |= {"teacher": teacher[0], "images": teacher[1], "device": teacher[2]}
         inputs.insert(1, teacher[0])
-    return Stage(name, "synth-noise", options, out, inputs)
+    return Stage(name, "synth_noise", params, out, inputs)
 
 
 def _runs_teacher_for_noise(config: str | None) -> bool:
@@ -266,10 +300,10 @@ def polisher_stage(
     device: str,
 ) -> Stage:
     """``dpl train-polisher`` on the frozen teacher's features of the labeled images."""
-    options = {"--teacher": teacher, "--noise": noise, "--ann": labeled, "--images": images}
-    options |= {"--out": out, "--seed": seed, "--config": config, "--device": device}
+    params = {"teacher": teacher, "noise": noise, "ann": labeled, "images": images}
+    params |= {"out": out, "seed": seed, "config": config, "device": device}
     inputs = [teacher, noise, labeled, *_config_inputs(config)]
-    return Stage(name, "train-polisher", options, out, inputs)
+    return Stage(name, "train_polisher", params, out, inputs)
 
 
 def polish_stage(
@@ -284,13 +318,13 @@ def polish_stage(
     extra: dict[str, Any] | None = None,
 ) -> Stage:
     """``dpl polish``: the pseudo labels of the unlabeled images (rewritten when rerun),
-    with the config's ``polish`` thresholds (``extra``: more options, e.g.
-    ``{"--keep-rule": "paper"}``)."""
-    options = {"--images": unlabeled, "--image-root": image_root, "--out": out}
-    options |= {"--teacher": teacher, "--polisher": polisher, "--overwrite": True}
-    options |= {"--config": config, "--device": device, **(extra or {})}
+    with the config's ``polish`` thresholds (``extra``: more keywords, e.g.
+    ``{"keep_rule": "paper"}``)."""
+    params = {"images": unlabeled, "image_root": image_root, "out": out}
+    params |= {"teacher": teacher, "polisher": polisher, "overwrite": True}
+    params |= {"config": config, "device": device, **(extra or {})}
     inputs = [teacher, polisher, unlabeled, *_config_inputs(config)]
-    return Stage(name, "polish", options, out, inputs)
+    return Stage(name, "polish", params, out, inputs)
 
 
 def student_stage(
@@ -305,37 +339,52 @@ def student_stage(
     device: str,
     pseudo_view: str | None = None,
     extra: dict[str, Any] | None = None,
-    online: tuple[Path, Path] | None = None,
 ) -> Stage:
     """``dpl train-student`` from the labeled truth and the pseudo labels of ``teacher``
     (its initial weights unless the config's ``student.init`` says imagenet;
     ``pseudo_view`` ``raw``: the unpolished teacher boxes, the baseline; ``extra``: more
-    options, e.g. ``{"--unlabeled-ratio": 0}`` for the labeled-only control (with ``labels``
-    and ``teacher`` None when it starts from ImageNet: it waits for neither); ``online``:
-    (polisher, unlabeled image list) of a student trained online, ``student.online``)."""
-    options = {"--ann": labeled, "--images": images, "--pseudo": labels}
-    options |= {"--pseudo-view": pseudo_view, "--teacher": teacher, "--out": out, "--seed": seed}
-    options |= {"--config": config, "--device": device, **(extra or {})}
+    keywords, e.g. ``{"unlabeled_ratio": 0}`` for the labeled-only control (with
+    ``labels`` and ``teacher`` None when it starts from ImageNet: it waits for neither))."""
+    params = {"ann": labeled, "images": images, "pseudo": labels}
+    params |= {"pseudo_view": pseudo_view, "teacher": teacher, "out": out, "seed": seed}
+    params |= {"config": config, "device": device, **(extra or {})}
     inputs = [p for p in (labeled, labels, teacher) if p is not None] + _config_inputs(config)
-    if online is not None:
-        options |= {"--polisher": online[0], "--unlabeled": online[1]}
-        inputs.append(online[0])
-    return Stage(name, "train-student", options, out, inputs)
+    return Stage(name, "train_student", params, out, inputs)
+
+
+def online_student_stage(
+    name: str,
+    labeled: Path,
+    images: Path,
+    unlabeled: Path,
+    teacher: Path,
+    polisher: Path,
+    out: Path,
+    seed: int,
+    config: str | None,
+    device: str,
+) -> Stage:
+    """``dpl train-student`` online (``student.online``): the EMA teacher and the
+    ``polisher`` label the ``unlabeled`` image list (under ``images``) in the loop."""
+    params = {"ann": labeled, "images": images, "unlabeled": unlabeled, "unlabeled_root": images}
+    params |= {"teacher": teacher, "polisher": polisher, "out": out, "seed": seed}
+    params |= {"config": config, "device": device}
+    inputs = [labeled, unlabeled, teacher, polisher, *_config_inputs(config)]
+    return Stage(name, "train_student_online", params, out, inputs)
 
 
 def evaluate_pseudo_stage(name: str, labels: Path, truth: Path, out: Path) -> Stage:
     """``dpl evaluate --pseudo``: pseudo-label quality against the unlabeled images' truth."""
-    options = {"--pseudo": labels, "--ann": truth, "--json": out}
-    return Stage(name, "evaluate", options, out, [labels, truth])
+    params = {"pseudo": labels, "ann": truth, "json_out": out}
+    return Stage(name, "evaluate_pseudo", params, out, [labels, truth])
 
 
 def evaluate_model_stage(
     name: str, model: Path, ann: Path, images: Path, out: Path, device: str
 ) -> Stage:
     """``dpl evaluate --model``: COCO AP of a detector on a test set."""
-    options = {"--model": model, "--ann": ann, "--images": images, "--json": out}
-    options["--device"] = device
-    return Stage(name, "evaluate", options, out, [model, ann])
+    params = {"model": model, "ann": ann, "images": images, "json_out": out, "device": device}
+    return Stage(name, "evaluate", params, out, [model, ann])
 
 
 def pipeline_stages(
@@ -343,68 +392,15 @@ def pipeline_stages(
 ) -> list[Stage]:
     """The stages of ``dpl run``: split, then per round teacher (round 1) or previous student,
     synth-noise, train-polisher, polish, train-student, and the evaluations."""
-    split = run_dir / "split"
-    labeled, unlabeled, unlabeled_gt = (
-        split / "labeled.json",
-        split / "unlabeled.json",
-        split / "unlabeled_gt.json",
-    )
+    labeled = run_dir / "split" / "labeled.json"
     teacher = run_dir / "teacher.pt"
-    runs_teacher = _runs_teacher_for_noise(config)
-    online = _trains_online(config)
     stages = [
-        split_stage(data, split),
+        split_stage(data, run_dir / "split"),
         teacher_stage(labeled, data.images, teacher, data.seed, config, device),
     ]
     for k in range(1, rounds + 1):
-        rd = round_dir(run_dir, k)
-        tag = "" if k == 1 else f"-round{k}"
-        noise, polisher, labels, student = (
-            rd / "noise.parquet",
-            rd / "polisher.pt",
-            rd / "labels.parquet",
-            rd / "student.pt",
-        )
-        stages += [
-            synth_noise_stage(
-                f"synth-noise{tag}",
-                labeled,
-                noise,
-                data.seed + k - 1,
-                config,
-                (teacher, data.images, device) if runs_teacher else None,
-            ),
-            polisher_stage(
-                f"train-polisher{tag}",
-                teacher,
-                noise,
-                labeled,
-                data.images,
-                polisher,
-                data.seed,
-                config,
-                device,
-            ),  # fmt: skip
-            polish_stage(
-                f"polish{tag}", unlabeled, data.images, labels, teacher, polisher, config, device
-            ),
-            student_stage(
-                f"train-student{tag}",
-                labeled,
-                data.images,
-                labels,
-                teacher,
-                student,
-                data.seed,
-                config,
-                device,
-                online=(polisher, unlabeled) if online else None,
-            ),  # fmt: skip
-            evaluate_pseudo_stage(
-                f"evaluate-pseudo{tag}", labels, unlabeled_gt, rd / "pseudo_quality.json"
-            ),
-        ]
-        teacher = student
+        stages += round_stages(data, run_dir, k, teacher, config, device)
+        teacher = round_dir(run_dir, k) / "student.pt"
     if data.test_ann is not None:
         models = [("teacher", run_dir / "teacher.pt")] + [
             (f"student{'' if k == 1 else f'-round{k}'}", round_dir(run_dir, k) / "student.pt")
@@ -418,3 +414,33 @@ def pipeline_stages(
                 )
             )
     return stages
+
+
+def round_stages(
+    data: PipelineData, run_dir: Path, k: int, teacher: Path, config: str | None, device: str
+) -> list[Stage]:
+    """Self-training round ``k`` with ``teacher``: synth-noise, train-polisher, polish,
+    train-student (offline, or online when the config says so) and pseudo-label quality."""
+    split, rd = run_dir / "split", round_dir(run_dir, k)
+    labeled, unlabeled = split / "labeled.json", split / "unlabeled.json"
+    tag = "" if k == 1 else f"-round{k}"
+    noise, polisher, labels = rd / "noise.parquet", rd / "polisher.pt", rd / "labels.parquet"
+    student, images, seed = rd / "student.pt", data.images, data.seed
+    runs_teacher = (teacher, images, device) if _runs_teacher_for_noise(config) else None
+    if _trains_online(config):
+        train = online_student_stage(f"train-student{tag}", labeled, images, unlabeled, teacher,
+                                     polisher, student, seed, config, device)  # fmt: skip
+    else:
+        train = student_stage(f"train-student{tag}", labeled, images, labels, teacher, student,
+                              seed, config, device)  # fmt: skip
+    return [
+        synth_noise_stage(f"synth-noise{tag}", labeled, noise, seed + k - 1, config, runs_teacher),
+        polisher_stage(
+            f"train-polisher{tag}", teacher, noise, labeled, images, polisher, seed, config, device
+        ),  # fmt: skip
+        polish_stage(f"polish{tag}", unlabeled, images, labels, teacher, polisher, config, device),
+        train,
+        evaluate_pseudo_stage(
+            f"evaluate-pseudo{tag}", labels, split / "unlabeled_gt.json", rd / "pseudo_quality.json"
+        ),
+    ]

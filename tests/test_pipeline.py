@@ -121,6 +121,53 @@ def test_python_run_reads_the_finished_run(pipeline_run, monkeypatch) -> None:
     assert done.evaluations["student"]["AP"] == saved["AP"]
 
 
+def test_printed_commands_remake_the_stage_outputs(pipeline_run, tmp_path, monkeypatch) -> None:
+    """A run calls the API; the command line it prints for a stage, typed by hand (here:
+    into another output), makes the same file: same weights, labels and figures."""
+    import torch
+
+    from dpl_tools.pipeline import load_run_config, pipeline_stages
+
+    root, result = pipeline_run
+    assert result.returncode == 0, result.stderr[-2000:]
+    monkeypatch.chdir(root)
+    data, run_dir, config = load_run_config("run.yaml")
+    stages = {s.name: s for s in pipeline_stages(data, run_dir, str(config), device="cpu")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the run had (OMP_NUM_THREADS=1): CPU sums depend on it
+    try:
+        _retype_stages(stages, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _retype_stages(stages: dict, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+    import torch
+    from typer.testing import CliRunner
+
+    from dpl_tools.cli.cli import app
+
+    for name in ("train-teacher", "polish", "train-student", "evaluate-teacher", "evaluate-pseudo"):
+        stage = stages[name]
+        argv = stage.argv
+        flag = "--json" if "--json" in argv else "--out"
+        again = tmp_path / f"{name}{stage.output.suffix}"
+        argv[argv.index(flag) + 1] = str(again)
+        typed = CliRunner().invoke(app, argv)
+        assert typed.exit_code == 0, (name, typed.output)
+        if stage.output.suffix == ".pt":
+            a, b = load_detector(stage.output)[0], load_detector(again)[0]
+            same = all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+            assert same, name
+        elif stage.output.suffix == ".parquet":
+            assert pq.read_table(stage.output).equals(pq.read_table(again)), name
+        else:
+            made, typed_figures = (json.loads(p.read_text()) for p in (stage.output, again))
+            key = "AP" if "AP" in made else "box_quality"
+            assert made[key] == typed_figures[key], name
+
+
 def test_rerun_skips_finished_stages_and_reruns_changed_ones(pipeline_run) -> None:
     root, first = pipeline_run
     assert first.returncode == 0
@@ -145,11 +192,11 @@ def test_stage_runner_skips_only_current_outputs(tmp_path) -> None:
     out = tmp_path / "out.txt"
     calls: list[list[str]] = []
 
-    def invoke(argv: list[str]) -> None:
-        calls.append(argv)
+    def invoke(stage: Stage, resume: bool) -> None:
+        calls.append(stage.command_line(resume))
         out.write_text(src.read_text())
 
-    stage = Stage("copy", "copy", {}, out, [src], args=[src])
+    stage = Stage("copy", "copy", {}, out, [src])
     assert run_stages([stage], tmp_path, invoke) == ["copy"]
     assert is_current(tmp_path, stage)
     assert run_stages([stage], tmp_path, invoke) == []
@@ -169,16 +216,16 @@ def test_an_interrupted_training_stage_resumes(tmp_path) -> None:
     out = tmp_path / "teacher.pt"
     calls: list[list[str]] = []
 
-    def killed(argv: list[str]) -> None:
-        calls.append(argv)
+    def killed(stage: Stage, resume: bool) -> None:
+        calls.append(stage.command_line(resume))
         (tmp_path / "teacher.last.pt").write_text("iteration 100")
         raise KeyboardInterrupt  # the session ends mid-training
 
-    def finishes(argv: list[str]) -> None:
-        calls.append(argv)
+    def finishes(stage: Stage, resume: bool) -> None:
+        calls.append(stage.command_line(resume))
         out.write_text("trained")
 
-    stage = Stage("train-teacher", "train-teacher", {"--ann": src, "--out": out}, out, [src])
+    stage = Stage("train-teacher", "train_teacher", {"ann": src, "out": out}, out, [src])
     with pytest.raises(KeyboardInterrupt):
         run_stages([stage], tmp_path, killed)
     events: list[str] = []
@@ -193,18 +240,23 @@ def test_an_interrupted_training_stage_resumes(tmp_path) -> None:
     src.write_text("b")  # other inputs: that checkpoint is not this run's
     run_stages([stage], tmp_path, finishes)
     assert calls[-1][-1] != "--resume"
-    other = Stage("copy", "copy", {"--out": tmp_path / "c"}, tmp_path / "c", [src])
+    other = Stage("copy", "copy", {"out": tmp_path / "c"}, tmp_path / "c", [src])
     (tmp_path / "c.last.pt").write_text("x")  # not a training command: never resumed
-    run_stages([other], tmp_path, lambda argv: (calls.append(argv), other.output.write_text("")))
+    run_stages([other], tmp_path, lambda s, r: (calls.append(s.command_line(r)), s.output.touch()))
     assert calls[-1][-1] != "--resume"
 
 
 def test_stage_command_line_is_derived_from_its_declaration(tmp_path) -> None:
     stage = Stage(
-        "x", "polish", {"--images": tmp_path / "a", "--overwrite": True, "--config": None},
-        tmp_path / "out", args=["pos"],
+        "x", "polish", {"images": tmp_path / "a", "overwrite": True, "config": None,
+                        "keep_rule": "paper"}, tmp_path / "out",
     )  # fmt: skip
-    assert stage.argv == ["polish", "pos", "--images", str(tmp_path / "a"), "--overwrite"]
+    argv = ["polish", "--images", str(tmp_path / "a"), "--overwrite", "--keep-rule", "paper"]
+    assert stage.argv == argv and stage.command_line(True) == [*argv, "--resume"]
+    split = Stage("s", "split", {"ann": "a.json", "seed": 1, "out_dir": "o"}, tmp_path / "o")
+    assert split.argv == ["split", "a.json", "--seed", "1", "--out-dir", "o"]
+    pseudo = Stage("e", "evaluate_pseudo", {"pseudo": "l.parquet", "json_out": "q.json"}, tmp_path)
+    assert pseudo.argv == ["evaluate", "--pseudo", "l.parquet", "--json", "q.json"]
 
 
 def test_demo_raw_student_reruns_when_the_preset_changes(tmp_path) -> None:
@@ -221,12 +273,12 @@ def test_demo_raw_student_reruns_when_the_preset_changes(tmp_path) -> None:
     assert config in raw.inputs and config in polished.inputs
     assert raw.argv[raw.argv.index("--config") + 1] == str(config)
     # the two students differ only in the pseudo-label view and the output
-    assert raw.options["--pseudo-view"] == "raw" and polished.options["--pseudo-view"] is None
-    same = {k: v for k, v in raw.options.items() if k not in ("--pseudo-view", "--out")}
-    assert same == {k: v for k, v in polished.options.items() if k in same}
+    assert raw.params["pseudo_view"] == "raw" and polished.params["pseudo_view"] is None
+    same = {k: v for k, v in raw.params.items() if k not in ("pseudo_view", "out")}
+    assert same == {k: v for k, v in polished.params.items() if k in same}
     # after the raw student ran, editing the preset makes it stale
     raw.output.write_text("model")
-    run_stages([raw], tmp_path, lambda argv: None)
+    run_stages([raw], tmp_path, lambda stage, resume: None)
     assert is_current(tmp_path, raw)
     config.write_text(yaml.safe_dump({**TINY, "student": {**TINY["student"], "iters": 3}}))
     assert not is_current(tmp_path, raw)

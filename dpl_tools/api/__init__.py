@@ -18,7 +18,8 @@ values obey the same ranges as a config file or ``--set``.
 
 Stages: ``convert``, ``split``, ``export``, ``report`` (``api.data``); ``train_teacher``,
 ``train_student``, ``evaluate`` (``api.detectors``); ``synth_noise``, ``train_polisher``
-(``api.polisher``); ``polish``, ``export_labels`` (``api.polish``).
+(``api.polisher``); ``polish``, ``export_labels``, ``evaluate_pseudo`` (``api.polish``);
+``run`` (``api.pipeline``).
 """
 
 from dpl_tools.api.config import ConfigLike, stage_config
@@ -43,7 +44,7 @@ from dpl_tools.api.detectors import (
     train_teacher,
 )
 from dpl_tools.api.pipeline import PipelineRun, run
-from dpl_tools.api.polish import Polished, export_labels, polish
+from dpl_tools.api.polish import Polished, PseudoQuality, evaluate_pseudo, export_labels, polish
 from dpl_tools.api.polisher import TrainedPolisher, synth_noise, train_polisher
 
 __all__ = [
@@ -62,8 +63,10 @@ __all__ = [
     "TrainedDetector",
     "PipelineRun",
     "Polished",
+    "PseudoQuality",
     "TrainedPolisher",
     "evaluate",
+    "evaluate_pseudo",
     "export_labels",
     "polish",
     "stage_config",

@@ -1,6 +1,6 @@
 """The whole pipeline from Python (``dpl run``): every stage of a run config, each skipped
-when its output is current, run in this process exactly as its command would run (the
-stages are ``dpl`` command lines, so what is printed can be typed to rerun one)."""
+when its output is current, run in this process through the API function its command
+calls (what is printed is the stage's ``dpl`` command line, to rerun one by hand)."""
 
 from __future__ import annotations
 
@@ -38,12 +38,14 @@ def run(
     ``run_dir`` (default: the config's ``run.run_dir``, else dpl-run); ``rounds``
     self-training rounds; ``force`` reruns current stages too. With a ``console`` each
     stage prints its command line as it starts."""
-    from dpl_tools.cli.options import in_process, stage_printer
+    from dpl_tools.cli.options import stage_printer, stage_runner
 
     data, run_dir, stage_config = load_run_config(Path(config), run_dir)
     stages = pipeline_stages(data, run_dir, str(stage_config), rounds=rounds, device=device)
-    printer = stage_printer(console) if console is not None else None
-    ran = run_stages(stages, run_dir, in_process(), printer, force=force)
+    if console is None:
+        ran = run_stages(stages, run_dir, force=force)
+    else:
+        ran = run_stages(stages, run_dir, stage_runner(console), stage_printer(console), force)
     evaluations = {
         p.stem: json.loads(p.read_text()) for p in sorted((Path(run_dir) / "eval").glob("*.json"))
     }

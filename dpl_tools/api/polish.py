@@ -270,3 +270,35 @@ def polish(
         _export(console, dest, coco_out, coco_view, yolo_out, overwrite, save_conf)
     rule = {"cls_prob": keep.cls_prob, "teacher_score": keep.teacher_score, **keep.metadata()}
     return Polished(dest, summary, rule, steps)
+
+
+@dataclass
+class PseudoQuality:
+    """Pseudo-label quality of a polish output against the truth (``dpl evaluate
+    --pseudo``): ``figures`` has the teacher vs polished view, box IoU before/after
+    polishing, the keep rule and per-class figures (``pseudo_label_quality``)."""
+
+    labels: Path
+    figures: dict[str, Any]
+    written: list[Path]
+
+
+def evaluate_pseudo(
+    pseudo: str | Path, ann: str | Path, *, json_out: str | Path | None = None
+) -> PseudoQuality:
+    """Score the pseudo labels ``pseudo`` (file or part directory) against the COCO truth
+    ``ann``; ``figures["thresholds"]`` are those polish used, with their sources."""
+    from dpl_tools.data.coco import load_coco
+    from dpl_tools.data.pseudo_labels import META_THRESHOLDS
+    from dpl_tools.evaluation.pseudo_quality import pseudo_label_quality
+    from dpl_tools.io import write_json
+
+    check_distinct_outputs({"--ann": ann, "--pseudo": pseudo}, {"--json": json_out})
+    table, meta = read_pseudo_labels(pseudo)
+    figures = pseudo_label_quality(table, load_coco(ann))
+    figures["thresholds"] = meta.get(META_THRESHOLDS)
+    written = []
+    if json_out:
+        write_json(json_out, figures, indent=2)
+        written.append(Path(json_out))
+    return PseudoQuality(Path(pseudo), figures, written)

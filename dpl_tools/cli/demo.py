@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from dpl_tools.cli.options import Device, Seed, in_process, stage_printer, within
+from dpl_tools.cli.options import Device, Seed, stage_printer, stage_runner, within
 from dpl_tools.config import load_config, merge, preset_path, read_config
 from dpl_tools.demo import DEMO_DATA, DEMO_PRESET, demo_stages, demo_summary, prepare_demo_data
 from dpl_tools.io import write_json
@@ -108,7 +108,6 @@ BackboneWeightsOption = Annotated[
 
 
 def command(
-    ctx: typer.Context,
     out: OutOption = None,
     json_out: JsonOutOption = None,
     config: ConfigOption = DEMO_PRESET,
@@ -132,7 +131,7 @@ def command(
                        labeled_percent=percent)  # fmt: skip
         data = prepare_demo_data(run_dir, seed, spec)
         stages = demo_stages(data, run_dir, device=device, config=config)
-        run_stages(stages, run_dir, in_process(ctx), stage_printer(console))
+        run_stages(stages, run_dir, stage_runner(console), stage_printer(console))
         figures = demo_summary(run_dir)
     finally:
         if out is None:

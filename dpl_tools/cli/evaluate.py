@@ -16,17 +16,14 @@ from rich.console import Console
 
 from dpl_tools import api
 from dpl_tools.cli.options import AllowOutsideRoot, Device, RunDir, within
-from dpl_tools.data.coco import load_coco
-from dpl_tools.data.pseudo_labels import META_THRESHOLDS, dropped_warning, read_pseudo_labels
+from dpl_tools.data.pseudo_labels import dropped_warning
 from dpl_tools.errors import DplError
 from dpl_tools.evaluation.coco_eval import METRICS
-from dpl_tools.evaluation.pseudo_quality import pseudo_label_quality
 from dpl_tools.evaluation.quality_tables import (
     format_box_quality_table,
     format_class_table,
     format_quality_table,
 )
-from dpl_tools.io import write_json
 from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, artifact, resolve_input
 from dpl_tools.settings import AT_LEAST_1, NON_NEGATIVE, UNIT
@@ -42,13 +39,12 @@ def print_metrics(console: Console, metrics: dict[str, float], title: str) -> No
     console.print(table)
 
 
-def evaluate_pseudo(console: Console, pseudo: Path, ann: Path, json_out: Path | None) -> None:
-    """Pseudo-label quality of a ``dpl polish`` output: teacher vs polished view."""
-    table, meta = read_pseudo_labels(pseudo)
-    result = pseudo_label_quality(table, load_coco(ann))
-    result["thresholds"] = meta.get(META_THRESHOLDS)  # those polish used, with their sources
+def print_pseudo_quality(console: Console, quality: api.PseudoQuality) -> None:
+    """The tables of ``api.evaluate_pseudo``: teacher vs polished view, the keep rule,
+    box IoU before/after polishing, per class."""
+    result = quality.figures
     if result["unusable_rows"]:
-        warning = dropped_warning(pseudo, result["unusable_rows"])
+        warning = dropped_warning(quality.labels, result["unusable_rows"])
         console.print(f"[yellow]warning:[/] {warning}; not scored", highlight=False, soft_wrap=True)
     console.print(format_quality_table(result))
     if result["thresholds"] and "cls_prob" in result["thresholds"]:
@@ -61,9 +57,21 @@ def evaluate_pseudo(console: Console, pseudo: Path, ann: Path, json_out: Path | 
         )
     console.print(format_box_quality_table(result))
     console.print(format_class_table(result))
-    if json_out:
-        write_json(json_out, result, indent=2)
-        console.print(f"figures written to {json_out}")
+    for path in quality.written:
+        console.print(f"figures written to {path}")
+
+
+def print_evaluation(
+    console: Console, result: api.Evaluation, ann: Path, json_out: Path | None = None
+) -> None:
+    """The metrics table and speed of ``api.evaluate``, and the files it wrote."""
+    title = f"{result.checkpoint} on {ann} ({result.summary['images']} images)"
+    print_metrics(console, result.metrics, title)
+    speed = result.summary
+    console.print(f"inference: {speed['inference_s']:.1f} s, {speed['images_per_s']:.2f} images/s")
+    for path in result.written:
+        what = "metrics" if path == Path(json_out or "") else f"{len(result.detections)} detections"
+        console.print(f"{what} written to {path}")
 
 
 def command(
@@ -128,7 +136,7 @@ def command(
         {"--json": json_out, "--predictions": predictions},
     )
     if pseudo is not None:
-        evaluate_pseudo(console, pseudo, ann, json_out)
+        print_pseudo_quality(console, api.evaluate_pseudo(pseudo, ann, json_out=json_out))
         return
     if images is None:
         raise DplError("evaluating a model needs --images (the folder of the --ann images)")
@@ -138,11 +146,4 @@ def command(
         score_thresh=score_thresh, max_dets=max_dets, json_out=json_out,
         predictions=predictions, allow_outside_root=allow_outside_root, console=console,
     )  # fmt: skip
-    title = f"{model_path} on {ann} ({result.summary['images']} images)"
-    print_metrics(console, result.metrics, title)
-    speed = result.summary
-    console.print(f"inference: {speed['inference_s']:.1f} s, {speed['images_per_s']:.2f} images/s")
-    if json_out:
-        console.print(f"metrics written to {json_out}")
-    if predictions:
-        console.print(f"{len(result.detections)} detections written to {predictions}")
+    print_evaluation(console, result, ann, json_out)

@@ -229,29 +229,19 @@ def stage_printer(console: Console) -> Callable[[str, Stage], None]:
     return on_event
 
 
-def in_process(ctx: typer.Context | None = None) -> Callable[[list[str]], None]:
-    """Run ``dpl <argv>`` in this process through the same CLI as ``ctx`` (``dpl run`` and
-    ``dpl demo`` run their stages this way, exactly as if typed; without ``ctx``: the
-    ``dpl`` app itself, for the Python API's ``run``)."""
-    if ctx is not None:
-        group = ctx.find_root().command
-    else:
-        import typer.main
+def stage_runner(console: Console) -> Callable[[Stage, bool], None]:
+    """Run a pipeline stage in this process (``Stage.call``, the API function its command
+    calls) and print what its command prints for an evaluation: the metrics table, or
+    the pseudo-label quality tables."""
 
-        from dpl_tools.cli.cli import app
+    def invoke(stage: Stage, resume: bool) -> None:
+        from dpl_tools import api
+        from dpl_tools.cli.evaluate import print_evaluation, print_pseudo_quality
 
-        group = typer.main.get_command(app)
-
-    def invoke(argv: list[str]) -> None:
-        try:
-            code = group.main(args=[str(a) for a in argv], prog_name="dpl", standalone_mode=False)
-        except DplError:
-            raise
-        except Exception as e:  # click's usage errors (click may be vendored by typer)
-            if not hasattr(e, "format_message"):
-                raise
-            raise DplError(f"dpl {' '.join(argv[:1])}: {e.format_message()}") from None
-        if isinstance(code, int) and code != 0:
-            raise DplError(f"dpl {' '.join(argv[:1])} exited with status {code}")
+        result = stage.call(resume, console)
+        if isinstance(result, api.Evaluation):
+            print_evaluation(console, result, stage.params["ann"], stage.params.get("json_out"))
+        elif isinstance(result, api.PseudoQuality):
+            print_pseudo_quality(console, result)
 
     return invoke

@@ -10,13 +10,15 @@ uninterrupted one (with ``workers=0``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 from torch import nn
+from torch.utils.data import Dataset
 
 from dpl_tools.config import plain
 from dpl_tools.data.augment import training_augment
@@ -30,7 +32,7 @@ from dpl_tools.engine.loop import (
     last_checkpoint_path,
     train,
 )
-from dpl_tools.engine.setup import check_categories, load_train_coco, setup_training
+from dpl_tools.engine.setup import TrainSetup, check_categories, load_train_coco, setup_training
 from dpl_tools.models.checkpoint import (
     DetectorSpec,
     check_same_model,
@@ -42,7 +44,16 @@ from dpl_tools.models.checkpoint import (
 )
 from dpl_tools.runtime import seed_everything
 
-__all__ = ["TrainConfig", "TrainResult", "checkpoint_saver", "detector_losses", "train_teacher"]
+__all__ = [
+    "DetectorStart",
+    "TrainConfig",
+    "TrainResult",
+    "checkpoint_saver",
+    "detector_losses",
+    "start_detector",
+    "train_detector",
+    "train_teacher",
+]
 
 
 def detector_losses(model: nn.Module, images: list, targets: list) -> dict[str, torch.Tensor]:
@@ -61,6 +72,76 @@ def checkpoint_saver(out: str | Path, spec: DetectorSpec, seed: int) -> SaveFn:
             last_checkpoint_path(out).unlink(missing_ok=True)
 
     return save
+
+
+@dataclass
+class DetectorStart:
+    """The detector a training stage starts from, its spec, and the training state of the
+    periodic checkpoint it continues (None: a fresh run)."""
+
+    model: nn.Module
+    spec: DetectorSpec
+    resume_state: dict | None
+
+
+def start_detector(
+    out: Path,
+    resume: bool,
+    seed: int,
+    is_main: bool,
+    console: Console,
+    requested: dict[str, Any],
+    fresh: Callable[[], tuple[nn.Module, DetectorSpec]],
+    resumed: Callable[[dict], tuple[nn.Module, DetectorSpec]],
+    source: str = "model.",
+    fresh_note: str = "starting from scratch",
+) -> DetectorStart:
+    """The first half of the teacher's and the student's training: with ``resume``, the
+    periodic checkpoint of ``out`` (the same model as ``requested``, else a one-line
+    error) rebuilt by ``resumed``; otherwise ``fresh()``. Seeded like an uninterrupted run."""
+    ckpt = find_resume_checkpoint(out) if resume else None
+    if resume and ckpt is None and is_main:
+        console.print(f"no checkpoint to resume at {out}; {fresh_note}")
+    seed_everything(seed)
+    if ckpt is not None:
+        check_same_model(ckpt, requested, out, source)
+        model, spec = resumed(ckpt)
+    else:
+        model, spec = fresh()
+    return DetectorStart(model, spec, ckpt["train_state"] if ckpt else None)
+
+
+def train_detector(
+    start: DetectorStart,
+    dataset: Dataset,
+    run: TrainSetup,
+    out: Path,
+    seed: int,
+    console: Console,
+    description: str,
+    loss_fn: Callable = detector_losses,
+    collate_fn: Callable | None = None,
+    hooks: Sequence[Hook] = (),
+) -> TrainResult:
+    """The second half: ``train`` the started detector on ``dataset`` (each rank seeded
+    apart), with periodic checkpoints beside ``out`` and the final one at ``out``."""
+    seed_everything(seed + run.dist.rank)
+    more = {"collate_fn": collate_fn} if collate_fn is not None else {}
+    return train(
+        start.model,
+        dataset,
+        run.cfg,
+        run.device,
+        run.dist,
+        loss_fn=loss_fn,
+        save=checkpoint_saver(out, start.spec, seed),
+        resume_state=start.resume_state,
+        description=description,
+        out=out,
+        console=console,
+        hooks=hooks,
+        **more,
+    )
 
 
 def train_teacher(
@@ -84,40 +165,26 @@ def train_teacher(
     console = console or Console()
     mcfg, tcfg = config["model"], config["teacher"]
     run = setup_training(tcfg, device, seed)
-    dist = run.dist
-    coco = load_train_coco(ann, images_dir, console, dist.is_main, allow_outside_root)
+    coco = load_train_coco(ann, images_dir, console, run.dist.is_main, allow_outside_root)
 
-    resume_ckpt = find_resume_checkpoint(out) if resume else None
-    if resume and resume_ckpt is None and dist.is_main:
-        console.print(f"no checkpoint to resume at {out}; starting from scratch")
-    seed_everything(seed)
-    if resume_ckpt is not None:
-        check_same_model(resume_ckpt, requested_model(mcfg), out)
-        model, spec = detector_from_checkpoint(resume_ckpt, out, tcfg["multiscale"])
+    def resumed(ckpt: dict) -> tuple[nn.Module, DetectorSpec]:
+        model, spec = detector_from_checkpoint(ckpt, out, tcfg["multiscale"])
         check_categories(
             out, spec.categories, ann, coco.categories, "the checkpoint's", "cannot resume"
         )
-    else:
-        model, spec = fresh_detector(
+        return model, spec
+
+    def fresh() -> tuple[nn.Module, DetectorSpec]:
+        return fresh_detector(
             mcfg, coco.categories, "teacher", tcfg["multiscale"], train_ann=str(ann)
         )
-    spec.extra["config"] = plain(config)
-    seed_everything(seed + dist.rank)
-    dataset = DetectionDataset(coco, images_dir, training_augment(tcfg, "teacher"))
 
-    save = checkpoint_saver(out, spec, seed)
-    result = train(
-        model,
-        dataset,
-        run.cfg,
-        run.device,
-        dist,
-        loss_fn=detector_losses,
-        save=save,
-        resume_state=resume_ckpt["train_state"] if resume_ckpt else None,
-        description="train-teacher",
-        out=out,
-        console=console,
-        hooks=hooks,
+    start = start_detector(
+        Path(out), resume, seed, run.dist.is_main, console, requested_model(mcfg), fresh, resumed
     )
-    return model, spec, result
+    start.spec.extra["config"] = plain(config)
+    dataset = DetectionDataset(coco, images_dir, training_augment(tcfg, "teacher"))
+    result = train_detector(
+        start, dataset, run, Path(out), seed, console, "train-teacher", hooks=hooks
+    )
+    return start.model, start.spec, result

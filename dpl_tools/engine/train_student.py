@@ -39,14 +39,13 @@ from dpl_tools.data.student_data import (
     collate_student,
     missing_images,
 )
-from dpl_tools.engine.loop import TrainResult, find_resume_checkpoint, train
+from dpl_tools.engine.loop import TrainResult
 from dpl_tools.engine.setup import check_categories, load_train_coco, setup_training
-from dpl_tools.engine.train_detector import checkpoint_saver
+from dpl_tools.engine.train_detector import start_detector, train_detector
 from dpl_tools.errors import DplError
 from dpl_tools.io import sha256_file
 from dpl_tools.models.checkpoint import (
     DetectorSpec,
-    check_same_model,
     detector_from_checkpoint,
     fresh_detector,
     read_checkpoint,
@@ -64,7 +63,6 @@ from dpl_tools.models.student_criterion import (
     supervision,
     used_categories,
 )
-from dpl_tools.runtime import seed_everything
 
 
 @dataclass
@@ -124,6 +122,41 @@ def _resume_student(ckpt: dict, categories: list[dict], out: Path, ann: Path, co
     return model, spec
 
 
+def _images_on_disk(
+    items: list, pseudo: Path, unlabeled_dir: Path, console: Console, verbose: bool
+) -> list:
+    """The pseudo-labeled images still usable in ``unlabeled_dir``: those missing, or whose
+    size changed since polish (their boxes would land wrong), are left out with a warning;
+    none there at all is a DplError (the wrong folder)."""
+    missing = missing_images(items, unlabeled_dir)
+    if items and len(missing) == len(items):
+        raise DplError(
+            f"{unlabeled_dir}: none of the {len(items)} pseudo-labeled images of {pseudo} is "
+            f"there (e.g. {missing[0]}); pass the polished images' folder as --unlabeled-images"
+        )
+    if missing:
+        if verbose:
+            console.print(
+                f"[yellow]warning:[/] {len(missing)} pseudo-labeled image(s) missing from "
+                f"{unlabeled_dir} (skipped), e.g. {missing[0]}",
+                highlight=False,
+            )
+        gone = set(missing)
+        items = [t for t in items if t.file_name not in gone]
+    resized = size_mismatches(unlabeled_dir, [(t.file_name, t.width, t.height) for t in items])
+    if resized:
+        if verbose:
+            console.print(
+                f"[yellow]warning:[/] {len(resized)} pseudo-labeled image(s) in {unlabeled_dir} "
+                f"no longer have the size polish saw (left out; polish them again), e.g. "
+                f"{resized[0]}",
+                highlight=False,
+            )
+        changed = set(resized)
+        items = [t for t in items if t.file_name not in changed]
+    return items
+
+
 def load_student_data(
     ann: str | Path,
     images_dir: str | Path,
@@ -162,32 +195,7 @@ def load_student_data(
     unlabeled_dir = Path(unlabeled_images or images_dir)
     names = [(None, t.file_name) for t in items]
     check_inside_root(Path(pseudo), names, unlabeled_dir, allow_outside_root)
-    missing = missing_images(items, unlabeled_dir)
-    if items and len(missing) == len(items):
-        raise DplError(
-            f"{unlabeled_dir}: none of the {len(items)} pseudo-labeled images of {pseudo} is "
-            f"there (e.g. {missing[0]}); pass the polished images' folder as --unlabeled-images"
-        )
-    if missing:
-        if verbose:
-            console.print(
-                f"[yellow]warning:[/] {len(missing)} pseudo-labeled image(s) missing from "
-                f"{unlabeled_dir} (skipped), e.g. {missing[0]}",
-                highlight=False,
-            )
-        gone = set(missing)
-        items = [t for t in items if t.file_name not in gone]
-    resized = size_mismatches(unlabeled_dir, [(t.file_name, t.width, t.height) for t in items])
-    if resized:
-        if verbose:
-            console.print(
-                f"[yellow]warning:[/] {len(resized)} pseudo-labeled image(s) in {unlabeled_dir} "
-                f"no longer have the size polish saw (left out; polish them again), e.g. "
-                f"{resized[0]}",
-                highlight=False,
-            )
-        changed = set(resized)
-        items = [t for t in items if t.file_name not in changed]
+    items = _images_on_disk(items, Path(pseudo), unlabeled_dir, console, verbose)
     if not items and scfg["unlabeled_ratio"] > 0:
         raise DplError(f"{pseudo}: no processed unlabeled images to learn from")
 
@@ -302,15 +310,9 @@ def train_student(
     )
     categories = dataset.labeled.coco.categories
 
-    resume_ckpt = find_resume_checkpoint(out) if resume else None
-    if resume and resume_ckpt is None and dist.is_main:
-        console.print(f"no checkpoint to resume at {out}; starting from the initial weights")
-    seed_everything(seed)
-    if resume_ckpt is not None:
-        source = "model." if str(init) == "imagenet" else f"--init {init}: "
-        check_same_model(resume_ckpt, requested_student_model(init, config), out, source)
-        model, spec = _resume_student(resume_ckpt, categories, out, ann, config)
-    else:
+    source = "model." if str(init) == "imagenet" else f"--init {init}: "
+
+    def fresh() -> tuple[nn.Module, DetectorSpec]:
         model, spec = build_student(init, categories, ann, config)
         spec.extra.update(
             train_ann=str(ann),
@@ -324,25 +326,19 @@ def train_student(
         )
         if pseudo is not None and Path(pseudo).is_file():
             spec.extra["pseudo_labels_sha256"] = sha256_file(pseudo)
-    make_student(model)
+        return model, spec
+
+    start = start_detector(
+        out, resume, seed, dist.is_main, console, requested_student_model(init, config), fresh,
+        lambda ckpt: _resume_student(ckpt, categories, out, ann, config), source,
+        "starting from the initial weights",
+    )  # fmt: skip
+    make_student(start.model)
     scorer = None
     if scfg["negatives"] == "soft":
         scorer = soft_negative_teacher(teacher or init, categories, ann, run.device, config)
-    seed_everything(seed + dist.rank)
-
-    save = checkpoint_saver(out, spec, seed)
-    result = train(
-        model,
-        dataset,
-        run.cfg,
-        run.device,
-        dist,
-        loss_fn=student_losses(scfg["unlabeled_weight"], scorer),
-        collate_fn=collate_student,
-        save=save,
-        resume_state=resume_ckpt["train_state"] if resume_ckpt else None,
-        description="train-student",
-        out=out,
-        console=console,
-    )
-    return model, spec, result, stats
+    result = train_detector(
+        start, dataset, run, out, seed, console, "train-student",
+        student_losses(scfg["unlabeled_weight"], scorer), collate_student,
+    )  # fmt: skip
+    return start.model, start.spec, result, stats
