@@ -215,6 +215,8 @@ def main() -> None:
         dpl("synth-noise", "--noise-model", "crossfit", "--ann", out / "corrupted.json",
             "--teacher", out / "teacher.pt", "--out", out / "noise.parquet", *common)  # fmt: skip
     crossfit_s = time.time() - start
+    if crossfit_s < 60 and (out / "result.json").is_file():  # cached: keep the measured time
+        crossfit_s = json.loads((out / "result.json").read_text())["crossfit_seconds"]
     dpl("audit", "--ann", out / "corrupted.json", "--crossfit", crossfit,
         "--out", out / "audit.parquet", "--csv", out / "audit.csv")  # fmt: skip
     result = {"dataset": args.dataset, "images": len(coco["images"]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,3 +73,34 @@ def test_planted_mistakes_are_the_issues_found(planted, tmp_path) -> None:
     assert 0.1 <= by_kind["misplaced"]["iou"] < 0.5
     assert csv.read_text().splitlines()[0].startswith('"issue","score"')
     assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
+
+
+def test_wrong_class_needs_the_own_class_below_its_self_confidence() -> None:
+    """Class 1's boxes are found at 0.46 on average (0.9, 0.48, 0). A class-1 box that a
+    class-2 detection (0.9) covers is flagged where class 1 is not found at all (a swap,
+    score: the margin 0.9), not where class 1 is found there about as well as usual
+    (0.48 < --min-score, but the fold teachers' own confusion)."""
+    from dpl_tools.data.coco import CocoData, ValidationReport
+    from dpl_tools.data.crossfit_detections import ImageDetections
+    from dpl_tools.evaluation.label_audit import audit_labels, class_confidence
+
+    images = [{"id": i, "file_name": f"{i}.png", "width": 100, "height": 100} for i in (1, 2, 3)]
+    anns = [{"id": 10 + i, "image_id": i, "category_id": 1, "bbox": [10, 10, 40, 40]}
+            for i in (1, 2, 3)]  # fmt: skip
+    cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    gt = CocoData(Path("a.json"), images, anns, cats, ValidationReport(Path("a.json")))
+    box = np.array([[10, 10, 50, 50]], np.float32)
+
+    def det(i: int, scores: list[float], labels: list[int]) -> ImageDetections:
+        return ImageDetections(i, f"{i}.png", 0, np.repeat(box, len(scores), 0),
+                               np.array(scores, np.float32), np.array(labels))  # fmt: skip
+
+    dets = {"1.png": det(1, [0.9], [1]), "2.png": det(2, [0.9, 0.48], [2, 1]),
+            "3.png": det(3, [0.9], [2])}  # fmt: skip
+    assert class_confidence(gt, dets) == {1: pytest.approx(0.46)}
+    rows = audit_labels(gt, dets).to_pylist()
+    assert [(r["issue"], r["annotation_id"]) for r in rows] == [("wrong_class", 13)]
+    assert rows[0]["score"] == pytest.approx(0.9) and rows[0]["suggested_category"] == "b"
+    dets["2.png"] = det(2, [0.9, 0.3], [2, 1])  # now below class 1's usual (0.4): flagged
+    rows = audit_labels(gt, dets).to_pylist()
+    assert [r["annotation_id"] for r in rows] == [13, 12]  # the swap first (margin 0.9, 0.6)

@@ -7,8 +7,12 @@ Three kinds of issue, each scored in [0, 1] (higher: more likely a mistake):
 
 - ``missing``: a detection with score >= ``min_score`` that overlaps no truth box (IoU
   below ``overlap_iou`` with every one): an object nobody labelled. Score: its score.
-- ``wrong_class``: a truth box that a detection of another class covers (IoU >= 0.5)
-  while no detection of its own class does. Score: that detection's score.
+- ``wrong_class``: a truth box that a detection of another class covers (IoU >= 0.5,
+  score >= ``min_score``) while its own class's best covering detection (any score) stays
+  below that class's self-confidence: the mean, over the truth boxes of the class, of
+  their own class's best covering score (confident learning's per-class threshold, as in
+  cleanlab: a class the fold teachers find weakly is not flagged for being found weakly).
+  Score: the other detection's score minus the own class's (the margin).
 - ``misplaced``: a truth box whose best detection of its own class overlaps it only
   partly (``overlap_iou`` <= IoU < 0.5). Score: the detection's score x (1 - IoU).
 
@@ -54,15 +58,32 @@ def _issue(kind: str, score: float, image: dict, names: dict[int, str], **fields
     return row
 
 
-def audit_image(
-    image: dict, anns: list[dict], det: ImageDetections, names: dict[int, str],
-    min_score: float, overlap_iou: float,
-) -> list[dict]:  # fmt: skip
-    """The issues of one labeled image (see the module docstring)."""
-    d = det.at_least(min_score)
+def _truth_boxes(anns: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     truth = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)],
                      np.float64).reshape(-1, 4)  # fmt: skip
-    classes = np.array([a["category_id"] for a in anns], np.int64)
+    return truth, np.array([a["category_id"] for a in anns], np.int64)
+
+
+def own_class_scores(anns: list[dict], det: ImageDetections) -> np.ndarray:
+    """Per truth box: the best score of a detection of its own class covering it (IoU >=
+    0.5, any score in the file; 0 when none)."""
+    truth, classes = _truth_boxes(anns)
+    if not len(det.scores) or not len(truth):
+        return np.zeros(len(truth))
+    covers = box_iou_np(det.boxes.astype(np.float64), truth) >= 0.5
+    own = covers & (det.labels[:, None] == classes[None, :])
+    return np.where(own, det.scores[:, None].astype(np.float64), 0.0).max(axis=0)
+
+
+def audit_image(
+    image: dict, anns: list[dict], det: ImageDetections, names: dict[int, str],
+    min_score: float, overlap_iou: float, confidence: dict[int, float] | None = None,
+) -> list[dict]:  # fmt: skip
+    """The issues of one labeled image (see the module docstring); ``confidence``: the
+    per-class self-confidence (``class_confidence``; None: 1 for every class)."""
+    d = det.at_least(min_score)
+    truth, classes = _truth_boxes(anns)
+    own_best = own_class_scores(anns, det)
     iou = box_iou_np(d.boxes.astype(np.float64), truth)  # [detections, truths]
     out = []
     for j in range(len(d.scores)):
@@ -77,11 +98,12 @@ def audit_image(
             continue
         other = np.flatnonzero(~own & (column >= 0.5))
         common = {"annotation_id": int(ann["id"]), "category": classes[t], "box": truth[t]}
-        if len(other):
+        threshold = 1.0 if confidence is None else confidence.get(int(classes[t]), 1.0)
+        if len(other) and own_best[t] < threshold:
             j = other[np.argmax(d.scores[other])]
-            out.append(_issue("wrong_class", d.scores[j], image, names, iou=float(column[j]),
-                              suggested_category=d.labels[j], suggested_box=d.boxes[j],
-                              **common))  # fmt: skip
+            out.append(_issue("wrong_class", d.scores[j] - own_best[t], image, names,
+                              iou=float(column[j]), suggested_category=d.labels[j],
+                              suggested_box=d.boxes[j], **common))  # fmt: skip
             continue
         near = np.flatnonzero(own & (column >= overlap_iou))
         if len(near):
@@ -93,6 +115,26 @@ def audit_image(
     return out
 
 
+def _annotations_by_image(gt: CocoData) -> dict[int, list[dict]]:
+    anns_of: dict[int, list[dict]] = {}
+    for a in gt.annotations:
+        if not a.get("iscrowd"):
+            anns_of.setdefault(a["image_id"], []).append(a)
+    return anns_of
+
+
+def class_confidence(gt: CocoData, detections: dict[str, ImageDetections]) -> dict[int, float]:
+    """Per class: the mean own-class best score of its truth boxes on the audited images
+    (confident learning's per-class self-confidence threshold)."""
+    anns_of, scores = _annotations_by_image(gt), {}
+    for image in gt.images:
+        det, anns = detections.get(image["file_name"]), anns_of.get(image["id"], [])
+        if det is not None and anns:
+            for a, s in zip(anns, own_class_scores(anns, det), strict=True):
+                scores.setdefault(int(a["category_id"]), []).append(float(s))
+    return {c: float(np.mean(v)) for c, v in scores.items()}
+
+
 def audit_labels(
     gt: CocoData, detections: dict[str, ImageDetections], min_score: float = 0.5,
     overlap_iou: float = 0.1,
@@ -100,16 +142,14 @@ def audit_labels(
     """Every issue of the images of ``gt`` that ``detections`` (out-of-fold, by file
     name) cover, most likely first, as a table in ``AUDIT_SCHEMA``."""
     names = {int(c["id"]): str(c["name"]) for c in gt.categories}
-    anns_of: dict[int, list[dict]] = {}
-    for a in gt.annotations:
-        if not a.get("iscrowd"):
-            anns_of.setdefault(a["image_id"], []).append(a)
+    anns_of = _annotations_by_image(gt)
+    confidence = class_confidence(gt, detections)
     rows: list[dict] = []
     for image in gt.images:
         det = detections.get(image["file_name"])
         if det is not None:
             rows += audit_image(image, anns_of.get(image["id"], []), det, names, min_score,
-                                overlap_iou)  # fmt: skip
+                                overlap_iou, confidence)  # fmt: skip
     rows.sort(key=lambda r: (-r["score"], r["file_name"], r["issue"]))
     return pa.Table.from_pylist(rows, schema=AUDIT_SCHEMA)
 
