@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 
 from dpl_tools.data.detections import ExternalDetections
 from dpl_tools.data.parquet_files import open_dpl_parquet
+from dpl_tools.data.pseudo_views import BOX_COORDS
 from dpl_tools.errors import DplError
 from dpl_tools.io import atomic_path
 
@@ -51,7 +52,7 @@ CROSSFIT_FILE = "crossfit.parquet"
 LABELER_FILE = "labeler_detections.parquet"
 LABELER_FOLD = -1
 CROSSFIT_META_KEY = b"dpl_crossfit"
-_BOX = ("x1", "y1", "x2", "y2")
+_BOX = BOX_COORDS
 COLUMNS = ("image_id", "file_name", "fold", *_BOX, "score", "label")
 CROSSFIT_SCHEMA = pa.schema(
     [

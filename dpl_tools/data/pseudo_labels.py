@@ -19,10 +19,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from dpl_tools.data.pseudo_views import BOX_COORDS
 from dpl_tools.errors import DplError
 from dpl_tools.io import json_text
 
-BOX_COLUMNS = ("x1", "y1", "x2", "y2")
+BOX_COLUMNS = BOX_COORDS  # the pseudo-label columns of a box (same names everywhere)
 
 SCHEMA = pa.schema(
     [

@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from dpl_tools.data.coco import CocoData
 from dpl_tools.data.crossfit_detections import ImageDetections
+from dpl_tools.data.pseudo_views import BOX_COORDS
 from dpl_tools.evaluation.matching import box_iou_np
 
 ISSUES = ("missing", "wrong_class", "misplaced")
@@ -52,7 +53,7 @@ def _issue(kind: str, score: float, image: dict, names: dict[int, str], **fields
     for prefix, key in (("", "box"), ("suggested_", "suggested_box")):
         box = fields.pop(key, None)
         if box is not None:
-            row.update({f"{prefix}{c}": float(v) for c, v in zip(("x1", "y1", "x2", "y2"), box,
+            row.update({f"{prefix}{c}": float(v) for c, v in zip(BOX_COORDS, box,
                                                                  strict=True)})  # fmt: skip
     row.update(fields)
     return row

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from dpl_tools.data.coco import CocoData
+from dpl_tools.data.pseudo_views import BOX_COORDS
 from dpl_tools.evaluation.matching import box_iou_np, greedy_match
 from dpl_tools.report.draw import has_box
 
@@ -54,7 +55,7 @@ def mark_rows(rows: list[dict[str, Any]], boxes: np.ndarray, labels: np.ndarray)
     """Mark each kept row (``use_cls``, polished box and class) TP or FP in place; return
     the image's truth with the indices of the truths no kept row matched."""
     kept = [r for r in rows if r.get("use_cls") and has_box(r, "polished")]
-    pred = np.array([[r[f"polished_{c}"] for c in ("x1", "y1", "x2", "y2")] for r in kept],
+    pred = np.array([[r[f"polished_{c}"] for c in BOX_COORDS] for r in kept],
                     np.float64).reshape(-1, 4)  # fmt: skip
     classes = np.array([r["polished_label"] for r in kept], np.int64)
     scores = np.array([r.get("teacher_score") or 0.0 for r in kept], np.float64)
