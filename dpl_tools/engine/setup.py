@@ -1,13 +1,16 @@
 """What every training stage does first: device, process group, settings, labeled COCO set,
-and the check that two files name the same classes.
+the checkpoint a resumed run continues, and the check that two files name the same classes.
 
-Shared by the teacher (``train_detector``), the polishers (``train_polisher``) and the
-student (``train_student``), so the three start the same way and fail with the same
+The teacher (``train_detector``), the polishers (``train_polisher``) and the student
+(``train_student``) share one skeleton: ``setup_training``, ``load_train_coco``,
+``resume_checkpoint``, reseed, build or resume the model, then the training loop
+(``dpl_tools.engine.loop.train``); so the three start the same way and fail with the same
 one-line errors.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +42,25 @@ def setup_training(section: dict[str, Any], device: str, seed: int) -> TrainSetu
     if dist.enabled and torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
     return TrainSetup(torch_device, dist, TrainConfig.from_section(section, seed=seed))
+
+
+def resume_checkpoint(
+    out: str | Path,
+    resume: bool,
+    is_main: bool,
+    console: Console,
+    read: Callable[[Path], dict[str, Any]] | None = None,
+    fresh_note: str = "starting from scratch",
+) -> dict | None:
+    """With ``resume``, the checkpoint of ``out`` to continue (``find_resume_checkpoint``,
+    read with ``read``); None for a fresh run, said on the main process when a resume
+    found nothing."""
+    from dpl_tools.engine.loop import find_resume_checkpoint
+
+    ckpt = find_resume_checkpoint(out, read) if resume else None
+    if resume and ckpt is None and is_main:
+        console.print(f"no checkpoint to resume at {out}; {fresh_note}")
+    return ckpt
 
 
 def load_train_coco(

@@ -28,11 +28,16 @@ from dpl_tools.engine.loop import (
     SaveFn,
     TrainConfig,
     TrainResult,
-    find_resume_checkpoint,
     last_checkpoint_path,
     train,
 )
-from dpl_tools.engine.setup import TrainSetup, check_categories, load_train_coco, setup_training
+from dpl_tools.engine.setup import (
+    TrainSetup,
+    check_categories,
+    load_train_coco,
+    resume_checkpoint,
+    setup_training,
+)
 from dpl_tools.models.checkpoint import (
     DetectorSpec,
     check_same_model,
@@ -99,9 +104,7 @@ def start_detector(
     """The first half of the teacher's and the student's training: with ``resume``, the
     periodic checkpoint of ``out`` (the same model as ``requested``, else a one-line
     error) rebuilt by ``resumed``; otherwise ``fresh()``. Seeded like an uninterrupted run."""
-    ckpt = find_resume_checkpoint(out) if resume else None
-    if resume and ckpt is None and is_main:
-        console.print(f"no checkpoint to resume at {out}; {fresh_note}")
+    ckpt = resume_checkpoint(out, resume, is_main, console, fresh_note=fresh_note)
     seed_everything(seed)
     if ckpt is not None:
         check_same_model(ckpt, requested, out, source)

@@ -18,8 +18,7 @@ from dpl_tools.data.detection import DetectionDataset
 from dpl_tools.data.image_list import load_image_list
 from dpl_tools.data.student_data import StudentDataset, collate_student
 from dpl_tools.engine.ema import ModelEMA
-from dpl_tools.engine.loop import EMAHook, Hook, TrainLoop, TrainResult, find_resume_checkpoint
-from dpl_tools.engine.loop import train as train_loop
+from dpl_tools.engine.loop import EMAHook, Hook, TrainLoop, TrainResult
 from dpl_tools.engine.online import (
     OnlineImages,
     OnlineLabeler,
@@ -29,7 +28,7 @@ from dpl_tools.engine.online import (
 )
 from dpl_tools.engine.polish_settings import applied_polisher
 from dpl_tools.engine.setup import load_train_coco, setup_training
-from dpl_tools.engine.train_detector import checkpoint_saver
+from dpl_tools.engine.train_detector import start_detector, train_detector
 from dpl_tools.engine.train_student import (
     _resume_student,
     build_student,
@@ -37,10 +36,9 @@ from dpl_tools.engine.train_student import (
 )
 from dpl_tools.errors import DplError
 from dpl_tools.io import sha256_file
-from dpl_tools.models.checkpoint import DetectorSpec, check_same_model, save_detector
+from dpl_tools.models.checkpoint import DetectorSpec, save_detector
 from dpl_tools.models.polisher import load_polisher
 from dpl_tools.models.student_criterion import make_student, student_losses, supervision
-from dpl_tools.runtime import seed_everything
 
 
 def teacher_path_of(out: str | Path) -> Path:
@@ -104,13 +102,13 @@ def train_student_online(
     records = load_image_list(unlabeled, unlabeled_root, allow_outside_root)
     if not records and scfg["unlabeled_ratio"] > 0:
         raise DplError(f"{unlabeled}: no unlabeled images to learn from")
-    resume_ckpt = find_resume_checkpoint(out) if resume else None
-    seed_everything(seed)
-    model, spec = build_student(teacher, coco.categories, ann, config)
-    if resume_ckpt is not None:
-        requested = requested_student_model(teacher, config)
-        check_same_model(resume_ckpt, requested, out, f"--teacher {teacher}: ")
-        model, spec = _resume_student(resume_ckpt, coco.categories, out, Path(ann), config)
+    start = start_detector(
+        out, resume, seed, run.dist.is_main, console, requested_student_model(teacher, config),
+        lambda: build_student(teacher, coco.categories, ann, config),
+        lambda ckpt: _resume_student(ckpt, coco.categories, out, Path(ann), config),
+        f"--teacher {teacher}: ", "starting from the teacher",
+    )  # fmt: skip
+    model, spec = start.model, start.spec
     spec.extra.update(online=True, config=plain(config), polisher=str(polisher))
     make_student(model)
     model.to(run.device)
@@ -131,12 +129,8 @@ def train_student_online(
     log = OnlineLog(labeler, scfg["online_log_every"], console, record=spec.extra)
     teacher_spec = replace(spec, kind="teacher", extra={**spec.extra, "ema_of": str(out)})
     hooks = [EMAHook(ema, model), log, SaveEMATeacher(ema, teacher_spec, teacher_path_of(out), log)]
-    seed_everything(seed + run.dist.rank)
-    result = train_loop(
-        model, dataset, run.cfg, run.device, run.dist,
-        loss_fn=online_losses(student_losses(scfg["unlabeled_weight"]), labeler),
-        collate_fn=collate_student, save=checkpoint_saver(out, spec, seed), hooks=hooks,
-        resume_state=resume_ckpt["train_state"] if resume_ckpt else None,
-        description="train-student --online", console=console, out=out,
+    result = train_detector(
+        start, dataset, run, out, seed, console, "train-student --online",
+        online_losses(student_losses(scfg["unlabeled_weight"]), labeler), collate_student, hooks,
     )  # fmt: skip
     return model, spec, result, log

@@ -41,7 +41,6 @@ from dpl_tools.engine.loop import (
     LossFn,
     SaveFn,
     TrainLoop,
-    find_resume_checkpoint,
     last_checkpoint_path,
     train,
 )
@@ -52,7 +51,12 @@ from dpl_tools.engine.polisher_batches import (
     evaluate_polisher,
     teacher_batch,
 )
-from dpl_tools.engine.setup import check_categories, load_train_coco, setup_training
+from dpl_tools.engine.setup import (
+    check_categories,
+    load_train_coco,
+    resume_checkpoint,
+    setup_training,
+)
 from dpl_tools.errors import DplError
 from dpl_tools.io import sha256_file, write_json
 from dpl_tools.models.checkpoint import load_detector, unwrap
@@ -178,10 +182,9 @@ def _resume_state(
     return its training state for the loop (the EMA weights back under the EMA hook); None
     (said on the main process) when there is none to resume."""
     where = last_checkpoint_path(out)
-    ckpt = find_resume_checkpoint(out, read_polisher_checkpoint)
+    ckpt = resume_checkpoint(out, True, dist.is_main, console, read_polisher_checkpoint,
+                             "starting afresh")  # fmt: skip
     if ckpt is None:
-        if dist.is_main:
-            console.print(f"no checkpoint to resume at {where}; starting afresh")
         return None
     if ckpt["teacher_sha256"] != sha256_file(teacher_path):
         raise DplError(f"{where}: trained with another teacher than {teacher_path}; cannot resume")
