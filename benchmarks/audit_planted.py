@@ -210,8 +210,9 @@ def main() -> None:
         common = ["--images", images, "--config", out / "config.yaml", "--seed", args.seed,
                   "--device", "cpu"]  # fmt: skip
         if not (out / "teacher.pt").is_file():  # the teacher a user would have, on the mistakes
+            # --resume: continues an interrupted run from its periodic checkpoint
             dpl("train-teacher", "--ann", out / "corrupted.json", "--out", out / "teacher.pt",
-                *common)  # fmt: skip
+                "--resume", *common)  # fmt: skip
         dpl("synth-noise", "--noise-model", "crossfit", "--ann", out / "corrupted.json",
             "--teacher", out / "teacher.pt", "--out", out / "noise.parquet", *common)  # fmt: skip
     crossfit_s = time.time() - start
