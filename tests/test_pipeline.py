@@ -105,6 +105,10 @@ def test_run_produces_every_stage_artifact(pipeline_run) -> None:
     quality = json.loads((run / "pseudo_quality.json").read_text())
     assert "box_quality" in quality
     assert yaml.safe_load((run / "config.yaml").read_text())["teacher"]["iters"] == 2
+    # each stage prints what its command prints (the run calls the API, not the CLI)
+    for title in ("split of", "teacher run/teacher.pt", "synth-noise -> run/noise.parquet",
+                  "polisher run/polisher.pt", "student run/student.pt", "AP"):  # fmt: skip
+        assert title in result.stdout, title
 
 
 def test_python_run_reads_the_finished_run(pipeline_run, monkeypatch) -> None:

@@ -8,6 +8,7 @@ range; the others with a range of their own (``within``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -215,6 +216,32 @@ AllowOutsideRoot = Annotated[
 # module imports another.
 
 
+def show_stage_result(console: Console, stage: Stage, result: Any) -> None:
+    """What the stage's own command prints after it ran (the CLI modules' printers)."""
+    from dpl_tools import api
+    from dpl_tools.cli import split, synth_noise, train_polisher, train_student, train_teacher
+    from dpl_tools.cli.evaluate import print_evaluation, print_pseudo_quality
+
+    params = stage.params
+    if stage.function == "split":
+        title = f"split of {params['ann']} (fold {params['fold']}, seed {params['seed']})"
+        split.print_split(console, result, title)
+    elif stage.function == "train_teacher":
+        train_teacher.print_teacher(console, result)
+    elif stage.function == "synth_noise":
+        cfg = api.stage_config(params.get("config"), "polisher")["polisher"]
+        synth_noise.print_noise(console, result, cfg)
+    elif stage.function == "train_polisher":
+        boxes = "labeler's" if params.get("detections") else "cross-fitted"
+        train_polisher.print_polisher(console, result, boxes)
+    elif stage.function == "train_student":
+        train_student.print_student(console, result)
+    elif isinstance(result, api.Evaluation):
+        print_evaluation(console, result, params["ann"], params.get("json_out"))
+    elif isinstance(result, api.PseudoQuality):
+        print_pseudo_quality(console, result)
+
+
 def stage_printer(console: Console) -> Callable[[str, Stage], None]:
     """Print one line per pipeline stage as it starts (its ``dpl`` command), resumes an
     interrupted run of itself (``--resume``), or is skipped."""
@@ -231,17 +258,12 @@ def stage_printer(console: Console) -> Callable[[str, Stage], None]:
 
 def stage_runner(console: Console) -> Callable[[Stage, bool], None]:
     """Run a pipeline stage in this process (``Stage.call``, the API function its command
-    calls) and print what its command prints for an evaluation: the metrics table, or
-    the pseudo-label quality tables."""
+    calls) and print what its command prints: the split, the trained models' tables, the
+    noise pairs, the metrics or pseudo-label quality (polish prints its own summary)."""
 
     def invoke(stage: Stage, resume: bool) -> None:
-        from dpl_tools import api
-        from dpl_tools.cli.evaluate import print_evaluation, print_pseudo_quality
-
         result = stage.call(resume, console)
-        if isinstance(result, api.Evaluation):
-            print_evaluation(console, result, stage.params["ann"], stage.params.get("json_out"))
-        elif isinstance(result, api.PseudoQuality):
-            print_pseudo_quality(console, result)
+        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 reports
+            show_stage_result(console, stage, result)
 
     return invoke

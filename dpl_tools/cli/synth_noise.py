@@ -33,7 +33,7 @@ from dpl_tools.cli.options import (
     setting,
 )
 from dpl_tools.cli.setting_flags import Flags, with_setting_flags
-from dpl_tools.engine.polisher_noise import print_crossfit
+from dpl_tools.engine.polisher_noise import NoiseFile, print_crossfit
 from dpl_tools.errors import DplError
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input, resolve_output
 from dpl_tools.tables import ReportTable
@@ -149,11 +149,17 @@ def command(
         category_map=category_map, device=device, seed=seed, workers=workers,
         allow_outside_root=allow_outside_root, console=console, flags=flags,
     )  # fmt: skip
+    print_noise(console, made, cfg)
+
+
+def print_noise(console: Console, made: NoiseFile, cfg: dict) -> None:
+    """The cross-fitting summary (when it ran) and the pairs written, by kind and source;
+    ``cfg``: the ``polisher`` section the noise was made with."""
     summary, model, gt = made.summary, made.model, made.gt
     labeler = made.labeler
     if made.crossfit is not None:
         print_crossfit(made.crossfit, console)
-    table = ReportTable(title=f"synth-noise -> {out_path}", title_justify="left")
+    table = ReportTable(title=f"synth-noise -> {made.path}", title_justify="left")
     for name in ("kind", "pairs", "mean IoU", "foreground"):
         table.add_column(name, justify="right")
     first = next(iter(summary.per_kind.values()), {})

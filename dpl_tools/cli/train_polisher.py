@@ -151,10 +151,17 @@ def command(
         device=device, seed=seed, resume=resume, allow_outside_root=allow_outside_root,
         console=console, flags=flags, sets=sets,
     )  # fmt: skip
+    if int(os.environ.get("RANK", 0)) == 0:
+        print_polisher(console, trained, "labeler's" if detections is not None else "cross-fitted")
+
+
+def print_polisher(console: Console, trained: api.TrainedPolisher, boxes: str) -> None:
+    """The trained polisher's table (validation, the keep rule fitted on ``boxes``: the
+    cross-fitted or the labeler's, the regression check) and its loud fallback lines."""
     result = trained.result
-    if int(os.environ.get("RANK", 0)) != 0:
-        return
-    table = ReportTable(title=f"polisher {out_path}", title_justify="left", show_header=False)
+    table = ReportTable(
+        title=f"polisher {trained.checkpoint}", title_justify="left", show_header=False
+    )
     table.add_row(
         "iterations",
         f"{result.iterations} ({result.iterations_run} in this run, {result.seconds:.1f} s)",
@@ -176,7 +183,7 @@ def command(
         table.add_row("val fg / bg recall", f"{_fmt(val['fg_recall'])} / {_fmt(val['bg_recall'])}")
     fitted = result.keep_thresholds
     if fitted:
-        _keep_rows(table, fitted, "labeler's" if detections is not None else "cross-fitted")
+        _keep_rows(table, fitted, boxes)
     if result.regression_check:
         check = result.regression_check
         table.add_row("regression pseudo labels", f"{check['choice']} ({check['reason']})")

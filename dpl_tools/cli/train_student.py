@@ -162,12 +162,13 @@ def command(
         allow_outside_root=allow_outside_root, console=console,
     )  # fmt: skip
     if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 reports
-        _print_student(console, out, trained, cfg["student"])
+        print_student(console, trained)
 
 
-def _print_student(console: Console, out: Path, trained, scfg: dict) -> None:
+def print_student(console: Console, trained: api.TrainedDetector) -> None:
     """The trained student's table: what it learned from, and how long it took."""
     spec, result, data = trained.spec, trained.result, trained.data
+    out, scfg = trained.checkpoint, trained.config["student"]
     init_from = trained.extra["init"]
     table = ReportTable(title=f"student {out}", title_justify="left", show_header=False)
     table.add_row(

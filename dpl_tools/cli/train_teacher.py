@@ -71,10 +71,16 @@ def command(
         allow_outside_root=allow_outside_root, console=console, flags=flags,
         sets=set_overrides(set_values),
     )  # fmt: skip
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 reports
+        print_teacher(console, trained)
+
+
+def print_teacher(console: Console, trained: api.TrainedDetector) -> None:
+    """The trained teacher's table: architecture, iterations, time, last loss."""
     spec, result = trained.spec, trained.result
-    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports
-        return
-    table = ReportTable(title=f"teacher {out}", title_justify="left", show_header=False)
+    table = ReportTable(
+        title=f"teacher {trained.checkpoint}", title_justify="left", show_header=False
+    )
     table.add_row(
         "architecture", f"{spec.arch} ({len(spec.categories)} classes, {spec.min_size} px)"
     )
