@@ -120,3 +120,27 @@ def test_cli_online_and_its_refusals(trained, tmp_path) -> None:
     assert "--negatives ignore or hard" in str(soft.exception)
     same = CliRunner().invoke(app, [*base, "--out", str(trained["teacher"])])
     assert same.exception is not None and "teacher.pt" in str(same.exception)
+
+
+def test_online_pipeline_stage_equals_its_printed_command(trained, tmp_path) -> None:
+    """``dpl run`` with ``student.online``: the stage calls api.train_student_online; its
+    printed command line, typed, trains the same student."""
+    import json
+
+    from dpl_tools.pipeline import online_student_stage
+
+    preset = tmp_path / "online.yaml"
+    preset.write_text(json.dumps({**CONFIG, "student": {**CONFIG["student"], "online": True}}))
+    stage = online_student_stage(
+        "train-student", trained["ann"], trained["images"], trained["ann"], trained["teacher"],
+        trained["polisher"], tmp_path / "called.pt", 0, str(preset), "cpu",
+    )  # fmt: skip
+    result = stage.call(console=None)
+    assert result.checkpoint == tmp_path / "called.pt" and result.extra["log"]
+    argv = stage.argv
+    assert argv[:1] == ["train-student"] and "--pseudo" not in argv
+    argv[argv.index("--out") + 1] = str(tmp_path / "typed.pt")
+    typed = CliRunner().invoke(app, argv)
+    assert typed.exit_code == 0, typed.output
+    a, b = _weights(tmp_path / "called.pt"), _weights(tmp_path / "typed.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
