@@ -72,13 +72,16 @@ class Stage:
     def call(self, resume: bool = False, console: Any = None) -> Any:
         """Run the stage in this process: its API function with its keywords; returns the
         function's result object."""
+        import inspect
+
         from dpl_tools import api
 
+        function = getattr(api, self.function)
         extra = {"resume": resume} if self.function in RESUMABLE else {}
-        if self.function not in ("evaluate_pseudo",):
+        if "console" in inspect.signature(function).parameters:
             extra["console"] = console
         params = {k: v for k, v in self.params.items() if v is not None}  # as in argv
-        return getattr(api, self.function)(**params, **extra)
+        return function(**params, **extra)
 
     def fingerprint(self) -> dict:
         """What the output depends on: the command line and the inputs' contents."""
