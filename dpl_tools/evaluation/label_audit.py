@@ -79,12 +79,14 @@ def own_class_scores(anns: list[dict], det: ImageDetections) -> np.ndarray:
 def audit_image(
     image: dict, anns: list[dict], det: ImageDetections, names: dict[int, str],
     min_score: float, overlap_iou: float, confidence: dict[int, float] | None = None,
+    own_best: np.ndarray | None = None,
 ) -> list[dict]:  # fmt: skip
     """The issues of one labeled image (see the module docstring); ``confidence``: the
-    per-class self-confidence (``class_confidence``; None: 1 for every class)."""
+    per-class self-confidence (``class_confidence``; None: 1 for every class);
+    ``own_best``: its ``own_class_scores`` when already computed."""
     d = det.at_least(min_score)
     truth, classes = _truth_boxes(anns)
-    own_best = own_class_scores(anns, det)
+    own_best = own_class_scores(anns, det) if own_best is None else own_best
     iou = box_iou_np(d.boxes.astype(np.float64), truth)  # [detections, truths]
     out = []
     for j in range(len(d.scores)):
@@ -124,16 +126,30 @@ def _annotations_by_image(gt: CocoData) -> dict[int, list[dict]]:
     return anns_of
 
 
+def _own_scores_by_image(
+    gt: CocoData, anns_of: dict[int, list[dict]], detections: dict[str, ImageDetections]
+) -> dict[int, np.ndarray]:
+    """``own_class_scores`` of every audited image (one with detections), by image id."""
+    return {
+        image["id"]: own_class_scores(anns_of.get(image["id"], []), det)
+        for image in gt.images
+        if (det := detections.get(image["file_name"])) is not None
+    }
+
+
+def _mean_by_class(anns_of: dict[int, list[dict]], own: dict[int, np.ndarray]) -> dict[int, float]:
+    scores: dict[int, list[float]] = {}
+    for image_id, best in own.items():
+        for a, s in zip(anns_of.get(image_id, []), best, strict=True):
+            scores.setdefault(int(a["category_id"]), []).append(float(s))
+    return {c: float(np.mean(v)) for c, v in scores.items()}
+
+
 def class_confidence(gt: CocoData, detections: dict[str, ImageDetections]) -> dict[int, float]:
     """Per class: the mean own-class best score of its truth boxes on the audited images
     (confident learning's per-class self-confidence threshold)."""
-    anns_of, scores = _annotations_by_image(gt), {}
-    for image in gt.images:
-        det, anns = detections.get(image["file_name"]), anns_of.get(image["id"], [])
-        if det is not None and anns:
-            for a, s in zip(anns, own_class_scores(anns, det), strict=True):
-                scores.setdefault(int(a["category_id"]), []).append(float(s))
-    return {c: float(np.mean(v)) for c, v in scores.items()}
+    anns_of = _annotations_by_image(gt)
+    return _mean_by_class(anns_of, _own_scores_by_image(gt, anns_of, detections))
 
 
 def audit_labels(
@@ -144,13 +160,14 @@ def audit_labels(
     name) cover, most likely first, as a table in ``AUDIT_SCHEMA``."""
     names = {int(c["id"]): str(c["name"]) for c in gt.categories}
     anns_of = _annotations_by_image(gt)
-    confidence = class_confidence(gt, detections)
+    own = _own_scores_by_image(gt, anns_of, detections)  # once: the threshold and the flags
+    confidence = _mean_by_class(anns_of, own)
     rows: list[dict] = []
     for image in gt.images:
         det = detections.get(image["file_name"])
         if det is not None:
             rows += audit_image(image, anns_of.get(image["id"], []), det, names, min_score,
-                                overlap_iou, confidence)  # fmt: skip
+                                overlap_iou, confidence, own[image["id"]])  # fmt: skip
     rows.sort(key=lambda r: (-r["score"], r["file_name"], r["issue"]))
     return pa.Table.from_pylist(rows, schema=AUDIT_SCHEMA)
 
