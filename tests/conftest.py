@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,3 +21,20 @@ def synth_dataset(tmp_path_factory) -> Path:
     """
     out = tmp_path_factory.mktemp("synth")
     return make_synthetic_dataset(out, num_images=24, image_size=(128, 96), max_objects=3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def module_dir(request, tmp_path_factory):
+    """Make fresh directories for a test module's shared fixtures; they are removed when the
+    module is done (kept after a failure), so a full run holds one module's checkpoints at a
+    time rather than every module's (CI's disk is small)."""
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    if request.session.testsfailed == 0:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)

@@ -17,11 +17,11 @@ from dpl_tools.data.synthetic import make_synthetic_dataset
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory) -> dict:
+def planted(module_dir) -> dict:
     """Detections = the true boxes (score .9, one image also a low-score stray box); the
     labels: image 0 loses a box, image 1 has a class swapped, image 2 a box shifted by
     60% of its width; the other images are clean."""
-    root = tmp_path_factory.mktemp("audit")
+    root = module_dir("audit")
     ann = make_synthetic_dataset(root / "data", num_images=6, image_size=(128, 96),
                                  max_objects=3, seed=11)  # fmt: skip
     truth = json.loads(ann.read_text())

@@ -316,9 +316,9 @@ def _rows(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def polish_run(tmp_path_factory) -> tuple[Path, Path]:
+def polish_run(module_dir) -> tuple[Path, Path]:
     """Three tiny images and an untrained teacher + polisher (images folder, run dir)."""
-    return make_run(tmp_path_factory.mktemp("polish"), num_images=3)
+    return make_run(module_dir("polish"), num_images=3)
 
 
 def test_polish_resume_keeps_ids_retries_unreadable_and_reports_odd_entries(tmp_path, polish_run):

@@ -331,9 +331,9 @@ def test_pipeline_passes_the_config_to_polish(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> dict[str, Path]:
+def tiny_run(module_dir) -> dict[str, Path]:
     """Six tiny images, an untrained teacher (64 px) and a polisher tied to it."""
-    root = tmp_path_factory.mktemp("cfgrun")
+    root = module_dir("cfgrun")
     ann = make_synthetic_dataset(root / "data", num_images=6, image_size=(80, 64), seed=3)
     categories = json.loads(ann.read_text())["categories"]
     torch.manual_seed(0)

@@ -125,10 +125,10 @@ def test_mixed_rows_give_the_real_share():
 
 
 @pytest.fixture(scope="module")
-def crossfit_data(tmp_path_factory):
+def crossfit_data(module_dir):
     """9 labeled + 3 test images (80x64), a teacher checkpoint whose recorded recipe trains
     fold teachers in 1 iteration, and a config that makes real pairs of weak detections."""
-    root = tmp_path_factory.mktemp("crossfit")
+    root = module_dir("crossfit")
     ann = make_synthetic_dataset(root, num_images=12, image_size=(80, 64), max_objects=2, seed=3)
     raw = read_json(ann)
     labeled_ids = {r["id"] for r in raw["images"][:9]}

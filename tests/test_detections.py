@@ -21,9 +21,9 @@ FLAGS = ["--workers", "0", "--device", "cpu", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def run_setup(tmp_path_factory) -> tuple[Path, Path, dict]:
+def run_setup(module_dir) -> tuple[Path, Path, dict]:
     """(images folder, run dir, the images' COCO ground truth)."""
-    root = tmp_path_factory.mktemp("detections")
+    root = module_dir("detections")
     images, run = make_run(root)
     return images, run, json.loads((images.parent / "annotations.json").read_text())
 

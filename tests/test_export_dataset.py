@@ -23,9 +23,9 @@ BOX = ("x1", "y1", "x2", "y2")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
+def data(module_dir) -> dict[str, Path]:
     """10 images (80x64): 0-5 labeled, 5-9 pseudo-labeled (image 5 is both), plus a val set."""
-    root = tmp_path_factory.mktemp("export")
+    root = module_dir("export")
     ann = make_synthetic_dataset(root / "data", num_images=10, image_size=(80, 64), seed=3)
     full = json.loads(ann.read_text())
     keep = {im["id"] for im in full["images"][:6]}

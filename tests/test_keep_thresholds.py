@@ -81,9 +81,9 @@ def _write_crossfit(path: Path, ann: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> dict[str, Path]:
+def run(module_dir) -> dict[str, Path]:
     """Tiny images, an untrained teacher, its noise pairs, and a crossfit.parquet."""
-    root = tmp_path_factory.mktemp("keep")
+    root = module_dir("keep")
     ann = make_synthetic_dataset(root / "data", num_images=6, image_size=(80, 64), seed=1)
     categories = json.loads(ann.read_text())["categories"]
     torch.manual_seed(0)

@@ -40,11 +40,11 @@ def _text(result) -> str:
 
 
 @pytest.fixture(scope="module")
-def labeler_data(tmp_path_factory):
+def labeler_data(module_dir):
     """8 labeled images (80x64, 3 classes), a random teacher, and a labeler's COCO results
     on them: every GT box shifted by SHIFT px with its true class, except the first box of
     the first image, given the wrong class, plus one false positive per image."""
-    root = tmp_path_factory.mktemp("labeler")
+    root = module_dir("labeler")
     ann = make_synthetic_dataset(root, num_images=8, image_size=(80, 64), max_objects=2, seed=5)
     raw = read_json(ann)
     cats = [c["id"] for c in raw["categories"]]

@@ -36,8 +36,8 @@ CONFIG = {
 
 
 @pytest.fixture(scope="module")
-def trained(synth_dataset, tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("online")
+def trained(synth_dataset, module_dir) -> dict:
+    root = module_dir("online")
     images = synth_dataset.parent / "images"
     teacher = api.train_teacher(synth_dataset, images, root / "teacher.pt", CONFIG, device="cpu")
     polisher = api.train_polisher(teacher.checkpoint, synth_dataset, images,

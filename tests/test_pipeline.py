@@ -65,8 +65,8 @@ def _dpl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    root = tmp_path_factory.mktemp("pipeline")
+def pipeline_run(module_dir) -> tuple[Path, subprocess.CompletedProcess]:
+    root = module_dir("pipeline")
     make_synthetic_dataset(root / "train", num_images=10, image_size=(80, 64), seed=3)
     make_synthetic_dataset(root / "test", num_images=3, image_size=(80, 64), seed=4)
     config = {

@@ -65,8 +65,8 @@ def invoke(*args: str, env: dict | None = None):
 
 
 @pytest.fixture(scope="module")
-def run_setup(tmp_path_factory) -> tuple[Path, Path]:
-    return make_run(tmp_path_factory.mktemp("polish"))
+def run_setup(module_dir) -> tuple[Path, Path]:
+    return make_run(module_dir("polish"))
 
 
 def test_schema_metadata_bad_images_and_exports(run_setup, tmp_path):

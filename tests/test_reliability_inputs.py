@@ -95,9 +95,9 @@ def _single_colour_png(path: Path, width: int, height: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def bomb_png(tmp_path_factory) -> Path:
+def bomb_png(module_dir) -> Path:
     """30000x30000 pixels (900 Mpx, 2.7 GB as RGB) in a 110 KB file."""
-    return _single_colour_png(tmp_path_factory.mktemp("bomb") / "bomb.png", 30000, 30000)
+    return _single_colour_png(module_dir("bomb") / "bomb.png", 30000, 30000)
 
 
 def _yolo_dataset(root: Path) -> Path:

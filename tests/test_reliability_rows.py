@@ -62,10 +62,10 @@ def _write(path: Path, rows: list[dict], categories: list[dict]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict:
+def data(module_dir) -> dict:
     """4 images of 96x64; pseudo labels = the truth, plus 4 unusable rows (NaN and Inf
     boxes, an inverted box, a box of width -5) on images 0 and 1."""
-    root = tmp_path_factory.mktemp("rows")
+    root = module_dir("rows")
     ann = make_synthetic_dataset(root / "data", num_images=4, image_size=(W, H), seed=5)
     coco = json.loads(ann.read_text())
     by_image: dict[int, list] = {}
@@ -262,13 +262,13 @@ def test_evaluate_pseudo_leaves_bad_rows_out(data, tmp_path, monkeypatch, capsys
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, data) -> Path:
+def checkpoint(module_dir, data) -> Path:
     from dpl_tools.models.checkpoint import DetectorSpec, save_detector
     from dpl_tools.models.detector import build_detector
 
     cats = data["cats"]
     model = build_detector("mobilenet_v2_fpn", len(cats), "none", 64, 96)
-    path = tmp_path_factory.mktemp("ckpt") / "teacher.pt"
+    path = module_dir("ckpt") / "teacher.pt"
     save_detector(path, model, DetectorSpec("mobilenet_v2_fpn", cats, 64, 96))
     return path
 

@@ -80,8 +80,8 @@ def fake_polish_run(ann_path: Path, seed: int = 0) -> tuple[pa.Table, dict]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("report")
+def run(module_dir):
+    root = module_dir("report")
     ann = make_synthetic_dataset(root, num_images=12, image_size=(128, 96), max_objects=4, seed=3)
     table, coco = fake_polish_run(ann)
     labels = root / "labels.parquet"

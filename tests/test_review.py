@@ -30,8 +30,8 @@ IMAGES = [
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("review")
+def data(module_dir) -> dict:
+    root = module_dir("review")
     ann = make_synthetic_dataset(root / "data", num_images=4, image_size=(80, 64), seed=5)
     full = json.loads(ann.read_text())
     rows = []

@@ -166,8 +166,8 @@ def _pseudo_file(inputs: dict, tmp_path, change) -> str:
 
 
 @pytest.fixture(scope="module")
-def inputs(synth_dataset, tmp_path_factory) -> dict:
-    return write_student_inputs(synth_dataset, tmp_path_factory.mktemp("criterion"))
+def inputs(synth_dataset, module_dir) -> dict:
+    return write_student_inputs(synth_dataset, module_dir("criterion"))
 
 
 def _load(inputs: dict, pseudo, **student):

@@ -230,8 +230,8 @@ def test_criterion_uses_the_teacher_only_for_pseudo_labeled_images() -> None:
 
 
 @pytest.fixture(scope="module")
-def inputs(synth_dataset, tmp_path_factory) -> dict:
-    return write_student_inputs(synth_dataset, tmp_path_factory.mktemp("negatives"))
+def inputs(synth_dataset, module_dir) -> dict:
+    return write_student_inputs(synth_dataset, module_dir("negatives"))
 
 
 def _first_target(inputs: dict, **student) -> dict:

@@ -99,8 +99,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def inputs(synth_dataset, tmp_path_factory) -> dict:
-    return write_student_inputs(synth_dataset, tmp_path_factory.mktemp("student"))
+def inputs(synth_dataset, module_dir) -> dict:
+    return write_student_inputs(synth_dataset, module_dir("student"))
 
 
 def _truth(raw: dict, file_name: str) -> np.ndarray:

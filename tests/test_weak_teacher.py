@@ -47,10 +47,10 @@ def _invoke(*args) -> object:
 
 
 @pytest.fixture(scope="module")
-def weak(tmp_path_factory) -> dict:
+def weak(module_dir) -> dict:
     """9 labeled and 3 unlabeled tiny images, an untrained teacher (its recipe: 2
     iterations), and a polisher trained with --noise-model crossfit on 1-iteration folds."""
-    root = tmp_path_factory.mktemp("weak")
+    root = module_dir("weak")
     ann = make_synthetic_dataset(root, num_images=12, image_size=(80, 64), max_objects=2, seed=5)
     raw = read_json(ann)
     labeled_ids = {r["id"] for r in raw["images"][:9]}
