@@ -144,3 +144,13 @@ def test_online_pipeline_stage_equals_its_printed_command(trained, tmp_path) -> 
     assert typed.exit_code == 0, typed.output
     a, b = _weights(tmp_path / "called.pt"), _weights(tmp_path / "typed.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # dpl run shows the stage's result as the command prints it: the online student's table
+    from rich.console import Console
+
+    from dpl_tools.cli.options import show_stage_result
+
+    shown = Console(record=True, width=200)
+    show_stage_result(shown, stage, result)
+    text = shown.export_text()
+    for line in ("(online)", "EMA teacher", "pseudo labels made"):
+        assert line in text and line in typed.output, line

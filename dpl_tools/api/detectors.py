@@ -34,6 +34,7 @@ class TrainedDetector:
     config: dict[str, Any]
     data: Any = None  # the student's data counts (StudentData); None for a teacher
     extra: dict[str, Any] = field(default_factory=dict)
+    role: str = "teacher"  # teacher, student or online student
 
 
 def train_teacher(
@@ -125,7 +126,7 @@ def train_student(
         )  # fmt: skip
     finally:
         cleanup_distributed()
-    return TrainedDetector(out, spec, result, cfg, data, {"init": str(init_from)})
+    return TrainedDetector(out, spec, result, cfg, data, {"init": str(init_from)}, "student")
 
 
 def train_student_online(
@@ -172,7 +173,7 @@ def train_student_online(
     finally:
         cleanup_distributed()
     extra = {"init": str(teacher), "teacher": str(teacher_path_of(out)), "log": log.history}
-    return TrainedDetector(out, spec, result, cfg, None, extra)
+    return TrainedDetector(out, spec, result, cfg, None, extra, "online student")
 
 
 @dataclass
@@ -184,6 +185,8 @@ class Evaluation:
     summary: dict[str, Any]
     detections: list[dict[str, Any]]
     written: list[Path] = field(default_factory=list)
+    ann: Path | None = None  # the labeled set it was scored on
+    json_out: Path | None = None  # the metrics file, when one was asked for
 
 
 def evaluate(
@@ -221,4 +224,5 @@ def evaluate(
     if predictions:
         write_json(predictions, result.detections)
         written.append(Path(predictions))
-    return Evaluation(Path(model), result.metrics, result.summary(), result.detections, written)
+    return Evaluation(Path(model), result.metrics, result.summary(), result.detections, written,
+                      Path(ann), Path(json_out) if json_out else None)  # fmt: skip

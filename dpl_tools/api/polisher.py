@@ -99,6 +99,7 @@ class TrainedPolisher:
     result: PolisherResult
     noise: NoiseFile | None
     config: dict[str, Any]
+    fitted_on: str = "cross-fitted"  # the boxes the keep rule was fitted on (or "labeler's")
 
 
 def train_polisher(
@@ -174,4 +175,5 @@ def train_polisher(
         )  # fmt: skip
     finally:
         cleanup_distributed()
-    return TrainedPolisher(Path(out), result, made, cfg)
+    boxes = "labeler's" if labeler is not None else "cross-fitted"
+    return TrainedPolisher(Path(out), result, made, cfg, boxes)

@@ -61,16 +61,14 @@ def print_pseudo_quality(console: Console, quality: api.PseudoQuality) -> None:
         console.print(f"figures written to {path}")
 
 
-def print_evaluation(
-    console: Console, result: api.Evaluation, ann: Path, json_out: Path | None = None
-) -> None:
+def print_evaluation(console: Console, result: api.Evaluation) -> None:
     """The metrics table and speed of ``api.evaluate``, and the files it wrote."""
-    title = f"{result.checkpoint} on {ann} ({result.summary['images']} images)"
+    title = f"{result.checkpoint} on {result.ann} ({result.summary['images']} images)"
     print_metrics(console, result.metrics, title)
     speed = result.summary
     console.print(f"inference: {speed['inference_s']:.1f} s, {speed['images_per_s']:.2f} images/s")
     for path in result.written:
-        what = "metrics" if path == Path(json_out or "") else f"{len(result.detections)} detections"
+        what = "metrics" if path == result.json_out else f"{len(result.detections)} detections"
         console.print(f"{what} written to {path}")
 
 
@@ -146,4 +144,4 @@ def command(
         score_thresh=score_thresh, max_dets=max_dets, json_out=json_out,
         predictions=predictions, allow_outside_root=allow_outside_root, console=console,
     )  # fmt: skip
-    print_evaluation(console, result, ann, json_out)
+    print_evaluation(console, result)

@@ -217,29 +217,35 @@ AllowOutsideRoot = Annotated[
 
 
 def show_stage_result(console: Console, stage: Stage, result: Any) -> None:
-    """What the stage's own command prints after it ran (the CLI modules' printers)."""
+    """What the stage's own command prints after it ran: the printer of the CLI module
+    whose command returns this kind of result (polish prints its own summary)."""
     from dpl_tools import api
-    from dpl_tools.cli import split, synth_noise, train_polisher, train_student, train_teacher
-    from dpl_tools.cli.evaluate import print_evaluation, print_pseudo_quality
+    from dpl_tools.cli import (
+        evaluate,
+        split,
+        synth_noise,
+        train_polisher,
+        train_student,
+        train_teacher,
+    )
+    from dpl_tools.engine.polisher_noise import NoiseFile
 
-    params = stage.params
-    if stage.function == "split":
-        title = f"split of {params['ann']} (fold {params['fold']}, seed {params['seed']})"
-        split.print_split(console, result, title)
-    elif stage.function == "train_teacher":
-        train_teacher.print_teacher(console, result)
-    elif stage.function == "synth_noise":
-        cfg = api.stage_config(params.get("config"), "polisher")["polisher"]
-        synth_noise.print_noise(console, result, cfg)
-    elif stage.function == "train_polisher":
-        boxes = "labeler's" if params.get("detections") else "cross-fitted"
-        train_polisher.print_polisher(console, result, boxes)
-    elif stage.function == "train_student":
-        train_student.print_student(console, result)
-    elif isinstance(result, api.Evaluation):
-        print_evaluation(console, result, params["ann"], params.get("json_out"))
-    elif isinstance(result, api.PseudoQuality):
-        print_pseudo_quality(console, result)
+    detector_printers = {
+        "teacher": train_teacher.print_teacher,
+        "student": train_student.print_student,
+        "online student": train_student.print_online_student,
+    }
+    printers: dict[type, Callable[[Console, Any], None]] = {
+        api.SplitFiles: split.print_split,
+        NoiseFile: synth_noise.print_noise,
+        api.TrainedPolisher: train_polisher.print_polisher,
+        api.TrainedDetector: lambda c, trained: detector_printers[trained.role](c, trained),
+        api.Evaluation: evaluate.print_evaluation,
+        api.PseudoQuality: evaluate.print_pseudo_quality,
+    }
+    printer = printers.get(type(result))
+    if printer is not None:
+        printer(console, result)
 
 
 def stage_printer(console: Console) -> Callable[[str, Stage], None]:

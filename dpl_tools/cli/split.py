@@ -68,12 +68,14 @@ def command(
         ann, out_dir, percent=percent, labeled_count=labeled_count, fold=fold, seed=seed,
         images=images, allow_outside_root=allow_outside_root, console=console,
     )  # fmt: skip
-    print_split(console, written, f"split of {ann} (fold {fold}, seed {seed})")
+    print_split(console, written)
 
 
-def print_split(console: Console, written: api.SplitFiles, title: str) -> None:
+def print_split(console: Console, written: api.SplitFiles) -> None:
     """The files of a split, with their images and boxes."""
     result, paths = written.split, written.files
+    info = result.info
+    title = f"split of {info['source']} (fold {info['fold']}, seed {info['seed']})"
     table = ReportTable(title=title, title_justify="left")
     for column in ("file", "images", "boxes"):
         table.add_column(column, justify="left" if column == "file" else "right")

@@ -149,14 +149,12 @@ def command(
         category_map=category_map, device=device, seed=seed, workers=workers,
         allow_outside_root=allow_outside_root, console=console, flags=flags,
     )  # fmt: skip
-    print_noise(console, made, cfg)
+    print_noise(console, made)
 
 
-def print_noise(console: Console, made: NoiseFile, cfg: dict) -> None:
-    """The cross-fitting summary (when it ran) and the pairs written, by kind and source;
-    ``cfg``: the ``polisher`` section the noise was made with."""
+def print_noise(console: Console, made: NoiseFile) -> None:
+    """The cross-fitting summary (when it ran) and the pairs written, by kind and source."""
     summary, model, gt = made.summary, made.model, made.gt
-    labeler = made.labeler
     if made.crossfit is not None:
         print_crossfit(made.crossfit, console)
     table = ReportTable(title=f"synth-noise -> {made.path}", title_justify="left")
@@ -175,8 +173,8 @@ def print_noise(console: Console, made: NoiseFile, cfg: dict) -> None:
     console.print(table)
     sources = ", ".join(f"{n} {k}" for k, n in sorted(summary.per_source.items()))
     console.print(
-        f"{len(gt.image_ids)} images, {len(gt.boxes)} GT boxes, {cfg['rounds']} round(s), "
-        f"noise model {'detections' if labeler else cfg['noise_model']} ({model.name} "
+        f"{len(gt.image_ids)} images, {len(gt.boxes)} GT boxes, {made.rounds} round(s), "
+        f"noise model {made.source} ({model.name} "
         f"synthetic noise); pairs: {sources}",
         highlight=False,
     )

@@ -152,12 +152,12 @@ def command(
         console=console, flags=flags, sets=sets,
     )  # fmt: skip
     if int(os.environ.get("RANK", 0)) == 0:
-        print_polisher(console, trained, "labeler's" if detections is not None else "cross-fitted")
+        print_polisher(console, trained)
 
 
-def print_polisher(console: Console, trained: api.TrainedPolisher, boxes: str) -> None:
-    """The trained polisher's table (validation, the keep rule fitted on ``boxes``: the
-    cross-fitted or the labeler's, the regression check) and its loud fallback lines."""
+def print_polisher(console: Console, trained: api.TrainedPolisher) -> None:
+    """The trained polisher's table (validation, the keep rule fitted on the cross-fitted or
+    the labeler's boxes, the regression check) and its loud fallback lines."""
     result = trained.result
     table = ReportTable(
         title=f"polisher {trained.checkpoint}", title_justify="left", show_header=False
@@ -183,7 +183,7 @@ def print_polisher(console: Console, trained: api.TrainedPolisher, boxes: str) -
         table.add_row("val fg / bg recall", f"{_fmt(val['fg_recall'])} / {_fmt(val['bg_recall'])}")
     fitted = result.keep_thresholds
     if fitted:
-        _keep_rows(table, fitted, boxes)
+        _keep_rows(table, fitted, trained.fitted_on)
     if result.regression_check:
         check = result.regression_check
         table.add_row("regression pseudo labels", f"{check['choice']} ({check['reason']})")

@@ -223,14 +223,18 @@ def _online(
         unlabeled_root=root, unlabeled_gt=unlabeled_gt, device=device, seed=seed,
         resume=resume, allow_outside_root=allow_outside_root, console=console,
     )  # fmt: skip
-    if int(os.environ.get("RANK", 0)) != 0:
-        return
+    if int(os.environ.get("RANK", 0)) == 0:
+        print_online_student(console, trained)
+
+
+def print_online_student(console: Console, trained: api.TrainedDetector) -> None:
+    """The online student's table: its EMA teacher, the last pseudo labels it made, time."""
     result, log = trained.result, trained.extra["log"]
-    table = ReportTable(title=f"student {out} (online)", title_justify="left",
+    momentum = trained.config["student"]["ema_momentum"]
+    table = ReportTable(title=f"student {trained.checkpoint} (online)", title_justify="left",
                         show_header=False)  # fmt: skip
     table.add_row("initialised from", f"{trained.extra['init']} (the teacher)")
-    table.add_row("EMA teacher", f"{trained.extra['teacher']} (momentum "
-                  f"{cfg['student']['ema_momentum']:g})")  # fmt: skip
+    table.add_row("EMA teacher", f"{trained.extra['teacher']} (momentum {momentum:g})")
     if log:
         last = log[-1]
         table.add_row("pseudo labels made", f"{last['pseudo_boxes']} teacher boxes, "

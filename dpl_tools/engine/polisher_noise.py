@@ -81,6 +81,8 @@ class NoiseFile:
     gt: GroundTruth
     crossfit: CrossfitResult | None = None
     labeler: dict[str, Any] | None = None  # what was read from --detections
+    rounds: int = 1  # independent noise draws
+    source: str = "gaussian"  # the real-error source: the noise model, or detections
 
 
 def _progress(console: Console, name: str) -> Progress:
@@ -179,7 +181,9 @@ def make_noise_file(
         summary = write_noise_parquet(
             out_path, tables, meta, on_chunk=lambda t: progress.advance(task, t.num_rows)
         )
-    return NoiseFile(Path(out_path), model, summary, gt, crossfit, described.get("labeler"))
+    labeler_read = described.get("labeler")
+    source = "detections" if labeler_read else name
+    return NoiseFile(Path(out_path), model, summary, gt, crossfit, labeler_read, rounds, source)
 
 
 def _labeler_file(
