@@ -58,7 +58,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -144,36 +144,6 @@ def dpl(argv: list[str], threads: int | None = None) -> None:
 def run_stage(stage: Stage, resume: bool, threads: int | None = None) -> None:
     """A pipeline stage as a user runs it: its printed ``dpl`` command, in a subprocess."""
     dpl(stage.command_line(resume), threads)
-
-
-def run_in_parallel(stages: list[Stage], run_dir: Path, jobs: int, event) -> None:
-    """``run_stages`` with up to ``jobs`` stages at a time: a stage starts once the stages
-    making its inputs are done and its other inputs exist, earlier-listed stages first.
-    Each stage's threads are fixed by CHAIN_THREADS (1 for the others)."""
-    producer = {stage.output: stage.name for stage in stages}
-    pending, running, done = list(stages), {}, set()
-
-    def ready(stage: Stage) -> bool:
-        return all(producer[p] in done if p in producer else p.exists() for p in stage.inputs)
-
-    def one(stage: Stage) -> None:
-        threads = CHAIN_THREADS.get(stage.command, 1)
-        run_stages([stage], run_dir, lambda stage, resume: run_stage(stage, resume, threads), event)
-
-    with ThreadPoolExecutor(jobs) as pool:
-        while pending or running:
-            for stage in [s for s in pending if ready(s)]:
-                if len(running) >= jobs:
-                    break
-                pending.remove(stage)
-                running[pool.submit(one, stage)] = stage
-            if not running:
-                names = ", ".join(s.name for s in pending)
-                raise RuntimeError(f"stages whose inputs never appear: {names}")
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                future.result()  # a failed stage stops the seed
-                done.add(running.pop(future).name)
 
 
 def dataset_data(dataset: str, seed: int, run_dir: Path) -> tuple[PipelineData, str]:
@@ -399,10 +369,11 @@ def run_seed(dataset: str, seed: int, rows: set[str], version: str, stage_jobs: 
             (run_dir / ".stages").mkdir(exist_ok=True)
             (run_dir / ".stages" / f"{stage.name}.began").write_text(f"{time.time()}\n")
 
-    if stage_jobs > 1:
-        run_in_parallel(stages, run_dir, stage_jobs, event)
-    else:
-        run_stages(stages, run_dir, run_stage, event)
+    def invoke(stage: Stage, resume: bool) -> None:
+        threads = CHAIN_THREADS.get(stage.command, 1) if stage_jobs > 1 else None
+        run_stage(stage, resume, threads)
+
+    run_stages(stages, run_dir, invoke, event, jobs=stage_jobs)  # stage_jobs at once
     if "p90" in todo:  # its polish options come from a fit on the trained polisher
         run_stages(p90_stages(dataset, seed, run_dir), run_dir, run_stage, event)
     record_seed(dataset, seed, version)

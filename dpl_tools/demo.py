@@ -87,13 +87,13 @@ def demo_stages(
     config = str(preset_path(config))
     stages = pipeline_stages(data, run_dir, config, rounds=1, device=device)
     labeled, labels = run_dir / "split" / "labeled.json", run_dir / "labels.parquet"
-    for row, view, extra in (
-        ("raw", "raw", None),
-        ("labeled-only", None, {"unlabeled_ratio": 0}),
+    for row, pseudo, view, extra in (
+        ("raw", labels, "raw", None),
+        ("labeled-only", None, None, {"unlabeled_ratio": 0}),  # needs no pseudo label
     ):
         student = run_dir / f"student_{row.replace('-', '_')}.pt"
         stages += [
-            student_stage(f"train-student-{row}", labeled, data.images, labels,
+            student_stage(f"train-student-{row}", labeled, data.images, pseudo,
                           run_dir / "teacher.pt", student, data.seed, config, device,
                           pseudo_view=view, extra=extra),
             evaluate_model_stage(f"evaluate-student-{row}", student, data.test_ann,

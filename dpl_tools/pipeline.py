@@ -136,18 +136,21 @@ def run_stages(
     invoke: Invoke | None = None,
     on_event: Callable[[str, Stage], None] | None = None,
     force: bool = False,
+    jobs: int = 1,
 ) -> list[str]:
     """Run each stage whose output is not current; returns the names of those that ran.
     ``invoke(stage, resume)`` runs one (default: ``stage.call`` in this process). A
     training stage that was interrupted (``resumes``) continues with resume; the event
-    is then "resume" instead of "start"."""
+    is then "resume" instead of "start". ``jobs`` > 1: up to that many stages at once,
+    each once the stages writing its inputs are done (``stage_jobs.run_concurrently``;
+    ``invoke`` is then called from worker threads)."""
     invoke = invoke or (lambda stage, resume: stage.call(resume))
-    ran = []
-    for stage in stages:
+
+    def run_one(stage: Stage) -> bool:
         if not force and is_current(run_dir, stage):
             if on_event:
                 on_event("skip", stage)
-            continue
+            return False
         resume = not force and resumes(run_dir, stage)
         if on_event:
             on_event("resume" if resume else "start", stage)
@@ -155,8 +158,13 @@ def run_stages(
             write_json(stamp_path(run_dir, stage, ".started"), stage.fingerprint())
         invoke(stage, resume)
         write_json(stamp_path(run_dir, stage), stage.fingerprint())
-        ran.append(stage.name)
-    return ran
+        return True
+
+    if jobs > 1:
+        from dpl_tools.stage_jobs import run_concurrently
+
+        return run_concurrently(stages, run_one, jobs)
+    return [stage.name for stage in stages if run_one(stage)]
 
 
 DATA_DEFAULTS = RUN_SETTINGS["data"]  # a run config's data section (split settings)

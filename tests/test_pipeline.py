@@ -81,7 +81,9 @@ def pipeline_run(module_dir) -> tuple[Path, subprocess.CompletedProcess]:
         **TINY,
     }
     (root / "run.yaml").write_text(yaml.safe_dump(config))
-    result = _dpl("run", "run.yaml", "--device", "cpu", cwd=root)
+    # two stages at a time (each as its printed command, in a subprocess): the outputs
+    # must be those of the commands typed one by one (test_printed_commands_...)
+    result = _dpl("run", "run.yaml", "--device", "cpu", "--jobs", "2", cwd=root)
     return root, result
 
 
@@ -105,10 +107,13 @@ def test_run_produces_every_stage_artifact(pipeline_run) -> None:
     quality = json.loads((run / "pseudo_quality.json").read_text())
     assert "box_quality" in quality
     assert yaml.safe_load((run / "config.yaml").read_text())["teacher"]["iters"] == 2
-    # each stage prints what its command prints (the run calls the API, not the CLI)
+    # each stage prints what its command prints, logged under logs/; progress lines are
+    # shown as they come, with the stage's name
     for title in ("split of", "teacher run/teacher.pt", "synth-noise -> run/noise.parquet",
                   "polisher run/polisher.pt", "student run/student.pt", "AP"):  # fmt: skip
         assert title in result.stdout, title
+    assert "train-teacher: train-teacher 2/2 (100%)" in result.stdout
+    assert "teacher run/teacher.pt" in (run / "logs" / "train-teacher.log").read_text()
 
 
 def test_python_run_reads_the_finished_run(pipeline_run, monkeypatch) -> None:
@@ -186,6 +191,7 @@ def test_rerun_skips_finished_stages_and_reruns_changed_ones(pipeline_run) -> No
     for stage in ("split", "train-teacher", "synth-noise", "evaluate-teacher"):
         assert f"- {stage}: up to date" in third.stdout
     assert "> train-polisher:" in third.stdout
+    assert "polisher run/polisher.pt" in third.stdout  # one job: in this process, same table
     assert (root / "run" / "polisher.pt").is_file()
     assert (root / "run" / "teacher.pt").stat().st_mtime == teacher_mtime
 

@@ -81,7 +81,7 @@ def student_init(init: str | None, cfg: Mapping[str, Any]) -> str:
 def train_student(
     ann: str | Path,
     images: str | Path,
-    pseudo: str | Path | None,
+    pseudo: str | Path | None = None,
     out: str | Path = "runs/student.pt",
     config: ConfigLike = None,
     *,

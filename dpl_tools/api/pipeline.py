@@ -32,20 +32,24 @@ def run(
     rounds: int = 1,
     device: str = "auto",
     force: bool = False,
+    jobs: int = 1,
     console: Console | None = None,
 ) -> PipelineRun:
     """Run every stage of the run config ``config`` (a data section + presets) in
     ``run_dir`` (default: the config's ``run.run_dir``, else dpl-run); ``rounds``
-    self-training rounds; ``force`` reruns current stages too. With a ``console`` each
-    stage prints its command line as it starts."""
+    self-training rounds; ``force`` reruns current stages too; ``jobs`` > 1 runs that
+    many stages at once, each as its ``dpl`` command in a subprocess (``stage_jobs``).
+    With a ``console`` each stage prints its command line as it starts."""
     from dpl_tools.cli.options import stage_printer, stage_runner
 
     data, run_dir, stage_config = load_run_config(Path(config), run_dir)
     stages = pipeline_stages(data, run_dir, str(stage_config), rounds=rounds, device=device)
-    if console is None:
+    if console is None and jobs <= 1:
         ran = run_stages(stages, run_dir, force=force)
     else:
-        ran = run_stages(stages, run_dir, stage_runner(console), stage_printer(console), force)
+        console = console or Console(quiet=True)
+        invoke = stage_runner(console, run_dir, jobs)
+        ran = run_stages(stages, run_dir, invoke, stage_printer(console), force, jobs)
     evaluations = {
         p.stem: json.loads(p.read_text()) for p in sorted((Path(run_dir) / "eval").glob("*.json"))
     }

@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from dpl_tools.cli.options import Device, Seed, stage_printer, stage_runner, within
+from dpl_tools.cli.options import Device, Jobs, Seed, stage_printer, stage_runner, within
 from dpl_tools.config import load_config, merge, preset_path, read_config
 from dpl_tools.demo import DEMO_DATA, DEMO_PRESET, demo_stages, demo_summary, prepare_demo_data
 from dpl_tools.io import write_json
@@ -117,6 +117,7 @@ def command(
     backbone_weights: BackboneWeightsOption = None,
     device: Device = "auto",
     seed: Seed = 0,
+    jobs: Jobs = 1,
 ) -> None:
     console = Console()
     load_config(config)  # a missing, unknown or invalid config fails before any data is made
@@ -131,7 +132,8 @@ def command(
                        labeled_percent=percent)  # fmt: skip
         data = prepare_demo_data(run_dir, seed, spec)
         stages = demo_stages(data, run_dir, device=device, config=config)
-        run_stages(stages, run_dir, stage_runner(console), stage_printer(console))
+        invoke = stage_runner(console, run_dir, jobs)
+        run_stages(stages, run_dir, invoke, stage_printer(console), jobs=jobs)
         figures = demo_summary(run_dir)
     finally:
         if out is None:

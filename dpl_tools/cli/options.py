@@ -19,7 +19,7 @@ from rich.console import Console
 from dpl_tools.defaults import SETTINGS
 from dpl_tools.errors import DplError
 from dpl_tools.pipeline import Stage
-from dpl_tools.settings import NON_NEGATIVE, Range, Setting, SettingError
+from dpl_tools.settings import AT_LEAST_1, NON_NEGATIVE, Range, Setting, SettingError
 from dpl_tools.textfiles import parse_yaml
 
 
@@ -73,6 +73,18 @@ Seed = Annotated[
         "--seed",
         help="Random seed (>= 0); the same seed gives the same result on CPU.",
         callback=within(NON_NEGATIVE),
+    ),
+]
+Jobs = Annotated[
+    int,
+    typer.Option(
+        "--jobs",
+        help="Stages at once (>= 1). 1: one after another in this process, on all cores. "
+        "N > 1: a stage starts once the stages it reads from are done, as its printed dpl "
+        "command in a subprocess with cores/N torch threads (output in "
+        "<run-dir>/logs/<stage>.log); faster on CPU for small models, e.g. the demo's. "
+        "The same N gives the same result; another N changes the last bits.",
+        callback=within(AT_LEAST_1),
     ),
 ]
 Config = Annotated[
@@ -262,10 +274,20 @@ def stage_printer(console: Console) -> Callable[[str, Stage], None]:
     return on_event
 
 
-def stage_runner(console: Console) -> Callable[[Stage, bool], None]:
+def stage_runner(
+    console: Console, run_dir: Path | None = None, jobs: int = 1
+) -> Callable[[Stage, bool], None]:
     """Run a pipeline stage in this process (``Stage.call``, the API function its command
     calls) and print what its command prints: the split, the trained models' tables, the
-    noise pairs, the metrics or pseudo-label quality (polish prints its own summary)."""
+    noise pairs, the metrics or pseudo-label quality (polish prints its own summary).
+    ``jobs`` > 1 stages at once: each runs as its printed command in a subprocess with
+    its share of the cores (``stage_jobs.stage_process``, logged under ``run_dir``)."""
+    if jobs > 1:
+        from dpl_tools.stage_jobs import stage_process, threads_per_stage
+
+        if run_dir is None:
+            raise ValueError("stage_runner: several jobs need the run directory for their logs")
+        return stage_process(console, run_dir, threads_per_stage(jobs))
 
     def invoke(stage: Stage, resume: bool) -> None:
         result = stage.call(resume, console)

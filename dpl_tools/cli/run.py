@@ -24,7 +24,7 @@ import typer
 from rich.console import Console
 
 from dpl_tools import api
-from dpl_tools.cli.options import Device, within
+from dpl_tools.cli.options import Device, Jobs, within
 from dpl_tools.data.pseudo_labels import pseudo_label_sources
 from dpl_tools.pipeline import round_dir
 from dpl_tools.settings import AT_LEAST_1
@@ -48,9 +48,11 @@ def command(
     ] = 1,
     force: Annotated[bool, typer.Option("--force", help="Rerun every stage.")] = False,
     device: Device = "auto",
+    jobs: Jobs = 1,
 ) -> None:
     console = Console()
-    result = api.run(config, run_dir, rounds=rounds, device=device, force=force, console=console)
+    result = api.run(config, run_dir, rounds=rounds, device=device, force=force, jobs=jobs,
+                     console=console)  # fmt: skip
     ran, stages, run_dir = result.ran, result.stages, result.run_dir
     console.print(
         f"[bold green]done[/]: {len(ran)} stage(s) ran, {len(stages) - len(ran)} up to date"

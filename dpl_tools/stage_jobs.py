@@ -1,0 +1,115 @@
+"""Several pipeline stages at a time (``dpl run --jobs N``, ``dpl demo --jobs N``).
+
+A stage starts once the stages that write its inputs are done, earlier-listed stages
+first, at most ``jobs`` at once. Each runs as its printed ``dpl`` command in a subprocess
+with ``threads // jobs`` torch threads (``threads``: this process's, i.e. the cores or
+OMP_NUM_THREADS). A small detector scales poorly over threads (the demo's 2-image step is
+only 1.2x faster on 2 threads than on 1), so two stages on one core each do more work per
+second than one stage on both. A stage's thread count does not depend on timing, so a
+seed gives the same result run after run; another thread count changes the last bits of
+float sums, so ``--jobs`` is part of the recipe. A stage's output goes to
+``<run-dir>/logs/<stage>.log``; its progress lines are shown as they come, prefixed with
+the stage's name, the rest when it ends.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.markup import escape
+
+from dpl_tools.errors import DplError
+
+if TYPE_CHECKING:
+    from dpl_tools.pipeline import Stage
+
+# What dpl_tools.progress writes off a terminal: "<task> <done>[/<total>] ... elapsed H:MM:SS"
+PROGRESS_LINE = re.compile(r"^\S.* elapsed \d+:\d\d:\d\d$")
+
+
+def threads_per_stage(jobs: int, threads: int | None = None) -> int:
+    """Torch threads of each stage when ``jobs`` share ``threads`` (default: this
+    process's, i.e. OMP_NUM_THREADS or the cores)."""
+    import torch
+
+    return max(1, (threads or torch.get_num_threads()) // max(1, jobs))
+
+
+def run_concurrently(
+    stages: Sequence[Stage], run_one: Callable[[Stage], bool], jobs: int
+) -> list[str]:
+    """Call ``run_one(stage)`` in worker threads, at most ``jobs`` at a time, each stage
+    once the stages writing its inputs are done; returns the names of the stages that
+    ran (``run_one`` true), in list order. A failed stage stops new starts; the running
+    ones finish, then its error is raised."""
+    producer = {stage.output: stage.name for stage in stages}
+    pending, running, done, ran = list(stages), {}, set(), set()
+    error: BaseException | None = None
+
+    def ready(stage: Stage) -> bool:
+        return all(producer[p] in done for p in stage.inputs if p in producer)
+
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        while running or (pending and error is None):
+            for stage in [s for s in pending if ready(s)] if error is None else []:
+                if len(running) >= jobs:
+                    break
+                pending.remove(stage)
+                running[pool.submit(run_one, stage)] = stage
+            if not running:
+                names = ", ".join(s.name for s in pending)
+                raise DplError(f"stages whose inputs no stage writes in time: {names}")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                stage = running.pop(future)
+                error = error or future.exception()
+                done.add(stage.name)
+                if future.exception() is None and future.result():
+                    ran.add(stage.name)
+    if error is not None:
+        raise error
+    return [s.name for s in stages if s.name in ran]
+
+
+def stage_process(console: Console, run_dir: Path, threads: int) -> Callable[[Stage, bool], None]:
+    """Run a stage as its printed ``dpl`` command in a subprocess with ``threads`` torch
+    threads; its output is logged to ``<run-dir>/logs/<stage>.log`` and shown (progress
+    lines as they come, the rest as one block when it ends)."""
+    lock = threading.Lock()
+
+    def invoke(stage: Stage, resume: bool) -> None:
+        argv = [sys.executable, "-m", "dpl_tools.cli", *stage.command_line(resume)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        log = Path(run_dir) / "logs" / f"{stage.name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        block: list[str] = []
+        with open(log, "w") as out:  # written as it comes, for tail -f
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, env=env, bufsize=1)  # fmt: skip
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                out.write(line)
+                line = line.rstrip("\n")
+                if PROGRESS_LINE.match(line):
+                    console.print(f"[dim]{stage.name}:[/] {escape(line)}", highlight=False)
+                else:
+                    block.append(line)
+            code = proc.wait()
+        with lock:  # one stage's tables stay together
+            console.print(f"[bold]{stage.name}[/] ({'done' if code == 0 else 'failed'}):")
+            for line in block:
+                console.print(escape(line), highlight=False, soft_wrap=True)
+        if code != 0:
+            last = next((x for x in reversed(block) if x.strip()), f"exit status {code}")
+            raise DplError(f"stage {stage.name} failed: {last.strip()} (its output: {log})")
+
+    return invoke
