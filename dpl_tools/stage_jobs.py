@@ -1,11 +1,12 @@
 """Several pipeline stages at a time (``dpl run --jobs N``, ``dpl demo --jobs N``).
 
 A stage starts once the stages that write its inputs are done, earlier-listed stages
-first, at most ``jobs`` at once. Each runs as its printed ``dpl`` command in a subprocess
-with ``threads // jobs`` torch threads (``threads``: this process's, i.e. the cores or
-OMP_NUM_THREADS). A small detector scales poorly over threads (the demo's 2-image step is
-only 1.2x faster on 2 threads than on 1), so two stages on one core each do more work per
-second than one stage on both. A stage's thread count does not depend on timing, so a
+first, at most ``jobs`` at once. Each runs as its printed ``dpl`` command in a subprocess.
+The stages that make the pseudo labels (``CHAIN``) take all of this process's threads
+(the cores, or OMP_NUM_THREADS); the students and evaluations, which come in groups, take
+``threads // jobs`` each: a small detector scales poorly over threads (the demo's 2-image
+step is only 1.2x faster on 2 threads than on 1), so two of them on one core each do more
+work per second than one on both. A stage's thread count does not depend on timing, so a
 seed gives the same result run after run; another thread count changes the last bits of
 float sums, so ``--jobs`` is part of the recipe. A stage's output goes to
 ``<run-dir>/logs/<stage>.log``; its progress lines are shown as they come, prefixed with
@@ -36,12 +37,19 @@ if TYPE_CHECKING:
 PROGRESS_LINE = re.compile(r"^\S.* elapsed \d+:\d\d:\d\d$")
 
 
-def threads_per_stage(jobs: int, threads: int | None = None) -> int:
-    """Torch threads of each stage when ``jobs`` share ``threads`` (default: this
-    process's, i.e. OMP_NUM_THREADS or the cores)."""
+# The stages that make the pseudo labels: every later stage waits for them, so they run
+# mostly alone and take every thread (the polisher's dense heads use them: 1.7x faster on
+# 2 threads than on 1); students and evaluations come in groups and share the threads.
+CHAIN = ("split", "train_teacher", "synth_noise", "train_polisher", "polish")
+
+
+def threads_per_stage(stage: Stage, jobs: int, threads: int | None = None) -> int:
+    """Torch threads of ``stage`` when ``jobs`` stages share ``threads`` (default: this
+    process's, i.e. OMP_NUM_THREADS or the cores): all of them on the chain, else a share."""
     import torch
 
-    return max(1, (threads or torch.get_num_threads()) // max(1, jobs))
+    threads = threads or torch.get_num_threads()
+    return threads if stage.function in CHAIN else max(1, threads // max(1, jobs))
 
 
 def run_concurrently(
@@ -80,15 +88,19 @@ def run_concurrently(
     return [s.name for s in stages if s.name in ran]
 
 
-def stage_process(console: Console, run_dir: Path, threads: int) -> Callable[[Stage, bool], None]:
-    """Run a stage as its printed ``dpl`` command in a subprocess with ``threads`` torch
-    threads; its output is logged to ``<run-dir>/logs/<stage>.log`` and shown (progress
-    lines as they come, the rest as one block when it ends)."""
+def stage_process(
+    console: Console, run_dir: Path, jobs: int, threads: int | None = None
+) -> Callable[[Stage, bool], None]:
+    """Run a stage as its printed ``dpl`` command in a subprocess with its torch threads
+    (``threads_per_stage``); its output is logged to ``<run-dir>/logs/<stage>.log`` and
+    shown (progress lines as they come, the rest as one block when it ends)."""
     lock = threading.Lock()
 
     def invoke(stage: Stage, resume: bool) -> None:
+        threads_here = threads_per_stage(stage, jobs, threads)
         argv = [sys.executable, "-m", "dpl_tools.cli", *stage.command_line(resume)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads_here)}
+        env["MKL_NUM_THREADS"] = env["OMP_NUM_THREADS"]
         log = Path(run_dir) / "logs" / f"{stage.name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         block: list[str] = []
@@ -100,7 +112,9 @@ def stage_process(console: Console, run_dir: Path, threads: int) -> Callable[[St
                 out.write(line)
                 line = line.rstrip("\n")
                 if PROGRESS_LINE.match(line):
-                    console.print(f"[dim]{stage.name}:[/] {escape(line)}", highlight=False)
+                    console.print(
+                        f"[dim]{stage.name}:[/] {escape(line)}", highlight=False, soft_wrap=True
+                    )
                 else:
                     block.append(line)
             code = proc.wait()

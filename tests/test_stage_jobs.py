@@ -91,9 +91,30 @@ def test_stages_that_cannot_start_are_named() -> None:
 
 
 def test_threads_are_shared_out_and_progress_lines_are_recognised() -> None:
-    assert threads_per_stage(2, 2) == 1 and threads_per_stage(2, 16) == 8
-    assert threads_per_stage(4, 2) == 1  # at least one
+    student = Stage("train-student", "train_student", {}, Path("s.pt"))
+    polisher = Stage("train-polisher", "train_polisher", {}, Path("p.pt"))
+    assert threads_per_stage(student, 2, 2) == 1 and threads_per_stage(student, 2, 16) == 8
+    assert threads_per_stage(student, 4, 2) == 1  # at least one
+    assert threads_per_stage(polisher, 2, 16) == 16  # the pseudo labels' chain: all of them
     assert PROGRESS_LINE.match(
         "train-student 17/300 (6%)  loss 1.387  lr 4.00e-03  elapsed 0:00:10"
     )
     assert not PROGRESS_LINE.match("│ iterations │ 300 (300 in this run) │")
+
+
+def test_a_stage_process_that_fails_names_its_error_and_its_log(tmp_path) -> None:
+    """A stage run as its printed command: its one-line error and the log it wrote."""
+    from rich.console import Console
+
+    from dpl_tools.stage_jobs import stage_process
+
+    missing = tmp_path / "missing.json"
+    stage = Stage("split", "split", {"ann": missing, "out_dir": tmp_path / "split"},
+                  tmp_path / "split" / "labeled.json", [missing])  # fmt: skip
+    console = Console(record=True, width=200)
+    with pytest.raises(DplError, match=r"stage split failed: error: .*missing\.json") as err:
+        run_stages([stage], tmp_path, stage_process(console, tmp_path, 2, 1), jobs=2)
+    log = tmp_path / "logs" / "split.log"
+    assert str(log) in str(err.value)
+    assert "missing.json" in log.read_text()
+    assert "split (failed)" in console.export_text()

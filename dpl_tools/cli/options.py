@@ -283,11 +283,11 @@ def stage_runner(
     ``jobs`` > 1 stages at once: each runs as its printed command in a subprocess with
     its share of the cores (``stage_jobs.stage_process``, logged under ``run_dir``)."""
     if jobs > 1:
-        from dpl_tools.stage_jobs import stage_process, threads_per_stage
+        from dpl_tools.stage_jobs import stage_process
 
         if run_dir is None:
             raise ValueError("stage_runner: several jobs need the run directory for their logs")
-        return stage_process(console, run_dir, threads_per_stage(jobs))
+        return stage_process(console, run_dir, jobs)
 
     def invoke(stage: Stage, resume: bool) -> None:
         result = stage.call(resume, console)
