@@ -2,15 +2,15 @@
 
 A stage starts once the stages that write its inputs are done, earlier-listed stages
 first, at most ``jobs`` at once. Each runs as its printed ``dpl`` command in a subprocess.
-The stages that make the pseudo labels (``CHAIN``) take all of this process's threads
-(the cores, or OMP_NUM_THREADS); the students and evaluations, which come in groups, take
-``threads // jobs`` each: a small detector scales poorly over threads (the demo's 2-image
-step is only 1.2x faster on 2 threads than on 1), so two of them on one core each do more
-work per second than one on both. A stage's thread count does not depend on timing, so a
-seed gives the same result run after run; another thread count changes the last bits of
-float sums, so ``--jobs`` is part of the recipe. A stage's output goes to
-``<run-dir>/logs/<stage>.log``; its progress lines are shown as they come, prefixed with
-the stage's name, the rest when it ends.
+The stages that make the pseudo labels (``RUN_ALONE``) run alone, on all of this
+process's threads (the cores, or OMP_NUM_THREADS); the students and evaluations, which
+come in groups, run beside each other on ``threads // jobs`` each: a small detector scales
+poorly over threads (the demo's 2-image step is only 1.2x faster on 2 threads than on 1),
+so two of them on one core each do more work per second than one on both. A stage's
+thread count does not depend on timing, so a seed gives the same result run after run;
+another thread count changes the last bits of float sums, so ``--jobs`` is part of the
+recipe. A stage's output goes to ``<run-dir>/logs/<stage>.log``; its progress lines are
+shown as they come, prefixed with the stage's name, the rest when it ends.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,28 +37,32 @@ if TYPE_CHECKING:
 PROGRESS_LINE = re.compile(r"^\S.* elapsed \d+:\d\d:\d\d$")
 
 
-# The stages that make the pseudo labels: every later stage waits for them, so they run
-# mostly alone and take every thread (the polisher's dense heads use them: 1.7x faster on
-# 2 threads than on 1); students and evaluations come in groups and share the threads.
-CHAIN = ("split", "train_teacher", "synth_noise", "train_polisher", "polish")
+# The stages that make the pseudo labels run alone, on every thread: every later stage
+# waits for them, and the polisher's dense heads use the threads (1.7x faster on 2 than on
+# 1). Beside another stage they would oversubscribe the cores, which costs far more than
+# it gains (a fold teacher on 2 threads beside a 1-thread student on 2 cores: 3x slower).
+# Students and evaluations come in groups and share the threads.
+RUN_ALONE = ("split", "train_teacher", "synth_noise", "train_polisher", "polish")
 
 
 def threads_per_stage(stage: Stage, jobs: int, threads: int | None = None) -> int:
     """Torch threads of ``stage`` when ``jobs`` stages share ``threads`` (default: this
-    process's, i.e. OMP_NUM_THREADS or the cores): all of them on the chain, else a share."""
+    process's, i.e. OMP_NUM_THREADS or the cores): all of them for a stage that runs alone,
+    else a share."""
     import torch
 
     threads = threads or torch.get_num_threads()
-    return threads if stage.function in CHAIN else max(1, threads // max(1, jobs))
+    return threads if stage.function in RUN_ALONE else max(1, threads // max(1, jobs))
 
 
 def run_concurrently(
     stages: Sequence[Stage], run_one: Callable[[Stage], bool], jobs: int
 ) -> list[str]:
     """Call ``run_one(stage)`` in worker threads, at most ``jobs`` at a time, each stage
-    once the stages writing its inputs are done; returns the names of the stages that
-    ran (``run_one`` true), in list order. A failed stage stops new starts; the running
-    ones finish, then its error is raised."""
+    once the stages writing its inputs are done, earlier-listed first; a ``RUN_ALONE``
+    stage runs with nothing beside it. Returns the names of the stages that ran
+    (``run_one`` true), in list order. A failed stage stops new starts; the running ones
+    finish, then its error is raised."""
     producer = {stage.output: stage.name for stage in stages}
     pending, running, done, ran = list(stages), {}, set(), set()
     error: BaseException | None = None
@@ -69,8 +73,9 @@ def run_concurrently(
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         while running or (pending and error is None):
             for stage in [s for s in pending if ready(s)] if error is None else []:
-                if len(running) >= jobs:
-                    break
+                alone = stage.function in RUN_ALONE
+                if len(running) >= jobs or (running and alone) or _alone(running.values()):
+                    break  # an alone stage that waits also holds back those listed after it
                 pending.remove(stage)
                 running[pool.submit(run_one, stage)] = stage
             if not running:
@@ -86,6 +91,10 @@ def run_concurrently(
     if error is not None:
         raise error
     return [s.name for s in stages if s.name in ran]
+
+
+def _alone(stages: Iterable[Stage]) -> bool:
+    return any(stage.function in RUN_ALONE for stage in stages)
 
 
 def stage_process(

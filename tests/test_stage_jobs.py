@@ -118,3 +118,24 @@ def test_a_stage_process_that_fails_names_its_error_and_its_log(tmp_path) -> Non
     assert str(log) in str(err.value)
     assert "missing.json" in log.read_text()
     assert "split (failed)" in console.export_text()
+
+
+def test_a_stage_that_makes_pseudo_labels_runs_alone(tmp_path) -> None:
+    """The teacher / polisher chain runs with nothing beside it (it takes every thread:
+    beside another stage it would oversubscribe the cores); the others pair up."""
+    events: list = []
+    stages = [Stage("a", "noop", {}, tmp_path / "a.txt"),
+              Stage("teacher", "train_teacher", {}, tmp_path / "t.txt"),
+              Stage("b", "noop", {}, tmp_path / "b.txt"),
+              Stage("c", "noop", {}, tmp_path / "c.txt")]  # fmt: skip
+    assert run_stages(stages, tmp_path, _recording_invoke(events), jobs=2) == [
+        "a",
+        "teacher",
+        "b",
+        "c",
+    ]
+    during = events[events.index(("start", "teacher")) : events.index(("end", "teacher")) + 1]
+    assert during == [("start", "teacher"), ("end", "teacher")]
+    assert events.index(("end", "a")) < events.index(("start", "teacher"))  # waited for a
+    assert events.index(("end", "teacher")) < events.index(("start", "b"))  # b waited (list order)
+    assert _running_at_most(events) == 2  # b and c ran side by side
