@@ -81,9 +81,10 @@ Jobs = Annotated[
         "--jobs",
         help="Stages at once (>= 1). 1: one after another in this process, on all cores. "
         "N > 1: a stage starts once the stages it reads from are done, as its printed dpl "
-        "command in a subprocess with cores/N torch threads (output in "
-        "<run-dir>/logs/<stage>.log); faster on CPU for small models, e.g. the demo's. "
-        "The same N gives the same result; another N changes the last bits.",
+        "command in a subprocess (output in <run-dir>/logs/<stage>.log); the stages making "
+        "the pseudo labels run alone on all cores, students and evaluations N at a time on "
+        "cores/N threads. For machines with many cores (on 2 cores it did not pay). The "
+        "same N gives the same result; another N changes the last bits.",
         callback=within(AT_LEAST_1),
     ),
 ]
