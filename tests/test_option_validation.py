@@ -122,6 +122,8 @@ CASES = [
     ("train-student", "--augment", "medium", "'medium' is not one of weak, strong"),
     ("train-teacher", "--augment", "heavy", "'heavy' is not one of weak, strong"),
     ("run", "--rounds", "0", "must be >= 1, got 0"),
+    ("run", "--jobs", "0", "must be >= 1, got 0"),
+    ("demo", "--jobs", "0", "must be >= 1, got 0"),
     ("demo", "--seed", "-1", "must be >= 0, got -1"),
     ("demo", "--train-images", "1", "must be >= 2, got 1"),
     ("demo", "--test-images", "0", "must be >= 1, got 0"),
