@@ -7,11 +7,17 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint install
 
+# the package and what it needs to run (make demo needs no more)
 $(BIN)/dpl: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e .
 	touch $(BIN)/dpl
+
+# the test and lint tools on top (pytest, ruff, Label Studio's converter for a format test)
+$(VENV)/.dev-installed: $(BIN)/dpl
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
 
 install: $(BIN)/dpl
 
@@ -21,8 +27,8 @@ WEIGHTS := ../shared/weights/mobilenet_v2-b0353104.pth
 demo: install
 	$(BIN)/dpl demo --out dpl-demo $(if $(wildcard $(WEIGHTS)),--backbone-weights $(WEIGHTS))
 
-test: install
+test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest
 
-lint: install
+lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .

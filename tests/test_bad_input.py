@@ -438,19 +438,21 @@ def test_stable_ids_number_new_images_above_all_and_check_list_ids():
 
 
 def test_folder_listing_reports_loops_broken_links_and_image_named_folders(tmp_path):
-    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
-    (tmp_path / "loop.jpg").symlink_to("loop.jpg")
-    (tmp_path / "gone.png").symlink_to("nowhere.png")
-    (tmp_path / "x.jpg").mkdir()
-    Image.new("RGB", (8, 8)).save(tmp_path / "x.jpg" / "inner.png")
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "back").symlink_to("..")
-    linked = tmp_path.parent / f"{tmp_path.name}-linked"
+    root = tmp_path / "scan"  # the folder listed; the linked one beside it
+    root.mkdir()
+    Image.new("RGB", (8, 8)).save(root / "a.png")
+    (root / "loop.jpg").symlink_to("loop.jpg")
+    (root / "gone.png").symlink_to("nowhere.png")
+    (root / "x.jpg").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "x.jpg" / "inner.png")
+    (root / "sub").mkdir()
+    (root / "sub" / "back").symlink_to("..")
+    linked = tmp_path / "linked"
     linked.mkdir()
     Image.new("RGB", (8, 8)).save(linked / "l.png")
-    (tmp_path / "more").symlink_to(linked)  # a symlinked folder is followed once
-    scan = scan_images(tmp_path)
-    assert [p.relative_to(tmp_path).as_posix() for p in scan.files] == [
+    (root / "more").symlink_to(linked)  # a symlinked folder is followed once
+    scan = scan_images(root)
+    assert [p.relative_to(root).as_posix() for p in scan.files] == [
         "a.png", "more/l.png", "x.jpg/inner.png",
     ]  # fmt: skip
     reasons = {p.name: r for p, r in scan.skipped}
@@ -460,9 +462,9 @@ def test_folder_listing_reports_loops_broken_links_and_image_named_folders(tmp_p
         "x.jpg": "a folder named like an image (its files listed)",
         "back": "symlink loop: folder already listed (not followed)",
     }
-    assert len(load_image_list(tmp_path).skipped) == 4
+    assert len(load_image_list(root).skipped) == 4
     with pytest.raises(Exception) as e:
-        read_image(tmp_path / "loop.jpg")
+        read_image(root / "loop.jpg")
     assert "symbolic link loop" in str(e.value)
 
 
