@@ -168,6 +168,34 @@ def export_labels(
     _export(console, Path(labels), coco_out, view, yolo_out, overwrite, save_conf)
 
 
+def _checked_outputs(
+    inputs: dict[str, Any],
+    out: Path,
+    shard_index: int,
+    shard_count: int,
+    coco_out: str | Path | None,
+    yolo_out: str | Path | None,
+    overwrite: bool,
+) -> Path:
+    """The Parquet file this polish writes (``out``, or this shard's part file in the
+    folder ``out``), once every output is known to be distinct from every input."""
+    if shard_count > 1 and (coco_out or yolo_out):
+        raise DplError(
+            "--coco-out/--yolo-out need every shard's labels: after all shards finish, run "
+            "`dpl polish --out DIR --export-only --coco-out ...`"
+        )
+    check_distinct_outputs(
+        inputs, {"--out": out, "--coco-out": coco_out, "--yolo-out": yolo_out},
+        folders={"--out", "--yolo-out"},
+    )  # fmt: skip
+    dest = output_file(out, shard_index, shard_count)
+    if dest != out:  # --out is a folder of part files: this shard's file too
+        check_distinct_outputs({}, {"--out": dest, "--coco-out": coco_out})
+    if yolo_out:
+        check_yolo_out(yolo_out, overwrite)
+    return dest
+
+
 def polish(
     images: str | Path,
     out: str | Path = "runs/labels.parquet",
@@ -201,23 +229,10 @@ def polish(
         raise DplError(f"--coco-view {coco_view!r}: choose from {', '.join(VIEWS)}")
     out, teacher_path, polisher_path = Path(out), Path(teacher), Path(polisher)
     shard_index, shard_count = _shard(shard)
-    if shard_count > 1 and (coco_out or yolo_out):
-        raise DplError(
-            "--coco-out/--yolo-out need every shard's labels: after all shards finish, run "
-            "`dpl polish --out DIR --export-only --coco-out ...`"
-        )
-    check_distinct_outputs(
-        {"--images": images, "--image-root": image_root, "--teacher": teacher_path,
-         "--polisher": polisher_path, "--detections": detections,
-         "--detection-classes": detection_classes, "--category-map": category_map},
-        {"--out": out, "--coco-out": coco_out, "--yolo-out": yolo_out},
-        folders={"--out", "--yolo-out"},
-    )  # fmt: skip
-    dest = output_file(out, shard_index, shard_count)
-    if dest != out:  # --out is a folder of part files: this shard's file too
-        check_distinct_outputs({}, {"--out": dest, "--coco-out": coco_out})
-    if yolo_out:
-        check_yolo_out(yolo_out, overwrite)
+    inputs = {"--images": images, "--image-root": image_root, "--teacher": teacher_path,
+              "--polisher": polisher_path, "--detections": detections,
+              "--detection-classes": detection_classes, "--category-map": category_map}  # fmt: skip
+    dest = _checked_outputs(inputs, out, shard_index, shard_count, coco_out, yolo_out, overwrite)
     with output_lock(dest, "dpl polish"):  # a second polish of the same --out fails at once
         dev = resolve_device(device)
         image_list = load_image_list(images, image_root, allow_outside_root)
@@ -236,10 +251,9 @@ def polish(
         applied = applied_polisher(pcfg, refiner, polisher_path)
         applied.announce(console)
         settings, keep, steps = applied.settings, applied.keep, applied.settings.reg_steps
-        steps_source = applied.reg_steps_source
         meta = polish_metadata(
             spec.categories, settings, teacher_sha, sha256_file(polisher_path),
-            keep_sources={**keep.metadata(), "reg_steps_source": steps_source},
+            keep_sources={**keep.metadata(), "reg_steps_source": applied.reg_steps_source},
             fitted=keep.fitted, regression=refiner.regression_check,
         )  # fmt: skip
         given = None
