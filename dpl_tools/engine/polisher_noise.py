@@ -141,14 +141,7 @@ def make_noise_file(
         labeled = load_coco(ann_path, images, allow_outside_root=allow_outside_root)
         crossfit = run_crossfit(teacher_path, ann_path, labeled, images, out_path, config, seed,
                                 device, workers, console, allow_outside_root)  # fmt: skip
-        real_source = crossfit.path
-        described = {
-            "model": "crossfit",
-            "folds": len(crossfit.folds),
-            "fold_iterations": crossfit.fold_iters,
-            "teacher_iterations": crossfit.teacher_iters,
-            "crossfit_file": str(crossfit.path),
-        }
+        real_source, described = crossfit.path, _described(crossfit)
     if real_source is not None:
         fitted = empirical_from_crossfit(real_source, gt, cfg)
         if fitted is None:
@@ -166,14 +159,10 @@ def make_noise_file(
             cfg["empirical_min_match_iou"], config["polish"]["initial_thresh"],
             cfg["empirical_cls_min_score"], settings.fg_iou,
         )  # fmt: skip
-        dets = list(detections_by_image(real_source))
-        real = [real_pairs(gt, dets, rules, r) for r in range(rounds)]
-        meta["noise"] = {
-            **described,
-            "real_rules": asdict(rules),
-            "real_pairs": {k: _count(real[0], k) for k in ("reg", "cls")},
-            "synthetic": meta["noise"],
-        }
+        real = _real_pairs(gt, real_source, rules, rounds)
+        meta["noise"] = {**described, "real_rules": asdict(rules),
+                         "real_pairs": {k: _count(real[0], k) for k in ("reg", "cls")},
+                         "synthetic": meta["noise"]}  # fmt: skip
         tables = _chain(tables, real)
     total = rounds * len(gt.boxes) * settings.rows_per_box()
     with _progress(console, "synth-noise") as progress:
@@ -184,6 +173,23 @@ def make_noise_file(
     labeler_read = described.get("labeler")
     source = "detections" if labeler_read else name
     return NoiseFile(Path(out_path), model, summary, gt, crossfit, labeler_read, rounds, source)
+
+
+def _described(crossfit: CrossfitResult) -> dict[str, Any]:
+    """What the noise file's metadata says of the cross-fitting that made its real errors."""
+    return {
+        "model": "crossfit",
+        "folds": len(crossfit.folds),
+        "fold_iterations": crossfit.fold_iters,
+        "teacher_iterations": crossfit.teacher_iters,
+        "crossfit_file": str(crossfit.path),
+    }
+
+
+def _real_pairs(gt: GroundTruth, source: Path, rules: RealPairRules, rounds: int) -> list[pa.Table]:
+    """The real (detection, truth) pairs of every round from the detections in ``source``."""
+    dets = list(detections_by_image(source))
+    return [real_pairs(gt, dets, rules, r) for r in range(rounds)]
 
 
 def _labeler_file(
