@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from rich.console import Console
 
@@ -219,11 +220,44 @@ def run_crossfit(
         seconds.append(s)
         paths.append(path)
 
-    dev = resolve_device(device)
-    by_id = {r["id"]: r for r in coco.images}
-    cols: dict[str, list] = {k: [] for k in ("id", "name", "fold", "box", "score", "cat")}
     min_score = pcfg["empirical_cls_min_score"]
     test = {k: polish[k] for k in ("score_thresh", "nms_thresh", "detections_per_img")}
+    table = _out_of_fold_detections(paths, folds, coco, Path(images_dir), test, min_score,
+                                    resolve_device(device), workers)  # fmt: skip
+    meta = {
+        "folds": k_folds,
+        "iterations": int(recipe["teacher"]["iters"]),
+        "teacher_iterations": int(base["teacher"]["iters"]),
+        "teacher_config_sha256": recipe_sha,
+        "seed": seed,
+        "min_score": min_score,
+        "test_settings": test,
+        "fold_images": folds,
+        "categories": coco.categories,
+        "source": str(ann),
+        "fold_seconds": seconds,
+    }
+    out = write_crossfit(crossfit_path(noise_out), table, meta)
+    return CrossfitResult(
+        out, folds, seconds, reused, meta["iterations"], meta["teacher_iterations"], meta
+    )
+
+
+def _out_of_fold_detections(
+    paths: list[Path],
+    folds: list[list[int]],
+    coco: CocoData,
+    images_dir: Path,
+    test: dict[str, Any],
+    min_score: float,
+    dev: torch.device,
+    workers: int,
+) -> pa.Table:
+    """Each fold teacher's detections (score >= ``min_score``, with the test-time
+    settings ``test``) on the images it did not train on; an image with none gets one
+    null row, so every labeled image is known to have been seen."""
+    by_id = {r["id"]: r for r in coco.images}
+    cols: dict[str, list] = {k: [] for k in ("id", "name", "fold", "box", "score", "cat")}
     for k, (path, held_out) in enumerate(zip(paths, folds, strict=True)):
         detector, spec = load_detector(path, dev)
         set_test_settings(detector, float(test["score_thresh"]), float(test["nms_thresh"]),
@@ -246,25 +280,8 @@ def run_crossfit(
             cols["score"].append(score)
             cols["cat"].append(cat)
     cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items() if k != "name"}
-    table = detections_table(
+    return detections_table(
         cat["id"], cols["name"], cat["fold"], cat["box"], cat["score"], cat["cat"]
-    )
-    meta = {
-        "folds": k_folds,
-        "iterations": int(recipe["teacher"]["iters"]),
-        "teacher_iterations": int(base["teacher"]["iters"]),
-        "teacher_config_sha256": recipe_sha,
-        "seed": seed,
-        "min_score": min_score,
-        "test_settings": test,
-        "fold_images": folds,
-        "categories": coco.categories,
-        "source": str(ann),
-        "fold_seconds": seconds,
-    }
-    out = write_crossfit(crossfit_path(noise_out), table, meta)
-    return CrossfitResult(
-        out, folds, seconds, reused, meta["iterations"], meta["teacher_iterations"], meta
     )
 
 
