@@ -103,7 +103,7 @@ def stage_process(
     """Run a stage as its printed ``dpl`` command in a subprocess with its torch threads
     (``threads_per_stage``); its output is logged to ``<run-dir>/logs/<stage>.log`` and
     shown (progress lines as they come, the rest as one block when it ends)."""
-    lock = threading.Lock()
+    lock = threading.Lock()  # one stage's block of lines at a time
 
     def invoke(stage: Stage, resume: bool) -> None:
         threads_here = threads_per_stage(stage, jobs, threads)
@@ -119,15 +119,16 @@ def stage_process(
             assert proc.stdout is not None
             for line in proc.stdout:
                 out.write(line)
+                out.flush()
                 line = line.rstrip("\n")
-                if PROGRESS_LINE.match(line):
-                    console.print(
-                        f"[dim]{stage.name}:[/] {escape(line)}", highlight=False, soft_wrap=True
-                    )
-                else:
+                if not PROGRESS_LINE.match(line):
                     block.append(line)
+                    continue
+                with lock:  # not inside another stage's block
+                    shown = f"[dim]{stage.name}:[/] {escape(line)}"
+                    console.print(shown, highlight=False, soft_wrap=True)
             code = proc.wait()
-        with lock:  # one stage's tables stay together
+        with lock:
             console.print(f"[bold]{stage.name}[/] ({'done' if code == 0 else 'failed'}):")
             for line in block:
                 console.print(escape(line), highlight=False, soft_wrap=True)
