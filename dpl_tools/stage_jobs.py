@@ -113,7 +113,7 @@ def stage_process(
         log = Path(run_dir) / "logs" / f"{stage.name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         block: list[str] = []
-        with open(log, "w") as out:  # written as it comes, for tail -f
+        with open(log, "a" if resume else "w") as out:  # as it comes (tail -f); kept on resume
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, env=env, bufsize=1)  # fmt: skip
             assert proc.stdout is not None
