@@ -78,6 +78,7 @@ from dpl_tools.pipeline import (  # noqa: E402
     run_stages,
     student_stage,
 )
+from dpl_tools.stage_jobs import threads_per_stage  # noqa: E402
 
 OUT = ROOT / "benchmarks/out/seeds"
 # The demo bench: dpl demo's data at 2% labeled (20 of 1,000 images). On the validation set
@@ -123,12 +124,12 @@ def code_version() -> str:
     return h.hexdigest()[:12]
 
 
-# Torch threads of each stage when a seed runs its stages in parallel (--stage-jobs 2): the
-# chain every row waits for (teacher, cross-fitting, polishers, polish) runs alone, on both
-# cores; the students and evaluations after it run two at a time, one thread each. The
-# mapping is fixed, not chosen at run time, because the thread count changes a CPU run's
-# numbers: a row rerun in a later session gets the same teacher and pseudo labels.
-CHAIN_THREADS = {"train-teacher": 2, "synth-noise": 2, "train-polisher": 2, "polish": 2}
+# The threads a seed's stages share when they run in parallel (--stage-jobs 2), split by
+# dpl's own rule (stage_jobs.threads_per_stage: the chain every row waits for, teacher to
+# polish, alone on both; students and evaluations one each). Fixed, not read from the
+# machine, because the thread count changes a CPU run's numbers: a row rerun in a later
+# session gets the same teacher and pseudo labels.
+BENCH_THREADS = 2
 
 
 def dpl(argv: list[str], threads: int | None = None) -> None:
@@ -370,7 +371,7 @@ def run_seed(dataset: str, seed: int, rows: set[str], version: str, stage_jobs: 
             (run_dir / ".stages" / f"{stage.name}.began").write_text(f"{time.time()}\n")
 
     def invoke(stage: Stage, resume: bool) -> None:
-        threads = CHAIN_THREADS.get(stage.command, 1) if stage_jobs > 1 else None
+        threads = threads_per_stage(stage, stage_jobs, BENCH_THREADS) if stage_jobs > 1 else None
         run_stage(stage, resume, threads)
 
     run_stages(stages, run_dir, invoke, event, jobs=stage_jobs)  # stage_jobs at once
