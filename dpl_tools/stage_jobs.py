@@ -134,6 +134,7 @@ def stage_process(
                 console.print(escape(line), highlight=False, soft_wrap=True)
         if code != 0:
             last = next((x for x in reversed(block) if x.strip()), f"exit status {code}")
-            raise DplError(f"stage {stage.name} failed: {last.strip()} (its output: {log})")
+            reason = last.strip().removeprefix("error: ")  # the child's own "error: " line
+            raise DplError(f"stage {stage.name} failed: {reason} (its output: {log})")
 
     return invoke
