@@ -73,6 +73,7 @@ from dpl_tools.pipeline import (  # noqa: E402
     Stage,
     evaluate_model_stage,
     evaluate_pseudo_stage,
+    labeled_only_settings,
     pipeline_stages,
     polish_stage,
     run_stages,
@@ -209,14 +210,14 @@ def seed_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
                               run_dir / "split/unlabeled_gt.json",
                               run_dir / "pseudo_quality-paper.json"),
     ]  # fmt: skip
-    same_images = matched_batch(config)
+    control = labeled_only_settings(config)
     from_imagenet = load_config(config)["student"]["init"] == "imagenet"
     for row, (view, extra) in ROW_STUDENTS.items():
         ann = data.ann if row == "oracle" else labeled
         labels = paper_labels if row.startswith("paper") else run_dir / "labels.parquet"
         row_teacher = teacher
         if row in ("labeled-only", "oracle"):  # as many images per step as the full method
-            extra = {**extra, "batch_size": same_images}
+            extra = {**extra, **control}
             labels = None  # no pseudo labels: it need not wait for them
             row_teacher = None if from_imagenet else teacher
         out = run_dir / f"student-{row}.pt"
@@ -228,15 +229,6 @@ def seed_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
                                  "cpu"),
         ]  # fmt: skip
     return stages
-
-
-def matched_batch(config: str) -> int:
-    """Images per step of the full method's student (its labeled batch plus the
-    pseudo-labeled images that come with it): the batch of the controls without pseudo
-    labels (labeled-only, oracle), so that every row sees as many images per step."""
-
-    student = load_config(config)["student"]
-    return round(student["batch_size"] * (1 + student["unlabeled_ratio"]))
 
 
 def wanted(stage: Stage, rows: set[str]) -> bool:

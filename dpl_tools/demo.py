@@ -21,6 +21,7 @@ from dpl_tools.pipeline import (
     PipelineData,
     Stage,
     evaluate_model_stage,
+    labeled_only_settings,
     pipeline_stages,
     student_stage,
 )
@@ -89,7 +90,7 @@ def demo_stages(
     labeled, labels = run_dir / "split" / "labeled.json", run_dir / "labels.parquet"
     for row, pseudo, view, extra in (
         ("raw", labels, "raw", None),
-        ("labeled-only", None, None, {"unlabeled_ratio": 0}),  # needs no pseudo label
+        ("labeled-only", None, None, labeled_only_settings(config)),  # no pseudo label
     ):
         student = run_dir / f"student_{row.replace('-', '_')}.pt"
         stages += [

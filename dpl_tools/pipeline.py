@@ -292,6 +292,18 @@ def _runs_teacher_for_noise(config: str | None) -> bool:
     return load_config(config)["polisher"]["noise_model"] != "gaussian"
 
 
+def labeled_only_settings(config: str | None) -> dict[str, Any]:
+    """Student settings of a control without pseudo labels (labeled-only, oracle): no
+    pseudo-labeled images, and as many labeled images per step as the full method's
+    student sees in all (its batch plus the pseudo-labeled images that come with it), so
+    that a control measures labels, not a smaller batch."""
+    from dpl_tools.config import load_config
+
+    student = load_config(config)["student"]
+    same_images = round(student["batch_size"] * (1 + student["unlabeled_ratio"]))
+    return {"unlabeled_ratio": 0, "batch_size": same_images}
+
+
 def _trains_online(config: str | None) -> bool:
     """Whether the config's student trains online (``student.online``)."""
     from dpl_tools.config import load_config

@@ -294,6 +294,24 @@ def test_demo_raw_student_reruns_when_the_preset_changes(tmp_path) -> None:
     assert not is_current(tmp_path, raw)
 
 
+def test_demo_labeled_only_control_sees_as_many_images_per_step(tmp_path) -> None:
+    """The control trains on labeled images only, with the full student's images per step
+    (its labeled batch plus its pseudo-labeled images), and waits for no pseudo label."""
+    from dpl_tools.demo import demo_stages
+    from dpl_tools.pipeline import PipelineData
+
+    config = tmp_path / "preset.yaml"
+    student = {**TINY["student"], "batch_size": 3, "unlabeled_ratio": 2.0}
+    config.write_text(yaml.safe_dump({**TINY, "student": student}))
+    data = PipelineData(tmp_path / "a.json", tmp_path / "img", test_ann=tmp_path / "t.json",
+                        test_images=tmp_path / "img")  # fmt: skip
+    stages = {s.name: s for s in demo_stages(data, tmp_path, "cpu", str(config))}
+    control, full = stages["train-student-labeled-only"], stages["train-student"]
+    assert control.params["unlabeled_ratio"] == 0 and control.params["batch_size"] == 9
+    assert "batch_size" not in full.params and control.params["pseudo"] is None
+    assert tmp_path / "labels.parquet" not in control.inputs
+
+
 def test_online_config_gives_the_student_its_polisher_and_unlabeled_images(tmp_path) -> None:
     from dpl_tools.pipeline import PipelineData, pipeline_stages
 
