@@ -1,10 +1,11 @@
 """Where a CPU training step of the demo's detector goes, and what fewer RoI samples save.
 
-Builds the ``demo`` preset's MobileNetV2-FPN (from scratch) on 4 synthetic 160x128 images,
+Builds the ``demo`` preset's MobileNetV2-FPN (from scratch unless ``--backbone-weights``
+says otherwise: the timing is the same, and it runs offline) on 4 synthetic 160x128 images,
 times training steps with 128 and 64 RoI samples per image, and profiles one setting's
 steps with torch.profiler (top operators by self CPU time). Prints a Markdown summary.
 
-    python benchmarks/demo_step_profile.py [--steps 5] [--threads 1]
+    python benchmarks/demo_step_profile.py [--steps 5] [--threads 1] [--backbone-weights PATH]
 """
 
 from __future__ import annotations
@@ -19,13 +20,15 @@ from dpl_tools.config import load_config
 from dpl_tools.models.detector import build_detector, multiscale_sizes
 
 
-def demo_detector(box_samples: int) -> torch.nn.Module:
-    """The demo preset's detector in train mode, with ``box_samples`` RoIs per image."""
+def demo_detector(box_samples: int, backbone_weights: str = "none") -> torch.nn.Module:
+    """The demo preset's detector in train mode, with ``box_samples`` RoIs per image;
+    ``backbone_weights``: none, imagenet or a checkpoint path (pretrained weights freeze the
+    stem, which changes the step's cost a little)."""
     cfg = load_config("demo")
     model_cfg = cfg["model"]
     kwargs = {**model_cfg["detector_kwargs"], "box_batch_size_per_image": box_samples}
     model = build_detector(
-        model_cfg["arch"], 3, model_cfg["backbone_weights"],
+        model_cfg["arch"], 3, backbone_weights,
         min_size=multiscale_sizes(model_cfg["min_size"], cfg["teacher"]["multiscale"]),
         max_size=model_cfg["max_size"], **kwargs,
     )  # fmt: skip
@@ -57,13 +60,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--backbone-weights", default="none", help="none (default), imagenet, or a checkpoint path"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print("| RoI samples per image | s / step (4 images) |\n|---:|---:|")
     for samples in (128, 64, 32):
-        print(f"| {samples} | {step_seconds(demo_detector(samples), args.steps):.2f} |")
-    model = demo_detector(64)
+        seconds = step_seconds(demo_detector(samples, args.backbone_weights), args.steps)
+        print(f"| {samples} | {seconds:.2f} |")
+    model = demo_detector(64, args.backbone_weights)
     images, targets = batch()
     with profile() as prof:
         for _ in range(args.steps):
