@@ -9,7 +9,9 @@ precision of the audit's top K of that kind (a hit: a missing flag whose box has
 with a dropped box; a wrong-class or misplaced flag on an annotation that was swapped or
 shifted) and the recall it gives.
 The original labels have their own mistakes (BCCD is known to leave cells unlabeled), which
-count as misses here: the figures are a lower bound.
+count as misses here: the figures are a lower bound. The top-K missing-box flags that match
+neither a planted drop nor any original box are counted and drawn (`missing-unplanted.png`
+in the output folder), so a person can check whether an unlabeled object is there.
 
 cleanlab (`cleanlab.object_detection.rank`, a benchmark only, not a dependency) scores the
 same out-of-fold detections: its overlooked / swap / badloc box scores, lowest first, are
@@ -108,6 +110,49 @@ def hits_at_k(ranked: list[dict], planted: dict, kind: str) -> dict:
     return {"planted": k, "flagged": len(top), "hits": hits,
             "precision_at_k": hits / len(top) if top else None,
             "recall_at_k": hits / k if k else None}  # fmt: skip
+
+
+def unplanted_missing(ranked: list[dict], planted: dict, coco: dict) -> list[dict]:
+    """The top-K missing-box flags that hit no planted drop and no box of the original
+    labels either (IoU < 0.5 to all): objects the original annotators left out, or false
+    alarms; ``missing_flags_gallery`` draws them so a person can tell which."""
+    k = len(planted["missing"])
+    boxes: dict[int, list[list[float]]] = {}
+    for a in coco["annotations"]:
+        boxes.setdefault(a["image_id"], []).append(xyxy(a["bbox"]))
+    out = []
+    for r in [r for r in ranked if r["issue"] == "missing"][:k]:
+        known = boxes.get(r["image_id"], []) + [
+            p["box"] for p in planted["missing"] if p["image_id"] == r["image_id"]
+        ]
+        if not known or box_iou_np(np.array([r["box"]]), np.array(known)).max() < 0.5:
+            out.append(r)
+    return out
+
+
+def missing_flags_gallery(flags: list[dict], coco: dict, images: Path, out: Path) -> None:
+    """A PNG of 240 px crops around ``flags`` (red) with the labels given to the audit
+    (green), for checking by eye whether an object is there."""
+    from PIL import Image, ImageDraw
+
+    names = {im["id"]: im["file_name"] for im in coco["images"]}
+    tiles = []
+    for i, r in enumerate(flags):
+        image = Image.open(images / names[r["image_id"]]).convert("RGB")
+        draw = ImageDraw.Draw(image)
+        for a in coco["annotations"]:
+            if a["image_id"] == r["image_id"]:
+                draw.rectangle(xyxy(a["bbox"]), outline=(0, 255, 0), width=2)
+        draw.rectangle(r["box"], outline=(255, 0, 0), width=4)
+        cx, cy = (r["box"][0] + r["box"][2]) / 2, (r["box"][1] + r["box"][3]) / 2
+        tile = image.crop((int(cx - 120), int(cy - 120), int(cx + 120), int(cy + 120)))
+        ImageDraw.Draw(tile).text((4, 4), f"{i} {names[r['image_id']]}", fill=(255, 255, 0))
+        tiles.append(tile)
+    columns = 5
+    grid = Image.new("RGB", (240 * columns, 240 * max(1, -(-len(tiles) // columns))))
+    for i, tile in enumerate(tiles):
+        grid.paste(tile, ((i % columns) * 240, (i // columns) * 240))
+    grid.save(out)
 
 
 def dpl_ranking(audit_parquet: Path) -> list[dict]:
@@ -220,10 +265,14 @@ def main() -> None:
         crossfit_s = json.loads((out / "result.json").read_text())["crossfit_seconds"]
     dpl("audit", "--ann", out / "corrupted.json", "--crossfit", crossfit,
         "--out", out / "audit.parquet", "--csv", out / "audit.csv")  # fmt: skip
+    ranked = dpl_ranking(out / "audit.parquet")
+    unplanted = unplanted_missing(ranked, planted, coco)
+    missing_flags_gallery(unplanted, corrupted, images, out / "missing-unplanted.png")
     result = {"dataset": args.dataset, "images": len(coco["images"]),
               "boxes": len(coco["annotations"]), "crossfit_seconds": round(crossfit_s, 1),
-              "dpl": {k: hits_at_k(dpl_ranking(out / "audit.parquet"), planted, k)
-                      for k in KINDS}}  # fmt: skip
+              "dpl": {k: hits_at_k(ranked, planted, k) for k in KINDS},
+              # top-K missing flags on no planted and no original box: see the gallery
+              "dpl_missing_not_in_original_labels": len(unplanted)}  # fmt: skip
     try:
         ranked = cleanlab_ranking(corrupted, crossfit)
         result["cleanlab"] = {k: hits_at_k(ranked, planted, k) for k in KINDS}
