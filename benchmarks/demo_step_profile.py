@@ -42,10 +42,16 @@ def batch() -> tuple[list[torch.Tensor], list[dict]]:
     return images, targets
 
 
-def step_seconds(model: torch.nn.Module, steps: int) -> float:
-    """Mean wall time of a forward + backward + SGD step, after 3 warm-up steps."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.001)
-    images, targets = batch()
+def step_seconds(
+    model: torch.nn.Module,
+    steps: int,
+    data: tuple[list[torch.Tensor], list[dict]] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> float:
+    """Mean wall time of a forward + backward + SGD step on ``data`` (default: ``batch()``),
+    after 3 warm-up steps; ``optimizer`` defaults to plain SGD over every parameter."""
+    optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.001)
+    images, targets = data or batch()
     for i in range(steps + 3):
         if i == 3:
             began = time.perf_counter()

@@ -11,10 +11,10 @@ images with two boxes each, 32 RoI samples per image; 20 timed steps after 3 war
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
+from demo_step_profile import step_seconds  # the sibling script (benchmarks/)
 
 from dpl_tools.models.detector import build_detector
 
@@ -34,14 +34,8 @@ def main() -> None:
     images = [torch.rand(3, 160, 160) for _ in range(batch)]
     boxes = torch.tensor([[10.0, 10.0, 50.0, 60.0], [70.0, 80.0, 120.0, 130.0]])
     targets = [{"boxes": boxes, "labels": torch.tensor([1, 2])} for _ in range(batch)]
-    for step in range(23):
-        if step == 3:
-            start = time.time()
-        loss = sum(model(images, targets).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    print(f"threads {threads}, images per step {batch}: {(time.time() - start) / 20:.3f} s/step")
+    seconds = step_seconds(model, 20, (images, targets), optimizer)
+    print(f"threads {threads}, images per step {batch}: {seconds:.3f} s/step")
 
 
 if __name__ == "__main__":
