@@ -14,7 +14,8 @@ $(BIN)/dpl: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e .
 	touch $(BIN)/dpl
 
-# the test and lint tools on top (pytest, ruff, Label Studio's converter for a format test)
+# the test and lint tools on top (pytest, pytest-xdist, ruff, Label Studio's converter for a
+# format test)
 $(VENV)/.dev-installed: $(BIN)/dpl
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
@@ -27,8 +28,10 @@ WEIGHTS := ../shared/weights/mobilenet_v2-b0353104.pth
 demo: install
 	$(BIN)/dpl demo --out dpl-demo $(if $(wildcard $(WEIGHTS)),--backbone-weights $(WEIGHTS))
 
+# one 1-thread test worker per core (at most 4), a test file's tests on one worker so its
+# module fixtures are built once
 test: $(VENV)/.dev-installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,14 @@ import torch
 
 from dpl_tools.data.synthetic import make_synthetic_dataset
 
-torch.set_num_threads(2)
+# Under pytest-xdist (make test runs one worker per core) each worker, and every process a
+# test starts, computes on one thread: two 1-thread processes do 1.5x the work of one
+# 2-thread process on 2 cores (benchmarks/RESULTS.md). A plain run uses two threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")

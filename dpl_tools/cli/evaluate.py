@@ -29,6 +29,33 @@ from dpl_tools.run_dir import DEFAULT_RUN_DIR, artifact, resolve_input
 from dpl_tools.settings import AT_LEAST_1, NON_NEGATIVE, UNIT
 from dpl_tools.tables import ReportTable
 
+BatchSize = Annotated[
+    int,
+    typer.Option(
+        "--batch-size", help="Images per inference batch (>= 1).", callback=within(AT_LEAST_1)
+    ),
+]
+Workers = Annotated[
+    int,
+    typer.Option(
+        "--workers", help="DataLoader workers decoding images.", callback=within(NON_NEGATIVE)
+    ),
+]
+ScoreThresh = Annotated[
+    float,
+    typer.Option(
+        "--score-thresh",
+        help="Keep detections with at least this score (in [0, 1]).",
+        callback=within(UNIT, float),
+    ),
+]
+MaxDets = Annotated[
+    int,
+    typer.Option(
+        "--max-dets", help="Detections kept per image (>= 1).", callback=within(AT_LEAST_1)
+    ),
+]
+
 
 def print_metrics(console: Console, metrics: dict[str, float], title: str) -> None:
     """The COCO metrics as a one-row table (n/a where the ground truth has no such box)."""
@@ -91,33 +118,11 @@ def command(
         typer.Option("--model", help="Detector checkpoint (default: <run-dir>/teacher.pt)."),
     ] = None,
     run_dir: RunDir = DEFAULT_RUN_DIR,
-    batch_size: Annotated[
-        int,
-        typer.Option(
-            "--batch-size", help="Images per inference batch (>= 1).", callback=within(AT_LEAST_1)
-        ),
-    ] = 4,
-    workers: Annotated[
-        int,
-        typer.Option(
-            "--workers", help="DataLoader workers decoding images.", callback=within(NON_NEGATIVE)
-        ),
-    ] = 2,
+    batch_size: BatchSize = 4,
+    workers: Workers = 2,
     device: Device = "auto",
-    score_thresh: Annotated[
-        float,
-        typer.Option(
-            "--score-thresh",
-            help="Keep detections with at least this score (in [0, 1]).",
-            callback=within(UNIT, float),
-        ),
-    ] = 0.001,
-    max_dets: Annotated[
-        int,
-        typer.Option(
-            "--max-dets", help="Detections kept per image (>= 1).", callback=within(AT_LEAST_1)
-        ),
-    ] = 100,
+    score_thresh: ScoreThresh = 0.001,
+    max_dets: MaxDets = 100,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Save the metrics as JSON here.")
     ] = None,
