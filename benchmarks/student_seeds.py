@@ -372,16 +372,24 @@ def run_seed(dataset: str, seed: int, rows: set[str], version: str, stage_jobs: 
     record_seed(dataset, seed, version)
 
 
+def seed_figures(dataset: str, seed: int, version: str, name: str) -> dict | None:
+    """One JSON file of a seed (e.g. ``eval/teacher.json``), from its run directory or,
+    where that is gone, from the figures recorded in git; None when neither has it."""
+    for folder in (
+        OUT / dataset / version / f"seed{seed}",
+        RECORD / dataset / version / f"seed{seed}",
+    ):
+        if (folder / name).is_file():
+            return json.loads((folder / name).read_text())
+    return None
+
+
 def row_results(dataset: str, seed: int, version: str) -> dict[str, dict]:
     """The finished rows of one seed: test metrics (+ pseudo-label quality for 'full'),
     from its run directory or, where that is gone, from the figures recorded in git."""
-    dirs = [OUT / dataset / version / f"seed{seed}", RECORD / dataset / version / f"seed{seed}"]
 
     def read(name: str) -> dict | None:
-        for folder in dirs:
-            if (folder / name).is_file():
-                return json.loads((folder / name).read_text())
-        return None
+        return seed_figures(dataset, seed, version, name)
 
     files = {"teacher": "teacher", "full": "student", "p90": "student-p90"} | {
         r: f"student-{r}" for r in ROW_STUDENTS
@@ -457,6 +465,38 @@ def _box_quality_lines(results: dict[int, dict], seeds: list[int]) -> list[str]:
         before, after = pooled("mean_iou_before"), pooled("mean_iou_after")
         improved = pooled("improved_fraction")
         lines.append(f"| {name} | {n} | {before:.3f} | {after:.3f} | {improved:.0%} |")
+    return lines
+
+
+def keep_rule_lines(dataset: str, seeds: list[int], version: str) -> list[str]:
+    """Per seed, what the keep rule and the regression check were fitted on and what they
+    did (issue 26's checks): out-of-fold boxes per labeled image against the teacher's per
+    unlabeled image, the rule and its source, the teacher's true positives it keeps, the
+    regression check's choice and the matched pseudo boxes' IoU to truth."""
+    lines = []
+    for seed in seeds:
+        fit = seed_figures(dataset, seed, version, "polisher_fit.json")
+        quality = seed_figures(dataset, seed, version, "pseudo_quality.json")
+        if fit is None or quality is None:
+            continue
+        rule, check = fit["keep_thresholds"], fit["regression_check"]
+        fold = rule["density"]["fold_per_image"]
+        teacher = quality["keep_rule"]["teacher_boxes"] / quality["images"]["evaluated"]
+        kept = quality["keep_rule"]["kept_recall50"] / quality["keep_rule"]["teacher_recall50"]
+        iou = quality["box_quality"]
+        if not lines:
+            lines = ["", "| seed | fold boxes / labeled image | teacher boxes / unlabeled image "
+                     "| keep rule (source; matched boxes fitted on) | teacher TPs kept "
+                     "| regression check | matched pseudo boxes: IoU teacher -> polished |",
+                     "|---:|---:|---:|---|---:|---|---|"]  # fmt: skip
+        lines.append(
+            f"| {seed} | {fold:.2f} | {teacher:.2f} ({teacher / fold:.2f}x) | cls_prob "
+            f"{rule['cls_prob']:g}, teacher_score {rule['teacher_score']:g} "
+            f"({rule['keep_rule_source']}; {rule['matched']}) | {kept:.0%} | {check['choice']} "
+            f"({check['mean_iou_before']:.3f} -> {check['mean_iou_after']:.3f} on "
+            f"{check['pairs']} held-out pairs) | {iou['mean_iou_before']:.3f} -> "
+            f"{iou['mean_iou_after']:.3f} ({iou['boxes']} boxes) |"
+        )
     return lines
 
 
@@ -538,6 +578,7 @@ def table(dataset: str, seeds: list[int], rows: list[str], version: str) -> str:
     lines += validity_lines(dataset, results, seeds)
     lines += _quality_lines(results, seeds)
     lines += _box_quality_lines(results, seeds)
+    lines += keep_rule_lines(dataset, seeds, version)
     if missing:
         lines.append(f"\nmissing: {', '.join(missing)}")
     return "\n".join(lines)
