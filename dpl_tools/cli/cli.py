@@ -14,7 +14,8 @@ from dpl_tools.errors import DplError
 app = typer.Typer(
     name="dpl",
     help="Pseudo-label polishing for semi-supervised object detection "
-    "(offline form of 'Mind the Gap', AAAI 2023).",
+    "('Mind the Gap', AAAI 2023): offline stages, and the paper's online training "
+    "(train-student --online).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     # click's plain help: it wraps every option's help at the terminal width, where rich's
@@ -52,8 +53,8 @@ def _main(
         help="Print dpl's version and exit.",
     ),
 ) -> None:  # fmt: skip
-    """Pseudo-label polishing for semi-supervised object detection (offline form of 'Mind
-    the Gap', AAAI 2023)."""
+    """Pseudo-label polishing for semi-supervised object detection ('Mind the Gap', AAAI
+    2023): offline stages, and the paper's online training (train-student --online)."""
 
 
 def _register() -> None:
