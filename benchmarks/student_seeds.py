@@ -36,7 +36,12 @@ code version is a hash of dpl's sources and presets, so changed code reruns ever
 The table printed lists what is still missing. The finished figures are also copied into
 ``benchmarks/results/seeds/`` (kept in git, with each stage's time): a later session reruns
 only the rows not recorded there, from a copy of the commit whose code version it is
-(``git archive <commit> | tar -x -C /tmp/bench``, then this file copied over it).
+(``git archive <commit> | tar -x -C /tmp/bench``, then this file copied over it). A row
+runs only the stages it reads from: the controls that start from ImageNet (labeled-only,
+oracle) need neither the teacher nor the pseudo labels, so they can fill a sitting of their
+own, while the rows that read pseudo labels must finish in the sitting that made them (run
+directories do not outlive a session; checkpoints are not recorded). ``--rows
+teacher,pseudo`` runs the chain to the pseudo labels and their quality, with no student.
 
     python benchmarks/student_seeds.py --dataset demo --seeds 0,1,2,3,4 --jobs 2
     python benchmarks/student_seeds.py --dataset bccd10 --seeds 0,1,2 --jobs 2 \\
@@ -94,6 +99,8 @@ DEEPPCB = (ROOT / "../shared/data/deeppcb").resolve()
 ROWS = ("teacher", "labeled-only", "raw", "full", "full-weak", "full-imagenet", "full-teacher",
         "full-hard", "full-soft", "paper", "paper-ignore", "p90", "reg-only", "cls-only",
         "oracle")  # fmt: skip
+# not a table row: the pseudo labels and their quality (their table lines), no student
+PSEUDO = "pseudo"
 P90 = 0.9  # precision target of the p90 row
 # row -> (train-student --pseudo-view, extra options); the full method is the pipeline's own
 ROW_STUDENTS = {
@@ -231,20 +238,39 @@ def seed_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
     return stages
 
 
-def wanted(stage: Stage, rows: set[str]) -> bool:
-    """Pipeline stages always run (every row starts from their teacher and pseudo labels),
-    except the full method's student and the teacher's test evaluation when those rows are
-    not asked for; a row's own stages only when the row is asked for."""
+def own_stage(stage: Stage, rows: set[str]) -> bool:
+    """Whether ``stage`` is an asked row's own: a row's student and its evaluation, the
+    teacher's evaluation (row ``teacher``), the pseudo labels' quality (``pseudo``, and
+    ``full``, whose table line carries it); the split, which every row reads."""
     if stage.name in ("polish-paper", "evaluate-pseudo-paper"):
         return bool({"paper", "paper-ignore"} & rows)
     if stage.name in ("train-student", "evaluate-student"):
         return "full" in rows
     if stage.name == "evaluate-teacher":
         return "teacher" in rows
+    if stage.name == "evaluate-pseudo":
+        return bool({"pseudo", "full"} & rows)
     for row in ROW_STUDENTS:
         if stage.name.endswith(f"-student-{row}"):
             return row in rows
-    return True
+    return stage.name == "split"
+
+
+def needed_stages(stages: list[Stage], rows: set[str]) -> list[Stage]:
+    """The asked rows' own stages and every stage whose output they read, directly or
+    through other stages, in pipeline order. So controls that start from ImageNet
+    (labeled-only, oracle) need neither the teacher nor the pseudo-label chain, and can run
+    in a sitting of their own: runs end with a sitting, and only recorded figures persist."""
+    producer = {stage.output: stage for stage in stages}
+    keep = [stage for stage in stages if own_stage(stage, rows)]
+    todo = list(keep)
+    while todo:
+        for path in todo.pop().inputs:
+            source = producer.get(path)
+            if source is not None and source not in keep:
+                keep.append(source)
+                todo.append(source)
+    return [stage for stage in stages if stage in keep]
 
 
 def refit_keep_thresholds(run_dir: Path, images: Path, config: str, target: float) -> dict:
@@ -351,10 +377,12 @@ def run_seed(dataset: str, seed: int, rows: set[str], version: str, stage_jobs: 
     run_dir = OUT / dataset / version / f"seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     todo = rows - set(row_results(dataset, seed, version))
+    if seed_figures(dataset, seed, version, "pseudo_quality.json") is not None:
+        todo.discard(PSEUDO)
     if not todo:
         print(f"[seed {seed}] every asked row is recorded", flush=True)
         return
-    stages = [s for s in seed_stages(dataset, seed, run_dir) if wanted(s, todo)]
+    stages = needed_stages(seed_stages(dataset, seed, run_dir), todo)
 
     def event(what: str, stage: Stage) -> None:
         print(f"[seed {seed}] {what} {stage.name}", flush=True)
@@ -588,7 +616,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="demo", choices=DATASETS)
     parser.add_argument("--seeds", default="0,1,2,3,4")
-    parser.add_argument("--rows", default=",".join(ROWS), help=f"Subset of {', '.join(ROWS)}.")
+    parser.add_argument(
+        "--rows",
+        default=",".join(ROWS),
+        help=f"Subset of {', '.join(ROWS)}; and {PSEUDO}: the pseudo labels and their "
+        "quality without a student. A row runs only the stages it reads from.",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="Seeds run in parallel.")
     parser.add_argument("--table-only", action="store_true", help="Print the cached table.")
     parser.add_argument(
@@ -608,7 +641,7 @@ def main() -> None:
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s != ""]
     rows = [r for r in args.rows.split(",") if r]
-    unknown = set(rows) - set(ROWS)
+    unknown = set(rows) - {*ROWS, PSEUDO}
     if unknown:
         parser.error(f"unknown rows: {', '.join(sorted(unknown))}")
     version = args.version or code_version()
@@ -640,7 +673,7 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(one, seeds))
     print(f"\n{args.dataset}, seeds {args.seeds}, code version {version}\n")
-    print(table(args.dataset, seeds, rows, version))
+    print(table(args.dataset, seeds, [r for r in rows if r != PSEUDO], version))
 
 
 if __name__ == "__main__":
