@@ -154,3 +154,68 @@ def test_online_pipeline_stage_equals_its_printed_command(trained, tmp_path) -> 
     text = shown.export_text()
     for line in ("(online)", "EMA teacher", "pseudo labels made"):
         assert line in text and line in typed.output, line
+
+
+def test_killed_online_run_resumes_to_the_uninterrupted_weights(trained, tmp_path) -> None:
+    """Killed after its periodic checkpoint, a resumed online run ends with the student,
+    the EMA teacher and the in-loop log of the run that was never stopped."""
+    from test_loop import StopAt
+
+    from dpl_tools.config import load_config
+    from dpl_tools.engine.train_online import train_student_online
+
+    student = {**CONFIG["student"], "iters": 3, "checkpoint_every": 2, "ema_momentum": 0.9}
+    cfg = load_config(None, {**CONFIG, "student": student})
+    args = (trained["ann"], trained["images"], trained["images"])
+    kwargs = {"config": cfg, "teacher": trained["teacher"], "polisher": trained["polisher"],
+              "unlabeled_gt": trained["ann"], "device": "cpu", "seed": 3}  # fmt: skip
+    whole, once = tmp_path / "whole.pt", tmp_path / "resumed.pt"
+    *_, log = train_student_online(*args, whole, **kwargs)
+    with pytest.raises(KeyboardInterrupt):
+        train_student_online(*args, once, **kwargs, hooks=[StopAt(2)])
+    assert not once.exists() and (tmp_path / "resumed.last.pt").is_file()
+    _, _, result, resumed_log = train_student_online(*args, once, **kwargs, resume=True)
+    assert (result.iterations, result.iterations_run) == (3, 1)
+    for a, b in ((whole, once), (teacher_path_of(whole), teacher_path_of(once))):
+        wa, wb = _weights(a), _weights(b)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), a.name
+    assert [e["iteration"] for e in resumed_log.history] == [1, 2, 3]
+    assert resumed_log.history == log.history
+    assert read_checkpoint(once)["spec"]["extra"]["online_log"] == log.history
+
+
+def test_two_process_online_run_under_torchrun(trained, tmp_path) -> None:
+    """``--online`` under torchrun (gloo, 2 CPU processes): one report, a student and its
+    EMA teacher that load and detect."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dpl_tools.data.detection import DetectionDataset
+    from dpl_tools.models.checkpoint import load_detector
+
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(json.dumps(CONFIG))
+    out = tmp_path / "student.pt"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "dpl_tools.cli", "train-student", "--online", "--ann", str(trained["ann"]),
+        "--images", str(trained["images"]), "--unlabeled", str(trained["images"]),
+        "--teacher", str(trained["teacher"]), "--polisher", str(trained["polisher"]),
+        "--config", str(preset), "--out", str(out), "--iters", "2", "--batch-size", "1",
+        "--workers", "0", "--device", "cpu", "--checkpoint-every", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("online pseudo labels: iteration 2 ") == 1  # rank 0 only
+    assert read_checkpoint(out)["train_state"]["iteration"] == 2
+    image = DetectionDataset(load_coco(trained["ann"]), trained["images"])[0][0]
+    for path in (out, teacher_path_of(out)):
+        model, spec = load_detector(path)
+        with torch.no_grad():
+            (pred,) = model([image])
+        assert pred["boxes"].shape[-1] == 4 and spec.num_classes == 3

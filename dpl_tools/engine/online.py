@@ -206,10 +206,10 @@ def online_losses(
 
 class OnlineLog(Hook):
     """Every ``every`` iterations (rank 0): the pseudo labels made so far and, with the
-    hidden truth, their quality (``OnlineQuality``); the last summary is kept for the
-    checkpoint's record (``record["online_log"]``)."""
+    hidden truth, their quality (``OnlineQuality``); the log is kept for the checkpoint's
+    record (``record["online_log"]``) and continues in a resumed run."""
 
-    name = ""
+    name = "online_log"
 
     def __init__(
         self, labeler: OnlineLabeler, every: int, console: Any, record: dict | None = None
@@ -234,6 +234,18 @@ class OnlineLog(Hook):
     def after_step(self, loop: TrainLoop) -> None:
         if (loop.iteration + 1) % self.every == 0:
             self._line(loop)
+
+    def state_dict(self) -> dict:
+        quality = self.labeler.quality
+        return {"history": list(self.history), "boxes": self.labeler.boxes,
+                "kept": self.labeler.kept,
+                "counts": dict(quality.counts) if quality is not None else {}}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history[:] = state["history"]  # in place: the record holds this list
+        self.labeler.boxes, self.labeler.kept = state["boxes"], state["kept"]
+        if self.labeler.quality is not None:
+            self.labeler.quality.counts = dict(state["counts"])
 
     def after_train(self, loop: TrainLoop) -> None:
         if loop.finished and (not self.history or self.history[-1]["iteration"] != loop.iteration):

@@ -4,6 +4,7 @@ rest (SGD, AMP, DDP, progress, checkpoints, resume) is the offline student's loo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -89,10 +90,12 @@ def train_student_online(
     resume: bool = False,
     console: Console | None = None,
     allow_outside_root: bool = False,
+    hooks: Sequence[Hook] = (),
 ) -> tuple[Any, DetectorSpec, TrainResult, OnlineLog]:
     """Train a student from ``teacher`` on ``ann`` plus the ``unlabeled`` images (a folder
     or COCO image list under ``unlabeled_root``) labelled online by its EMA teacher and the
-    ``polisher``; write the student to ``out`` and the EMA teacher beside it."""
+    ``polisher``; write the student to ``out`` and the EMA teacher beside it (``hooks``:
+    more training hooks, run after the online ones)."""
     console = console or Console()
     out, scfg = Path(out), config["student"]
     if scfg["negatives"] == "soft":
@@ -128,9 +131,10 @@ def train_student_online(
     dataset = StudentDataset(labeled, OnlineImages(list(records)), scfg["unlabeled_ratio"])
     log = OnlineLog(labeler, scfg["online_log_every"], console, record=spec.extra)
     teacher_spec = replace(spec, kind="teacher", extra={**spec.extra, "ema_of": str(out)})
-    hooks = [EMAHook(ema, model), log, SaveEMATeacher(ema, teacher_spec, teacher_path_of(out), log)]
+    saver = SaveEMATeacher(ema, teacher_spec, teacher_path_of(out), log)
     result = train_detector(
         start, dataset, run, out, seed, console, "train-student --online",
-        online_losses(student_losses(scfg["unlabeled_weight"]), labeler), collate_student, hooks,
+        online_losses(student_losses(scfg["unlabeled_weight"]), labeler), collate_student,
+        [EMAHook(ema, model), log, saver, *hooks],
     )  # fmt: skip
     return model, spec, result, log
