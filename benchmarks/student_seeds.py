@@ -56,9 +56,11 @@ converted once; labeled fold = seed + 1; settings in benchmarks/configs/bccd_see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -657,15 +659,31 @@ def main() -> None:
         log_dir = OUT / args.dataset / version / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
 
+        seeds_running: list[subprocess.Popen] = []
+
+        def stop(signum: int, frame: object) -> None:
+            """Stopped (SIGTERM, Ctrl-C): stop each seed's process group, its stages too
+            (a killed runner would otherwise leave its stages computing)."""
+            for proc in seeds_running:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+            sys.exit(128 + signum)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
         def one(seed: int) -> int:
             began = time.perf_counter()
             with open(log_dir / f"seed{seed}.log", "a", encoding="utf-8") as log:
-                code = subprocess.run(
+                proc = subprocess.Popen(
                     [sys.executable, __file__, "--dataset", args.dataset, "--rows", args.rows,
                      "--one-seed", str(seed), "--version", version,
                      "--stage-jobs", str(args.stage_jobs)],
                     env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                ).returncode  # fmt: skip
+                    start_new_session=True,
+                )  # fmt: skip
+                seeds_running.append(proc)
+                code = proc.wait()
             took = (time.perf_counter() - began) / 60
             print(f"seed {seed}: exit {code} after {took:.1f} min (log {log_dir}/seed{seed}.log)")
             return code
