@@ -514,6 +514,11 @@ def keep_rule_lines(dataset: str, seeds: list[int], version: str) -> list[str]:
         teacher = quality["keep_rule"]["teacher_boxes"] / quality["images"]["evaluated"]
         kept = quality["keep_rule"]["kept_recall50"] / quality["keep_rule"]["teacher_recall50"]
         iou = quality["box_quality"]
+        if "mean_iou_before" in check:
+            checked = (f"{check['mean_iou_before']:.3f} -> {check['mean_iou_after']:.3f} on "
+                       f"{check['pairs']} held-out pairs")  # fmt: skip
+        else:  # too few held-out pairs to validate: the default was kept
+            checked = f"not validated: {check['reason']}"
         if not lines:
             lines = ["", "| seed | fold boxes / labeled image | teacher boxes / unlabeled image "
                      "| keep rule (source; matched boxes fitted on) | teacher TPs kept "
@@ -523,8 +528,7 @@ def keep_rule_lines(dataset: str, seeds: list[int], version: str) -> list[str]:
             f"| {seed} | {fold:.2f} | {teacher:.2f} ({teacher / fold:.2f}x) | cls_prob "
             f"{rule['cls_prob']:g}, teacher_score {rule['teacher_score']:g} "
             f"({rule['keep_rule_source']}; {rule['matched']}) | {kept:.0%} | {check['choice']} "
-            f"({check['mean_iou_before']:.3f} -> {check['mean_iou_after']:.3f} on "
-            f"{check['pairs']} held-out pairs) | {iou['mean_iou_before']:.3f} -> "
+            f"({checked}) | {iou['mean_iou_before']:.3f} -> "
             f"{iou['mean_iou_after']:.3f} ({iou['boxes']} boxes) |"
         )
     return lines
