@@ -188,10 +188,8 @@ def test_two_process_online_run_under_torchrun(trained, tmp_path) -> None:
     """``--online`` under torchrun (gloo, 2 CPU processes): one report, a student and its
     EMA teacher that load and detect."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+
+    from test_student_ddp import torchrun_dpl
 
     from dpl_tools.data.detection import DetectionDataset
     from dpl_tools.models.checkpoint import load_detector
@@ -199,17 +197,13 @@ def test_two_process_online_run_under_torchrun(trained, tmp_path) -> None:
     preset = tmp_path / "tiny.yaml"
     preset.write_text(json.dumps(CONFIG))
     out = tmp_path / "student.pt"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "dpl_tools.cli", "train-student", "--online", "--ann", str(trained["ann"]),
+    proc = torchrun_dpl([
+        "train-student", "--online", "--ann", str(trained["ann"]),
         "--images", str(trained["images"]), "--unlabeled", str(trained["images"]),
         "--teacher", str(trained["teacher"]), "--polisher", str(trained["polisher"]),
         "--config", str(preset), "--out", str(out), "--iters", "2", "--batch-size", "1",
         "--workers", "0", "--device", "cpu", "--checkpoint-every", "1",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=300)
+    ])  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("online pseudo labels: iteration 2 ") == 1  # rank 0 only
     assert read_checkpoint(out)["train_state"]["iteration"] == 2

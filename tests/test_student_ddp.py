@@ -19,20 +19,25 @@ from dpl_tools.models.checkpoint import load_detector, read_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def torchrun_dpl(args: list[str]) -> subprocess.CompletedProcess:
+    """``dpl <args>`` under torchrun: 2 CPU processes (gloo), one thread each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "-m", "dpl_tools.cli", *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+
 def test_two_process_ddp_run_gives_a_loadable_student(synth_dataset, tmp_path) -> None:
     inputs = write_student_inputs(synth_dataset, tmp_path / "run")
     preset = tmp_path / "tiny.yaml"
     preset.write_text(json.dumps({"model": TINY, "student": {"warmup_iters": 1}}))
     out = tmp_path / "student.pt"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "dpl_tools.cli", "train-student", "--run-dir", str(tmp_path / "run"),
+    proc = torchrun_dpl([
+        "train-student", "--run-dir", str(tmp_path / "run"),
         "--images", str(inputs["images"]), "--out", str(out), "--config", str(preset),
         "--iters", "2", "--batch-size", "1", "--workers", "0", "--device", "cpu",
         "--checkpoint-every", "1",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    ])  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("initialised from") == 1  # only rank 0 reports
     ckpt = read_checkpoint(out)
