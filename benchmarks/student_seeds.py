@@ -22,6 +22,10 @@ budget, these rows, each evaluated on the test split with ``dpl evaluate``:
                    detections), unkept boxes as ignore regions
     reg-only       ablation: polished boxes for box regression only (cls from raw)
     cls-only       ablation: classification pseudo labels only (regression from raw)
+    online         the paper's online form (train-student --online): from the teacher, the
+                   unlabeled images labelled in the loop by its EMA and the polishers,
+                   same iterations and images per step as full
+    online-ema     that run's EMA teacher (the model the paper's code evaluates)
     oracle         the labeled-only recipe on 100% of the training pool's labels
 
 and prints mean +- std over the seeds, the difference to ``raw`` and "gap closed" =
@@ -74,6 +78,7 @@ sys.path.insert(0, str(ROOT))
 
 from dpl_tools.config import load_config, preset_path  # noqa: E402
 from dpl_tools.demo import DEMO_DATA, DEMO_PRESET, prepare_demo_data  # noqa: E402
+from dpl_tools.engine.train_online import teacher_path_of  # noqa: E402
 from dpl_tools.models.polisher import read_polisher_checkpoint  # noqa: E402
 from dpl_tools.pipeline import (  # noqa: E402
     PipelineData,
@@ -81,6 +86,7 @@ from dpl_tools.pipeline import (  # noqa: E402
     evaluate_model_stage,
     evaluate_pseudo_stage,
     labeled_only_settings,
+    online_student_stage,
     pipeline_stages,
     polish_stage,
     run_stages,
@@ -100,7 +106,7 @@ BCCD = (ROOT / "../shared/data/bccd").resolve()
 DEEPPCB = (ROOT / "../shared/data/deeppcb").resolve()
 ROWS = ("teacher", "labeled-only", "raw", "full", "full-weak", "full-imagenet", "full-teacher",
         "full-hard", "full-soft", "paper", "paper-ignore", "p90", "reg-only", "cls-only",
-        "oracle")  # fmt: skip
+        "online", "online-ema", "oracle")  # fmt: skip
 # not a table row: the pseudo labels and their quality (their table lines), no student
 PSEUDO = "pseudo"
 P90 = 0.9  # precision target of the p90 row
@@ -237,7 +243,28 @@ def seed_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
                                  data.test_images, run_dir / "eval" / f"student-{row}.json",
                                  "cpu"),
         ]  # fmt: skip
-    return stages
+    return stages + online_stages(data, run_dir, seed, config)
+
+
+def online_stages(data: PipelineData, run_dir: Path, seed: int, config: str) -> list[Stage]:
+    """The online rows: ``train-student --online`` from the teacher (a mean teacher needs
+    one, whatever the preset's ``student.init``), its in-loop log against the hidden truth,
+    and the evaluations of the student and of its EMA teacher."""
+    out, truth = run_dir / "student-online.pt", run_dir / "split/unlabeled_gt.json"
+    train = online_student_stage(
+        "train-student-online", run_dir / "split/labeled.json", data.images,
+        run_dir / "split/unlabeled.json", run_dir / "teacher.pt", run_dir / "polisher.pt",
+        out, seed, config, "cpu",
+    )  # fmt: skip
+    train.params.update(online=True, unlabeled_gt=truth, init="teacher")
+    train.inputs.append(truth)
+    evaluations = [
+        evaluate_model_stage(f"evaluate-student-{row}", model, data.test_ann, data.test_images,
+                             run_dir / "eval" / f"student-{row}.json", "cpu")
+        for row, model in (("online", out), ("online-ema", teacher_path_of(out)))
+    ]  # fmt: skip
+    evaluations[1].inputs[0] = out  # the EMA teacher is written by the student's stage
+    return [train, *evaluations]
 
 
 def own_stage(stage: Stage, rows: set[str]) -> bool:
@@ -252,7 +279,9 @@ def own_stage(stage: Stage, rows: set[str]) -> bool:
         return "teacher" in rows
     if stage.name == "evaluate-pseudo":
         return bool({"pseudo", "full"} & rows)
-    for row in ROW_STUDENTS:
+    if stage.name == "train-student-online":
+        return bool({"online", "online-ema"} & rows)
+    for row in [*ROW_STUDENTS, "online", "online-ema"]:
         if stage.name.endswith(f"-student-{row}"):
             return row in rows
     return stage.name == "split"
@@ -422,7 +451,7 @@ def row_results(dataset: str, seed: int, version: str) -> dict[str, dict]:
         return seed_figures(dataset, seed, version, name)
 
     files = {"teacher": "teacher", "full": "student", "p90": "student-p90"} | {
-        r: f"student-{r}" for r in ROW_STUDENTS
+        r: f"student-{r}" for r in [*ROW_STUDENTS, "online", "online-ema"]
     }
     out = {}
     for row, name in files.items():

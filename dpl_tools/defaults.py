@@ -382,6 +382,22 @@ SETTINGS: dict[str, dict[str, Setting]] = {
         "online_log_every": Setting(
             50, "online: iterations between two pseudo-label log lines", AT_LEAST_1
         ),
+        "online_eval_images": Setting(
+            100,
+            "online, with --unlabeled-gt: unlabeled images (a fixed seeded sample) that the "
+            "EMA teacher and the polishers label and that are scored before training and at "
+            "every log line, so the log shows whether the pseudo labels improve; 0: off",
+            NON_NEGATIVE,
+        ),
+        "online_eval_recall": Setting(
+            None,
+            "online: the recall at which the evaluation slice's precision is compared "
+            "(default: the kept pseudo labels' recall before training, or the teacher "
+            "boxes' where none is kept)",
+            UNIT,
+            nullable=True,
+            kind=float,
+        ),
         "allow_empty": Setting(
             False,
             "train even when the pseudo labels hold no usable box (warns loudly); off: that "

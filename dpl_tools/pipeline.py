@@ -389,8 +389,9 @@ def online_student_stage(
 ) -> Stage:
     """``dpl train-student`` online (``student.online``): the EMA teacher and the
     ``polisher`` label the ``unlabeled`` image list (under ``images``) in the loop."""
-    params = {"ann": labeled, "images": images, "unlabeled": unlabeled, "unlabeled_root": images}
-    params |= {"teacher": teacher, "polisher": polisher, "out": out, "seed": seed}
+    params = {"online": True, "ann": labeled, "images": images, "unlabeled": unlabeled}
+    params |= {"unlabeled_root": images, "teacher": teacher, "polisher": polisher, "out": out}
+    params |= {"seed": seed}
     params |= {"config": config, "device": device}
     inputs = [labeled, unlabeled, teacher, polisher, *_config_inputs(config)]
     return Stage(name, "train_student_online", params, out, inputs)

@@ -96,6 +96,8 @@ NEW_KEYS = {
         "online": False,
         "ema_momentum": 0.999,
         "online_log_every": 50,
+        "online_eval_images": 100,
+        "online_eval_recall": None,
         "mixup": 0.0,
         "mosaic": 0.0,
         "init": "teacher",

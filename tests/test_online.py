@@ -68,10 +68,19 @@ def test_online_student_moves_its_ema_teacher_and_saves_both(trained, tmp_path) 
     assert moved, "the student did not learn"
     for key in moved:
         assert torch.allclose(ema[key], 0.5 * start[key] + 0.5 * student[key], atol=1e-6), key
-    (entry,) = result.extra["log"]
+    # with the hidden truth: the evaluation slice before training (the teacher's), then
+    # one line per iteration (online_log_every 1)
+    before, entry = result.extra["log"]
+    assert before["iteration"] == 0 and before["pseudo_boxes"] == 0
     assert entry["iteration"] == 1 and entry["pseudo_boxes"] > 0
     assert entry["teacher_recall"] is not None and 0 <= entry["teacher_recall"] <= 1
     assert entry["iou_before"] is not None and entry["iou_after"] is not None
+    for line in (before, entry):  # all 24 unlabeled images, compared at the first recall
+        assert line["slice_images"] == 24 and line["slice_at_recall"] == before["slice_at_recall"]
+        assert 0 <= line["slice_teacher_ap50"] <= 1
+    # a 2-iteration teacher keeps no pseudo label: precision is compared at its boxes' recall
+    assert before["slice_kept_recall"] == 0 and before["slice_at_recall"] > 0
+    assert before["slice_teacher_precision_at_recall"] > 0
     assert read_checkpoint(out)["spec"]["extra"]["online_log"] == result.extra["log"]
 
 
@@ -100,6 +109,64 @@ def test_online_targets_are_the_offline_targets_of_the_same_boxes(trained) -> No
         assert torch.allclose(a[key].double(), b[key].double()), key
 
 
+def test_precision_at_recall_is_the_best_precision_reaching_it() -> None:
+    from dpl_tools.engine.online_eval import precision_at_recall
+
+    curve = {"precision": [1.0, 0.5, 0.6667, 0.5], "recall": [0.25, 0.25, 0.5, 0.5]}
+    assert precision_at_recall(curve, 0.25) == 1.0
+    assert precision_at_recall(curve, 0.4) == 0.6667
+    assert precision_at_recall(curve, 0.75) is None
+    assert precision_at_recall({"precision": [], "recall": []}, 0.1) is None
+
+
+def test_evaluation_slice_scores_what_dpl_polish_writes_for_its_images(trained, tmp_path) -> None:
+    """The slice is a fixed seeded sample of the images with truth, and its figures are
+    those of ``dpl evaluate --pseudo`` on the file ``dpl polish`` writes for the same
+    images with the same teacher and polisher (one labelling and one scoring path)."""
+    import json
+
+    from dpl_tools.config import load_config
+    from dpl_tools.data.image_list import load_image_list
+    from dpl_tools.data.pseudo_labels import read_pseudo_labels
+    from dpl_tools.engine.online_eval import EvaluationSlice, slice_records
+    from dpl_tools.engine.polish_settings import applied_polisher
+    from dpl_tools.evaluation.pseudo_quality import pseudo_label_quality
+    from dpl_tools.models.checkpoint import load_detector
+    from dpl_tools.models.polisher import load_polisher
+
+    gt = load_coco(trained["ann"])
+    records = list(load_image_list(trained["images"]))
+    chosen = slice_records(records, gt, 5, seed=1)
+    names = [r["file_name"] for r in chosen]
+    assert names == [r["file_name"] for r in slice_records(records[::-1], gt, 5, seed=1)]
+    assert names != [r["file_name"] for r in slice_records(records, gt, 5, seed=2)]
+    assert len(set(names)) == 5 and len(slice_records(records, gt, 100, seed=1)) == 24
+
+    # keep every box: the 2-iteration teacher's scores are far below any fitted rule
+    keep_all = {**CONFIG, "polish": {**CONFIG["polish"], "cls_prob": 0.0, "teacher_score": 0.0}}
+    model, spec = load_detector(trained["teacher"])
+    refiner = load_polisher(trained["polisher"])
+    settings = applied_polisher(load_config(None, keep_all)["polish"], refiner,
+                                trained["polisher"]).settings  # fmt: skip
+    figures = EvaluationSlice(chosen, gt, settings, spec.label_to_cat).evaluate(model, refiner)
+
+    listed = tmp_path / "slice.json"  # the same images as a COCO image list for dpl polish
+    listed.write_text(json.dumps({"images": [im for im in gt.images if im["file_name"] in names],
+                                  "annotations": [], "categories": gt.categories}))  # fmt: skip
+    out = tmp_path / "slice.parquet"
+    api.polish(listed, out, trained["teacher"], trained["polisher"], keep_all,
+               image_root=trained["images"], device="cpu", progress=False)  # fmt: skip
+    table, _ = read_pseudo_labels(out)
+    quality = pseudo_label_quality(table, gt)
+    teacher, kept = quality["views"]["teacher"], quality["views"]["cls"]
+    assert kept["boxes"] > 0
+    assert figures["slice_images"] == 5
+    assert figures["slice_teacher_ap50"] == round(teacher["AP50"], 4)
+    assert figures["slice_kept_precision"] == round(kept["precision50"], 4)
+    assert figures["slice_at_recall"] == figures["slice_kept_recall"] == round(kept["recall50"], 4)
+    assert figures["slice_iou_after"] == round(quality["box_quality"]["mean_iou_after"], 4)
+
+
 def test_cli_online_and_its_refusals(trained, tmp_path) -> None:
     import json
 
@@ -124,13 +191,14 @@ def test_cli_online_and_its_refusals(trained, tmp_path) -> None:
 
 def test_online_pipeline_stage_equals_its_printed_command(trained, tmp_path) -> None:
     """``dpl run`` with ``student.online``: the stage calls api.train_student_online; its
-    printed command line, typed, trains the same student."""
+    printed command line, typed, trains the same student: it says --online itself, so it
+    does so with a config that does not."""
     import json
 
     from dpl_tools.pipeline import online_student_stage
 
-    preset = tmp_path / "online.yaml"
-    preset.write_text(json.dumps({**CONFIG, "student": {**CONFIG["student"], "online": True}}))
+    preset = tmp_path / "offline.yaml"
+    preset.write_text(json.dumps(CONFIG))
     stage = online_student_stage(
         "train-student", trained["ann"], trained["images"], trained["ann"], trained["teacher"],
         trained["polisher"], tmp_path / "called.pt", 0, str(preset), "cpu",
@@ -138,7 +206,7 @@ def test_online_pipeline_stage_equals_its_printed_command(trained, tmp_path) -> 
     result = stage.call(console=None)
     assert result.checkpoint == tmp_path / "called.pt" and result.extra["log"]
     argv = stage.argv
-    assert argv[:1] == ["train-student"] and "--pseudo" not in argv
+    assert argv[:2] == ["train-student", "--online"] and "--pseudo" not in argv
     argv[argv.index("--out") + 1] = str(tmp_path / "typed.pt")
     typed = CliRunner().invoke(app, argv)
     assert typed.exit_code == 0, typed.output
@@ -179,7 +247,7 @@ def test_killed_online_run_resumes_to_the_uninterrupted_weights(trained, tmp_pat
     for a, b in ((whole, once), (teacher_path_of(whole), teacher_path_of(once))):
         wa, wb = _weights(a), _weights(b)
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), a.name
-    assert [e["iteration"] for e in resumed_log.history] == [1, 2, 3]
+    assert [e["iteration"] for e in resumed_log.history] == [0, 1, 2, 3]
     assert resumed_log.history == log.history
     assert read_checkpoint(once)["spec"]["extra"]["online_log"] == log.history
 

@@ -44,6 +44,7 @@ STUDENT_FLAGS = (
     "pseudo_view", "negatives", "disentangle", "unlabeled_ratio", "unlabeled_weight",
     "augment", "pseudo_augment", "mixup", "mosaic", "iters", "batch_size", "lr", "workers",
     "checkpoint_every", "allow_empty", "online", "ema_momentum", "online_log_every",
+    "online_eval_images",
 )  # fmt: skip
 
 

@@ -33,6 +33,7 @@ from dpl_tools.data.pseudo_targets import PseudoImage
 from dpl_tools.data.pseudo_views import BOX_COORDS
 from dpl_tools.engine.ema import ModelEMA
 from dpl_tools.engine.loop import Hook, TrainLoop
+from dpl_tools.engine.online_eval import EvaluationSlice
 from dpl_tools.engine.polish import PolishSettings, detect_and_polish
 from dpl_tools.evaluation.matching import box_iou_np, greedy_match
 from dpl_tools.models.student_criterion import PSEUDO_KEY, Supervision, student_target
@@ -206,30 +207,49 @@ def online_losses(
 
 class OnlineLog(Hook):
     """Every ``every`` iterations (rank 0): the pseudo labels made so far and, with the
-    hidden truth, their quality (``OnlineQuality``); the log is kept for the checkpoint's
-    record (``record["online_log"]``) and continues in a resumed run."""
+    hidden truth, their quality (``OnlineQuality``) and, with an ``evaluation`` slice,
+    the same images' pseudo labels scored before training and at every line; the log is
+    kept for the checkpoint's record (``record["online_log"]``) and continues in a resumed
+    run."""
 
     name = "online_log"
 
     def __init__(
-        self, labeler: OnlineLabeler, every: int, console: Any, record: dict | None = None
+        self,
+        labeler: OnlineLabeler,
+        every: int,
+        console: Any,
+        record: dict | None = None,
+        evaluation: EvaluationSlice | None = None,
     ) -> None:
         self.labeler, self.every, self.console = labeler, max(1, every), console
+        self.evaluation = evaluation  # the fixed slice, scored at every line (rank 0)
         self.history: list[dict[str, Any]] = []
         if record is not None:  # e.g. the student's spec.extra: the log goes into its file
             record["online_log"] = self.history
 
-    def _line(self, loop: TrainLoop) -> None:
-        entry: dict[str, Any] = {"iteration": loop.iteration + 1,
-                                 "pseudo_boxes": self.labeler.boxes,
+    def _line(self, loop: TrainLoop, iteration: int | None = None) -> None:
+        done = loop.iteration + 1 if iteration is None else iteration
+        entry: dict[str, Any] = {"iteration": done, "pseudo_boxes": self.labeler.boxes,
                                  "kept_for_classification": self.labeler.kept}  # fmt: skip
         if self.labeler.quality is not None:
             entry.update(self.labeler.quality.summary())
             self.labeler.quality.counts.clear()
+        if self.evaluation is not None and loop.dist.is_main:
+            entry.update(self.evaluation.evaluate(self.labeler.ema.module, self.labeler.polisher))
         self.history.append(entry)
         if loop.dist.is_main:
-            shown = "  ".join(f"{k} {v}" for k, v in entry.items() if v is not None)
+            shown = "  ".join(f"{k} {v}" for k, v in entry.items()
+                              if v is not None and not k.startswith("slice_"))  # fmt: skip
             self.console.print(f"online pseudo labels: {shown}", highlight=False)
+            on_slice = "  ".join(f"{k.removeprefix('slice_')} {v}" for k, v in entry.items()
+                                 if v is not None and k.startswith("slice_"))  # fmt: skip
+            if on_slice:
+                self.console.print(f"online evaluation slice: {on_slice}", highlight=False)
+
+    def before_train(self, loop: TrainLoop) -> None:
+        if self.evaluation is not None and not self.history:  # the teacher's, before step 1
+            self._line(loop, iteration=loop.iteration)
 
     def after_step(self, loop: TrainLoop) -> None:
         if (loop.iteration + 1) % self.every == 0:
@@ -239,10 +259,13 @@ class OnlineLog(Hook):
         quality = self.labeler.quality
         return {"history": list(self.history), "boxes": self.labeler.boxes,
                 "kept": self.labeler.kept,
-                "counts": dict(quality.counts) if quality is not None else {}}  # fmt: skip
+                "counts": dict(quality.counts) if quality is not None else {},
+                "slice_recall": self.evaluation.recall if self.evaluation else None}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.history[:] = state["history"]  # in place: the record holds this list
+        if self.evaluation is not None and state.get("slice_recall") is not None:
+            self.evaluation.recall = state["slice_recall"]
         self.labeler.boxes, self.labeler.kept = state["boxes"], state["kept"]
         if self.labeler.quality is not None:
             self.labeler.quality.counts = dict(state["counts"])

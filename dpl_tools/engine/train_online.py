@@ -14,7 +14,7 @@ from rich.console import Console
 
 from dpl_tools.config import plain
 from dpl_tools.data.augment import training_augment
-from dpl_tools.data.coco import load_coco
+from dpl_tools.data.coco import CocoData, load_coco
 from dpl_tools.data.detection import DetectionDataset
 from dpl_tools.data.image_list import load_image_list
 from dpl_tools.data.student_data import StudentDataset, collate_student
@@ -27,6 +27,7 @@ from dpl_tools.engine.online import (
     OnlineQuality,
     online_losses,
 )
+from dpl_tools.engine.online_eval import EvaluationSlice, slice_records
 from dpl_tools.engine.polish_settings import applied_polisher
 from dpl_tools.engine.setup import load_train_coco, setup_training
 from dpl_tools.engine.train_detector import start_detector, train_detector
@@ -60,11 +61,8 @@ class SaveEMATeacher(Hook):
             save_detector(self.out, self.ema.module, self.spec, loop.train_state())
 
 
-def _truth(path: str | Path | None) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
-    """The hidden truth of the unlabeled images by file name (xyxy, COCO ids), or None."""
-    if path is None:
-        return None
-    gt = load_coco(path)
+def _truth(gt: CocoData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The hidden truth of the unlabeled images by file name (xyxy, COCO ids)."""
     names = {im["id"]: im["file_name"] for im in gt.images}
     out: dict[str, tuple[list, list]] = {name: ([], []) for name in names.values()}
     for a in gt.annotations:
@@ -101,6 +99,9 @@ def train_student_online(
     if scfg["negatives"] == "soft":
         raise DplError("--online takes --negatives ignore or hard (soft needs a fixed teacher)")
     run = setup_training(scfg, device, seed)
+    if str(scfg["init"]) != "teacher" and run.dist.is_main:  # a mean teacher needs a teacher
+        console.print(f"[bold yellow]note:[/] --online starts from --teacher {teacher} "
+                      f"(student.init {scfg['init']} is for the offline student)")  # fmt: skip
     coco = load_train_coco(ann, images_dir, console, run.dist.is_main, allow_outside_root)
     records = load_image_list(unlabeled, unlabeled_root, allow_outside_root)
     if not records and scfg["unlabeled_ratio"] > 0:
@@ -120,7 +121,8 @@ def train_student_online(
     applied = applied_polisher(config["polish"], refiner, polisher)
     if run.dist.is_main:
         applied.announce(console)
-    truth = _truth(unlabeled_gt)
+    gt = load_coco(unlabeled_gt) if unlabeled_gt is not None else None
+    truth = _truth(gt) if gt is not None else None
     labeler = OnlineLabeler(
         ema, refiner, applied.settings, spec.label_to_cat, coco.cat_to_label,
         supervision(scfg["pseudo_view"], scfg["disentangle"]),
@@ -129,7 +131,12 @@ def train_student_online(
     )  # fmt: skip
     labeled = DetectionDataset(coco, images_dir, training_augment(scfg, "student"))
     dataset = StudentDataset(labeled, OnlineImages(list(records)), scfg["unlabeled_ratio"])
-    log = OnlineLog(labeler, scfg["online_log_every"], console, record=spec.extra)
+    evaluation = None
+    if gt is not None and scfg["online_eval_images"] > 0:
+        chosen = slice_records(list(records), gt, scfg["online_eval_images"], seed)
+        evaluation = EvaluationSlice(chosen, gt, applied.settings, spec.label_to_cat,
+                                     scfg["online_eval_recall"])  # fmt: skip
+    log = OnlineLog(labeler, scfg["online_log_every"], console, spec.extra, evaluation)
     teacher_spec = replace(spec, kind="teacher", extra={**spec.extra, "ema_of": str(out)})
     saver = SaveEMATeacher(ema, teacher_spec, teacher_path_of(out), log)
     result = train_detector(
