@@ -81,6 +81,17 @@ def test_online_student_moves_its_ema_teacher_and_saves_both(trained, tmp_path) 
     # a 2-iteration teacher keeps no pseudo label: precision is compared at its boxes' recall
     assert before["slice_kept_recall"] == 0 and before["slice_at_recall"] > 0
     assert before["slice_teacher_precision_at_recall"] > 0
+    # dpl report STUDENT.pt: the log as a table (a row per line) and two plots
+    shown = CliRunner().invoke(app, ["report", str(out), "--out", str(tmp_path / "report")])
+    assert shown.exit_code == 0, shown.output
+    page = (tmp_path / "report/index.html").read_text()
+    assert "Online training report" in page and page.count("<tr>") == 1 + 2
+    for plot in ("slice.png", "batches.png"):
+        assert (tmp_path / "report/plots" / plot).stat().st_size > 0
+    offline = CliRunner().invoke(app, ["report", str(trained["teacher"]), "--out",
+                                       str(tmp_path / "r2")])  # fmt: skip
+    assert offline.exit_code != 0 and "not an online student" in str(offline.exception)
+    assert not (tmp_path / "r2" / "index.html").exists()
     assert read_checkpoint(out)["spec"]["extra"]["online_log"] == result.extra["log"]
 
 

@@ -31,6 +31,7 @@ from dpl_tools.api.data import (
     convert,
     export,
     export_review,
+    online_report,
     report,
     split,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "convert",
     "export",
     "export_review",
+    "online_report",
     "report",
     "run",
     "split",

@@ -35,6 +35,7 @@ from dpl_tools.errors import DplError
 from dpl_tools.evaluation.label_audit import ISSUES, audit_labels, write_audit
 from dpl_tools.outputs import check_distinct_outputs
 from dpl_tools.report.build import ReportResult, build_report
+from dpl_tools.report.online import build_online_report
 from dpl_tools.tables import print_report, print_skipped_files
 
 
@@ -256,3 +257,10 @@ def report(
     return build_report(
         labels, images, out, ann, max_images, page_size, thumb_size, console, allow_outside_root
     )
+
+
+def online_report(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the HTML report of an online student's in-loop pseudo-label log into the
+    folder ``out`` (``dpl report STUDENT.pt``); returns its index.html."""
+    check_distinct_outputs({"STUDENT": checkpoint}, {"--out": out}, folders={"--out"})
+    return build_online_report(checkpoint, out)

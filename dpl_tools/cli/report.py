@@ -3,6 +3,9 @@
 Summary counts, score / probability / box-shift histograms, with --ann the quality against
 ground truth, and a paged gallery of thumbnails (largest corrections first, filterable by
 class). --max-images bounds the gallery so a huge run still reports quickly.
+
+Given an online student checkpoint (dpl train-student --online, a .pt file) instead: its
+in-loop pseudo-label log as a table and plots over the iterations (no --images needed).
 """
 
 from __future__ import annotations
@@ -15,17 +18,26 @@ from rich.console import Console
 
 from dpl_tools import api
 from dpl_tools.cli.options import AllowOutsideRoot, within
+from dpl_tools.errors import DplError
 from dpl_tools.settings import AT_LEAST_1, NON_NEGATIVE, Range
 from dpl_tools.tables import ReportTable
 
 
 def command(
     labels: Annotated[
-        Path, typer.Argument(help="Pseudo-label Parquet file (or part-file folder) of dpl polish.")
+        Path,
+        typer.Argument(
+            help="Pseudo-label Parquet file (or part-file folder) of dpl polish, or an online "
+            "student checkpoint (.pt) of dpl train-student --online."
+        ),
     ],
     images: Annotated[
-        Path, typer.Option("--images", help="Folder the file names in the labels are relative to.")
-    ],
+        Path | None,
+        typer.Option(
+            "--images",
+            help="Folder the file names in the labels are relative to (required for labels).",
+        ),
+    ] = None,
     out: Annotated[
         Path, typer.Option("--out", help="Report folder to write (replaced if it holds a report).")
     ] = Path("report"),
@@ -58,6 +70,13 @@ def command(
     allow_outside_root: AllowOutsideRoot = False,
 ) -> None:
     console = Console()
+    if labels.suffix == ".pt":  # an online student: its in-loop log
+        if images is not None or ann is not None:
+            raise DplError(f"{labels}: --images and --ann are for a pseudo-label file")
+        console.print(f"report written to {api.online_report(labels, out)}")
+        return
+    if images is None:
+        raise DplError(f"{labels}: --images is required for a pseudo-label file")
     result = api.report(
         labels, images, out, ann=ann, max_images=max_images, page_size=page_size,
         thumb_size=thumb_size, allow_outside_root=allow_outside_root, console=console,

@@ -72,7 +72,8 @@ LEGEND = (
 )
 
 
-def _page(title: str, body: str, script: str = "") -> str:
+def html_page(title: str, body: str, script: str = "") -> str:
+    """A self-contained HTML page (the report's style inlined)."""
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{escape(title)}</title><style>{CSS}</style>"
@@ -81,7 +82,8 @@ def _page(title: str, body: str, script: str = "") -> str:
     )
 
 
-def _num(value: Any) -> str:
+def cell_text(value: Any) -> str:
+    """A table cell's text: floats to 3 decimals, n/a for a missing or negative value."""
     if value is None or (isinstance(value, float) and value < 0):
         return "n/a"
     return f"{value:.3f}" if isinstance(value, float) else str(value)
@@ -139,15 +141,15 @@ def _quality_html(q: dict[str, Any]) -> str:
         cells += [v["mean_iou"], v["AP"], v["AP50"], v["AP75"]]
         out.append(
             f'<tr><td class="l">{VIEW_TITLES[name]}</td>'
-            + "".join(f"<td>{_num(c)}</td>" for c in cells)
+            + "".join(f"<td>{cell_text(c)}</td>" for c in cells)
             + "</tr>"
         )
     out.append("</table>")
     out.append(
         f"<p>Labels changed: {lc['changed']} ({lc['right']} right, {lc['broke']} broke a right "
         f"label, {lc['no_truth']} without truth at IoU 0.5). Box IoU to truth over "
-        f"{bq['boxes']} boxes with teacher IoU &ge; 0.5: {_num(bq['mean_iou_before'])} &rarr; "
-        f"{_num(bq['mean_iou_after'])} ({_pct(bq['improved_fraction'])} improved). "
+        f"{bq['boxes']} boxes with teacher IoU &ge; 0.5: {cell_text(bq['mean_iou_before'])} &rarr; "
+        f"{cell_text(bq['mean_iou_after'])} ({_pct(bq['improved_fraction'])} improved). "
         "P/R: class-aware greedy matching (COCO); mean IoU: class-agnostic at IoU &ge; 0.5.</p>"
     )
     return "\n".join(out)
@@ -164,7 +166,7 @@ def _per_class_html(q: dict[str, Any]) -> str:
         cells = [f'<td class="l">{escape(name)}</td><td>{first[name]["gt_boxes"]}</td>']
         for v in VIEWS:
             c = q["views"][v]["per_class"][name]
-            cells += [f'<td id="pc-{v}-{k}-{i}">{_num(c[k])}</td>'
+            cells += [f'<td id="pc-{v}-{k}-{i}">{cell_text(c[k])}</td>'
                       for k in ("precision50", "recall50", "AP")]  # fmt: skip
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</table>")
@@ -183,9 +185,9 @@ def _keep_rule_html(sweep: dict[str, Any], sources: dict[str, Any]) -> str:
     return (
         f"<h2>Keep rule</h2><p>Operating point: {escape(shown)}. On these "
         f'{sweep["images"]} images it keeps <span id="keep-kept">{p["kept"]}</span> '
-        f'classification pseudo labels: P@.5 <span id="keep-p">{_num(p["precision"])}</span>, '
-        f'R@.5 <span id="keep-r">{_num(p["recall"])}</span>, '
-        f'F1 <span id="keep-f1">{_num(p["f1"])}</span>. The plot "Keep rule" shows what '
+        f'classification pseudo labels: P@.5 <span id="keep-p">{cell_text(p["precision"])}</span>, '
+        f'R@.5 <span id="keep-r">{cell_text(p["recall"])}</span>, '
+        f'F1 <span id="keep-f1">{cell_text(p["f1"])}</span>. The plot "Keep rule" shows what '
         "another threshold would give (each curve moves one threshold, the other stays at "
         f"the operating point); <code>dpl polish --cls-prob X --teacher-score Y</code> "
         f"applies it.{escape(note)}</p>"
@@ -229,7 +231,7 @@ def index_html(
         body.append(f'<h2 class="bad">Unreadable images ({len(bad_images)})</h2><ul>')
         body += [f"<li><code>{escape(n)}</code>: {escape(r)}</li>" for n, r in bad_images]
         body.append("</ul>")
-    return _page("dpl pseudo-label report", "\n".join(body))
+    return html_page("dpl pseudo-label report", "\n".join(body))
 
 
 def _figure(item: GalleryItem, names: dict[int, str]) -> str:
@@ -298,4 +300,4 @@ def gallery_html(
         "</div>",
         " ".join(nav),
     ]
-    return _page(f"dpl report: gallery page {page}", "\n".join(body), FILTER_JS)
+    return html_page(f"dpl report: gallery page {page}", "\n".join(body), FILTER_JS)

@@ -70,6 +70,20 @@ def pr_curves(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
     _save(fig, path)
 
 
+def line_plot(
+    lines: dict[str, list[tuple[float, float]]], path: Path, title: str, xlabel: str, ylabel: str
+) -> None:
+    """One line per legend entry of (x, y) points, e.g. a training log over iterations."""
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    for legend, points in lines.items():
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", ms=3, label=legend)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.legend(fontsize=7, loc="lower right")
+    _save(fig, path)
+
+
 SWEEP_TITLES = {"cls_prob": "polisher probability threshold (cls_prob)",
                 "teacher_score": "teacher score threshold (teacher_score)"}  # fmt: skip
 
