@@ -92,6 +92,7 @@ from dpl_tools.pipeline import (  # noqa: E402
     run_stages,
     student_stage,
 )
+from dpl_tools.report.online import online_log  # noqa: E402
 from dpl_tools.stage_jobs import threads_per_stage  # noqa: E402
 
 OUT = ROOT / "benchmarks/out/seeds"
@@ -358,15 +359,49 @@ def write_polisher_fit(run_dir: Path) -> None:
     (run_dir / "polisher_fit.json").write_text(json.dumps(fit, indent=1, default=str) + "\n")
 
 
+def write_online_log(run_dir: Path) -> None:
+    """``online_log.json``: the online student's in-loop pseudo-label log (its checkpoint's
+    record: the training batches' figures and the fixed evaluation slice's)."""
+    student = run_dir / "student-online.pt"
+    if student.is_file():
+        log = online_log(student)
+        (run_dir / "online_log.json").write_text(json.dumps(log, indent=1) + "\n")
+
+
+def online_lines(dataset: str, seeds: list[int], version: str) -> list[str]:
+    """Per seed, the online run's evaluation slice before training and at its end: whether
+    its pseudo labels' precision at one recall rose as the student trained (issue 22)."""
+    lines = []
+    for seed in seeds:
+        log = [e for e in seed_figures(dataset, seed, version, "online_log.json") or []
+               if e.get("slice_at_recall") is not None]  # fmt: skip
+        if len(log) < 2:
+            continue
+        if not lines:
+            lines = ["", "| online, evaluation slice | iteration | teacher AP50 | kept P / R | "
+                     "teacher P@R | kept P@R |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for entry in (log[0], log[-1]):
+            lines.append(
+                f"| seed {seed}, {entry['slice_images']} images, R = {entry['slice_at_recall']} | "
+                f"{entry['iteration']} | {entry['slice_teacher_ap50']} | "
+                f"{entry['slice_kept_precision']} / {entry['slice_kept_recall']} | "
+                f"{entry['slice_teacher_precision_at_recall']} | "
+                f"{entry['slice_kept_precision_at_recall']} |"
+            )
+    return lines
+
+
 def record_seed(dataset: str, seed: int, version: str) -> list[str]:
     """Copy a seed's finished figures (test metrics, pseudo-label quality, stage times) from
     its run directory into RECORD; returns the files copied."""
     run_dir = OUT / dataset / version / f"seed{seed}"
     record = RECORD / dataset / version / f"seed{seed}"
     write_polisher_fit(run_dir)
+    write_online_log(run_dir)
     copied = []
     for path in [*run_dir.glob("eval/*.json"), *run_dir.glob("pseudo_quality*.json"),
-                 *run_dir.glob("keep-p*.json"), *run_dir.glob("polisher_fit.json")]:  # fmt: skip
+                 *run_dir.glob("keep-p*.json"), *run_dir.glob("polisher_fit.json"),
+                 *run_dir.glob("online_log.json")]:  # fmt: skip
         target = record / path.relative_to(run_dir)
         if not target.is_file() or target.read_bytes() != path.read_bytes():
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -642,6 +677,7 @@ def table(dataset: str, seeds: list[int], rows: list[str], version: str) -> str:
     lines += _quality_lines(results, seeds)
     lines += _box_quality_lines(results, seeds)
     lines += keep_rule_lines(dataset, seeds, version)
+    lines += online_lines(dataset, seeds, version)
     if missing:
         lines.append(f"\nmissing: {', '.join(missing)}")
     return "\n".join(lines)
