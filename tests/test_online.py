@@ -175,6 +175,8 @@ def test_evaluation_slice_scores_what_dpl_polish_writes_for_its_images(trained, 
     assert figures["slice_teacher_ap50"] == round(teacher["AP50"], 4)
     assert figures["slice_kept_precision"] == round(kept["precision50"], 4)
     assert figures["slice_at_recall"] == figures["slice_kept_recall"] == round(kept["recall50"], 4)
+    # compared at its own recall, the kept set's precision is reached (its last cut or better)
+    assert figures["slice_kept_precision_at_recall"] >= figures["slice_kept_precision"]
     assert figures["slice_iou_after"] == round(quality["box_quality"]["mean_iou_after"], 4)
 
 

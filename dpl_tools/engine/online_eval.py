@@ -32,8 +32,9 @@ from dpl_tools.evaluation.pseudo_quality import pseudo_label_quality
 def precision_at_recall(curve: dict[str, list[float]], recall: float) -> float | None:
     """Interpolated precision of a PR curve at ``recall``: the best precision of any score
     cut that reaches it (None when no cut does)."""
+    # the curves' recalls are rounded to 4 decimals: within half a step counts as reached
     reached = [p for p, r in zip(curve["precision"], curve["recall"], strict=True)
-               if r >= recall - 1e-9]  # fmt: skip
+               if r >= recall - 5e-5]  # fmt: skip
     return round(max(reached), 4) if reached else None
 
 
