@@ -26,6 +26,9 @@ budget, these rows, each evaluated on the test split with ``dpl evaluate``:
                    unlabeled images labelled in the loop by its EMA and the polishers,
                    same iterations and images per step as full
     online-ema     that run's EMA teacher (the model the paper's code evaluates)
+    round2, round3 self-training rounds (``dpl run --rounds 3``): the full method again with
+                   the previous round's full student as the teacher (its polisher trained
+                   anew on that teacher, from round 1's box pairs)
     oracle         the labeled-only recipe on 100% of the training pool's labels
 
 and prints mean +- std over the seeds, the difference to ``raw`` and "gap closed" =
@@ -107,7 +110,8 @@ BCCD = (ROOT / "../shared/data/bccd").resolve()
 DEEPPCB = (ROOT / "../shared/data/deeppcb").resolve()
 ROWS = ("teacher", "labeled-only", "raw", "full", "full-weak", "full-imagenet", "full-teacher",
         "full-hard", "full-soft", "paper", "paper-ignore", "p90", "reg-only", "cls-only",
-        "online", "online-ema", "oracle")  # fmt: skip
+        "online", "online-ema", "round2", "round3", "oracle")  # fmt: skip
+ROUNDS = ("round2", "round3")  # self-training rounds: the previous round's student teaches
 # not a table row: the pseudo labels and their quality (their table lines), no student
 PSEUDO = "pseudo"
 P90 = 0.9  # precision target of the p90 row
@@ -215,7 +219,7 @@ def bccd_data(percent: int, seed: int) -> tuple[PipelineData, str]:
 def seed_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
     """Every stage of one seed: the pipeline, then each row's student and evaluation."""
     data, config = dataset_data(dataset, seed, run_dir)
-    stages = pipeline_stages(data, run_dir, config, rounds=1, device="cpu")
+    stages = pipeline_stages(data, run_dir, config, rounds=1 + len(ROUNDS), device="cpu")
     labeled, teacher = run_dir / "split/labeled.json", run_dir / "teacher.pt"
     paper_labels = run_dir / "labels-paper.parquet"
     stages += [
@@ -280,9 +284,11 @@ def own_stage(stage: Stage, rows: set[str]) -> bool:
         return "teacher" in rows
     if stage.name == "evaluate-pseudo":
         return bool({"pseudo", "full"} & rows)
+    if stage.name.startswith("evaluate-pseudo-round"):
+        return stage.name.removeprefix("evaluate-pseudo-") in rows
     if stage.name == "train-student-online":
         return bool({"online", "online-ema"} & rows)
-    for row in [*ROW_STUDENTS, "online", "online-ema"]:
+    for row in [*ROW_STUDENTS, "online", "online-ema", *ROUNDS]:
         if stage.name.endswith(f"-student-{row}"):
             return row in rows
     return stage.name == "split"
@@ -401,7 +407,8 @@ def record_seed(dataset: str, seed: int, version: str) -> list[str]:
     copied = []
     for path in [*run_dir.glob("eval/*.json"), *run_dir.glob("pseudo_quality*.json"),
                  *run_dir.glob("keep-p*.json"), *run_dir.glob("polisher_fit.json"),
-                 *run_dir.glob("online_log.json")]:  # fmt: skip
+                 *run_dir.glob("online_log.json"),
+                 *run_dir.glob("round-*/pseudo_quality.json")]:  # fmt: skip
         target = record / path.relative_to(run_dir)
         if not target.is_file() or target.read_bytes() != path.read_bytes():
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -486,7 +493,7 @@ def row_results(dataset: str, seed: int, version: str) -> dict[str, dict]:
         return seed_figures(dataset, seed, version, name)
 
     files = {"teacher": "teacher", "full": "student", "p90": "student-p90"} | {
-        r: f"student-{r}" for r in [*ROW_STUDENTS, "online", "online-ema"]
+        r: f"student-{r}" for r in [*ROW_STUDENTS, "online", "online-ema", *ROUNDS]
     }
     out = {}
     for row, name in files.items():
@@ -494,7 +501,8 @@ def row_results(dataset: str, seed: int, version: str) -> dict[str, dict]:
         if metrics is not None:
             out[row] = metrics
     for row, name in (("full", "pseudo_quality.json"), ("paper", "pseudo_quality-paper.json"),
-                      ("p90", "pseudo_quality-p90.json")):  # fmt: skip
+                      ("p90", "pseudo_quality-p90.json"),
+                      *((r, f"round-{r[-1]}/pseudo_quality.json") for r in ROUNDS)):  # fmt: skip
         quality = read(name)
         if quality is not None and row in out:
             out[row]["pseudo"] = quality
@@ -506,7 +514,9 @@ def _quality_lines(results: dict[int, dict], seeds: list[int]) -> list[str]:
     sets = [("teacher", "full", "teacher boxes (score >= initial threshold)"),
             ("cls", "full", "classification pseudo labels, fitted rule (use_cls)"),
             ("cls", "paper", "classification pseudo labels, paper rule 0.9 / 0.9"),
-            ("cls", "p90", "classification pseudo labels, fitted for precision 0.9")]  # fmt: skip
+            ("cls", "p90", "classification pseudo labels, fitted for precision 0.9"),
+            *(("cls", r, f"classification pseudo labels, {r[:-1]} {r[-1]}'s teacher")
+              for r in ROUNDS)]  # fmt: skip
     lines = []
     for view, row, name in sets:
         vals = [results[s][row]["pseudo"] for s in seeds if "pseudo" in results[s].get(row, {})]

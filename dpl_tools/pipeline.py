@@ -285,11 +285,11 @@ def synth_noise_stage(
     return Stage(name, "synth_noise", params, out, inputs)
 
 
-def _runs_teacher_for_noise(config: str | None) -> bool:
-    """Whether the config's noise model needs the teacher (empirical, crossfit)."""
+def _noise_model(config: str | None) -> str:
+    """The config's noise model (gaussian; empirical and crossfit run the teacher)."""
     from dpl_tools.config import load_config
 
-    return load_config(config)["polisher"]["noise_model"] != "gaussian"
+    return load_config(config)["polisher"]["noise_model"]
 
 
 def labeled_only_settings(config: str | None) -> dict[str, Any]:
@@ -444,13 +444,24 @@ def round_stages(
     data: PipelineData, run_dir: Path, k: int, teacher: Path, config: str | None, device: str
 ) -> list[Stage]:
     """Self-training round ``k`` with ``teacher``: synth-noise, train-polisher, polish,
-    train-student (offline, or online when the config says so) and pseudo-label quality."""
+    train-student (offline, or online when the config says so) and pseudo-label quality.
+
+    With the crossfit noise model, rounds after the first train their polisher on round 1's
+    box pairs: the fold teachers are trained with the teacher's recipe, which rounds do not
+    change, so new folds would redraw errors of the same kind at the cost of two teacher
+    trainings a round. The polisher itself is always trained anew on the round's teacher."""
     split, rd = run_dir / "split", round_dir(run_dir, k)
     labeled, unlabeled = split / "labeled.json", split / "unlabeled.json"
     tag = "" if k == 1 else f"-round{k}"
     noise, polisher, labels = rd / "noise.parquet", rd / "polisher.pt", rd / "labels.parquet"
     student, images, seed = rd / "student.pt", data.images, data.seed
-    runs_teacher = (teacher, images, device) if _runs_teacher_for_noise(config) else None
+    model = _noise_model(config)
+    runs_teacher = (teacher, images, device) if model != "gaussian" else None
+    noise_stages = [
+        synth_noise_stage(f"synth-noise{tag}", labeled, noise, seed + k - 1, config, runs_teacher)
+    ]
+    if k > 1 and model == "crossfit":
+        noise, noise_stages = round_dir(run_dir, 1) / "noise.parquet", []
     if _trains_online(config):
         train = online_student_stage(f"train-student{tag}", labeled, images, unlabeled, teacher,
                                      polisher, student, seed, config, device)  # fmt: skip
@@ -458,7 +469,7 @@ def round_stages(
         train = student_stage(f"train-student{tag}", labeled, images, labels, teacher, student,
                               seed, config, device)  # fmt: skip
     return [
-        synth_noise_stage(f"synth-noise{tag}", labeled, noise, seed + k - 1, config, runs_teacher),
+        *noise_stages,
         polisher_stage(
             f"train-polisher{tag}", teacher, noise, labeled, images, polisher, seed, config, device
         ),  # fmt: skip

@@ -135,3 +135,19 @@ def test_save_coco_roundtrip(tmp_path):
     out = save_coco(coco, tmp_path / "sub" / "out.json")
     assert json.loads(out.read_text())["annotations"] == coco.annotations
     assert [p.name for p in out.parent.iterdir()] == ["out.json"]  # no temp file left
+
+
+def test_truth_by_file_is_xyxy_by_file_name_without_crowds():
+    raw = _raw()
+    raw["images"].append({"id": 3, "file_name": "c.jpg", "width": 40, "height": 40})
+    raw["annotations"].append(
+        {"id": 3, "image_id": 1, "category_id": 3, "bbox": [0, 0, 50, 40], "iscrowd": 1}
+    )
+    truth = validate_coco(raw, "ann.json").truth_by_file()
+    assert sorted(truth) == ["a.jpg", "b.jpg", "c.jpg"]
+    boxes, cats = truth["a.jpg"]
+    assert boxes.tolist() == [[10.0, 10.0, 30.0, 40.0]] and cats.tolist() == [7]  # crowd out
+    assert truth["b.jpg"][0].tolist() == [[0.0, 0.0, 5.0, 5.0]] and truth["b.jpg"][1].tolist() == [
+        3
+    ]
+    assert truth["c.jpg"][0].shape == (0, 4) and truth["c.jpg"][1].shape == (0,)

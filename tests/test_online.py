@@ -159,7 +159,8 @@ def test_evaluation_slice_scores_what_dpl_polish_writes_for_its_images(trained, 
     refiner = load_polisher(trained["polisher"])
     settings = applied_polisher(load_config(None, keep_all)["polish"], refiner,
                                 trained["polisher"]).settings  # fmt: skip
-    figures = EvaluationSlice(chosen, gt, settings, spec.label_to_cat).evaluate(model, refiner)
+    kept_slice = EvaluationSlice(chosen, gt, settings, spec.label_to_cat)
+    figures = kept_slice.evaluate(model, refiner)
 
     listed = tmp_path / "slice.json"  # the same images as a COCO image list for dpl polish
     listed.write_text(json.dumps({"images": [im for im in gt.images if im["file_name"] in names],
@@ -178,6 +179,17 @@ def test_evaluation_slice_scores_what_dpl_polish_writes_for_its_images(trained, 
     # compared at its own recall, the kept set's precision is reached (its last cut or better)
     assert figures["slice_kept_precision_at_recall"] >= figures["slice_kept_precision"]
     assert figures["slice_iou_after"] == round(quality["box_quality"]["mean_iou_after"], 4)
+    assert kept_slice.warning is None
+
+    # a teacher that keeps nothing: compared at its boxes' recall, and said so
+    keep_none = {**CONFIG, "polish": {**CONFIG["polish"], "cls_prob": 1.0, "teacher_score": 1.0}}
+    strict = applied_polisher(load_config(None, keep_none)["polish"], refiner,
+                              trained["polisher"]).settings  # fmt: skip
+    nothing = EvaluationSlice(chosen, gt, strict, spec.label_to_cat)
+    none_kept = nothing.evaluate(model, refiner)
+    assert not none_kept["slice_kept_recall"]
+    assert none_kept["slice_at_recall"] == round(teacher["recall50"], 4) > 0
+    assert "keeps no correct pseudo label on the 5 evaluation images" in nothing.warning
 
 
 def test_cli_online_and_its_refusals(trained, tmp_path) -> None:

@@ -324,3 +324,30 @@ def test_online_config_gives_the_student_its_polisher_and_unlabeled_images(tmp_p
     assert argv[argv.index("--unlabeled") + 1] == str(tmp_path / "run/split/unlabeled.json")
     offline = {s.name: s for s in pipeline_stages(data, tmp_path / "run", None)}
     assert "--polisher" not in offline["train-student"].argv
+
+
+@pytest.mark.parametrize("noise_model", ["crossfit", "gaussian"])
+def test_each_round_is_taught_by_the_previous_student(tmp_path, noise_model) -> None:
+    """dpl run --rounds 3: round k's teacher is round k-1's student; its polisher is trained
+    anew on that teacher. Crossfit pairs (fold teachers of the teacher's recipe, which rounds
+    do not change) are made once, in round 1; Gaussian pairs are drawn anew each round."""
+    from dpl_tools.pipeline import PipelineData, pipeline_stages
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"polisher:\n  noise_model: {noise_model}\n")
+    run = tmp_path / "run"
+    data = PipelineData(tmp_path / "a.json", tmp_path / "img", test_ann=tmp_path / "t.json")
+    stages = {s.name: s for s in pipeline_stages(data, run, str(config), rounds=3)}
+    for k, teacher in ((2, run / "student.pt"), (3, run / "round-2" / "student.pt")):
+        rd = run / f"round-{k}"
+        for name in (f"train-polisher-round{k}", f"polish-round{k}", f"train-student-round{k}"):
+            assert stages[name].params["teacher"] == teacher, name
+        assert stages[f"train-student-round{k}"].params["pseudo"] == rd / "labels.parquet"
+        assert stages[f"evaluate-student-round{k}"].inputs[0] == rd / "student.pt"
+        noise = stages[f"train-polisher-round{k}"].params["noise"]
+        if noise_model == "crossfit":
+            assert f"synth-noise-round{k}" not in stages and noise == run / "noise.parquet"
+        else:
+            assert noise == rd / "noise.parquet"
+            assert stages[f"synth-noise-round{k}"].params["seed"] == k - 1
+    assert (noise_model == "crossfit") == ("teacher" in stages["synth-noise"].params)

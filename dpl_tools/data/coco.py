@@ -112,6 +112,18 @@ class CocoData:
             by_image[ann["image_id"]].append(ann)
         return by_image
 
+    def truth_by_file(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each image's truth boxes (xyxy, float64) and category ids by file name, crowd
+        regions left out: what pseudo labels of that file are scored against."""
+        by_image = self.annotations_by_image()
+        out = {}
+        for im in self.images:
+            anns = [a for a in by_image.get(im["id"], []) if not a.get("iscrowd")]
+            boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]
+            labels = np.array([a["category_id"] for a in anns], np.int64)
+            out[im["file_name"]] = (np.array(boxes, np.float64).reshape(-1, 4), labels)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         """The validated set as a COCO JSON-ready dict (extra top-level keys kept)."""
         return {

@@ -246,6 +246,8 @@ class OnlineLog(Hook):
                                  if v is not None and k.startswith("slice_"))  # fmt: skip
             if on_slice:
                 self.console.print(f"online evaluation slice: {on_slice}", highlight=False)
+            if self.evaluation is not None and self.evaluation.warning and len(self.history) == 1:
+                self.console.print(f"[bold yellow]warning:[/] {self.evaluation.warning}")
 
     def before_train(self, loop: TrainLoop) -> None:
         if self.evaluation is not None and not self.history:  # the teacher's, before step 1

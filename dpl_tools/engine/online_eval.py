@@ -58,6 +58,7 @@ class EvaluationSlice:
     label_to_cat: dict[int, int]
     recall: float | None = None
     batch_size: int = 8
+    warning: str | None = None  # set when the first evaluation cannot use the kept labels
 
     def _rows(self, model: nn.Module, polisher: Any) -> dict[str, list]:
         cols = empty_columns()
@@ -94,6 +95,12 @@ class EvaluationSlice:
         teacher, kept = quality["views"]["teacher"], quality["views"]["cls"]
         if self.recall is None:  # where the teacher's pseudo labels stand before training
             self.recall = float(kept["recall50"] or teacher["recall50"] or 0.0)
+            if not kept["recall50"]:
+                self.warning = (
+                    f"the teacher keeps no correct pseudo label on the {len(self.records)} "
+                    f"evaluation images: precision is compared at its boxes' recall "
+                    f"{self.recall:.4f} instead (set student.online_eval_recall to choose)"
+                )
         curves, boxes = quality["pr_curves"], quality["box_quality"]
 
         def rounded(value: float | None) -> float | None:

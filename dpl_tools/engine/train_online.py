@@ -9,12 +9,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from rich.console import Console
 
 from dpl_tools.config import plain
 from dpl_tools.data.augment import training_augment
-from dpl_tools.data.coco import CocoData, load_coco
+from dpl_tools.data.coco import load_coco
 from dpl_tools.data.detection import DetectionDataset
 from dpl_tools.data.image_list import load_image_list
 from dpl_tools.data.student_data import StudentDataset, collate_student
@@ -59,18 +58,6 @@ class SaveEMATeacher(Hook):
         if loop.finished and loop.dist.is_main:
             self.spec.extra["online_log"] = self.log.history
             save_detector(self.out, self.ema.module, self.spec, loop.train_state())
-
-
-def _truth(gt: CocoData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The hidden truth of the unlabeled images by file name (xyxy, COCO ids)."""
-    names = {im["id"]: im["file_name"] for im in gt.images}
-    out: dict[str, tuple[list, list]] = {name: ([], []) for name in names.values()}
-    for a in gt.annotations:
-        x, y, w, h = a["bbox"]
-        boxes, labels = out[names[a["image_id"]]]
-        boxes.append([x, y, x + w, y + h])
-        labels.append(a["category_id"])
-    return {k: (np.array(b, np.float64).reshape(-1, 4), np.array(c)) for k, (b, c) in out.items()}
 
 
 def train_student_online(
@@ -122,7 +109,7 @@ def train_student_online(
     if run.dist.is_main:
         applied.announce(console)
     gt = load_coco(unlabeled_gt) if unlabeled_gt is not None else None
-    truth = _truth(gt) if gt is not None else None
+    truth = gt.truth_by_file() if gt is not None else None
     labeler = OnlineLabeler(
         ema, refiner, applied.settings, spec.label_to_cat, coco.cat_to_label,
         supervision(scfg["pseudo_view"], scfg["disentangle"]),

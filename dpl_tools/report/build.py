@@ -33,7 +33,7 @@ from dpl_tools.report.gallery import gallery_items, write_thumbnail
 from dpl_tools.report.html import gallery_html, index_html, page_name
 from dpl_tools.report.plots import make_plots
 from dpl_tools.report.summary import LabelSummary, category_names, summarize
-from dpl_tools.report.truth_marks import mark_rows, truth_by_file
+from dpl_tools.report.truth_marks import mark_rows
 
 
 @dataclass
@@ -107,7 +107,7 @@ def build_report(
         plots = make_plots(table, tmp / "plots", quality, sweep)
         items = gallery_items(table, max_images)
         if gt is not None:
-            truth = truth_by_file(gt)
+            truth = gt.truth_by_file()
             for item in items:
                 if item.file_name in truth:
                     item.truth = mark_rows(item.rows, *truth[item.file_name])

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 
-from dpl_tools.data.coco import CocoData
 from dpl_tools.data.pseudo_views import BOX_COORDS
 from dpl_tools.evaluation.matching import box_iou_np, greedy_match
 from dpl_tools.report.draw import has_box
@@ -34,21 +33,6 @@ class TruthMarks:
         uncertain = sum(1 for r in rows if has_box(r, "teacher") and not r.get("use_cls"))
         return {"tp": marks.count(TP), "fp": marks.count(FP), "fn": len(self.missed),
                 "uncertain": uncertain}  # fmt: skip
-
-
-def truth_by_file(gt: CocoData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Truth boxes (xyxy) and category ids of each image of ``gt``, by file name."""
-    by_id: dict[int, list[dict]] = {}
-    for a in gt.annotations:
-        if not a.get("iscrowd"):
-            by_id.setdefault(a["image_id"], []).append(a)
-    out = {}
-    for im in gt.images:
-        anns = by_id.get(im["id"], [])
-        boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]
-        out[im["file_name"]] = (np.array(boxes, np.float64).reshape(-1, 4),
-                                np.array([a["category_id"] for a in anns], np.int64))  # fmt: skip
-    return out
 
 
 def mark_rows(rows: list[dict[str, Any]], boxes: np.ndarray, labels: np.ndarray) -> TruthMarks:
