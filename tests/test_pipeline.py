@@ -351,3 +351,28 @@ def test_each_round_is_taught_by_the_previous_student(tmp_path, noise_model) -> 
             assert noise == rd / "noise.parquet"
             assert stages[f"synth-noise-round{k}"].params["seed"] == k - 1
     assert (noise_model == "crossfit") == ("teacher" in stages["synth-noise"].params)
+
+
+def test_run_with_two_rounds_teaches_round_two_with_round_one_student(pipeline_run) -> None:
+    """dpl run --rounds 2 end to end: round 2's polisher, pseudo labels and student come
+    from round 1's student as the teacher, and both students are evaluated."""
+    from dpl_tools.io import sha256_file
+    from dpl_tools.models.polisher import read_polisher_checkpoint
+
+    root, _ = pipeline_run
+    config = yaml.safe_load((root / "run.yaml").read_text())
+    config["run"]["run_dir"] = "rounds"
+    (root / "rounds.yaml").write_text(yaml.safe_dump(config))
+    result = _dpl("run", "rounds.yaml", "--rounds", "2", "--device", "cpu", cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run, second = root / "rounds", root / "rounds" / "round-2"
+    for name in ("noise.parquet", "polisher.pt", "labels.parquet", "student.pt"):
+        assert (second / name).is_file(), name
+    polisher = read_polisher_checkpoint(second / "polisher.pt")
+    assert polisher["teacher_sha256"] == sha256_file(run / "student.pt")
+    assert read_polisher_checkpoint(run / "polisher.pt")["teacher_sha256"] == sha256_file(
+        run / "teacher.pt"
+    )
+    for name in ("teacher", "student", "student-round2"):
+        assert "AP" in json.loads((run / "eval" / f"{name}.json").read_text()), name
+    assert "pseudo_quality.json" in {p.name for p in second.iterdir()}

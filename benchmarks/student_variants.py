@@ -1,0 +1,176 @@
+"""Choose a student recipe on a validation set: student variants x training seeds on one
+demo-bench seed's teacher and pseudo labels.
+
+``student_seeds.py --dataset demo-bench`` makes a seed's run directory (teacher, polisher,
+pseudo labels). This script trains student variants from it, each with several training
+seeds (``--student-seeds``: the student's seed only; the data, teacher and pseudo labels
+stay), and evaluates every student on a validation set of the demo's generator drawn with
+seed 2000 + the data seed: images of the training distribution that are neither training
+nor test images. So recipes are compared on validation figures, over training seeds, and
+the test split is left for final figures (the issue's rule: nothing is tuned on it).
+
+    python benchmarks/student_variants.py --run-dir benchmarks/out/seeds/demo-bench/<v>/seed0 \\
+        --variants labeled-only,raw,full,full-tta --student-seeds 0,1,2 --jobs 2
+
+Students and logs go to ``--out`` (default ``<run-dir>/variants``); each finished
+student's validation figures are kept in git, in
+``benchmarks/results/variants/demo-bench/<code version>/seed<k>/val-<variant>-s<seed>.json``,
+so a table is completed over several sittings (run directories do not outlive one).
+Variants (the full method is the run's own ``train-student``):
+
+    labeled-only  the labeled images only, as many per step as full (student_seeds' control)
+    raw           the teacher's boxes and classes (--pseudo-view raw)
+    full          polished pseudo labels, the preset's student
+    full-tta      pseudo labels polished with teacher test-time augmentation (polish --tta)
+    raw-tta       the TTA-fused teacher boxes, unpolished
+    full-r3       3 pseudo-labeled images per labeled one (batch 2 + 6: the same 8 per step)
+    oracle        the labeled-only recipe on every training image's truth
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dpl_tools.data.synthetic import make_synthetic_dataset  # noqa: E402
+from dpl_tools.demo import DEMO_DATA  # noqa: E402
+from dpl_tools.pipeline import labeled_only_settings  # noqa: E402
+
+CONFIG = ROOT / "benchmarks/configs/demo_bench.yaml"
+RECORD = ROOT / "benchmarks/results/variants/demo-bench"
+VALIDATION_SEED = 2000  # + the data seed; training pools use the seed, test sets seed + 1000
+# variant -> (pseudo labels: None, "labels" or "labels-tta"; extra train-student options)
+VARIANTS: dict[str, tuple[str | None, list[str]]] = {
+    "labeled-only": (None, []),
+    "raw": ("labels", ["--pseudo-view", "raw"]),
+    "full": ("labels", []),
+    "full-tta": ("labels-tta", []),
+    "raw-tta": ("labels-tta", ["--pseudo-view", "raw"]),
+    "full-r3": ("labels", ["--unlabeled-ratio", "3", "--batch-size", "2"]),
+    "oracle": (None, []),
+}
+
+
+def dpl(argv: list[str], log: Path) -> None:
+    """One dpl command, one torch thread, its output in ``log``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with log.open("w") as out:
+        subprocess.run([sys.executable, "-m", "dpl_tools.cli", *argv], cwd=ROOT, env=env,
+                       stdout=out, stderr=subprocess.STDOUT, check=True)  # fmt: skip
+
+
+def validation_set(out: Path, data_seed: int) -> Path:
+    """The demo generator's validation images for ``data_seed`` (made once)."""
+    ann = out / f"val{data_seed}" / "annotations.json"
+    if not ann.is_file():
+        d = DEMO_DATA
+        make_synthetic_dataset(ann.parent, num_images=d.test_images, image_size=d.image_size,
+                               max_objects=d.max_objects, seed=VALIDATION_SEED + data_seed,
+                               style=d.style, max_distractors=d.max_distractors)  # fmt: skip
+    return ann
+
+
+def tta_labels(run_dir: Path, out: Path) -> Path:
+    """The run's unlabeled images polished with teacher TTA (made once)."""
+    labels = out / "labels-tta.parquet"
+    if not labels.is_file():
+        dpl(["polish", "--images", str(run_dir / "split/unlabeled.json"), "--image-root",
+             str(run_dir / "data/train/images"), "--out", str(labels), "--teacher",
+             str(run_dir / "teacher.pt"), "--polisher", str(run_dir / "polisher.pt"),
+             "--config", str(CONFIG), "--device", "cpu", "--tta", "--no-progress"],
+            out / "polish-tta.log")  # fmt: skip
+    return labels
+
+
+def record_dir(run_dir: Path) -> Path:
+    """Where a run directory's validation figures are kept (code version / seed)."""
+    return RECORD / run_dir.parent.name / run_dir.name
+
+
+def train_and_validate(run_dir: Path, out: Path, variant: str, seed: int, val: Path) -> dict:
+    """Train one student variant with training seed ``seed``; its validation figures."""
+    figures = record_dir(run_dir) / f"val-{variant}-s{seed}.json"
+    if figures.is_file():
+        return json.loads(figures.read_text())
+    labels, extra = VARIANTS[variant]
+    student = out / f"{variant}-s{seed}.pt"
+    ann = run_dir / ("data/train/annotations.json" if variant == "oracle" else "split/labeled.json")
+    argv = ["train-student", "--ann", str(ann), "--images", str(run_dir / "data/train/images"),
+            "--teacher", str(run_dir / "teacher.pt"), "--out", str(student), "--seed", str(seed),
+            "--config", str(CONFIG), "--device", "cpu", *extra]  # fmt: skip
+    if labels is None:
+        control = labeled_only_settings(str(CONFIG))
+        argv += ["--unlabeled-ratio", "0", "--batch-size", str(control["batch_size"])]
+    else:
+        pseudo = out / f"{labels}.parquet" if labels == "labels-tta" else run_dir / "labels.parquet"
+        argv += ["--pseudo", str(pseudo)]
+    if not student.is_file():
+        dpl(argv, out / f"{variant}-s{seed}.log")
+    figures.parent.mkdir(parents=True, exist_ok=True)
+    dpl(["evaluate", "--model", str(student), "--ann", str(val), "--images",
+         str(val.parent / "images"), "--json", str(figures), "--device", "cpu"],
+        out / f"val-{variant}-s{seed}.log")  # fmt: skip
+    return json.loads(figures.read_text())
+
+
+def table(figures: Path, variants: list[str], seeds: list[int]) -> str:
+    """Validation AP per variant: mean ± std over the finished training seeds."""
+    lines = ["| variant | seeds | validation AP (per seed) | AP50 |", "|---|---:|---|---|"]
+    for variant in variants:
+        done = [json.loads(p.read_text()) for s in seeds
+                if (p := figures / f"val-{variant}-s{s}.json").is_file()]  # fmt: skip
+
+        def stat(key: str, done: list[dict] = done) -> str:
+            vals = [d[key] for d in done]
+            if not vals:
+                return "–"
+            std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            return f"{statistics.mean(vals):.3f} ± {std:.3f}"
+
+        per_seed = ", ".join(f"{d['AP']:.3f}" for d in done)
+        lines.append(f"| {variant} | {len(done)} | {stat('AP')} ({per_seed}) | {stat('AP50')} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run-dir", type=Path, required=True,
+                        help="a demo-bench seed's run directory of student_seeds.py")  # fmt: skip
+    parser.add_argument("--variants", default="labeled-only,raw,full",
+                        help=f"comma list of {', '.join(VARIANTS)}")  # fmt: skip
+    parser.add_argument("--student-seeds", default="0,1,2", help="training seeds")
+    parser.add_argument("--jobs", type=int, default=1, help="students trained at once")
+    parser.add_argument("--out", type=Path, help="default <run-dir>/variants")
+    parser.add_argument("--table-only", action="store_true", help="print the recorded table")
+    args = parser.parse_args()
+    variants = [v for v in args.variants.split(",") if v]
+    if unknown := set(variants) - set(VARIANTS):
+        parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
+    seeds = [int(s) for s in args.student_seeds.split(",")]
+    run_dir = args.run_dir.resolve()
+    out = (args.out or run_dir / "variants").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
+        data_seed = int(run_dir.name.removeprefix("seed"))
+        val = validation_set(out, data_seed)
+        if any(VARIANTS[v][0] == "labels-tta" for v in variants):
+            tta_labels(run_dir, out)
+        todo = [(v, s) for v in variants for s in seeds]
+        with ThreadPoolExecutor(max(args.jobs, 1)) as pool:
+            for future in [pool.submit(train_and_validate, run_dir, out, v, s, val)
+                           for v, s in todo]:  # fmt: skip
+                future.result()
+    print(table(record_dir(run_dir), variants, seeds))
+
+
+if __name__ == "__main__":
+    main()
