@@ -532,12 +532,12 @@ def _quality_lines(results: dict[int, dict], seeds: list[int]) -> list[str]:
         right = sum(c.get("right", 0) for c in changes)
         iou = [q["box_quality"] for q in vals]
         lines.append(
-            f"| {name} | {_mean_std([float(x['boxes']) for x in v])} | "
-            f"{_mean_std([x['precision50'] for x in v])} | "
-            f"{_mean_std([x['recall50'] for x in v])} | "
+            f"| {name} | {mean_std([float(x['boxes']) for x in v])} | "
+            f"{mean_std([x['precision50'] for x in v])} | "
+            f"{mean_std([x['recall50'] for x in v])} | "
             f"{changed} ({right}) | "
-            f"{_mean_std([x['mean_iou_before'] for x in iou])} -> "
-            f"{_mean_std([x['mean_iou_after'] for x in iou])} |"
+            f"{mean_std([x['mean_iou_before'] for x in iou])} -> "
+            f"{mean_std([x['mean_iou_after'] for x in iou])} |"
         )
     return lines
 
@@ -647,7 +647,7 @@ def test_images(dataset: str) -> int | None:
     return len(json.loads(path.read_text())["images"]) if path.is_file() else None
 
 
-def _mean_std(values: list[float]) -> str:
+def mean_std(values: list[float]) -> str:
     if not values:
         return "–"
     std = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -680,8 +680,8 @@ def table(dataset: str, seeds: list[int], rows: list[str], version: str) -> str:
         gap = f"{statistics.mean(gaps):.0%}" if gaps and row not in CONTROLS else "–"
         per_seed = ", ".join(f"{a:.3f}" for a in ap)
         lines.append(
-            f"| {row} | {len(done)} | {_mean_std(ap)} ({per_seed}) | {_mean_std(ap50)} | "
-            f"{_mean_std(diff) if row != 'raw' else '–'} | {gap} |"
+            f"| {row} | {len(done)} | {mean_std(ap)} ({per_seed}) | {mean_std(ap50)} | "
+            f"{mean_std(diff) if row != 'raw' else '–'} | {gap} |"
         )
     lines += validity_lines(dataset, results, seeds)
     lines += _quality_lines(results, seeds)

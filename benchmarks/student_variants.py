@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +43,9 @@ sys.path.insert(0, str(ROOT))
 from dpl_tools.data.synthetic import make_synthetic_dataset  # noqa: E402
 from dpl_tools.demo import DEMO_DATA  # noqa: E402
 from dpl_tools.pipeline import labeled_only_settings  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from student_seeds import mean_std  # noqa: E402
 
 CONFIG = ROOT / "benchmarks/configs/demo_bench.yaml"
 RECORD = ROOT / "benchmarks/results/variants/demo-bench"
@@ -128,16 +130,9 @@ def table(figures: Path, variants: list[str], seeds: list[int]) -> str:
     for variant in variants:
         done = [json.loads(p.read_text()) for s in seeds
                 if (p := figures / f"val-{variant}-s{s}.json").is_file()]  # fmt: skip
-
-        def stat(key: str, done: list[dict] = done) -> str:
-            vals = [d[key] for d in done]
-            if not vals:
-                return "–"
-            std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            return f"{statistics.mean(vals):.3f} ± {std:.3f}"
-
+        ap, ap50 = mean_std([d["AP"] for d in done]), mean_std([d["AP50"] for d in done])
         per_seed = ", ".join(f"{d['AP']:.3f}" for d in done)
-        lines.append(f"| {variant} | {len(done)} | {stat('AP')} ({per_seed}) | {stat('AP50')} |")
+        lines.append(f"| {variant} | {len(done)} | {ap} ({per_seed}) | {ap50} |")
     return "\n".join(lines)
 
 
@@ -157,11 +152,19 @@ def main() -> None:
         parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
     seeds = [int(s) for s in args.student_seeds.split(",")]
     run_dir = args.run_dir.resolve()
+    if not run_dir.name.removeprefix("seed").isdigit():
+        parser.error(f"{run_dir}: not a seed's run directory of student_seeds.py (seed<k>)")
+    if args.table_only:
+        print(table(record_dir(run_dir), variants, seeds))
+        return
+    missing = [n for n in ("teacher.pt", "split/labeled.json", "labels.parquet")
+               if not (run_dir / n).is_file()]  # fmt: skip
+    if missing:
+        parser.error(f"{run_dir}: no {', '.join(missing)} (run student_seeds.py there first)")
     out = (args.out or run_dir / "variants").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if not args.table_only:
-        data_seed = int(run_dir.name.removeprefix("seed"))
-        val = validation_set(out, data_seed)
+    try:
+        val = validation_set(out, int(run_dir.name.removeprefix("seed")))
         if any(VARIANTS[v][0] == "labels-tta" for v in variants):
             tta_labels(run_dir, out)
         todo = [(v, s) for v in variants for s in seeds]
@@ -169,6 +172,9 @@ def main() -> None:
             for future in [pool.submit(train_and_validate, run_dir, out, v, s, val)
                            for v, s in todo]:  # fmt: skip
                 future.result()
+    except subprocess.CalledProcessError as e:
+        sys.exit(f"student_variants.py: dpl {e.cmd[3]} failed (exit {e.returncode}); its log "
+                 f"is in {out}")  # fmt: skip
     print(table(record_dir(run_dir), variants, seeds))
 
 
