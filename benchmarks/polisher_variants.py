@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from student_seeds import OUT, RECORD, bccd_data, run_stage  # noqa: E402
-from student_seeds import _mean_std as _ms  # noqa: E402
+from student_seeds import mean_std as _ms  # noqa: E402
 
 from dpl_tools.config import preset_path  # noqa: E402
 from dpl_tools.data.coco import load_coco  # noqa: E402
