@@ -379,6 +379,16 @@ SETTINGS: dict[str, dict[str, Setting]] = {
         "ema_momentum": Setting(
             0.999, "online: momentum of the EMA teacher", Range(0, 1, high_open=True)
         ),
+        "online_polisher": Setting(
+            False,
+            "online: the polishers keep training on each batch's labeled images with the EMA "
+            "teacher's features (the paper's joint form; Gaussian pairs drawn around the truth, "
+            "an EMA copy labels; saved as <out stem>.polisher.pt); one more teacher pass per "
+            "step, so off by default",
+        ),
+        "online_polisher_lr": Setting(
+            0.001, "online_polisher: the polishers' SGD learning rate (constant)", POSITIVE
+        ),
         "online_log_every": Setting(
             50, "online: iterations between two pseudo-label log lines", AT_LEAST_1
         ),

@@ -152,18 +152,23 @@ def train_student_online(
     """Train the student online (``dpl train-student --online``): from ``teacher``, with
     the ``unlabeled`` images (a folder, or a COCO image list under ``unlabeled_root``)
     labelled inside the loop by its EMA teacher and the ``polisher``. Writes the student
-    to ``out`` and the EMA teacher beside it (``extra["teacher"]``); with
+    to ``out`` and the EMA teacher beside it (``extra["teacher"]``; with
+    ``student.online_polisher`` the jointly trained polishers, ``extra["polisher"]``); with
     ``unlabeled_gt`` the pseudo labels' quality is logged as training goes."""
+    from dpl_tools.engine.online_polisher import polisher_path_of
     from dpl_tools.engine.train_online import teacher_path_of
     from dpl_tools.engine.train_online import train_student_online as train
 
     cfg = stage_config(config, "student", {**overrides, "online": True}, flags, sets)
     out = Path(out)
+    outputs = {"--out": out, "EMA teacher": teacher_path_of(out)}
+    if cfg["student"]["online_polisher"]:
+        outputs["trained polishers"] = polisher_path_of(out)
     check_distinct_outputs(
         {"--ann": ann, "--images": images, "--unlabeled": unlabeled,
          "--unlabeled-images": unlabeled_root, "--unlabeled-gt": unlabeled_gt,
          "--teacher": teacher, "--polisher": polisher},
-        {"--out": out, "EMA teacher": teacher_path_of(out)},
+        outputs,
     )  # fmt: skip
     try:
         _, spec, result, log = train(
@@ -173,6 +178,8 @@ def train_student_online(
     finally:
         cleanup_distributed()
     extra = {"init": str(teacher), "teacher": str(teacher_path_of(out)), "log": log.history}
+    if cfg["student"]["online_polisher"]:
+        extra["polisher"] = str(polisher_path_of(out))
     return TrainedDetector(out, spec, result, cfg, None, extra, "online student")
 
 

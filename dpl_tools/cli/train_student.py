@@ -43,8 +43,8 @@ from dpl_tools.tables import ReportTable
 STUDENT_FLAGS = (
     "pseudo_view", "negatives", "disentangle", "unlabeled_ratio", "unlabeled_weight",
     "augment", "pseudo_augment", "mixup", "mosaic", "iters", "batch_size", "lr", "workers",
-    "checkpoint_every", "allow_empty", "online", "ema_momentum", "online_log_every",
-    "online_eval_images",
+    "checkpoint_every", "allow_empty", "online", "ema_momentum", "online_polisher",
+    "online_polisher_lr", "online_log_every", "online_eval_images",
 )  # fmt: skip
 
 
@@ -236,6 +236,9 @@ def print_online_student(console: Console, trained: api.TrainedDetector) -> None
                         show_header=False)  # fmt: skip
     table.add_row("initialised from", f"{trained.extra['init']} (the teacher)")
     table.add_row("EMA teacher", f"{trained.extra['teacher']} (momentum {momentum:g})")
+    if "polisher" in trained.extra:
+        lr = trained.config["student"]["online_polisher_lr"]
+        table.add_row("polishers", f"{trained.extra['polisher']} (trained jointly, lr {lr:g})")
     if log:
         last = log[-1]
         table.add_row("pseudo labels made", f"{last['pseudo_boxes']} teacher boxes, "

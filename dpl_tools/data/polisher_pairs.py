@@ -42,6 +42,7 @@ from dpl_tools.data.noise_models import (
     CLS,
     REG,
     EmpiricalNoise,
+    GaussianNoise,
     NoiseModel,
 )
 from dpl_tools.data.parquet_files import open_dpl_parquet
@@ -205,6 +206,28 @@ def _pairs_for_chunk(
     if kind == CLS:
         label = np.where(iou >= settings.fg_iou, label, 0).astype(np.int32)
     return own, noisy, target, label, iou, scale, group
+
+
+def truth_pairs(
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    settings: PairSettings,
+    rng: np.random.Generator,
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """One image's pairs of both kinds drawn on the fly from its truth (xyxy ``boxes``,
+    ``labels`` 1..C) with the paper's Gaussian noise, as one round of ``synthesize_pairs``
+    would draw them: kind -> (noisy boxes, target boxes, labels; 0 is background)."""
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    gt = GroundTruth(
+        np.zeros(1, np.int64), np.array([0, len(boxes)], np.int64), boxes,
+        np.asarray(labels, dtype=np.int32).reshape(-1),
+    )  # fmt: skip
+    pairs, noise = {}, GaussianNoise()
+    for kind in (REG, CLS):
+        rngs = [rng] * len(settings.groups(kind))
+        _, noisy, target, label, *_ = _pairs_for_chunk(gt, 0, 1, noise, kind, settings, rngs)
+        pairs[kind] = (noisy, target, label.astype(np.int64))
+    return pairs
 
 
 def synthesize_pairs(

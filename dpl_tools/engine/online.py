@@ -4,13 +4,15 @@ the student's loop (``dpl train-student --online``).
 The student starts from the teacher checkpoint; the teacher is an exponential moving
 average (EMA) of the student (``student.ema_momentum``). Each iteration, the unlabeled
 images of the batch are labelled on the spot: the EMA teacher detects on the image as it
-is (the weak view), the frozen polishers refine the boxes and classes and the keep rule
+is (the weak view), the polishers refine the boxes and classes and the keep rule
 selects the classification pseudo labels, all through ``detect_and_polish``, the code path
 of ``dpl polish``, with the same settings (``applied_polisher``). The image and its pseudo
 labels are then augmented together (``student.pseudo_augment``: the strong view, every box
 set moved with the image), and the student takes the disentangled loss with the configured
 negatives, as offline. The EMA is updated after each step and saved beside the student as
-``<out stem>.teacher.pt``, a detector checkpoint like any teacher.
+``<out stem>.teacher.pt``, a detector checkpoint like any teacher. The polishers are frozen,
+or, with ``student.online_polisher``, keep training on the labeled images of each batch
+(``dpl_tools.engine.online_polisher``, the paper's joint form).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +39,9 @@ from dpl_tools.engine.online_eval import EvaluationSlice
 from dpl_tools.engine.polish import PolishSettings, detect_and_polish
 from dpl_tools.evaluation.matching import box_iou_np, greedy_match
 from dpl_tools.models.student_criterion import PSEUDO_KEY, Supervision, student_target
+
+if TYPE_CHECKING:
+    from dpl_tools.engine.online_polisher import OnlinePolisher
 
 ONLINE_KEY = "online"  # target key of an unlabeled image to be labelled in the loop
 
@@ -193,12 +198,17 @@ class OnlineLabeler:
 
 
 def online_losses(
-    criterion: Callable[[nn.Module, list, list], dict], labeler: OnlineLabeler
+    criterion: Callable[[nn.Module, list, list], dict],
+    labeler: OnlineLabeler,
+    polisher_training: OnlinePolisher | None = None,
 ) -> Callable[[nn.Module, list, list], dict]:
-    """The student's loss function with the unlabeled images labelled in the loop first."""
+    """The student's loss function with the unlabeled images labelled in the loop first
+    (after the polishers' own step on the labeled images, when they train jointly)."""
 
     def losses(model: nn.Module, images: list, targets: list) -> dict:
         images, targets = list(images), list(targets)
+        if polisher_training is not None:
+            polisher_training.step(images, targets)
         labeler(images, targets)
         return criterion(model, images, targets)
 
@@ -206,11 +216,11 @@ def online_losses(
 
 
 class OnlineLog(Hook):
-    """Every ``every`` iterations (rank 0): the pseudo labels made so far and, with the
-    hidden truth, their quality (``OnlineQuality``) and, with an ``evaluation`` slice,
-    the same images' pseudo labels scored before training and at every line; the log is
-    kept for the checkpoint's record (``record["online_log"]``) and continues in a resumed
-    run."""
+    """Every ``every`` iterations (rank 0): the pseudo labels made so far (and the jointly
+    trained polishers' mean losses), with the hidden truth their quality
+    (``OnlineQuality``) and, with an ``evaluation`` slice, the same images' pseudo labels
+    scored before training and at every line; the log is kept for the checkpoint's record
+    (``record["online_log"]``) and continues in a resumed run."""
 
     name = "online_log"
 
@@ -221,8 +231,10 @@ class OnlineLog(Hook):
         console: Any,
         record: dict | None = None,
         evaluation: EvaluationSlice | None = None,
+        polisher_training: OnlinePolisher | None = None,
     ) -> None:
         self.labeler, self.every, self.console = labeler, max(1, every), console
+        self.polisher_training = polisher_training  # its mean losses join each line
         self.evaluation = evaluation  # the fixed slice, scored at every line (rank 0)
         self.history: list[dict[str, Any]] = []
         if record is not None:  # e.g. the student's spec.extra: the log goes into its file
@@ -232,6 +244,8 @@ class OnlineLog(Hook):
         done = loop.iteration + 1 if iteration is None else iteration
         entry: dict[str, Any] = {"iteration": done, "pseudo_boxes": self.labeler.boxes,
                                  "kept_for_classification": self.labeler.kept}  # fmt: skip
+        if self.polisher_training is not None:
+            entry.update(self.polisher_training.take_losses())
         if self.labeler.quality is not None:
             entry.update(self.labeler.quality.summary())
             self.labeler.quality.counts.clear()

@@ -27,6 +27,7 @@ from dpl_tools.engine.online import (
     online_losses,
 )
 from dpl_tools.engine.online_eval import EvaluationSlice, slice_records
+from dpl_tools.engine.online_polisher import OnlinePolisher, SaveOnlinePolisher, polisher_path_of
 from dpl_tools.engine.polish_settings import applied_polisher
 from dpl_tools.engine.setup import load_train_coco, setup_training
 from dpl_tools.engine.train_detector import start_detector, train_detector
@@ -79,8 +80,9 @@ def train_student_online(
 ) -> tuple[Any, DetectorSpec, TrainResult, OnlineLog]:
     """Train a student from ``teacher`` on ``ann`` plus the ``unlabeled`` images (a folder
     or COCO image list under ``unlabeled_root``) labelled online by its EMA teacher and the
-    ``polisher``; write the student to ``out`` and the EMA teacher beside it (``hooks``:
-    more training hooks, run after the online ones)."""
+    ``polisher``; write the student to ``out`` and the EMA teacher beside it (with
+    ``student.online_polisher``, the jointly trained polishers too; ``hooks``: more
+    training hooks, run after the online ones)."""
     console = console or Console()
     out, scfg = Path(out), config["student"]
     if scfg["negatives"] == "soft":
@@ -110,8 +112,13 @@ def train_student_online(
         applied.announce(console)
     gt = load_coco(unlabeled_gt) if unlabeled_gt is not None else None
     truth = gt.truth_by_file() if gt is not None else None
+    joint = None
+    if scfg["online_polisher"]:  # the polishers train on, and their EMA copy labels
+        joint = OnlinePolisher(refiner, ema.module, config["polisher"],
+                               scfg["online_polisher_lr"], run.dist, seed)  # fmt: skip
     labeler = OnlineLabeler(
-        ema, refiner, applied.settings, spec.label_to_cat, coco.cat_to_label,
+        ema, joint.labeler if joint else refiner, applied.settings, spec.label_to_cat,
+        coco.cat_to_label,
         supervision(scfg["pseudo_view"], scfg["disentangle"]),
         scfg["negatives"], training_augment(scfg, "student", "pseudo_augment"),
         OnlineQuality(truth) if truth is not None else None,
@@ -123,12 +130,19 @@ def train_student_online(
         chosen = slice_records(list(records), gt, scfg["online_eval_images"], seed)
         evaluation = EvaluationSlice(chosen, gt, applied.settings, spec.label_to_cat,
                                      scfg["online_eval_recall"])  # fmt: skip
-    log = OnlineLog(labeler, scfg["online_log_every"], console, spec.extra, evaluation)
+    log = OnlineLog(labeler, scfg["online_log_every"], console, spec.extra, evaluation, joint)
     teacher_spec = replace(spec, kind="teacher", extra={**spec.extra, "ema_of": str(out)})
     saver = SaveEMATeacher(ema, teacher_spec, teacher_path_of(out), log)
+    online_hooks: list[Hook] = [EMAHook(ema, model), log, saver]
+    if joint is not None:  # saved after the EMA teacher it is tied to
+        online_hooks += [joint, SaveOnlinePolisher(
+            joint, refiner, teacher_path_of(out), polisher_path_of(out),
+            {"online_of": str(out), "started_from": str(polisher), "ann": str(ann),
+             "lr": scfg["online_polisher_lr"]},
+        )]  # fmt: skip
     result = train_detector(
         start, dataset, run, out, seed, console, "train-student --online",
-        online_losses(student_losses(scfg["unlabeled_weight"]), labeler), collate_student,
-        [EMAHook(ema, model), log, saver, *hooks],
+        online_losses(student_losses(scfg["unlabeled_weight"]), labeler, joint),
+        collate_student, [*online_hooks, *hooks],
     )  # fmt: skip
     return model, spec, result, log
