@@ -40,7 +40,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dpl_tools.data.synthetic import make_synthetic_dataset  # noqa: E402
 from dpl_tools.demo import DEMO_DATA  # noqa: E402
 from dpl_tools.pipeline import labeled_only_settings  # noqa: E402
 
@@ -72,13 +71,8 @@ def dpl(argv: list[str], log: Path) -> None:
 
 def validation_set(out: Path, data_seed: int) -> Path:
     """The demo generator's validation images for ``data_seed`` (made once)."""
-    ann = out / f"val{data_seed}" / "annotations.json"
-    if not ann.is_file():
-        d = DEMO_DATA
-        make_synthetic_dataset(ann.parent, num_images=d.test_images, image_size=d.image_size,
-                               max_objects=d.max_objects, seed=VALIDATION_SEED + data_seed,
-                               style=d.style, max_distractors=d.max_distractors)  # fmt: skip
-    return ann
+    return DEMO_DATA.make_set(out / f"val{data_seed}", DEMO_DATA.test_images,
+                              VALIDATION_SEED + data_seed)  # fmt: skip
 
 
 def tta_labels(run_dir: Path, out: Path) -> Path:

@@ -42,6 +42,16 @@ class DemoData:
     max_distractors: int = 3
     style: str = "texture"
 
+    def make_set(self, folder: Path, images: int, seed: int) -> Path:
+        """One set of this data's images under ``folder`` (generator ``seed``; made once):
+        its annotations file."""
+        ann = folder / "annotations.json"
+        if not ann.is_file():
+            make_synthetic_dataset(folder, num_images=images, image_size=self.image_size,
+                                   max_objects=self.max_objects, seed=seed, style=self.style,
+                                   max_distractors=self.max_distractors)  # fmt: skip
+        return ann
+
 
 DEMO_DATA = DemoData()
 TEST_SEED_OFFSET = 1000  # the test set's generator seed is the demo seed + this
@@ -50,23 +60,10 @@ TEST_SEED_OFFSET = 1000  # the test set's generator seed is the demo seed + this
 def prepare_demo_data(out_dir: Path, seed: int = 0, spec: DemoData = DEMO_DATA) -> PipelineData:
     """Generate the demo's training pool and test set under ``out_dir/data`` (idempotent)."""
     data_dir = out_dir / "data"
-    sets = {}
-    for name, count, offset in (
-        ("train", spec.train_images, 0),
-        ("test", spec.test_images, TEST_SEED_OFFSET),
-    ):
-        ann = data_dir / name / "annotations.json"
-        if not ann.is_file():
-            make_synthetic_dataset(
-                data_dir / name,
-                num_images=count,
-                image_size=spec.image_size,
-                max_objects=spec.max_objects,
-                seed=seed + offset,
-                style=spec.style,
-                max_distractors=spec.max_distractors,
-            )
-        sets[name] = ann
+    sets = {
+        "train": spec.make_set(data_dir / "train", spec.train_images, seed),
+        "test": spec.make_set(data_dir / "test", spec.test_images, seed + TEST_SEED_OFFSET),
+    }
     return PipelineData(
         ann=sets["train"],
         images=sets["train"].parent / "images",
