@@ -25,6 +25,11 @@ Variants (the full method is the run's own ``train-student``):
     raw-tta       the TTA-fused teacher boxes, unpolished
     full-r3       3 pseudo-labeled images per labeled one (batch 2 + 6: the same 8 per step)
     oracle        the labeled-only recipe on every training image's truth
+    online        train-student --online from the teacher with the run's polisher (the
+                  runner's online row); its EMA teacher is scored too (row "<variant> EMA")
+    online-lr     online at lr 0.001 (the converged teacher is not restarted at 0.01)
+    online-joint  online with the polishers trained jointly (--online-polisher)
+    online-joint-lr  both
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from dpl_tools.demo import DEMO_DATA  # noqa: E402
 from dpl_tools.pipeline import labeled_only_settings  # noqa: E402
+from dpl_tools.report.online import online_log  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from student_seeds import mean_std  # noqa: E402
@@ -49,7 +55,8 @@ from student_seeds import mean_std  # noqa: E402
 CONFIG = ROOT / "benchmarks/configs/demo_bench.yaml"
 RECORD = ROOT / "benchmarks/results/variants/demo-bench"
 VALIDATION_SEED = 2000  # + the data seed; training pools use the seed, test sets seed + 1000
-# variant -> (pseudo labels: None, "labels" or "labels-tta"; extra train-student options)
+ONLINE = "online"  # the pseudo labels are made in the loop
+# variant -> (pseudo labels: None, "labels", "labels-tta" or ONLINE; extra train-student options)
 VARIANTS: dict[str, tuple[str | None, list[str]]] = {
     "labeled-only": (None, []),
     "raw": ("labels", ["--pseudo-view", "raw"]),
@@ -58,6 +65,10 @@ VARIANTS: dict[str, tuple[str | None, list[str]]] = {
     "raw-tta": ("labels-tta", ["--pseudo-view", "raw"]),
     "full-r3": ("labels", ["--unlabeled-ratio", "3", "--batch-size", "2"]),
     "oracle": (None, []),
+    "online": (ONLINE, []),
+    "online-lr": (ONLINE, ["--lr", "0.001"]),
+    "online-joint": (ONLINE, ["--online-polisher"]),
+    "online-joint-lr": (ONLINE, ["--online-polisher", "--lr", "0.001"]),
 }
 
 
@@ -106,27 +117,41 @@ def train_and_validate(run_dir: Path, out: Path, variant: str, seed: int, val: P
     if labels is None:
         control = labeled_only_settings(str(CONFIG))
         argv += ["--unlabeled-ratio", "0", "--batch-size", str(control["batch_size"])]
+    elif labels == ONLINE:
+        split = run_dir / "split"
+        argv += ["--online", "--unlabeled", str(split / "unlabeled.json"), "--polisher",
+                 str(run_dir / "polisher.pt"), "--unlabeled-gt",
+                 str(split / "unlabeled_gt.json")]  # fmt: skip
     else:
         pseudo = out / f"{labels}.parquet" if labels == "labels-tta" else run_dir / "labels.parquet"
         argv += ["--pseudo", str(pseudo)]
     if not student.is_file():
         dpl(argv, out / f"{variant}-s{seed}.log")
     figures.parent.mkdir(parents=True, exist_ok=True)
-    dpl(["evaluate", "--model", str(student), "--ann", str(val), "--images",
-         str(val.parent / "images"), "--json", str(figures), "--device", "cpu"],
-        out / f"val-{variant}-s{seed}.log")  # fmt: skip
+    models = [(student, figures)]
+    if labels == ONLINE:  # the EMA teacher too: the model the paper's code evaluates
+        ema = record_dir(run_dir) / f"val-{variant}-ema-s{seed}.json"
+        models.append((student.with_name(f"{student.stem}.teacher.pt"), ema))
+        log = record_dir(run_dir) / f"log-{variant}-s{seed}.json"  # the in-loop log, kept
+        log.write_text(json.dumps(online_log(student), indent=1) + "\n")
+    for model, written in models:
+        dpl(["evaluate", "--model", str(model), "--ann", str(val), "--images",
+             str(val.parent / "images"), "--json", str(written), "--device", "cpu"],
+            out / f"val-{written.stem.removeprefix('val-')}.log")  # fmt: skip
     return json.loads(figures.read_text())
 
 
 def table(figures: Path, variants: list[str], seeds: list[int]) -> str:
     """Validation AP per variant: mean ± std over the finished training seeds."""
     lines = ["| variant | seeds | validation AP (per seed) | AP50 |", "|---|---:|---|---|"]
-    for variant in variants:
+    shown = [(v, v) for v in variants]
+    shown += [(f"{v}-ema", f"{v} EMA teacher") for v in variants if VARIANTS[v][0] == ONLINE]
+    for variant, name in shown:
         done = [json.loads(p.read_text()) for s in seeds
                 if (p := figures / f"val-{variant}-s{s}.json").is_file()]  # fmt: skip
         ap, ap50 = mean_std([d["AP"] for d in done]), mean_std([d["AP50"] for d in done])
         per_seed = ", ".join(f"{d['AP']:.3f}" for d in done)
-        lines.append(f"| {variant} | {len(done)} | {ap} ({per_seed}) | {ap50} |")
+        lines.append(f"| {name} | {len(done)} | {ap} ({per_seed}) | {ap50} |")
     return "\n".join(lines)
 
 

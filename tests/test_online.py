@@ -150,6 +150,9 @@ def test_joint_polishers_train_in_the_loop_and_polish_with_the_ema_teacher(
     assert record["online_of"] == str(out) and record["iterations"] == 2
     for line in result.extra["log"]:  # a step per iteration: both losses, finite
         assert line["polisher_reg"] >= 0 and line["polisher_cls"] > 0
+    shown = CliRunner().invoke(app, ["report", str(out), "--out", str(tmp_path / "report")])
+    assert shown.exit_code == 0, shown.output
+    assert "joint polishers: reg loss" in (tmp_path / "report/index.html").read_text()
     gt, labels, listed = load_coco(trained["ann"]), tmp_path / "labels.parquet", tmp_path / "4.json"
     listed.write_text(json.dumps({"images": gt.images[:4], "annotations": [],
                                   "categories": gt.categories}))  # fmt: skip

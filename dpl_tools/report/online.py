@@ -33,6 +33,8 @@ COLUMNS = (
     ("slice_kept_recall", "kept R"),
     ("slice_teacher_precision_at_recall", "teacher P@R"),
     ("slice_kept_precision_at_recall", "kept P@R"),
+    ("polisher_reg", "joint polishers: reg loss"),
+    ("polisher_cls", "cls loss"),
 )
 # (title, file, y label, [(log key, legend)]) of the report's plots
 PLOTS = (
