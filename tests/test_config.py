@@ -95,6 +95,9 @@ NEW_KEYS = {
         "pseudo_augment": None,
         "online": False,
         "ema_momentum": 0.999,
+        # issue 22: the polishers trained jointly in the online loop (off: frozen)
+        "online_polisher": False,
+        "online_polisher_lr": 0.001,
         "online_log_every": 50,
         "online_eval_images": 100,
         "online_eval_recall": None,

@@ -93,6 +93,7 @@ CASES = [
     ("audit", "--top", "0", "must be >= 1, got 0"),
     ("train-student", "--ema-momentum", "1", "must be in [0, 1), got 1"),
     ("train-student", "--online-log-every", "0", "must be >= 1, got 0"),
+    ("train-student", "--online-polisher-lr", "0", "must be > 0, got 0"),
     ("train-student", "--online-eval-images", "-1", "must be >= 0, got -1"),
     ("polish", "--score-thresh", "-0.1", "must be in [0, 1], got -0.1"),
     ("polish", "--nms-thresh", "1.5", "must be in [0, 1], got 1.5"),
