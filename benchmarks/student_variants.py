@@ -24,6 +24,10 @@ Variants (the full method is the run's own ``train-student``):
     full-tta      pseudo labels polished with teacher test-time augmentation (polish --tta)
     raw-tta       the TTA-fused teacher boxes, unpolished
     full-r3       3 pseudo-labeled images per labeled one (batch 2 + 6: the same 8 per step)
+    perfect       the full method's student on perfect pseudo labels: the unlabeled images'
+                  hidden truth, every box kept (dpl_tools.data.truth_labels). The ceiling of
+                  what any teacher and polisher could give this student; oracle - perfect
+                  is what the recipe (4 of 20 labeled images in every step) costs
     oracle        the labeled-only recipe on every training image's truth
     online        train-student --online from the teacher with the run's polisher (the
                   runner's online row); its EMA teacher is scored too (row "<variant> EMA")
@@ -45,6 +49,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dpl_tools.data.coco import load_coco  # noqa: E402
+from dpl_tools.data.truth_labels import write_truth_pseudo_labels  # noqa: E402
 from dpl_tools.demo import DEMO_DATA  # noqa: E402
 from dpl_tools.pipeline import labeled_only_settings  # noqa: E402
 from dpl_tools.report.online import online_log  # noqa: E402
@@ -56,7 +62,8 @@ CONFIG = ROOT / "benchmarks/configs/demo_bench.yaml"
 RECORD = ROOT / "benchmarks/results/variants/demo-bench"
 VALIDATION_SEED = 2000  # + the data seed; training pools use the seed, test sets seed + 1000
 ONLINE = "online"  # the pseudo labels are made in the loop
-# variant -> (pseudo labels: None, "labels", "labels-tta" or ONLINE; extra train-student options)
+# variant -> (pseudo labels: None, "labels", "labels-tta", "labels-perfect" or ONLINE; extra
+# train-student options)
 VARIANTS: dict[str, tuple[str | None, list[str]]] = {
     "labeled-only": (None, []),
     "raw": ("labels", ["--pseudo-view", "raw"]),
@@ -64,6 +71,7 @@ VARIANTS: dict[str, tuple[str | None, list[str]]] = {
     "full-tta": ("labels-tta", []),
     "raw-tta": ("labels-tta", ["--pseudo-view", "raw"]),
     "full-r3": ("labels", ["--unlabeled-ratio", "3", "--batch-size", "2"]),
+    "perfect": ("labels-perfect", []),
     "oracle": (None, []),
     "online": (ONLINE, []),
     "online-lr": (ONLINE, ["--lr", "0.001"]),
@@ -98,6 +106,14 @@ def tta_labels(run_dir: Path, out: Path) -> Path:
     return labels
 
 
+def perfect_labels(run_dir: Path, out: Path) -> Path:
+    """The run's unlabeled images' hidden truth as pseudo labels (made once)."""
+    labels = out / "labels-perfect.parquet"
+    if not labels.is_file():
+        write_truth_pseudo_labels(load_coco(run_dir / "split/unlabeled_gt.json"), labels)
+    return labels
+
+
 def record_dir(run_dir: Path) -> Path:
     """Where a run directory's validation figures are kept (code version / seed)."""
     return RECORD / run_dir.parent.name / run_dir.name
@@ -123,7 +139,7 @@ def train_and_validate(run_dir: Path, out: Path, variant: str, seed: int, val: P
                  str(run_dir / "polisher.pt"), "--unlabeled-gt",
                  str(split / "unlabeled_gt.json")]  # fmt: skip
     else:
-        pseudo = out / f"{labels}.parquet" if labels == "labels-tta" else run_dir / "labels.parquet"
+        pseudo = run_dir / "labels.parquet" if labels == "labels" else out / f"{labels}.parquet"
         argv += ["--pseudo", str(pseudo)]
     if not student.is_file():
         dpl(argv, out / f"{variant}-s{seed}.log")
@@ -186,6 +202,8 @@ def main() -> None:
         val = validation_set(out, int(run_dir.name.removeprefix("seed")))
         if any(VARIANTS[v][0] == "labels-tta" for v in variants):
             tta_labels(run_dir, out)
+        if any(VARIANTS[v][0] == "labels-perfect" for v in variants):
+            perfect_labels(run_dir, out)
         todo = [(v, s) for v in variants for s in seeds]
         with ThreadPoolExecutor(max(args.jobs, 1)) as pool:
             for future in [pool.submit(train_and_validate, run_dir, out, v, s, val)

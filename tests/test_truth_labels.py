@@ -1,0 +1,90 @@
+"""Perfect pseudo labels (a ground truth in the pseudo-label format, the benchmarks' ceiling
+of what polishing can give a student): scored against their own truth they are exact, and
+the student's dataset learns exactly the truth from them, crowd regions ignored."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from test_train_student import _config
+
+from dpl_tools.data.coco import load_coco
+from dpl_tools.data.pseudo_labels import META_BOXES, read_pseudo_labels
+from dpl_tools.data.truth_labels import TRUTH_SOURCE, write_truth_pseudo_labels
+from dpl_tools.engine.train_student import load_student_data
+from dpl_tools.evaluation.pseudo_quality import pseudo_label_quality
+from dpl_tools.models.student_criterion import IGNORE_KEY
+
+
+def _truth_with_crowd_and_empty(synth_dataset, tmp_path):
+    """The synthetic set's first 8 images, the first box of image 0 marked crowd and
+    image 1's boxes removed."""
+    raw = json.loads(synth_dataset.read_text())
+    raw["images"] = raw["images"][:8]
+    ids = [im["id"] for im in raw["images"]]
+    anns = [a for a in raw["annotations"] if a["image_id"] in ids[:1] + ids[2:]]
+    first = next(a for a in anns if a["image_id"] == ids[0])
+    first["iscrowd"] = 1
+    raw["annotations"] = anns
+    path = tmp_path / "truth.json"
+    path.write_text(json.dumps(raw))
+    return path, raw, first
+
+
+def test_truth_pseudo_labels_are_the_truth(synth_dataset, tmp_path) -> None:
+    path, raw, crowd = _truth_with_crowd_and_empty(synth_dataset, tmp_path)
+    gt = load_coco(path)
+    out = write_truth_pseudo_labels(gt, tmp_path / "perfect.parquet")
+    table, meta = read_pseudo_labels(out)
+    assert meta[META_BOXES]["source"] == TRUTH_SOURCE
+    assert sorted(set(table["file_name"].to_pylist())) == sorted(
+        im["file_name"] for im in raw["images"]
+    )  # every image, the empty one as its one row
+    assert table.num_rows == len(raw["annotations"]) + 1
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left
+
+    quality = pseudo_label_quality(table, gt)
+    kept = quality["views"]["cls"]
+    assert kept["precision50"] == 1.0 and kept["recall50"] == 1.0
+    every = quality["views"]["teacher"]  # every row, the crowd region too: not a true box
+    boxes = len(raw["annotations"]) - 1
+    assert every["recall50"] == 1.0 and every["precision50"] == boxes / (boxes + 1)
+    ious = quality["box_quality"]  # teacher and polished views are both the truth
+    assert ious["mean_iou_after"] == ious["mean_iou_before"] and ious["improved_fraction"] == 0
+
+    rows = pq.read_table(out).to_pylist()
+    x, y = crowd["bbox"][:2]
+    crowd_rows = [r for r in rows if r["image_id"] == crowd["image_id"]
+                  and np.allclose([r["teacher_x1"], r["teacher_y1"]], [x, y])]  # fmt: skip
+    assert len(crowd_rows) == 1 and not crowd_rows[0]["use_cls"] and not crowd_rows[0]["use_reg"]
+
+
+def test_a_student_learns_exactly_the_truth_from_them(synth_dataset, tmp_path) -> None:
+    path, raw, crowd = _truth_with_crowd_and_empty(synth_dataset, tmp_path)
+    gt = load_coco(path)
+    pseudo = write_truth_pseudo_labels(gt, tmp_path / "perfect.parquet")
+    scfg = _config()["student"]
+    dataset, stats = load_student_data(synth_dataset, synth_dataset.parent / "images", pseudo,
+                                       None, scfg, console=None)  # fmt: skip
+    boxes = [a for a in raw["annotations"] if not a.get("iscrowd")]
+    assert stats.cls_boxes == stats.reg_boxes == len(boxes) and stats.dropped_rows == 0
+    assert stats.ignore_boxes == 1  # the crowd region, under the default negatives (ignore)
+    unlabeled = dataset.unlabeled
+    cat_to_label = gt.cat_to_label
+    for item, target in zip(unlabeled.items, unlabeled.targets, strict=True):
+        image_id = next(im["id"] for im in raw["images"] if im["file_name"] == item.file_name)
+        mine = [a for a in boxes if a["image_id"] == image_id]
+        want = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in mine)],
+                            dtype=torch.float32).reshape(-1, 4)  # fmt: skip
+        torch.testing.assert_close(target["boxes"].float(), want)
+        labels = [cat_to_label[a["category_id"]] for a in mine]
+        assert target["labels"].tolist() == labels
+        torch.testing.assert_close(target.get("reg_boxes", target["boxes"]).float(), want)
+        ignored = target.get(IGNORE_KEY, torch.zeros(0, 4))
+        assert len(ignored) == int(image_id == crowd["image_id"])
+        if len(ignored):
+            x, y, w, h = crowd["bbox"]
+            assert np.allclose(ignored[0].tolist(), [x, y, x + w, y + h])
