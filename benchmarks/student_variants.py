@@ -106,6 +106,20 @@ def tta_labels(run_dir: Path, out: Path) -> Path:
     return labels
 
 
+def needed_files(variants: list[str]) -> list[str]:
+    """The run-directory files that ``variants`` read: so a variant that needs no pseudo
+    labels from the run (the controls, perfect) can start before its polish is done."""
+    labels = {VARIANTS[v][0] for v in variants}
+    files = ["teacher.pt", "split/labeled.json"]
+    if "labels" in labels:
+        files.append("labels.parquet")
+    if labels & {"labels-tta", ONLINE}:
+        files.append("polisher.pt")
+    if labels & {"labels-perfect", ONLINE}:
+        files.append("split/unlabeled_gt.json")
+    return files
+
+
 def perfect_labels(run_dir: Path, out: Path) -> Path:
     """The run's unlabeled images' hidden truth as pseudo labels (made once)."""
     labels = out / "labels-perfect.parquet"
@@ -192,8 +206,7 @@ def main() -> None:
     if args.table_only:
         print(table(record_dir(run_dir), variants, seeds))
         return
-    missing = [n for n in ("teacher.pt", "split/labeled.json", "labels.parquet")
-               if not (run_dir / n).is_file()]  # fmt: skip
+    missing = [n for n in needed_files(variants) if not (run_dir / n).is_file()]
     if missing:
         parser.error(f"{run_dir}: no {', '.join(missing)} (run student_seeds.py there first)")
     out = (args.out or run_dir / "variants").resolve()
