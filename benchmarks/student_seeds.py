@@ -29,6 +29,10 @@ budget, these rows, each evaluated on the test split with ``dpl evaluate``:
     round2, round3 self-training rounds (``dpl run --rounds 3``): the full method again with
                    the previous round's full student as the teacher (its polisher trained
                    anew on that teacher, from round 1's box pairs)
+    perfect        the full method's student on perfect pseudo labels (the unlabeled
+                   images' hidden truth, every box kept: dpl_tools.data.truth_labels): the
+                   ceiling of what any teacher and polisher can give this student;
+                   oracle - perfect is what the student's recipe itself costs
     oracle         the labeled-only recipe on 100% of the training pool's labels
 
 and prints mean +- std over the seeds, the difference to ``raw`` and "gap closed" =
@@ -110,7 +114,7 @@ BCCD = (ROOT / "../shared/data/bccd").resolve()
 DEEPPCB = (ROOT / "../shared/data/deeppcb").resolve()
 ROWS = ("teacher", "labeled-only", "raw", "full", "full-weak", "full-imagenet", "full-teacher",
         "full-hard", "full-soft", "paper", "paper-ignore", "p90", "reg-only", "cls-only",
-        "online", "online-ema", "round2", "round3", "oracle")  # fmt: skip
+        "online", "online-ema", "round2", "round3", "perfect", "oracle")  # fmt: skip
 ROUNDS = ("round2", "round3")  # self-training rounds: the previous round's student teaches
 # not a table row: the pseudo labels and their quality (their table lines), no student
 PSEUDO = "pseudo"
@@ -128,8 +132,11 @@ ROW_STUDENTS = {
     "paper-ignore": (None, {"negatives": "ignore"}),
     "reg-only": ("reg-only", {}),
     "cls-only": ("cls-only", {}),
+    "perfect": (None, {}),
     "oracle": (None, {"unlabeled_ratio": 0}),
 }
+# The stage that writes the perfect row's pseudo labels: run in this process (no dpl command)
+PERFECT_LABELS = "truth_pseudo_labels"
 
 
 def code_version() -> str:
@@ -164,7 +171,14 @@ def dpl(argv: list[str], threads: int | None = None) -> None:
 
 
 def run_stage(stage: Stage, resume: bool, threads: int | None = None) -> None:
-    """A pipeline stage as a user runs it: its printed ``dpl`` command, in a subprocess."""
+    """A pipeline stage as a user runs it: its printed ``dpl`` command, in a subprocess
+    (the perfect row's pseudo labels, which no dpl command writes: here)."""
+    if stage.function == PERFECT_LABELS:
+        from dpl_tools.data.coco import load_coco
+        from dpl_tools.data.truth_labels import write_truth_pseudo_labels
+
+        write_truth_pseudo_labels(load_coco(stage.params["truth"]), stage.output)
+        return
     dpl(stage.command_line(resume), threads)
 
 
@@ -230,11 +244,15 @@ def seed_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
                               run_dir / "split/unlabeled_gt.json",
                               run_dir / "pseudo_quality-paper.json"),
     ]  # fmt: skip
+    truth, perfect_labels = run_dir / "split/unlabeled_gt.json", run_dir / "labels-perfect.parquet"
+    stages.append(Stage("perfect-labels", PERFECT_LABELS, {"truth": truth, "out": perfect_labels},
+                        perfect_labels, [truth]))  # fmt: skip
     control = labeled_only_settings(config)
     from_imagenet = load_config(config)["student"]["init"] == "imagenet"
     for row, (view, extra) in ROW_STUDENTS.items():
         ann = data.ann if row == "oracle" else labeled
         labels = paper_labels if row.startswith("paper") else run_dir / "labels.parquet"
+        labels = perfect_labels if row == "perfect" else labels
         row_teacher = teacher
         if row in ("labeled-only", "oracle"):  # as many images per step as the full method
             extra = {**extra, **control}
@@ -276,6 +294,8 @@ def own_stage(stage: Stage, rows: set[str]) -> bool:
     """Whether ``stage`` is an asked row's own: a row's student and its evaluation, the
     teacher's evaluation (row ``teacher``), the pseudo labels' quality (``pseudo``, and
     ``full``, whose table line carries it); the split, which every row reads."""
+    if stage.name == "perfect-labels":
+        return "perfect" in rows
     if stage.name in ("polish-paper", "evaluate-pseudo-paper"):
         return bool({"paper", "paper-ignore"} & rows)
     if stage.name in ("train-student", "evaluate-student"):
