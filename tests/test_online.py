@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 from dpl_tools import api
 from dpl_tools.cli.cli import app
 from dpl_tools.data.coco import load_coco
-from dpl_tools.data.pseudo_label_writer import rows_to_table
+from dpl_tools.data.pseudo_label_writer import empty_columns, rows_to_table
 from dpl_tools.data.pseudo_targets import pseudo_images
 from dpl_tools.engine.online import pseudo_image
-from dpl_tools.engine.polish_job import empty_columns, image_rows
+from dpl_tools.engine.polish_job import image_rows
 from dpl_tools.engine.train_online import teacher_path_of
 from dpl_tools.models.checkpoint import read_checkpoint
 from dpl_tools.models.student_criterion import student_target, supervision

@@ -115,6 +115,17 @@ def sibling_max_id(dest: Path) -> int:
     return top
 
 
+def empty_columns() -> dict[str, list]:
+    """Per-column lists for the pseudo-label SCHEMA, to fill with ``append_row``."""
+    return {name: [] for name in SCHEMA.names}
+
+
+def append_row(cols: dict[str, list], row: dict[str, Any]) -> None:
+    """Append one row to ``cols`` (a column the row lacks is null)."""
+    for name, values in cols.items():
+        values.append(row.get(name))
+
+
 def rows_to_table(columns: dict[str, list], metadata: dict[str, Any] | None = None) -> pa.Table:
     """A table in the pseudo-label SCHEMA from per-column lists (missing columns are null)."""
     n = len(columns["file_name"])

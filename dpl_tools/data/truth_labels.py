@@ -17,13 +17,12 @@ import pyarrow.parquet as pq
 
 from dpl_tools import __version__
 from dpl_tools.data.coco import CocoData
-from dpl_tools.data.pseudo_label_writer import rows_to_table
+from dpl_tools.data.pseudo_label_writer import append_row, empty_columns, rows_to_table
 from dpl_tools.data.pseudo_labels import (
     META_BOXES,
     META_CATEGORIES,
     META_THRESHOLDS,
     META_VERSION,
-    SCHEMA,
 )
 from dpl_tools.data.pseudo_views import BOX_COORDS
 from dpl_tools.io import atomic_path
@@ -36,24 +35,19 @@ def truth_pseudo_labels(gt: CocoData) -> pa.Table:
     class, score and polisher probability 1, kept for classification and regression; a
     crowd region is a row kept for neither (an ignore region with ``--negatives ignore``).
     An image without boxes has its one empty row, as ``dpl polish`` writes it."""
-    columns: dict[str, list] = {name: [] for name in SCHEMA.names}
-
-    def append(row: dict) -> None:
-        for name, values in columns.items():
-            values.append(row.get(name))
-
+    columns = empty_columns()
     by_image = gt.annotations_by_image()
     for im in gt.images:
         base = {"image_id": im["id"], "file_name": im["file_name"], "width": im["width"],
                 "height": im["height"], "status": "ok"}  # fmt: skip
         anns = by_image.get(im["id"], [])
         if not anns:
-            append(base)
+            append_row(columns, base)
         for ann in anns:
             x, y, w, h = ann["bbox"]
             box = dict(zip(BOX_COORDS, (x, y, x + w, y + h), strict=True))
             cat, kept = ann["category_id"], not ann.get("iscrowd")
-            append({**base, **{f"teacher_{c}": v for c, v in box.items()},
+            append_row(columns, {**base, **{f"teacher_{c}": v for c, v in box.items()},
                     **{f"polished_{c}": v for c, v in box.items()},
                     "teacher_label": cat, "teacher_score": 1.0, "polished_label": cat,
                     "polisher_prob": 1.0, "polisher_label": cat,

@@ -23,9 +23,9 @@ from torch import nn
 from dpl_tools.data.coco import CocoData
 from dpl_tools.data.detection import image_tensor, report_skipped
 from dpl_tools.data.images import ImageReadError
-from dpl_tools.data.pseudo_label_writer import rows_to_table
+from dpl_tools.data.pseudo_label_writer import empty_columns, rows_to_table
 from dpl_tools.engine.polish import PolishSettings, detect_and_polish
-from dpl_tools.engine.polish_job import empty_columns, image_rows
+from dpl_tools.engine.polish_job import image_rows
 from dpl_tools.evaluation.pseudo_quality import pseudo_label_quality
 
 

@@ -26,7 +26,13 @@ from torchvision.models.detection import FasterRCNN
 from dpl_tools import __version__
 from dpl_tools.data.detections import ExternalDetections
 from dpl_tools.data.image_list import ImageRecord, UnlabeledImages, collate_images, stable_ids
-from dpl_tools.data.pseudo_label_writer import PseudoLabelWriter, rows_to_table, sibling_max_id
+from dpl_tools.data.pseudo_label_writer import (
+    PseudoLabelWriter,
+    append_row,
+    empty_columns,
+    rows_to_table,
+    sibling_max_id,
+)
 from dpl_tools.data.pseudo_labels import (
     META_CATEGORIES,
     META_FITTED,
@@ -120,17 +126,6 @@ def polish_metadata(
     return meta
 
 
-def empty_columns() -> dict[str, list]:
-    from dpl_tools.data.pseudo_labels import SCHEMA
-
-    return {name: [] for name in SCHEMA.names}
-
-
-def _append(cols: dict[str, list], row: dict[str, Any]) -> None:
-    for name, values in cols.items():
-        values.append(row.get(name))
-
-
 def image_rows(
     cols: dict[str, list], record: ImageRecord, size: tuple[int, int], det: dict, label_to_cat
 ) -> None:
@@ -142,7 +137,7 @@ def image_rows(
         "status": "ok",
     }
     if len(det["scores"]) == 0:
-        _append(cols, base)
+        append_row(cols, base)
         return
     probs = det["probs"].tolist()
     polisher_cat = [label_to_cat.get(int(v)) for v in det["polisher_labels"]]
@@ -150,7 +145,7 @@ def image_rows(
         zip(det["boxes"].tolist(), det["polished_boxes"].tolist(), strict=True)
     ):
         prob = probs[j]
-        _append(
+        append_row(
             cols,
             {
                 **base,
@@ -198,7 +193,7 @@ def _batch_rows(
         if reason is not None:
             if strict:
                 raise DplError(f"{record['path']}: {reason} (--strict)")
-            _append(cols, {"image_id": record["id"], "file_name": record["file_name"],
+            append_row(cols, {"image_id": record["id"], "file_name": record["file_name"],
                            "status": "skipped", "error": reason})  # fmt: skip
             continue
         image, det = det_of[id(record)]
