@@ -28,6 +28,12 @@ Variants (the full method is the run's own ``train-student``):
                   hidden truth, every box kept (dpl_tools.data.truth_labels). The ceiling of
                   what any teacher and polisher could give this student; oracle - perfect
                   is what the recipe (4 of 20 labeled images in every step) costs
+    full-no-fp    the run's pseudo labels with their false positives (classification pseudo
+                  labels matching no true box of their class at IoU .5) made ignore regions:
+                  what a perfect keep rule would give
+    full-no-miss  the run's pseudo labels with every true box they miss added: what a
+                  teacher of perfect recall would give. Between full and perfect, these two
+                  say whether precision or recall costs the student more
     oracle        the labeled-only recipe on every training image's truth
     online        train-student --online from the teacher with the run's polisher (the
                   runner's online row); its EMA teacher is scored too (row "<variant> EMA")
@@ -50,7 +56,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dpl_tools.data.coco import load_coco  # noqa: E402
-from dpl_tools.data.truth_labels import write_truth_pseudo_labels  # noqa: E402
+from dpl_tools.data.truth_labels import (  # noqa: E402
+    write_truth_corrected_pseudo_labels,
+    write_truth_pseudo_labels,
+)
 from dpl_tools.demo import DEMO_DATA  # noqa: E402
 from dpl_tools.pipeline import labeled_only_settings  # noqa: E402
 from dpl_tools.report.online import online_log  # noqa: E402
@@ -62,8 +71,10 @@ CONFIG = ROOT / "benchmarks/configs/demo_bench.yaml"
 RECORD = ROOT / "benchmarks/results/variants/demo-bench"
 VALIDATION_SEED = 2000  # + the data seed; training pools use the seed, test sets seed + 1000
 ONLINE = "online"  # the pseudo labels are made in the loop
-# variant -> (pseudo labels: None, "labels", "labels-tta", "labels-perfect" or ONLINE; extra
-# train-student options)
+# pseudo labels corrected from the truth (truth_corrected_pseudo_labels' fix for each file)
+CORRECTED = {"labels-no-fp": "false-positives", "labels-no-miss": "missed"}
+# variant -> (pseudo labels: None, "labels", "labels-tta", "labels-perfect", a CORRECTED file
+# or ONLINE; extra train-student options)
 VARIANTS: dict[str, tuple[str | None, list[str]]] = {
     "labeled-only": (None, []),
     "raw": ("labels", ["--pseudo-view", "raw"]),
@@ -72,6 +83,8 @@ VARIANTS: dict[str, tuple[str | None, list[str]]] = {
     "raw-tta": ("labels-tta", ["--pseudo-view", "raw"]),
     "full-r3": ("labels", ["--unlabeled-ratio", "3", "--batch-size", "2"]),
     "perfect": ("labels-perfect", []),
+    "full-no-fp": ("labels-no-fp", []),
+    "full-no-miss": ("labels-no-miss", []),
     "oracle": (None, []),
     "online": (ONLINE, []),
     "online-lr": (ONLINE, ["--lr", "0.001"]),
@@ -111,11 +124,11 @@ def needed_files(variants: list[str]) -> list[str]:
     labels from the run (the controls, perfect) can start before its polish is done."""
     labels = {VARIANTS[v][0] for v in variants}
     files = ["teacher.pt", "split/labeled.json"]
-    if "labels" in labels:
+    if {"labels", *CORRECTED} & labels:
         files.append("labels.parquet")
     if labels & {"labels-tta", ONLINE}:
         files.append("polisher.pt")
-    if labels & {"labels-perfect", ONLINE}:
+    if labels & {"labels-perfect", ONLINE, *CORRECTED}:
         files.append("split/unlabeled_gt.json")
     return files
 
@@ -125,6 +138,16 @@ def perfect_labels(run_dir: Path, out: Path) -> Path:
     labels = out / "labels-perfect.parquet"
     if not labels.is_file():
         write_truth_pseudo_labels(load_coco(run_dir / "split/unlabeled_gt.json"), labels)
+    return labels
+
+
+def corrected_labels(run_dir: Path, out: Path, name: str) -> Path:
+    """The run's pseudo labels with one kind of error corrected from the unlabeled images'
+    hidden truth (``CORRECTED[name]``; made once)."""
+    labels = out / f"{name}.parquet"
+    if not labels.is_file():
+        gt = load_coco(run_dir / "split/unlabeled_gt.json")
+        write_truth_corrected_pseudo_labels(run_dir / "labels.parquet", gt, CORRECTED[name], labels)
     return labels
 
 
@@ -217,6 +240,8 @@ def main() -> None:
             tta_labels(run_dir, out)
         if any(VARIANTS[v][0] == "labels-perfect" for v in variants):
             perfect_labels(run_dir, out)
+        for name in {VARIANTS[v][0] for v in variants} & set(CORRECTED):
+            corrected_labels(run_dir, out, name)
         todo = [(v, s) for v in variants for s in seeds]
         with ThreadPoolExecutor(max(args.jobs, 1)) as pool:
             for future in [pool.submit(train_and_validate, run_dir, out, v, s, val)

@@ -88,3 +88,52 @@ def test_a_student_learns_exactly_the_truth_from_them(synth_dataset, tmp_path) -
         if len(ignored):
             x, y, w, h = crowd["bbox"]
             assert np.allclose(ignored[0].tolist(), [x, y, x + w, y + h])
+
+
+def test_truth_corrected_pseudo_labels_fix_one_kind_of_error(synth_dataset, tmp_path) -> None:
+    """Pseudo labels with a dropped box (missed), a box shrunk to IoU 0.3 with its object
+    and one relabelled (false positives, whose objects are then missed too): correcting the
+    false positives gives precision 1 at the same recall, the shrunk and relabelled rows
+    kept as ignore regions; correcting the misses gives recall 1 at the same precision."""
+    from dpl_tools.data.truth_labels import truth_corrected_pseudo_labels, truth_pseudo_labels
+
+    raw = json.loads(synth_dataset.read_text())
+    raw["images"] = raw["images"][:6]
+    raw["annotations"] = [a for a in raw["annotations"] if a["image_id"] in
+                          {im["id"] for im in raw["images"]}]  # fmt: skip
+    path = tmp_path / "truth.json"
+    path.write_text(json.dumps(raw))
+    gt = load_coco(path)
+    rows = truth_pseudo_labels(gt).to_pylist()
+    boxes = len(rows)
+    assert boxes >= 6 and all(r["teacher_x1"] is not None for r in rows)
+    del rows[0]  # missed
+    for view in ("teacher", "polished"):
+        shrunk = rows[1]
+        x1, x2 = shrunk[f"{view}_x1"], shrunk[f"{view}_x2"]
+        shrunk[f"{view}_x2"] = x1 + 0.3 * (x2 - x1)
+    # IoU 0.3 with its object: a false positive, its object missed
+    other = next(c["id"] for c in raw["categories"] if c["id"] != rows[2]["polished_label"])
+    rows[2]["polished_label"] = other  # wrong class: a false positive, its object missed
+    import pyarrow as pa
+
+    table = pa.Table.from_pylist(rows, schema=truth_pseudo_labels(gt).schema)
+    meta = {"categories": [{"id": c["id"], "name": c["name"]} for c in raw["categories"]],
+            META_BOXES: {"source": "teacher"}}  # fmt: skip
+    before = pseudo_label_quality(table, gt)["views"]["cls"]
+    assert before["recall50"] == (boxes - 3) / boxes
+    assert before["precision50"] == (boxes - 3) / (boxes - 1)  # 2 false of boxes - 1 kept
+
+    no_fp = truth_corrected_pseudo_labels(table, meta, gt, "false-positives")
+    after = pseudo_label_quality(no_fp, gt)["views"]["cls"]
+    assert after["precision50"] == 1.0 and after["recall50"] == before["recall50"]
+    assert no_fp.num_rows == table.num_rows  # the false positives stay, as ignore regions
+    demoted = [r for r in no_fp.to_pylist() if not r["use_cls"]]
+    assert len(demoted) == 2 and not any(r["use_reg"] for r in demoted)
+
+    no_miss = truth_corrected_pseudo_labels(table, meta, gt, "missed")
+    after = pseudo_label_quality(no_miss, gt)["views"]["cls"]
+    assert after["recall50"] == 1.0
+    assert after["precision50"] == boxes / (boxes + 2)  # 3 true boxes added, 2 false kept
+    assert no_miss.num_rows == table.num_rows + 3
+    assert b"missed" in no_miss.schema.metadata[META_BOXES.encode()]
