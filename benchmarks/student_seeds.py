@@ -49,9 +49,10 @@ The table printed lists what is still missing. The finished figures are also cop
 only the rows not recorded there, from a copy of the commit whose code version it is
 (``git archive <commit> | tar -x -C /tmp/bench``, then this file copied over it). A row
 runs only the stages it reads from: the controls that start from ImageNet (labeled-only,
-oracle) need neither the teacher nor the pseudo labels, so they can fill a sitting of their
-own, while the rows that read pseudo labels must finish in the sitting that made them (run
-directories do not outlive a session; checkpoints are not recorded). ``--rows
+oracle) need neither the teacher nor the pseudo labels, nor does perfect (the split's hidden
+truth), so they can fill a sitting of their own, while the rows that read pseudo labels must
+finish in the sitting that made them (run directories do not outlive a session; checkpoints
+are not recorded). ``--rows
 teacher,pseudo`` runs the chain to the pseudo labels and their quality, with no student.
 
     python benchmarks/student_seeds.py --dataset demo --seeds 0,1,2,3,4 --jobs 2
@@ -248,7 +249,8 @@ def seed_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
     stages.append(Stage("perfect-labels", PERFECT_LABELS, {"truth": truth, "out": perfect_labels},
                         perfect_labels, [truth]))  # fmt: skip
     control = labeled_only_settings(config)
-    from_imagenet = load_config(config)["student"]["init"] == "imagenet"
+    student = load_config(config)["student"]
+    from_imagenet, soft = student["init"] == "imagenet", student["negatives"] == "soft"
     for row, (view, extra) in ROW_STUDENTS.items():
         ann = data.ann if row == "oracle" else labeled
         labels = paper_labels if row.startswith("paper") else run_dir / "labels.parquet"
@@ -257,7 +259,8 @@ def seed_stages(dataset: str, seed: int, run_dir: Path) -> list[Stage]:
         if row in ("labeled-only", "oracle"):  # as many images per step as the full method
             extra = {**extra, **control}
             labels = None  # no pseudo labels: it need not wait for them
-            row_teacher = None if from_imagenet else teacher
+        if row in ("labeled-only", "oracle", "perfect") and from_imagenet and not soft:
+            row_teacher = None  # reads no teacher: it need not wait for one
         out = run_dir / f"student-{row}.pt"
         stages += [
             student_stage(f"train-student-{row}", ann, data.images, labels,

@@ -58,14 +58,14 @@ def test_controls_from_imagenet_need_no_teacher(runner, tmp_path):
 
 def test_pseudo_label_rows_wait_for_their_inputs(runner, tmp_path):
     """raw needs the teacher and the polished labels' file (it reads their raw view);
-    perfect needs the truth's pseudo labels and the teacher (train-student's argument),
-    never the polisher's cross-fitting for the perfect labels themselves."""
+    perfect only the truth's pseudo labels."""
     raw = stage_names(runner, {"raw"}, tmp_path)
     assert {"split", "train-teacher", "polish", "train-student-raw"} <= raw
     assert "train-student" not in raw  # the full method's student is a row of its own
+    # the bench's student starts from ImageNet: perfect reads the split's truth, no teacher
     perfect = stage_names(runner, {"perfect"}, tmp_path)
-    assert {"split", "perfect-labels", "train-teacher", "train-student-perfect"} <= perfect
-    assert "polish" not in perfect and "evaluate-pseudo" not in perfect
+    assert perfect == {"split", "perfect-labels", "train-student-perfect",
+                       "evaluate-student-perfect"}  # fmt: skip
 
 
 def record(runner, seed: int, row_files: dict[str, float]) -> None:
