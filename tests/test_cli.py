@@ -54,3 +54,23 @@ def test_help_is_whole_on_an_80_column_terminal() -> None:
             if param.param_type_name == "option":
                 for opt in (*param.opts, *param.secondary_opts):
                     assert opt in text, f"{name}: {opt} missing from --help"
+
+
+def test_help_and_usage_errors_load_no_torch() -> None:
+    """``dpl --help``, every command's ``--help`` and a mistyped flag answer without
+    importing torch (seconds of start-up): the commands load it only when a stage runs."""
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from dpl_tools.cli.cli import app\n"
+        "runner = CliRunner()\n"
+        f"for argv in [['--help'], *[[s, '--help'] for s in {list(STAGES)!r}],\n"
+        "             ['train-student', '--no-such-flag']]:\n"
+        "    result = runner.invoke(app, argv)\n"
+        "    assert result.exit_code == (2 if '--no-such-flag' in argv else 0), argv\n"
+        "heavy = sorted(m for m in ('torch', 'torchvision') if m in sys.modules)\n"
+        "print(','.join(heavy) or 'none')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "none"

@@ -19,7 +19,6 @@ from dpl_tools.data.pseudo_labels import drop_unusable_rows, dropped_warning, re
 from dpl_tools.errors import DplError
 from dpl_tools.io import atomic_path
 from dpl_tools.outputs import check_distinct_outputs
-from dpl_tools.report.augment_preview import CELL, draw_sample, sample_grid, training_samples
 from dpl_tools.report.draw import render_image, rows_for_image
 from dpl_tools.report.summary import category_names
 from dpl_tools.settings import AT_LEAST_1, NON_NEGATIVE
@@ -102,6 +101,13 @@ def command(
              "--unlabeled-images": unlabeled_images},
             {"--out": out},
         )  # fmt: skip
+        from dpl_tools.report.augment_preview import (  # torch: only when drawing
+            CELL,
+            draw_sample,
+            sample_grid,
+            training_samples,
+        )
+
         cfg = load_config(config, None, set_overrides(set_values))
         samples, names = training_samples(
             ann, images, cfg, section, count, seed, labels, unlabeled_images

@@ -15,7 +15,7 @@ Parquet in row groups and prints a summary.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -33,10 +33,12 @@ from dpl_tools.cli.options import (
     setting,
 )
 from dpl_tools.cli.setting_flags import Flags, with_setting_flags
-from dpl_tools.engine.polisher_noise import NoiseFile, print_crossfit
 from dpl_tools.errors import DplError
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input, resolve_output
 from dpl_tools.tables import ReportTable
+
+if TYPE_CHECKING:  # torch: only when a stage runs
+    from dpl_tools.engine.polisher_noise import NoiseFile
 
 
 def _floats(text: str | None, what: str) -> list[float] | None:
@@ -156,6 +158,8 @@ def print_noise(console: Console, made: NoiseFile) -> None:
     """The cross-fitting summary (when it ran) and the pairs written, by kind and source."""
     summary, model, gt = made.summary, made.model, made.gt
     if made.crossfit is not None:
+        from dpl_tools.engine.polisher_noise import print_crossfit
+
         print_crossfit(made.crossfit, console)
     table = ReportTable(title=f"synth-noise -> {made.path}", title_justify="left")
     for name in ("kind", "pairs", "mean IoU", "foreground"):

@@ -35,7 +35,6 @@ from dpl_tools.cli.options import (
 )
 from dpl_tools.cli.setting_flags import Flags, with_setting_flags
 from dpl_tools.defaults import STUDENT_INITS
-from dpl_tools.models.student_criterion import supervision
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input, resolve_output
 from dpl_tools.tables import ReportTable
 
@@ -176,6 +175,8 @@ def print_student(console: Console, trained: api.TrainedDetector) -> None:
         "architecture", f"{spec.arch} ({len(spec.categories)} classes, {spec.min_size} px)"
     )
     table.add_row("initialised from", str(spec.extra.get("init", init_from)))
+    from dpl_tools.models.student_criterion import supervision  # torch: after training only
+
     two_sets = supervision(scfg["pseudo_view"], scfg["disentangle"]).reg is not None
     sets = "disentangled" if two_sets else "one set"
     table.add_row(

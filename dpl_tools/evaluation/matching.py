@@ -6,14 +6,15 @@ reported to the user are counted the same way."""
 from __future__ import annotations
 
 import numpy as np
-import torch
-from torchvision.ops import box_iou
 
 
 def box_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU matrix (len(a), len(b)) of xyxy boxes (torchvision.ops.box_iou)."""
     if len(a) == 0 or len(b) == 0:
         return np.zeros((len(a), len(b)))
+    import torch  # here: the figures' modules load without torch (``dpl --help``)
+    from torchvision.ops import box_iou
+
     return box_iou(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b)).numpy()
 
 
