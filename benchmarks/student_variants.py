@@ -24,6 +24,9 @@ Variants (the full method is the run's own ``train-student``):
     full-tta      pseudo labels polished with teacher test-time augmentation (polish --tta)
     raw-tta       the TTA-fused teacher boxes, unpolished
     full-r3       3 pseudo-labeled images per labeled one (batch 2 + 6: the same 8 per step)
+    full-soft     background of the pseudo-labeled images weighted by the teacher's
+                  background probability (--negatives soft, Soft Teacher), not ignore regions
+    full-hard     every proposal matching no classification pseudo label is background
     perfect       the full method's student on perfect pseudo labels: the unlabeled images'
                   hidden truth, every box kept (dpl_tools.data.truth_labels). The ceiling of
                   what any teacher and polisher could give this student; oracle - perfect
@@ -82,6 +85,8 @@ VARIANTS: dict[str, tuple[str | None, list[str]]] = {
     "full-tta": ("labels-tta", []),
     "raw-tta": ("labels-tta", ["--pseudo-view", "raw"]),
     "full-r3": ("labels", ["--unlabeled-ratio", "3", "--batch-size", "2"]),
+    "full-soft": ("labels", ["--negatives", "soft"]),
+    "full-hard": ("labels", ["--negatives", "hard"]),
     "perfect": ("labels-perfect", []),
     "full-no-fp": ("labels-no-fp", []),
     "full-no-miss": ("labels-no-miss", []),
