@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_online import CONFIG, check_resume, teacher_and_polisher
+from test_online import CONFIG, _weights, teacher_and_polisher
 from typer.testing import CliRunner
 
 from dpl_tools import api
 from dpl_tools.cli.cli import app
 from dpl_tools.data.coco import load_coco
 from dpl_tools.engine.train_online import teacher_path_of
+from dpl_tools.models.checkpoint import read_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -89,4 +90,37 @@ def test_joint_polishers_train_in_the_loop_and_polish_with_the_ema_teacher(
 
 
 def test_killed_joint_online_run_resumes_to_the_uninterrupted_weights(trained, tmp_path) -> None:
-    check_resume(trained, tmp_path, joint=True)
+    """Killed after its periodic checkpoint, a resumed online run ends with the student,
+    the EMA teacher, the in-loop log and the jointly trained polishers of the run that was
+    never stopped (the student's resume without joint polishers is the same loop, less the
+    polishers' state)."""
+    from test_loop import StopAt
+
+    from dpl_tools.config import load_config
+    from dpl_tools.engine.online_polisher import polisher_path_of
+    from dpl_tools.engine.train_online import train_student_online
+    from dpl_tools.models.polisher import read_polisher_checkpoint
+
+    student = {**CONFIG["student"], "iters": 3, "checkpoint_every": 2, "ema_momentum": 0.9,
+               "online_polisher": True, "online_eval_images": 4}  # fmt: skip
+    cfg = load_config(None, {**CONFIG, "student": student})
+    args = (trained["ann"], trained["images"], trained["images"])
+    kwargs = {"config": cfg, "teacher": trained["teacher"], "polisher": trained["polisher"],
+              "unlabeled_gt": trained["ann"], "device": "cpu", "seed": 3}  # fmt: skip
+    whole, once = tmp_path / "whole.pt", tmp_path / "resumed.pt"
+    *_, log = train_student_online(*args, whole, **kwargs)
+    with pytest.raises(KeyboardInterrupt):
+        train_student_online(*args, once, **kwargs, hooks=[StopAt(2)])
+    assert not once.exists() and (tmp_path / "resumed.last.pt").is_file()
+    _, _, result, resumed_log = train_student_online(*args, once, **kwargs, resume=True)
+    assert (result.iterations, result.iterations_run) == (3, 1)
+    for a, b in ((whole, once), (teacher_path_of(whole), teacher_path_of(once))):
+        wa, wb = _weights(a), _weights(b)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), a.name
+    assert [e["iteration"] for e in resumed_log.history] == [0, 1, 2, 3]
+    assert resumed_log.history == log.history
+    wa, wb = (read_polisher_checkpoint(polisher_path_of(p))["state_dict"]
+              for p in (whole, once))  # fmt: skip
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert log.history[-1]["polisher_reg"] is not None
+    assert read_checkpoint(once)["spec"]["extra"]["online_log"] == log.history

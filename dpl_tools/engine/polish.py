@@ -25,6 +25,7 @@ from dpl_tools.data.detections import ImageDetections
 from dpl_tools.defaults import DEFAULTS
 from dpl_tools.engine.keep_rule import PAPER_CLS_PROB, PAPER_TEACHER_SCORE, select_pseudo_labels
 from dpl_tools.engine.tta import augmented_detections, fuse_passes, tta_augmentations
+from dpl_tools.models.detector import set_test_settings
 from dpl_tools.runtime import amp_enabled
 from dpl_tools.settings import settings_from_section
 
@@ -108,7 +109,12 @@ def detect(
     teacher: FasterRCNN, images: list[torch.Tensor], settings: PolishSettings
 ) -> TeacherDetections:
     """Teacher detections with score >= the initial threshold, and the features they came
-    from. ``images``: float CHW tensors in 0..1 on the model's device (AMP on GPU)."""
+    from. ``images``: float CHW tensors in 0..1 on the model's device (AMP on GPU). The
+    teacher's test-time score threshold, NMS and detections per image are ``settings``'
+    here, so ``dpl polish``, the online teacher and its evaluation slice detect alike."""
+    set_test_settings(
+        teacher, settings.score_thresh, settings.nms_thresh, settings.detections_per_img
+    )
     device = images[0].device
     original_sizes = [tuple(im.shape[-2:]) for im in images]
     with torch.autocast(device.type, enabled=amp_enabled(device)):

@@ -46,7 +46,6 @@ from dpl_tools.data.pseudo_views import BOX_COORDS
 from dpl_tools.engine.inference import image_loader, worker_batches
 from dpl_tools.engine.polish import PolishSettings, Refiner, detect_and_polish, polish_detections
 from dpl_tools.errors import DplError
-from dpl_tools.models.detector import set_test_settings
 from dpl_tools.progress import Progress
 
 
@@ -228,9 +227,6 @@ def polish_images(
     settings = settings or PolishSettings()
     cat_to_label = {cat: label for label, cat in label_to_cat.items()}
     device = torch.device(device)
-    set_test_settings(
-        teacher, settings.score_thresh, settings.nms_thresh, settings.detections_per_img
-    )
     teacher.to(device).eval()
     if isinstance(polisher, torch.nn.Module):
         polisher.to(device).eval()
