@@ -136,3 +136,12 @@ def test_readme_example_runs(synth_dataset, tmp_path, monkeypatch, capsys) -> No
     assert re.search(r"^teacher \d\.\d+", out, re.M) and re.search(r"^student \d\.\d+", out, re.M)
     for name in ("teacher.pt", "polisher.pt", "labels.parquet", "student.pt"):
         assert (tmp_path / "runs" / name).is_file(), name
+
+
+def test_every_api_name_resolves_from_its_submodule() -> None:
+    """Each name of ``dpl_tools.api`` (imported on first use) is its submodule's object."""
+    import importlib
+
+    for name in api.__all__:
+        module = importlib.import_module(f"dpl_tools.api.{api._SUBMODULE[name]}")
+        assert getattr(api, name) is getattr(module, name), name
