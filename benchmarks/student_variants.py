@@ -37,6 +37,9 @@ Variants (the full method is the run's own ``train-student``):
     full-no-miss  the run's pseudo labels with every true box they miss added: what a
                   teacher of perfect recall would give. Between full and perfect, these two
                   say whether precision or recall costs the student more
+    full-true-boxes  the run's pseudo labels with each box on an object (IoU .5, any class)
+                  moved onto its true box: what perfect localisation would give
+    full-no-fp-miss  false positives made ignore regions and missed objects added together
     oracle        the labeled-only recipe on every training image's truth
     online        train-student --online from the teacher with the run's polisher (the
                   runner's online row); its EMA teacher is scored too (row "<variant> EMA")
@@ -77,7 +80,12 @@ RECORD = ROOT / "benchmarks/results/variants/demo-bench"
 VALIDATION_SEED = 2000  # + the data seed; training pools use the seed, test sets seed + 1000
 ONLINE = "online"  # the pseudo labels are made in the loop
 # pseudo labels corrected from the truth (truth_corrected_pseudo_labels' fix for each file)
-CORRECTED = {"labels-no-fp": "false-positives", "labels-no-miss": "missed"}
+CORRECTED: dict[str, tuple[str, ...]] = {
+    "labels-no-fp": ("false-positives",),
+    "labels-no-miss": ("missed",),
+    "labels-true-boxes": ("boxes",),
+    "labels-no-fp-miss": ("false-positives", "missed"),
+}
 # variant -> (pseudo labels: None, "labels", "labels-tta", "labels-perfect", a CORRECTED file
 # or ONLINE; extra train-student options)
 VARIANTS: dict[str, tuple[str | None, list[str]]] = {
@@ -92,6 +100,8 @@ VARIANTS: dict[str, tuple[str | None, list[str]]] = {
     "perfect": ("labels-perfect", []),
     "full-no-fp": ("labels-no-fp", []),
     "full-no-miss": ("labels-no-miss", []),
+    "full-true-boxes": ("labels-true-boxes", []),
+    "full-no-fp-miss": ("labels-no-fp-miss", []),
     "oracle": (None, []),
     "online": (ONLINE, []),
     "online-lr": (ONLINE, ["--lr", "0.001"]),

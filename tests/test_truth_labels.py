@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import torch
 from test_train_student import _config
 
@@ -137,3 +138,53 @@ def test_truth_corrected_pseudo_labels_fix_one_kind_of_error(synth_dataset, tmp_
     assert after["precision50"] == boxes / (boxes + 2)  # 3 true boxes added, 2 false kept
     assert no_miss.num_rows == table.num_rows + 3
     assert b"missed" in no_miss.schema.metadata[META_BOXES.encode()]
+
+
+def test_truth_corrected_pseudo_labels_fix_boxes_and_combinations(synth_dataset, tmp_path) -> None:
+    """The "boxes" correction moves a box that lies on its object (IoU .5 or more) onto the
+    true box, in both views, and leaves one below IoU .5 and every class as they were;
+    all three corrections together leave only the wrong-class row, as an ignore region."""
+    import pyarrow as pa
+
+    from dpl_tools.data.truth_labels import truth_corrected_pseudo_labels, truth_pseudo_labels
+
+    raw = json.loads(synth_dataset.read_text())
+    raw["images"] = raw["images"][:6]
+    raw["annotations"] = [a for a in raw["annotations"] if a["image_id"] in
+                          {im["id"] for im in raw["images"]}]  # fmt: skip
+    path = tmp_path / "truth.json"
+    path.write_text(json.dumps(raw))
+    gt = load_coco(path)
+    truth = truth_pseudo_labels(gt)
+    rows = truth.to_pylist()
+    boxes = len(rows)
+    for view in ("teacher", "polished"):  # rows[0]: IoU 0.8 with its object; rows[1]: 0.3
+        for i, share in ((0, 0.8), (1, 0.3)):
+            x1, x2 = rows[i][f"{view}_x1"], rows[i][f"{view}_x2"]
+            rows[i][f"{view}_x2"] = x1 + share * (x2 - x1)
+    other = next(c["id"] for c in raw["categories"] if c["id"] != rows[2]["polished_label"])
+    rows[2]["polished_label"] = other
+    table = pa.Table.from_pylist(rows, schema=truth.schema)
+    meta = {"categories": [{"id": c["id"], "name": c["name"]} for c in raw["categories"]],
+            META_BOXES: {"source": "teacher"}}  # fmt: skip
+
+    fixed = truth_corrected_pseudo_labels(table, meta, gt, "boxes").to_pylist()
+    exact = truth.to_pylist()
+    coords = [f"{v}_{c}" for v in ("teacher", "polished") for c in ("x1", "y1", "x2", "y2")]
+    assert [fixed[0][k] for k in coords] == pytest.approx([exact[0][k] for k in coords])
+    assert fixed[1]["teacher_x2"] == pytest.approx(rows[1]["teacher_x2"])  # float32 column
+    assert fixed[1]["teacher_x2"] < exact[1]["teacher_x2"] - 1
+    assert [r["polished_label"] for r in fixed] == [r["polished_label"] for r in rows]
+    quality = pseudo_label_quality(table, gt)["views"]["cls"]
+    assert quality["mean_iou"] < 1.0
+    assert quality["recall50"] == (boxes - 2) / boxes
+
+    every = truth_corrected_pseudo_labels(table, meta, gt, ("missed", "false-positives", "boxes"))
+    after = pseudo_label_quality(every, gt)["views"]["cls"]
+    assert after["precision50"] == after["recall50"] == 1.0
+    assert after["mean_iou"] == pytest.approx(1.0)
+    ignored = [r for r in every.to_pylist() if not r["use_cls"]]
+    assert len(ignored) == 2 and {r["polished_label"] for r in ignored} >= {other}
+    assert b"boxes+false-positives+missed" in every.schema.metadata[META_BOXES.encode()]
+    with pytest.raises(ValueError, match="fix must be among"):
+        truth_corrected_pseudo_labels(table, meta, gt, ("boxes", "classes"))

@@ -7,14 +7,16 @@ the ceiling of what any teacher and polisher could give that student. The oracle
 benchmarks (the labeled-only recipe on every label) differs from it in its sampling; the
 gap between the two is the recipe's, not the pseudo labels'.
 
-Between the pseudo labels and that ceiling, ``truth_corrected_pseudo_labels`` corrects one
-kind of error at a time from the truth: the false positives (what a perfect keep rule
-would give) or the missed objects (what a teacher of perfect recall would add), so a
-student on each says which of the two costs the student more.
+Between the pseudo labels and that ceiling, ``truth_corrected_pseudo_labels`` corrects
+chosen kinds of error from the truth: the boxes' localisation (each pseudo label on an
+object gets that object's true box), the false positives (what a perfect keep rule would
+give) or the missed objects (what a teacher of perfect recall would add), so a student on
+each says which kind costs the student most.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +38,10 @@ from dpl_tools.evaluation.matching import box_iou_np, greedy_match
 from dpl_tools.io import atomic_path
 
 TRUTH_SOURCE = "truth"  # META_BOXES source of these files
-# Errors truth_corrected_pseudo_labels can correct: false positives become ignore regions,
-# missed objects are added as kept rows
-CORRECTIONS = ("false-positives", "missed")
+# Errors truth_corrected_pseudo_labels can correct, in the order it applies them: boxes
+# on an object take its true box, false positives become ignore regions, missed objects
+# are added as kept rows
+CORRECTIONS = ("boxes", "false-positives", "missed")
 
 
 def _truth_row(base: dict, ann: dict) -> dict:
@@ -109,14 +112,40 @@ def _kept_matches(rows: list[dict], anns: list[dict]) -> tuple[list[int], set[in
     return wrong, {truth[m] for m in match if m >= 0}
 
 
-def truth_corrected_pseudo_labels(table: pa.Table, meta: dict, gt: CocoData, fix: str) -> pa.Table:
-    """``table``'s pseudo labels with one kind of error corrected from ``gt``: ``fix`` =
-    "false-positives": a classification pseudo label that matches no true box of its class
-    (IoU .5) is kept for neither loss (an ignore region with ``--negatives ignore``);
-    "missed": each true box that no classification pseudo label matches is added as a
-    truth row. Everything else is left as it is; images are matched by file name."""
-    if fix not in CORRECTIONS:
-        raise ValueError(f"fix must be one of {CORRECTIONS}, not {fix!r}")
+def _true_boxes(rows: list[dict], anns: list[dict]) -> list[dict]:
+    """``rows`` with each box that lies on an object (class-agnostic ``greedy_match`` of the
+    teacher boxes to the true boxes at IoU .5, by teacher score) moved onto that object's
+    true box, in its teacher and polished views; classes, scores and keep flags stay."""
+    placed = [i for i, r in enumerate(rows) if r["teacher_x1"] is not None]
+    truth = [a for a in anns if not a.get("iscrowd")]
+    boxes = np.array([[rows[i][f"teacher_{c}"] for c in BOX_COORDS] for i in placed],
+                     dtype=np.float64).reshape(-1, 4)  # fmt: skip
+    true_boxes = np.array([a["bbox"] for a in truth], dtype=np.float64).reshape(-1, 4)
+    true_boxes[:, 2:] += true_boxes[:, :2]  # xywh -> xyxy
+    scores = np.array([rows[i]["teacher_score"] for i in placed], dtype=np.float64)
+    match, _ = greedy_match(box_iou_np(boxes, true_boxes), scores, 0.5)
+    rows = list(rows)
+    for i, m in zip(placed, match, strict=True):
+        if m >= 0:
+            box = dict(zip(BOX_COORDS, true_boxes[m].tolist(), strict=True))
+            rows[i] = {**rows[i], **{f"{view}_{c}": v for view in ("teacher", "polished")
+                                     for c, v in box.items()}}  # fmt: skip
+    return rows
+
+
+def truth_corrected_pseudo_labels(
+    table: pa.Table, meta: dict, gt: CocoData, fix: str | Sequence[str]
+) -> pa.Table:
+    """``table``'s pseudo labels with the kinds of error in ``fix`` (one or several of
+    ``CORRECTIONS``) corrected from ``gt``, in that order: "boxes": each box on an object
+    (IoU .5, any class) becomes the object's true box; "false-positives": a classification
+    pseudo label that matches no true box of its class (IoU .5) is kept for neither loss
+    (an ignore region with ``--negatives ignore``); "missed": each true box that no
+    classification pseudo label matches is added as a truth row. Everything else is left
+    as it is; images are matched by file name."""
+    fixes = {fix} if isinstance(fix, str) else set(fix)
+    if not fixes or fixes - set(CORRECTIONS):
+        raise ValueError(f"fix must be among {CORRECTIONS}, not {fix!r}")
     by_name = {im["file_name"]: im["id"] for im in gt.images}
     anns_of = gt.annotations_by_image()
     rows_of: dict[str, list[dict]] = {}
@@ -125,25 +154,27 @@ def truth_corrected_pseudo_labels(table: pa.Table, meta: dict, gt: CocoData, fix
     columns = empty_columns()
     for name, rows in rows_of.items():
         anns = anns_of.get(by_name.get(name), [])
+        if "boxes" in fixes:
+            rows = _true_boxes(rows, anns)
         wrong, found = _kept_matches(rows, anns)
-        if fix == "false-positives":
+        if "false-positives" in fixes:
             for i in wrong:
                 rows[i] = {**rows[i], "use_cls": False, "use_reg": False}
-        else:
-            missed = [a for j, a in enumerate(anns) if j not in found and not a.get("iscrowd")]
-            if missed:
-                base = {k: rows[0][k] for k in ("image_id", "file_name", "width", "height",
-                                                 "status")}  # fmt: skip
-                rows = [r for r in rows if r["teacher_x1"] is not None]  # drop an empty image's row
-                rows += [_truth_row(base, a) for a in missed]
+        missed = [a for j, a in enumerate(anns) if j not in found and not a.get("iscrowd")]
+        if "missed" in fixes and missed:
+            base = {k: rows[0][k] for k in ("image_id", "file_name", "width", "height",
+                                             "status")}  # fmt: skip
+            rows = [r for r in rows if r["teacher_x1"] is not None]  # drop an empty image's row
+            rows += [_truth_row(base, a) for a in missed]
         for row in rows:
             append_row(columns, row)
-    boxes = {**meta.get(META_BOXES, {}), "corrected": fix, "truth": str(gt.path)}
+    corrected = "+".join(c for c in CORRECTIONS if c in fixes)
+    boxes = {**meta.get(META_BOXES, {}), "corrected": corrected, "truth": str(gt.path)}
     return rows_to_table(columns, {**meta, META_BOXES: boxes})
 
 
 def write_truth_corrected_pseudo_labels(
-    labels: str | Path, gt: CocoData, fix: str, out: str | Path
+    labels: str | Path, gt: CocoData, fix: str | Sequence[str], out: str | Path
 ) -> Path:
     """The pseudo-label file ``labels`` with ``fix`` corrected (``truth_corrected_pseudo_labels``),
     written to ``out``."""
