@@ -16,6 +16,7 @@ from dpl_tools.config import load_config
 from dpl_tools.data.augment import (
     AugmentSettings,
     DetectionAugment,
+    box_sets,
     erased_fraction,
     mix_samples,
     mixup,
@@ -144,6 +145,31 @@ def test_seeded_augmentation_repeats_and_seeds_differ() -> None:
     for key in OBJECTS:
         assert torch.equal(runs[0][1][key], runs[1][1][key])
     assert not torch.equal(runs[0][0], runs[2][0])
+
+
+def test_strong_augmentation_is_float32_inside_a_training_steps_autocast() -> None:
+    """The online loop augments inside the training step's autocast: the result (image,
+    every box set, what is dropped) is the one outside it, in float32. Under float16
+    autocast torchvision's affine rounded the image to 0/1 and a large box's area
+    overflowed, which dropped the box."""
+    image, target = _scene()
+    image = image * 0.8 + 0.1 * torch.rand_like(image)  # not a two-level image
+    target["boxes"] = torch.cat([target["boxes"], torch.tensor([[0.0, 0.0, 127.0, 95.0]])])
+    target["labels"] = torch.cat([target["labels"], torch.tensor([4])])
+    big = torch.zeros(3, 2 * 300, 2 * 300)  # a box of 600 x 600 px: 360,000 > float16's max
+    big_target = {"boxes": torch.tensor([[0.0, 0.0, 600.0, 600.0]]), "labels": torch.tensor([1])}
+    augment = DetectionAugment("strong", AugmentSettings(scale=(0.9, 1.1), translate=0.02))
+    for picture, boxes in ((image, target), (big, big_target)):
+        torch.manual_seed(5)
+        want = augment(picture, boxes)
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.float16):
+            got = augment(picture, boxes)
+        assert got[0].dtype == torch.float32 and torch.equal(got[0], want[0])
+        for key in box_sets(want[1]):
+            assert got[1][key].dtype == torch.float32
+            assert torch.equal(got[1][key], want[1][key])
+    assert len(want[1]["boxes"]) == 1  # the large box is kept
 
 
 def test_weak_is_a_flip_only() -> None:

@@ -146,9 +146,9 @@ def erase_patches(
 def erased_fraction(boxes: Tensor, patches: Tensor, size: tuple[int, int]) -> Tensor:
     """The fraction of each box's area that the (possibly overlapping) patches cover."""
     if not len(boxes):
-        return torch.zeros(0)
+        return torch.zeros(0, device=boxes.device)
     height, width = size
-    mask = torch.zeros(height + 1, width + 1)
+    mask = torch.zeros(height + 1, width + 1, device=boxes.device)  # the online loop's: on GPU
     for x0, y0, x1, y1 in patches.round().long().tolist():
         mask[y0:y1, x0:x1] = 1.0
     integral = mask[:height, :width].cumsum(0).cumsum(1)
@@ -185,6 +185,13 @@ class DetectionAugment:
         return f"DetectionAugment({self.kind!r}, {self.settings})"
 
     def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        # in float32 even inside the training step's autocast (the online loop augments
+        # there): under autocast the affine's sampling grid and box matmul come out float16,
+        # which rounds the image to 0/1 and overflows the areas of large boxes
+        with torch.autocast(image.device.type, enabled=False):
+            return self._augment(image, target)
+
+    def _augment(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
         target = dict(target)
         keys = box_sets(target)
         size = tuple(image.shape[-2:])
