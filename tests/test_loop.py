@@ -306,3 +306,75 @@ def test_killed_teacher_with_a_pretrained_backbone_resumes_to_the_uninterrupted_
     assert _same(a, b)
     # the frozen stem still holds the backbone file's weights
     assert torch.equal(b["backbone.body.0.0.weight"], torch.load(weights)["features.0.0.weight"])
+
+
+def test_resume_refuses_another_seed_batch_size_or_process_count():
+    """The data stream continues at the sample where it stopped: only for the same seed,
+    batch size and number of processes (each rank's random state is its own)."""
+    _, _, _, partial = _run(stop_at=5)
+    state, weights, _ = partial[-1]
+    for key, value in (("seed", 6), ("batch_size", 2)):
+        changed = {**state, "config": {**state["config"], key: value}}
+        with pytest.raises(DplError, match=f"--resume: the interrupted run used {key}"):
+            _run(resume={"state": changed, "weights": weights})
+    two_ranks = {**state, "ranks": [state, state]}
+    with pytest.raises(DplError, match="had 2 process"):
+        _run(resume={"state": two_ranks, "weights": weights})
+
+
+def _ddp_worker(rank: int, init_file: str, out: str) -> None:
+    """One of 2 gloo processes: the tiny net trained uninterrupted, then killed after its
+    checkpoint at iteration 4 and resumed from it; rank 0 saves both final weights."""
+    import torch.distributed as torch_dist
+
+    from dpl_tools.runtime import DistInfo
+
+    torch.set_num_threads(1)
+    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                  world_size=2)  # fmt: skip
+    info = DistInfo(rank, 2, rank)
+    cfg = TrainConfig(**CFG, checkpoint_every=2, seed=5)
+
+    def run(stop_at=None, resume=None):
+        model = _net()
+        if resume is not None:
+            model.load_state_dict(resume["weights"])
+        torch.manual_seed(100 + rank)  # each rank draws its own dropout masks
+        saved = []
+        hooks = [LRSchedule(), Checkpointer(
+            lambda net, state, final: saved.append(copy.deepcopy((state, net.state_dict()))), 2)]
+        if stop_at is not None:
+            hooks.insert(0, StopAt(stop_at))
+        noise = torch.Generator().manual_seed(1 + rank)
+        loop = TrainLoop(model, Points(), cfg, torch.device("cpu"), info,
+                         loss_fn=_loss_fn(noise), hooks=hooks, generators={"noise": noise},
+                         resume_state=resume and resume["state"])  # fmt: skip
+        try:
+            loop.run()
+        except KeyboardInterrupt:
+            pass
+        return model, saved
+
+    uninterrupted, _ = run()
+    _, partial = run(stop_at=5)
+    if rank == 0:
+        torch.save(partial[-1], f"{out}/checkpoint.pt")
+    torch_dist.barrier()
+    state, weights = torch.load(f"{out}/checkpoint.pt", weights_only=False)
+    resumed, _ = run(resume={"state": state, "weights": weights})
+    if rank == 0:
+        torch.save({"uninterrupted": uninterrupted.state_dict(), "resumed": resumed.state_dict(),
+                    "ranks": state["ranks"]}, f"{out}/result.pt")  # fmt: skip
+    torch_dist.destroy_process_group()
+
+
+def test_two_process_resume_restores_each_ranks_random_state(tmp_path):
+    """Under DDP every rank draws its own random numbers (dropout, the loss's generator):
+    the checkpoint keeps each rank's random state and a resumed 2-process run ends with the
+    uninterrupted run's weights (with rank 0's state on both ranks it did not)."""
+    torch.multiprocessing.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)),
+                                nprocs=2)  # fmt: skip
+    result = torch.load(tmp_path / "result.pt", weights_only=False)
+    ranks = result["ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["rng"], ranks[1]["rng"])
+    assert _same(result["resumed"], result["uninterrupted"])

@@ -6,9 +6,10 @@ endless seeded stream (``StreamSampler``), calls every hook's ``before_step``, r
 every hook's ``after_step``. The learning-rate schedule (linear warm-up, step decay), the
 EMA copy, checkpoints and the progress bar are hooks. The loop also owns the DDP wrap
 (under torchrun each rank reads its own shard) and resume: a training state holds the
-iteration, optimizer, GradScaler, RNG states and the hooks' states, and the data stream
-restarts at the sample where it stopped, so a resumed CPU run (``workers=0``) ends with the
-same weights as an uninterrupted one. ``train`` builds the usual hooks and runs a loop.
+iteration, optimizer, GradScaler, the hooks' states and every rank's random state (each
+rank draws its own), and the data stream restarts at the sample where it stopped, so a
+resumed CPU run (``workers=0``) ends with the same weights as an uninterrupted one, on one
+process or several; a resume with another seed, batch size or process count is refused. ``train`` builds the usual hooks and runs a loop.
 """
 
 from __future__ import annotations
@@ -178,6 +179,13 @@ class Hook:
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` returned."""
 
+    def random_state(self) -> Any:
+        """This process's own random state of the hook (None: none); kept per rank."""
+        return None
+
+    def load_random_state(self, state: Any) -> None:
+        """Restore what ``random_state`` returned on this rank."""
+
 
 class TrainLoop:
     """SGD on ``model`` for ``cfg.iters`` iterations over ``dataset`` (see module doc).
@@ -239,38 +247,82 @@ class TrainLoop:
     def load_state(self, state: dict) -> None:
         """Continue from a training state (``train_state``): iteration, optimizer, scaler,
         RNGs and hooks. The model's weights are the caller's to load."""
+        saved = state.get("config") or {}
+        for key in ("seed", "batch_size"):  # the data stream continues where it stopped
+            if key in saved and saved[key] != getattr(self.cfg, key):
+                raise DplError(
+                    f"--resume: the interrupted run used {key} {saved[key]}, this one "
+                    f"{getattr(self.cfg, key)}; resume with the same, or start without --resume"
+                )
         self.start = self.iteration = int(state["iteration"])
         self.previous_s = float(state.get("elapsed_s", 0.0))
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler") and self.use_amp:
             self.scaler.load_state_dict(state["scaler"])
+        hook_states = state.get("hooks") or {}
+        for hook in self.hooks:
+            if hook.name in hook_states:
+                hook.load_state_dict(hook_states[hook.name])
+        ranks = state.get("ranks") or [state]  # one random state per rank (``train_state``)
+        if len(ranks) != self.dist.world_size:
+            raise DplError(
+                f"--resume: the interrupted run had {len(ranks)} process(es), this one has "
+                f"{self.dist.world_size}; resume with as many, or start without --resume"
+            )
+        self._load_random_state(ranks[self.dist.rank])
+        self.last_loss = float(state.get("last_loss", math.nan))
+        self.last_losses = dict(state.get("last_losses") or {})
+        self.lr = self.cfg.lr_at(self.start)
+
+    def random_state(self) -> dict:
+        """This process's random state: torch's CPU (and CUDA) generator, the extra
+        generators and the hooks' own. Each rank draws its own numbers (seeded seed + rank),
+        so a checkpoint keeps one per rank (``gather_random_states``)."""
+        hooks = {h.name: h.random_state() for h in self.hooks}
+        return {
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device)
+            if self.device.type == "cuda"
+            else None,
+            "generators": {name: g.get_state() for name, g in self.generators.items()},
+            "hook_random": {name: r for name, r in hooks.items() if r is not None},
+        }
+
+    def _load_random_state(self, state: dict) -> None:
         if state.get("rng") is not None:
             torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
         for name, generator_state in (state.get("generators") or {}).items():
             self.generators[name].set_state(generator_state)
-        hook_states = state.get("hooks") or {}
+        hook_random = state.get("hook_random") or {}
         for hook in self.hooks:
-            if hook.name in hook_states:
-                hook.load_state_dict(hook_states[hook.name])
-        self.last_loss = float(state.get("last_loss", math.nan))
-        self.last_losses = dict(state.get("last_losses") or {})
-        self.lr = self.cfg.lr_at(self.start)
+            if hook.name in hook_random:
+                hook.load_random_state(hook_random[hook.name])
 
-    def train_state(self, iteration: int | None = None) -> dict:
-        """Everything a resumed run needs besides the weights (see ``load_state``)."""
+    def gather_random_states(self) -> list[dict] | None:
+        """Every rank's ``random_state``, in rank order, under torchrun (a collective: all
+        ranks call it); None on one process."""
+        if not self.dist.enabled:
+            return None
+        import torch.distributed as torch_dist
+
+        ranks: list[Any] = [None] * self.dist.world_size
+        torch_dist.all_gather_object(ranks, self.random_state())
+        return ranks
+
+    def train_state(self, iteration: int | None = None, ranks: list[dict] | None = None) -> dict:
+        """Everything a resumed run needs besides the weights (see ``load_state``): this
+        process's random state, or each rank's when ``ranks`` (``gather_random_states``)
+        is given."""
         hook_states = {h.name: h.state_dict() for h in self.hooks}
         return {
             "iteration": self.iteration if iteration is None else iteration,
             "elapsed_s": self.previous_s + time.perf_counter() - self.began,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.use_amp else None,
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(self.device)
-            if self.device.type == "cuda"
-            else None,
-            "generators": {name: g.get_state() for name, g in self.generators.items()},
+            **self.random_state(),
+            "ranks": ranks,
             "hooks": {name: s for name, s in hook_states.items() if s is not None},
             "last_loss": self.last_loss,
             "last_losses": dict(self.last_losses),
@@ -355,20 +407,25 @@ class EMAHook(Hook):
 
 class Checkpointer(Hook):
     """``save(model, train_state, final)`` on rank 0: every ``every`` iterations (0: never)
-    and once after the last one."""
+    and once after the last one. Every rank takes part (their random states are gathered
+    into the checkpoint), rank 0 writes."""
 
     def __init__(self, save: SaveFn, every: int) -> None:
         self.save, self.every = save, every
 
+    def _save(self, loop: TrainLoop, iteration: int | None, final: bool) -> None:
+        ranks = loop.gather_random_states()
+        if loop.dist.is_main:
+            self.save(loop.model, loop.train_state(iteration, ranks), final)
+
     def after_step(self, loop: TrainLoop) -> None:
         done = loop.iteration + 1
-        periodic = self.every and done % self.every == 0
-        if loop.dist.is_main and periodic and done < loop.cfg.iters:
-            self.save(loop.model, loop.train_state(done), False)
+        if self.every and done % self.every == 0 and done < loop.cfg.iters:
+            self._save(loop, done, False)
 
     def after_train(self, loop: TrainLoop) -> None:
-        if loop.finished and loop.dist.is_main:
-            self.save(loop.model, loop.train_state(), True)
+        if loop.finished:
+            self._save(loop, None, True)
 
 
 class ProgressBar(Hook):

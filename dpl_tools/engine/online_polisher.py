@@ -126,17 +126,24 @@ class OnlinePolisher(Hook):
 
     def state_dict(self) -> dict:
         return {"model": self.net.state_dict(), "ema": self.ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "rng": self.rng.bit_generator.state,
-                "generator": self.generator.get_state(), "sums": dict(self.sums),
+                "optimizer": self.optimizer.state_dict(), "sums": dict(self.sums),
                 "steps": self.steps}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.net.load_state_dict(state["model"])
         self.ema.module.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.sums, self.steps = dict(state["sums"]), state["steps"]
+        if "rng" in state:  # a checkpoint written before the random states were per rank
+            self.load_random_state(state)
+
+    def random_state(self) -> dict:
+        """The pairs' generators: each rank draws its own."""
+        return {"rng": self.rng.bit_generator.state, "generator": self.generator.get_state()}
+
+    def load_random_state(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
         self.generator.set_state(state["generator"])
-        self.sums, self.steps = dict(state["sums"]), state["steps"]
 
 
 class SaveOnlinePolisher(Hook):
