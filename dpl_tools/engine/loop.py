@@ -9,7 +9,8 @@ EMA copy, checkpoints and the progress bar are hooks. The loop also owns the DDP
 iteration, optimizer, GradScaler, the hooks' states and every rank's random state (each
 rank draws its own), and the data stream restarts at the sample where it stopped, so a
 resumed CPU run (``workers=0``) ends with the same weights as an uninterrupted one, on one
-process or several; a resume with another seed, batch size or process count is refused. ``train`` builds the usual hooks and runs a loop.
+process or several; a resume with another seed, batch size or process count is refused.
+``train`` builds the usual hooks and runs a loop.
 """
 
 from __future__ import annotations
@@ -240,7 +241,11 @@ class TrainLoop:
             sampler=StreamSampler(dataset, self.dist, cfg.seed, self.start * cfg.batch_size),
             collate_fn=collate_fn,
             num_workers=cfg.workers,
-            generator=torch.Generator().manual_seed(cfg.seed + self.dist.rank),
+            # the workers' seeds; a resumed run (start > 0) draws new ones rather than
+            # replaying the first iterations' augmentation (exact only with workers=0)
+            generator=torch.Generator().manual_seed(
+                cfg.seed + self.dist.rank + 1_000_003 * self.start
+            ),
             pin_memory=device.type == "cuda",
         )
 
