@@ -40,16 +40,18 @@ def resolve_input(
     run_dir: str | Path | None,
     name: str,
     option: str | None = None,
+    what: str | None = None,
 ) -> Path:
     """The explicit path if given, else the run directory's artifact; it must exist.
 
-    ``option`` is the command's flag for this input, named in the error when missing.
+    ``option`` is the command's flag for this input, named in the error when missing;
+    ``what`` names an explicit path in that error (default ``name``).
     """
     path = Path(explicit) if explicit else artifact(run_dir, name)
     if not path.exists():
         flag = option or _OPTIONS.get(name, f"--{name}")
         hint = "" if explicit else f" (no {flag} given; looked in the run directory)"
-        raise DplError(f"{path}: {name} not found{hint}")
+        raise DplError(f"{path}: {(what or name) if explicit else name} not found{hint}")
     return path
 
 

@@ -618,3 +618,15 @@ def test_convert_with_nothing_usable_left_fails_and_writes_nothing(tmp_path, voc
         xml.write_text("<annotation>")
     with pytest.raises(DplError, match=r"no usable image left.*3 file\(s\) skipped"):
         require_usable(convert("voc", voc, progress=False), voc)
+
+
+def test_a_missing_model_is_named_as_given_or_as_the_run_directorys_teacher(tmp_path):
+    """``dpl evaluate --model`` names the missing file a model checkpoint; without
+    --model, the run directory's teacher it looked for."""
+    ann = _write(tmp_path / "gt.json", {"images": [], "annotations": [], "categories": []})
+    given = cli("evaluate", "--model", str(tmp_path / "m.pt"), "--ann", str(ann),
+                "--images", str(tmp_path))  # fmt: skip
+    assert given.exit_code == 1 and "m.pt: model checkpoint not found" in str(given.exception)
+    default = cli("evaluate", "--run-dir", str(tmp_path / "run"), "--ann", str(ann),
+                  "--images", str(tmp_path))  # fmt: skip
+    assert "teacher.pt: teacher not found (no --model given" in str(default.exception)

@@ -143,7 +143,7 @@ def command(
         return
     if images is None:
         raise DplError("evaluating a model needs --images (the folder of the --ann images)")
-    model_path = resolve_input(model, run_dir, "teacher", "--model")
+    model_path = resolve_input(model, run_dir, "teacher", "--model", what="model checkpoint")
     result = api.evaluate(
         model_path, ann, images, batch_size=batch_size, workers=workers, device=device,
         score_thresh=score_thresh, max_dets=max_dets, json_out=json_out,
