@@ -40,6 +40,8 @@ Variants (the full method is the run's own ``train-student``):
     full-true-boxes  the run's pseudo labels with each box on an object (IoU .5, any class)
                   moved onto its true box: what perfect localisation would give
     full-no-fp-miss  false positives made ignore regions and missed objects added together
+    full-corrected  all three corrections (boxes, false positives, missed): what is left
+                  between it and perfect is the ignore regions and the keep flags
     oracle        the labeled-only recipe on every training image's truth
     online        train-student --online from the teacher with the run's polisher (the
                   runner's online row); its EMA teacher is scored too (row "<variant> EMA")
@@ -85,6 +87,7 @@ CORRECTED: dict[str, tuple[str, ...]] = {
     "labels-no-miss": ("missed",),
     "labels-true-boxes": ("boxes",),
     "labels-no-fp-miss": ("false-positives", "missed"),
+    "labels-corrected": ("boxes", "false-positives", "missed"),
 }
 # variant -> (pseudo labels: None, "labels", "labels-tta", "labels-perfect", a CORRECTED file
 # or ONLINE; extra train-student options)
@@ -102,6 +105,7 @@ VARIANTS: dict[str, tuple[str | None, list[str]]] = {
     "full-no-miss": ("labels-no-miss", []),
     "full-true-boxes": ("labels-true-boxes", []),
     "full-no-fp-miss": ("labels-no-fp-miss", []),
+    "full-corrected": ("labels-corrected", []),
     "oracle": (None, []),
     "online": (ONLINE, []),
     "online-lr": (ONLINE, ["--lr", "0.001"]),
