@@ -80,6 +80,10 @@ def cli(*args: str):
         (_coco([_image(1, 7)]), r"image 1: file_name = 7\)"),
         (_coco([_image(1, ["a.png"])]), r"image 1: file_name = \[\"a.png\"\]"),
         (_coco([_image(1, "a.png", float("inf"))]), r"without a positive width/height"),
+        # a JSON integer too large for a float is a size like any other, not a crash
+        (_coco([_image(1, "a.png", 10**400)]), r"without a positive width/height"),
+        # ./a.png is the file a.png: two records of one image
+        (_coco([_image(1, "a.png"), _image(2, "./a.png")]), r"duplicate image file_name"),
     ],
 )
 def test_ids_file_names_and_sizes_are_checked_naming_the_record(raw, message):

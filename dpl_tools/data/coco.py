@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -158,10 +159,17 @@ def read_json(path: str | Path) -> Any:
         raise DplError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
+def same_file_name(name: Any) -> Any:
+    """An image file name as the file it names: ``a.png``, ``./a.png`` and ``sub//a.png``
+    alike (non-strings as they are)."""
+    return os.path.normpath(name) if isinstance(name, str) and name else name
+
+
 def _check_unique(path: Path, items: list[dict], what: str, key: str = "id") -> None:
-    """One DplError when two ``items`` share ``key`` (an id, an image file_name, a category
-    name), naming the first repeated value and how often it appears."""
-    counts = Counter(repr(item[key]) for item in items)
+    """One DplError when two ``items`` share ``key`` (an id, an image file_name (as the file
+    it names), a category name), naming the first repeated value and how often it appears."""
+    same = same_file_name if key == "file_name" else (lambda value: value)
+    counts = Counter(repr(same(item[key])) for item in items)
     dups = [i for i, n in counts.items() if n > 1]
     if dups:
         raise DplError(
@@ -193,12 +201,13 @@ def _as_list(path: Path, raw: dict, key: str) -> list:
 
 def positive_number(value: Any) -> bool:
     """A finite number above zero (not a bool, a string, NaN or Infinity)."""
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        value = float(value)
+    except OverflowError:  # a JSON integer too large for a float: not finite
+        return False
+    return math.isfinite(value) and value > 0
 
 
 def in_int64(value: int) -> bool:

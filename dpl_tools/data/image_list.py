@@ -31,6 +31,7 @@ from dpl_tools.data.coco import (
     in_int64,
     positive_number,
     read_json,
+    same_file_name,
 )
 from dpl_tools.data.images import (
     ImageReadError,
@@ -126,12 +127,12 @@ def _coco_records(path: Path, image_root: Path, allow_outside_root: bool) -> Ima
                 f"{path}: image #{n} (id {image_id}) has file_name {json.dumps(name)}; it must "
                 "be a non-empty string"
             )
-        if image_id in seen_ids or name in seen_names:
+        if image_id in seen_ids or same_file_name(name) in seen_names:
             raise DplError(
                 f"{path}: image #{n}: duplicate image id or file name (id {image_id}, {name!r})"
             )
         seen_ids.add(image_id)
-        seen_names.add(name)
+        seen_names.add(same_file_name(name))
         record = {"id": image_id, "file_name": name, "path": str(image_root / name)}
         if positive_number(image.get("width")) and positive_number(image.get("height")):
             record["width"], record["height"] = image["width"], image["height"]
