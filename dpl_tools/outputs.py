@@ -140,12 +140,20 @@ def refuse_link(path: str | Path, what: str) -> None:
 
 
 def inside(folder: str | Path, name: str | Path, what: str = "file name") -> Path:
-    """``folder / name`` resolved, refused (one-line DplError) unless it lies inside
-    ``folder``: an absolute name or one with ``..`` must not write elsewhere."""
+    """``folder / name`` with its folders resolved, refused (one-line DplError) unless it
+    lies inside ``folder``: an absolute name, one with ``..`` or a linked folder must not
+    write elsewhere. The last component is not resolved: a link dpl wrote there (an
+    exported dataset's image) is that link, to replace or delete, not the file it names."""
     root = Path(folder).resolve()
     rel = Path(name)
-    path = (root / rel).resolve()
-    if rel.is_absolute() or path == root or not path.is_relative_to(root):
+    parent = (root / rel).parent.resolve()
+    path = parent / rel.name
+    if (
+        rel.is_absolute()
+        or rel.name in ("", "..")
+        or path == root
+        or not parent.is_relative_to(root)
+    ):
         raise DplError(
             f"{name}: {what} leads outside the output folder {folder}; outputs are only "
             "written inside their folder"

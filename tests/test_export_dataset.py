@@ -160,6 +160,14 @@ def test_yolo_layout_and_data_yaml(data, tmp_path):
     assert not (out / "images/train/pseudo" / data["labeled_images"][5]).exists()
     pseudo = sorted((out / "labels/train/pseudo").glob("*.txt"))
     assert [len(p.read_text().splitlines()) for p in pseudo] == [2, 2, 2, 0]
+    # re-exported into its own folder without --val: the image links dpl wrote are its
+    # own (not "outside the folder"), and the val links are removed, not their images
+    val_links = [p for p in (root / spec["val"]).rglob("*.png")]
+    again = export(data, out, "--format", "yolo")
+    assert again.exit_code == 0, again.output
+    assert not any(p.is_symlink() or p.exists() for p in val_links)
+    assert all(p.is_file() for p in Path(data["val_images"]).iterdir())
+    assert len([p for p in (out / "images").rglob("*.png") if p.is_symlink()]) == 10
     copied = tmp_path / "copied"
     assert export(data, copied, "--format", "yolo", "--copy-images").exit_code == 0
     files = [p for p in (copied / "images").rglob("*.png")]
