@@ -24,6 +24,7 @@ from dpl_tools.data.pseudo_labels import (
     read_pseudo_labels,
 )
 from dpl_tools.data.synthetic import make_synthetic_dataset
+from dpl_tools.errors import DplError
 from dpl_tools.io import sha256_file
 from dpl_tools.models.checkpoint import DetectorSpec, save_detector
 from dpl_tools.models.detector import build_detector
@@ -144,6 +145,19 @@ def test_shards_and_ranks_partition_the_images(run_setup, tmp_path):
     export = invoke("--out", str(out), "--export-only", "--coco-out", str(tmp_path / "all.json"))
     assert export.exit_code == 0, export.output
     assert len(json.loads((tmp_path / "all.json").read_text())["images"]) == 8
+    # a run with another shard count into the same folder would label images twice
+    three = invoke(*common, "--shard", "0/3")
+    assert three.exit_code == 1 and "a run with 2 shard(s); this one has 3" in str(three.exception)
+    assert len(list(out.iterdir())) == 2
+    # ... and such parts, put there by hand, are refused when read, not read twice
+    import shutil
+
+    shutil.copy(out / "part-00001-of-00002.parquet", out / "part-00000-of-00003.parquet")
+    with pytest.raises(DplError, match="different shard counts \\(2, 3\\)"):
+        read_pseudo_labels(out)
+    (out / "part-00000-of-00003.parquet").rename(out / "part-00002-of-00002.parquet")
+    with pytest.raises(DplError, match="is in more than one part file"):
+        read_pseudo_labels(out)
 
 
 def test_shards_stay_put_when_the_folder_grows():

@@ -38,6 +38,7 @@ from dpl_tools.data.pseudo_labels import (
     SCHEMA,
     decode_metadata,
     encode_metadata,
+    part_counts,
 )
 from dpl_tools.errors import DplError
 from dpl_tools.io import atomic_path
@@ -71,6 +72,13 @@ def output_file(out: str | Path, shard_index: int = 0, shard_count: int = 1) -> 
         raise DplError(
             f"{out}: --out is an existing file without the .parquet suffix; give a .parquet "
             "file or a directory (of part files)"
+        )
+    others = part_counts(out) - {shard_count} if out.is_dir() else set()
+    if others:
+        raise DplError(
+            f"{out}: holds the part files of a run with {min(others)} shard(s); this one has "
+            f"{shard_count}: their parts would label the same images twice. Use another --out, "
+            "or the same shard count"
         )
     return out / part_name(shard_index, shard_count)
 

@@ -11,6 +11,7 @@ A directory of part files (``part-*.parquet``, from sharded runs) reads as one d
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -132,11 +133,27 @@ def decode_metadata(raw: dict[bytes, bytes] | None, source: str | Path = "") -> 
     return out
 
 
+PART_FILE = re.compile(r"part-(\d+)-of-(\d+)\.parquet")  # pseudo_label_writer.part_name
+
+
+def part_counts(folder: Path) -> set[int]:
+    """The shard counts N of the ``part-I-of-N.parquet`` files in ``folder``."""
+    names = (PART_FILE.fullmatch(f.name) for f in folder.glob("part-*.parquet"))
+    return {int(m.group(2)) for m in names if m}
+
+
 def _files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(path.glob("*.parquet"))
         if not files:
             raise DplError(f"{path}: directory holds no .parquet part files")
+        counts = part_counts(path)
+        if len(counts) > 1:
+            raise DplError(
+                f"{path}: part files of runs with different shard counts "
+                f"({', '.join(map(str, sorted(counts)))}) would label the same images twice; "
+                "keep one run's parts"
+            )
         return files
     if not path.is_file():
         raise DplError(f"{path}: pseudo-label file not found")
@@ -164,8 +181,24 @@ def read_pseudo_labels(path: str | Path) -> tuple[pa.Table, dict[str, Any]]:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
             raise DplError(f"{f}: pseudo-label columns of the wrong type ({e})") from None
     table = pa.concat_tables(tables)
+    if len(tables) > 1:
+        _check_one_part_per_image(tables, path)
     check_images(table, path)
     return table, meta
+
+
+def _check_one_part_per_image(tables: list[pa.Table], path: Path) -> None:
+    """Refuse part files that hold the same image (by file name): two runs' parts."""
+    seen: set[str] = set()
+    for t in tables:
+        names = set(pc.unique(t.column("file_name")).to_pylist())
+        twice = names & seen
+        if twice:
+            raise DplError(
+                f"{path}: image {sorted(twice)[0]!r} is in more than one part file (parts of "
+                "two runs?); keep one run's parts"
+            )
+        seen |= names
 
 
 ALTERED = "the file was not written by dpl polish or was altered"
