@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from dpl_tools.cli.cli import app
-from dpl_tools.data.image_list import shard_records
+from dpl_tools.data.image_list import shard_of, shard_records
 from dpl_tools.data.pseudo_label_writer import rows_to_table
 from dpl_tools.data.pseudo_labels import (
     META_CATEGORIES,
@@ -158,6 +158,36 @@ def test_shards_and_ranks_partition_the_images(run_setup, tmp_path):
     (out / "part-00000-of-00003.parquet").rename(out / "part-00002-of-00002.parquet")
     with pytest.raises(DplError, match="is in more than one part file"):
         read_pseudo_labels(out)
+
+
+def test_shards_started_as_the_folder_grows_give_each_image_its_own_id(run_setup, tmp_path):
+    """Each shard numbers its own folder images apart from the others' (shard I of N:
+    I+1, I+1+N, ...): shard 1 runs, images are added, shard 0 runs, shard 1 resumes; every
+    image has one id, and the parts export as one set."""
+    images, run = run_setup
+    folder = tmp_path / "unlabeled"
+    shutil.copytree(images, folder)
+    out = tmp_path / "parts"
+    common = ["--images", str(folder), "--out", str(out), "--run-dir", str(run), *FAST]
+    assert invoke(*common, "--shard", "1/2").exit_code == 0
+    first = read_pseudo_labels(out)[0]
+    assert {i % 2 for i in first["image_id"].to_pylist()} == {0}  # shard 1's ids: 2, 4, ...
+    png = next(folder.glob("*.png")).read_bytes()
+    added = [f"added_{i}.png" for i in range(10)]
+    for name in added:  # new images for both shards
+        (folder / name).write_bytes(png)
+    assert {shard_of(n, 2) for n in added} == {0, 1}
+    assert invoke(*common, "--shard", "0/2").exit_code == 0
+    assert invoke(*common, "--shard", "1/2").exit_code == 0  # resumes: the new images
+    table, _ = read_pseudo_labels(out)
+    ids = {}
+    for name, image_id in zip(table["file_name"].to_pylist(), table["image_id"].to_pylist(),
+                              strict=True):  # fmt: skip
+        assert ids.setdefault(name, image_id) == image_id
+    assert len(ids) == len(list(folder.iterdir())) and len(set(ids.values())) == len(ids)
+    assert {ids[n] for n in first["file_name"].to_pylist()} == set(first["image_id"].to_pylist())
+    export = invoke("--out", str(out), "--export-only", "--coco-out", str(tmp_path / "all.json"))
+    assert export.exit_code == 0, export.output
 
 
 def test_shards_stay_put_when_the_folder_grows():

@@ -2,8 +2,9 @@
 
 Records are COCO-style dicts ``{"id", "file_name", "path"}`` (plus ``width``/``height``
 when a COCO list gives them). A folder is listed recursively (common extensions, sorted)
-and numbered 1..N in that order; on a resume ``stable_ids`` keeps the ids an output
-already holds and numbers new images above them. A COCO JSON keeps its own ids (integers;
+and numbered 1..N in that order (shard I of N numbers its own I+1, I+1+N, ...); on a
+resume ``stable_ids`` keeps the ids an output already holds and numbers new images above
+them. A COCO JSON keeps its own ids (integers;
 ``3.0`` is ``3``) and file names (resolved against ``image_root``, by default the JSON's
 folder, and refused when they leave it unless ``allow_outside_root``). Entries of a
 folder passed over while listing (folders named like images, dangling or looping links)
@@ -15,9 +16,10 @@ and yields the skip reason instead of raising for a bad file.
 
 from __future__ import annotations
 
+import itertools
 import json
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,25 +170,30 @@ def load_image_list(
 
 
 def stable_ids(
-    records: Sequence[ImageRecord], known: dict[str, int], floor: int = 0, source: str = "output"
+    records: Sequence[ImageRecord],
+    known: dict[str, int],
+    floor: int = 0,
+    source: str = "output",
+    shard: tuple[int, int] = (0, 1),
 ) -> list[ImageRecord]:
     """Records with the ids an earlier run already wrote (``known``: file name -> id).
 
     Folder records (numbered by dpl) keep the id written for their file and new files are
     numbered above every id in use (and above ``floor``, e.g. the largest id of sibling
-    part files), so adding an image never renumbers or duplicates ids on a resume. A COCO
-    list's own ids must agree with what ``source`` holds (else a DplError).
+    part files), among ``shard``'s own ids (``shard_ids``), so adding an image never
+    renumbers or duplicates ids on a resume. A COCO list's own ids must agree with what
+    ``source`` holds (else a DplError).
     """
     if not known:
         return list(records)
     owner = {image_id: name for name, image_id in known.items()}
-    next_id = max(max(owner), floor) + 1
+    new_ids = shard_ids(*shard, above=max(max(owner), floor))
     out = []
     for record in records:
         name, old = record["file_name"], known.get(record["file_name"])
         if record.get("numbered"):
             if old is None:
-                old, next_id = next_id, next_id + 1
+                old = next(new_ids)
             out.append({**record, "id": old})
             continue
         if old is not None and old != record["id"]:
@@ -218,7 +225,22 @@ def shard_records(records: Sequence[ImageRecord], index: int, count: int) -> lis
     """
     if count < 1 or not 0 <= index < count:
         raise DplError(f"shard {index}/{count}: need 0 <= index < count")
-    return [r for r in records if shard_of(r["file_name"], count) == index]
+    mine = [r for r in records if shard_of(r["file_name"], count) == index]
+    if count == 1:
+        return mine
+    # folder images: each shard numbers its own, apart from the others' (shard_ids), so
+    # shards that list a growing folder at different times never give two images one id
+    ids = shard_ids(index, count)
+    return [{**r, "id": next(ids)} if r.get("numbered") else r for r in mine]
+
+
+def shard_ids(index: int, count: int, above: int = 0) -> Iterator[int]:
+    """The ids shard ``index`` of ``count`` gives its folder images, in order, from the
+    first above ``above``: index + 1, index + 1 + count, ... (1, 2, 3, ... unsharded)."""
+    first = index + 1
+    if above >= first:
+        first += (above - first) // count * count + count
+    return itertools.count(first, count)
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -136,6 +136,12 @@ def decode_metadata(raw: dict[bytes, bytes] | None, source: str | Path = "") -> 
 PART_FILE = re.compile(r"part-(\d+)-of-(\d+)\.parquet")  # pseudo_label_writer.part_name
 
 
+def shard_of_part(path: Path) -> tuple[int, int]:
+    """(index, count) of a ``part-I-of-N.parquet`` file; (0, 1) for any other file."""
+    match = PART_FILE.fullmatch(Path(path).name)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 1)
+
+
 def part_counts(folder: Path) -> set[int]:
     """The shard counts N of the ``part-I-of-N.parquet`` files in ``folder``."""
     names = (PART_FILE.fullmatch(f.name) for f in folder.glob("part-*.parquet"))

@@ -41,6 +41,7 @@ from dpl_tools.data.pseudo_labels import (
     META_TEACHER,
     META_THRESHOLDS,
     META_VERSION,
+    shard_of_part,
 )
 from dpl_tools.data.pseudo_views import BOX_COORDS
 from dpl_tools.engine.inference import image_loader, worker_batches
@@ -231,7 +232,8 @@ def polish_images(
     if isinstance(polisher, torch.nn.Module):
         polisher.to(device).eval()
     done = writer.open()
-    records = stable_ids(records, writer.known_ids, sibling_max_id(writer.dest), str(writer.dest))
+    records = stable_ids(records, writer.known_ids, sibling_max_id(writer.dest),
+                         str(writer.dest), shard_of_part(writer.dest))  # fmt: skip
     todo = [(i, r) for i, r in enumerate(records) if r["file_name"] not in done]
     summary = PolishSummary(total_images=len(records), already_done=len(records) - len(todo))
     summary.retried = sum(r["file_name"] in writer.retry for _, r in todo)
