@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -157,6 +158,15 @@ def test_shards_and_ranks_partition_the_images(run_setup, tmp_path):
         read_pseudo_labels(out)
     (out / "part-00000-of-00003.parquet").rename(out / "part-00002-of-00002.parquet")
     with pytest.raises(DplError, match="is in more than one part file"):
+        read_pseudo_labels(out)
+    # ... and parts of another teacher (their images renamed apart)
+    table = pq.read_table(out / "part-00002-of-00002.parquet")
+    names = pa.array([f"other_{n}" for n in table["file_name"].to_pylist()])
+    meta = dict(table.schema.metadata)
+    meta[META_TEACHER.encode()] = json.dumps("0" * 64).encode()
+    table = table.set_column(table.schema.get_field_index("file_name"), "file_name", names)
+    pq.write_table(table.replace_schema_metadata(meta), out / "part-00002-of-00002.parquet")
+    with pytest.raises(DplError, match="written by another run than .*its teacher_sha256 differ"):
         read_pseudo_labels(out)
 
 

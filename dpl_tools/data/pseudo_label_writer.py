@@ -30,24 +30,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dpl_tools.data.pseudo_labels import (
-    META_BOXES,
-    META_CATEGORIES,
-    META_POLISHER,
-    META_TEACHER,
-    META_THRESHOLDS,
     SCHEMA,
     decode_metadata,
     encode_metadata,
+    fingerprint_differences,
     part_counts,
 )
 from dpl_tools.errors import DplError
 from dpl_tools.io import atomic_path
 from dpl_tools.outputs import refuse_link
 
-# Metadata that must match for a rerun to resume or reuse earlier output.
-FINGERPRINT_KEYS = (META_CATEGORIES, META_THRESHOLDS, META_TEACHER, META_POLISHER, META_BOXES)
-# Files written before a key existed hold what it then meant: teacher boxes.
-_FINGERPRINT_DEFAULTS = {META_BOXES: {"source": "teacher"}}
 CHUNK_GLOB = "chunk-*.parquet"
 ROW_GROUP_ROWS = 32768
 
@@ -87,10 +79,6 @@ def staging_dir(dest: str | Path) -> Path:
     """Hidden folder beside ``dest`` holding its chunks while a run is under way."""
     dest = Path(dest)
     return dest.parent / f".{dest.name}.staging"
-
-
-def _fingerprint(meta: dict[str, Any]) -> dict[str, Any]:
-    return {k: meta.get(k, _FINGERPRINT_DEFAULTS.get(k)) for k in FINGERPRINT_KEYS}
 
 
 def _index(path: Path) -> list[tuple[str, int, str]]:
@@ -161,9 +149,8 @@ class PseudoLabelWriter:
             theirs = decode_metadata(pq.read_schema(path).metadata, path)
         except (pa.ArrowInvalid, OSError) as e:
             raise DplError(f"{path}: not a readable Parquet file ({e})") from None
-        theirs, ours = _fingerprint(theirs), _fingerprint(self.metadata)
-        if theirs != ours:
-            differ = [k.removeprefix("dpl.") for k in FINGERPRINT_KEYS if theirs[k] != ours[k]]
+        differ = fingerprint_differences(theirs, self.metadata)
+        if differ:
             raise DplError(
                 f"{path}: {what} was written with a different {', '.join(differ)}; "
                 "pass --overwrite to start again or choose another --out"

@@ -133,6 +133,24 @@ def decode_metadata(raw: dict[bytes, bytes] | None, source: str | Path = "") -> 
     return out
 
 
+# Metadata that must match for a rerun to resume or reuse earlier output, and across the
+# part files of one output (one teacher, polisher, keep rule and label set).
+FINGERPRINT_KEYS = (META_CATEGORIES, META_THRESHOLDS, META_TEACHER, META_POLISHER, META_BOXES)
+# Files written before a key existed hold what it then meant: teacher boxes.
+_FINGERPRINT_DEFAULTS = {META_BOXES: {"source": "teacher"}}
+
+
+def fingerprint(meta: dict[str, Any]) -> dict[str, Any]:
+    """The metadata that says which run wrote a pseudo-label file (``FINGERPRINT_KEYS``)."""
+    return {k: meta.get(k, _FINGERPRINT_DEFAULTS.get(k)) for k in FINGERPRINT_KEYS}
+
+
+def fingerprint_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The fingerprint keys (without "dpl.") in which metadata ``a`` and ``b`` differ."""
+    a, b = fingerprint(a), fingerprint(b)
+    return [k.removeprefix("dpl.") for k in FINGERPRINT_KEYS if a[k] != b[k]]
+
+
 PART_FILE = re.compile(r"part-(\d+)-of-(\d+)\.parquet")  # pseudo_label_writer.part_name
 
 
@@ -169,7 +187,7 @@ def _files(path: Path) -> list[Path]:
 def read_pseudo_labels(path: str | Path) -> tuple[pa.Table, dict[str, Any]]:
     """Read a pseudo-label file or part-file directory: (table, decoded metadata)."""
     path = Path(path)
-    tables, meta = [], {}
+    tables, meta, tables_from = [], {}, ""
     for f in _files(path):
         try:
             t = pq.read_table(f)
@@ -181,7 +199,15 @@ def read_pseudo_labels(path: str | Path) -> tuple[pa.Table, dict[str, Any]]:
                 t = t.append_column(name, pa.nulls(t.num_rows, SCHEMA.field(name).type))
         elif missing:
             raise DplError(f"{f}: not a dpl pseudo-label file (missing {', '.join(missing)})")
-        meta = meta or decode_metadata(t.schema.metadata, f)
+        part_meta = decode_metadata(t.schema.metadata, f)
+        differ = fingerprint_differences(part_meta, meta) if meta else []
+        if differ:
+            raise DplError(
+                f"{f}: written by another run than {tables_from} (its {', '.join(differ)} "
+                "differ): the parts of one output come from one teacher, polisher and keep rule"
+            )
+        if not meta:
+            meta, tables_from = part_meta, f.name
         try:
             tables.append(t.select(SCHEMA.names).cast(SCHEMA))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:

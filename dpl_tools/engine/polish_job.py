@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -91,10 +91,6 @@ def kept_warning(summary: PolishSummary) -> str:
         "classification pseudo labels: the student's pseudo-labeled images will teach little "
         "classification (check the keep thresholds; --keep-rule paper or --cls-prob to override)"
     )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "images_per_s": self.images_per_s,
-                "kept_fraction": self.kept_fraction}  # fmt: skip
 
 
 def polish_metadata(
