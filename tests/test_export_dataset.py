@@ -225,3 +225,25 @@ def test_refuses_foreign_or_input_folders(data, tmp_path):
     result = export(bad, tmp_path / "escape", "--format", "yolo")
     assert "outside its image folder" in str(result.exception)
     assert not (tmp_path / "escape").exists() and not (tmp_path / "escape.png").exists()
+
+
+def test_validation_images_are_not_trained_on_as_pseudo_labeled(data, tmp_path):
+    """A pseudo-labeled image that is in --val is left out of the training set (it would
+    leak the validation set); a labeled one in --val is the user's choice, kept and warned."""
+    full = json.loads((data["images"].parent / "annotations.json").read_text())
+    chosen = {full["images"][0]["id"], full["images"][6]["id"]}  # labeled 0, pseudo-labeled 6
+    val = {**full, "images": [im for im in full["images"] if im["id"] in chosen],
+           "annotations": [a for a in full["annotations"] if a["image_id"] in chosen]}  # fmt: skip
+    val_path = tmp_path / "val.json"
+    val_path.write_text(json.dumps(val))
+    out = tmp_path / "ds"
+    result = export(data, out, "--format", "coco", "--val", str(val_path),
+                    "--val-images", str(data["images"]))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    figures = json.loads((out / "dpl_export.json").read_text())
+    assert figures["images"] == {"labeled": 6, "pseudo": 3, "val": 2}
+    assert figures["pseudo_images_in_val"] == 1 and figures["labeled_images_in_val"] == 1
+    train = json.loads((out / "train.json").read_text())
+    pseudo_names = {Path(im["file_name"]).name for im in train["images"] if im.get("pseudo")}
+    assert full["images"][6]["file_name"] not in pseudo_names
+    assert "left out of the training set" in result.output and "warning" in result.output

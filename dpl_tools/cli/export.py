@@ -56,6 +56,17 @@ def _print_summary(console: Console, summary: ExportSummary) -> None:
             f"{summary.pseudo_images_in_labeled} pseudo-labeled image(s) are also labeled: "
             "their ground truth is exported, their pseudo labels are not"
         )
+    if summary.pseudo_images_in_val:
+        console.print(
+            f"{summary.pseudo_images_in_val} pseudo-labeled image(s) are in the --val set: "
+            "left out of the training set (training on them would leak the validation set)"
+        )
+    if summary.labeled_images_in_val:
+        console.print(
+            f"[yellow]warning:[/] {summary.labeled_images_in_val} labeled image(s) are also "
+            "in the --val set: they are trained on and validated on",
+            highlight=False,
+        )
     if summary.dropped_rows:
         warning = dropped_warning(summary.labels, summary.dropped_rows)
         console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)

@@ -72,6 +72,8 @@ class ExportSummary:
     images: dict[str, int]
     classes: list[dict[str, Any]]
     pseudo_images_in_labeled: int = 0  # the ground truth wins; their pseudo labels dropped
+    pseudo_images_in_val: int = 0  # held out for validation: not trained on, dropped
+    labeled_images_in_val: int = 0  # the user's own choice: kept, and warned about
     dropped_rows: int = 0  # pseudo-label rows left out as unusable (see ``view_boxes``)
     reports: list[Any] = field(default_factory=list)  # ValidationReports of the COCO inputs
 
@@ -344,6 +346,11 @@ def export_dataset(
         _check_categories(data, cats, inputs.labels)
         reports.append(data.report)
         val = (data, _gt_images(data, root, allow))
+    val_files = {im["path"].resolve() for im in val[1]} if val else set()
+    in_val = [im for im in pseudo_images if im["path"].resolve() in val_files]
+    if in_val:  # a validation image's pseudo labels in the training set would leak it
+        drop = {id(im) for im in in_val}
+        pseudo_images = [im for im in pseudo_images if id(im) not in drop]
     with owned_folder(out, DATASET_KIND, command, DATASET_WHAT) as staging:
         args = (gt_images, gt, pseudo_images, pseudo_boxes, val, copy_images)
         if fmt == "coco":
@@ -364,6 +371,8 @@ def export_dataset(
             },
             classes=_counts(cats, gt.annotations, pseudo_anns, val[0].annotations if val else []),
             pseudo_images_in_labeled=len(both),
+            pseudo_images_in_val=len(in_val),
+            labeled_images_in_val=len(labeled_files & val_files),
             dropped_rows=dropped,
             reports=reports,
         )
