@@ -116,9 +116,10 @@ def clean_stale_temps(dest: str | Path, min_age_s: float = STALE_TEMP_S) -> list
 def atomic_path(dest: str | Path, suffix: str = "", clean: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; rename it onto ``dest`` only on success.
 
-    A reader never sees a half-written output: either the old file, or the new one whole.
-    The result has the umask's default mode (0644), not tempfile's 0600. With ``clean``,
-    stale temps of ``dest`` left by a killed earlier run are removed first.
+    A reader never sees a half-written output: either the old file, or the new one whole,
+    also after a power loss (the temp is flushed to disk before the rename). The result has
+    the umask's default mode (0644), not tempfile's 0600. With ``clean``, stale temps of
+    ``dest`` left by a killed earlier run are removed first.
     """
     dest = Path(dest)
     if clean:
@@ -126,6 +127,12 @@ def atomic_path(dest: str | Path, suffix: str = "", clean: bool = True) -> Itera
     tmp_path = make_temp(dest, suffix)
     try:
         yield tmp_path
+        if tmp_path.is_file():
+            fd = os.open(tmp_path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp_path, dest)
     finally:
         if tmp_path.exists():

@@ -386,3 +386,24 @@ def test_a_checkpoint_or_parquet_may_live_in_an_image_folder(tmp_path):
                          (images / "report", ("--out",))):  # fmt: skip
         with pytest.raises(DplError, match="lies inside the input folder --images"):
             check_distinct_outputs({"--images": images}, {"--out": out}, folders)
+
+
+def test_an_atomic_write_is_flushed_to_disk_before_its_rename(tmp_path, monkeypatch):
+    """The temp file is fsynced, whole, before it replaces the output: after a power loss
+    the output is the old file or the new one, not an empty one."""
+    import dpl_tools.io as dpl_io
+
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd")
+                      else fd)  # fmt: skip
+        real_fsync(fd)
+
+    monkeypatch.setattr(dpl_io.os, "fsync", fsync)
+    out = tmp_path / "figures.json"
+    dpl_io.write_json(out, {"ap": 0.5})
+    assert len(synced) == 1 and json.loads(out.read_text()) == {"ap": 0.5}
+    if isinstance(synced[0], str):  # the temp beside the output, not the output itself
+        assert Path(synced[0]).parent == tmp_path and Path(synced[0]) != out
