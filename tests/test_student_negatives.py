@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from test_student_criterion import box, image_rows
 from test_train_student import SHIFT, _config, _truth, write_student_inputs
+from torchvision.ops import box_iou
 
 from dpl_tools.config import load_config
 from dpl_tools.data import export
@@ -137,6 +138,31 @@ def test_rpn_leaves_out_anchors_on_ignore_boxes() -> None:
     )
     assert hard.tolist() == [0.0, 0.0, 1.0]
     assert ignore.tolist() == [-1.0, 0.0, 1.0]  # -1: not sampled by the RPN
+
+
+def test_rpn_ignores_every_anchor_a_pseudo_label_would_keep_from_background() -> None:
+    """An ignore box leaves out the anchors that the same box as a pseudo label would not
+    teach as background: IoU 0.3-0.7 (ignored next to a pseudo label) and its best anchor
+    (a low-quality foreground match); far anchors stay background, claimed ones foreground."""
+    rpn = _student().rpn
+    x1, y1, x2, y2 = UNSURE  # 22 x 24 px
+    anchors = torch.tensor([
+        [x1, y1, x2 + 12, y2 + 12],  # IoU ~0.43 with UNSURE
+        [x1 + 14, y1 + 14, x2 + 14, y2 + 14],  # IoU ~0.09: background either way
+        [0.0, 40, 20, 63],  # clear background
+        KEPT,  # a pseudo label's own anchor
+    ])  # fmt: skip
+    iou = box_iou(torch.tensor([UNSURE]), anchors)[0]
+    assert 0.3 <= iou[0] < 0.7 and iou[1] < 0.3
+    kept = {"boxes": torch.tensor([KEPT]), "labels": torch.tensor([1])}
+    (as_label,), _ = rpn.assign_targets_to_anchors(
+        [anchors], [{"boxes": torch.tensor([KEPT, UNSURE]), "labels": torch.tensor([1, 2])}]
+    )
+    (ignored,), _ = rpn.assign_targets_to_anchors(
+        [anchors], [{**kept, IGNORE_KEY: torch.tensor([UNSURE])}]
+    )
+    assert as_label.tolist() == [1.0, 0.0, 0.0, 1.0]  # anchor 0: UNSURE's best (low quality)
+    assert ignored.tolist() == [-1.0, 0.0, 0.0, 1.0]
 
 
 def test_hard_is_torchvision_and_ignore_without_regions_is_hard() -> None:

@@ -22,9 +22,11 @@ module alone says what a student learns from a pseudo-labeled image:
 
 Negatives of the unlabeled images (``--negatives``, ``NEGATIVES``): a proposal that matches
 no classification pseudo label is background under ``hard``. Under ``ignore`` (default) a
-proposal (an anchor, for the RPN) whose IoU with an ignore box reaches the head's
-foreground IoU, and that no pseudo label claims, is neither foreground nor background
-(left out of sampling and loss): an uncertain teacher box is not taught as background.
+proposal whose IoU with an ignore box reaches the RoI head's foreground IoU (0.5, also its
+background IoU), and an anchor that the ignore box would keep from being background were
+it a pseudo label (IoU >= the RPN's background IoU 0.3, or the box's best anchor), is
+neither foreground nor background unless a pseudo label claims it (left out of sampling
+and loss): an uncertain teacher box is not taught as background.
 Under ``soft`` (Soft Teacher's form, as the paper's official code) the RoI classification
 loss of each sampled background proposal is weighted by the frozen teacher's background
 probability for it (``TeacherBackground``), foreground proposals by 1, and the sum is
@@ -347,8 +349,11 @@ def soft_classification_loss(logits: Tensor, labels: Tensor, background: Tensor)
 
 
 class StudentRPN(RegionProposalNetwork):
-    """torchvision's RPN, except that anchors on a target's ``ignore_boxes`` (IoU >= the
-    RPN's foreground IoU) which no target box claims are left out (label -1)."""
+    """torchvision's RPN, except that the anchors an ignore box would keep from being
+    background, were it a pseudo label, are left out (label -1) unless a target box claims
+    them: those at IoU >= the RPN's background IoU (0.3) with it, and its best anchor.
+    (At the foreground IoU, 0.7, most small boxes have no anchor at all, and the anchors at
+    0.3-0.7, which a pseudo label leaves out, were taught as background.)"""
 
     @classmethod
     def from_rpn(cls, rpn: RegionProposalNetwork) -> StudentRPN:
@@ -375,12 +380,16 @@ class StudentRPN(RegionProposalNetwork):
         self, anchors: list[Tensor], targets: list[dict[str, Tensor]]
     ) -> tuple[list[Tensor], list[Tensor]]:
         labels, matched_gt_boxes = super().assign_targets_to_anchors(anchors, targets)
-        fg_iou = self.proposal_matcher.high_threshold
+        bg_iou = self.proposal_matcher.low_threshold
         for labels_in_image, anchors_in_image, t in zip(labels, anchors, targets, strict=True):
             boxes = t.get(IGNORE_KEY)
-            if boxes is not None and len(boxes):
-                on = on_ignore_region(anchors_in_image, boxes, fg_iou) & (labels_in_image == 0)
-                labels_in_image[on] = -1.0
+            if boxes is None or not len(boxes) or not len(anchors_in_image):
+                continue
+            iou = box_iou(boxes.to(anchors_in_image), anchors_in_image)  # ignore x anchor
+            near = iou.max(dim=0).values >= bg_iou
+            best = (iou == iou.max(dim=1, keepdim=True).values) & (iou > 0)  # low-quality match
+            on = (near | best.any(dim=0)) & (labels_in_image == 0)
+            labels_in_image[on] = -1.0
         return labels, matched_gt_boxes
 
 
