@@ -211,9 +211,10 @@ class Truth:
     @classmethod
     def of(cls, gt: CocoData, eval_ids: set[int]) -> Truth:
         by_image: dict[int, list[dict]] = defaultdict(list)
+        crowds: list[dict] = []  # for AP only: a box on a crowd region is no false positive
         for ann in gt.annotations:
-            if ann["image_id"] in eval_ids and not ann.get("iscrowd", 0):
-                by_image[ann["image_id"]].append(ann)
+            if ann["image_id"] in eval_ids:
+                (crowds if ann.get("iscrowd", 0) else by_image[ann["image_id"]]).append(ann)
 
         def xyxy(anns: list[dict]) -> np.ndarray:
             boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]
@@ -221,7 +222,7 @@ class Truth:
 
         subset = {
             "images": [im for im in gt.images if im["id"] in eval_ids],
-            "annotations": [a for anns in by_image.values() for a in anns],
+            "annotations": [a for anns in by_image.values() for a in anns] + crowds,
             "categories": gt.categories,
         }
         return cls(
