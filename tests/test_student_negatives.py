@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from test_student_criterion import box, image_rows
 from test_train_student import SHIFT, _config, _truth, write_student_inputs
 from torchvision.ops import box_iou
@@ -333,11 +334,17 @@ def test_negatives_setting_and_soft_training(inputs, tmp_path) -> None:
     # soft: the --init teacher is loaded, frozen, and scores the unlabeled proposals
     out = tmp_path / "soft.pt"
     args = (inputs["ann"], inputs["images"], inputs["pseudo"], out)
+    console = Console(record=True, width=200)
     _, spec, result, stats = train_student(
-        *args, _config(1, negatives="soft"), inputs["teacher"], device="cpu", seed=0
-    )
+        *args, _config(1, negatives="soft"), inputs["teacher"], device="cpu", seed=0,
+        console=console,
+    )  # fmt: skip
     assert np.isfinite(result.last_loss) and spec.extra["negatives"] == "soft"
     assert "unlabeled_loss_classifier" in result.last_losses
+    assert "not on a weak view" not in console.export_text()  # weak augmentation: no warning
+    strong = _config(1, negatives="soft", pseudo_augment="strong")
+    train_student(*args, strong, inputs["teacher"], device="cpu", seed=0, console=console)
+    assert "not on a weak view as Soft Teacher does" in console.export_text()
     # ignore (default): the unkept teacher box is counted as an ignore region
     _, _, _, stats = train_student(*args, _config(1), inputs["teacher"], device="cpu", seed=0)
     assert stats.ignore_boxes == 1

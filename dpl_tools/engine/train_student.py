@@ -337,6 +337,14 @@ def train_student(
     scorer = None
     if scfg["negatives"] == "soft":
         scorer = soft_negative_teacher(teacher or init, categories, ann, run.device, config)
+        strong = (scfg["pseudo_augment"] or scfg["augment"]) == "strong"
+        if (strong or scfg["mixup"] or scfg["mosaic"]) and dist.is_main:
+            console.print(
+                "[yellow]warning:[/] --negatives soft: the teacher scores the background on "
+                "the pseudo-labeled images as augmented (strong, mixup or mosaic), not on a "
+                "weak view as Soft Teacher does; its weights are less reliable there",
+                highlight=False,
+            )
     result = train_detector(
         start, dataset, run, out, seed, console, "train-student",
         student_losses(scfg["unlabeled_weight"], scorer), collate_student,
