@@ -173,9 +173,14 @@ def corrected_labels(run_dir: Path, out: Path, name: str) -> Path:
     return labels
 
 
+CODE_TAG = ""  # --code-tag: students of newer code on an older run's pseudo labels
+
+
 def record_dir(run_dir: Path) -> Path:
-    """Where a run directory's validation figures are kept (code version / seed)."""
-    return RECORD / run_dir.parent.name / run_dir.name
+    """Where a run directory's validation figures are kept (code version [+ code tag] /
+    seed)."""
+    version = run_dir.parent.name + (f"+{CODE_TAG}" if CODE_TAG else "")
+    return RECORD / version / run_dir.name
 
 
 def train_and_validate(run_dir: Path, out: Path, variant: str, seed: int, val: Path) -> dict:
@@ -240,7 +245,13 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="students trained at once")
     parser.add_argument("--out", type=Path, help="default <run-dir>/variants")
     parser.add_argument("--table-only", action="store_true", help="print the recorded table")
+    parser.add_argument("--code-tag", default="",
+                        help="students trained by newer code than the run's (e.g. a fix) on "
+                             "its pseudo labels: recorded apart, under <version>+<tag>, and "
+                             "trained in <run-dir>/variants+<tag>")  # fmt: skip
     args = parser.parse_args()
+    global CODE_TAG
+    CODE_TAG = args.code_tag
     variants = [v for v in args.variants.split(",") if v]
     if unknown := set(variants) - set(VARIANTS):
         parser.error(f"unknown variants: {', '.join(sorted(unknown))}")
@@ -254,7 +265,7 @@ def main() -> None:
     missing = [n for n in needed_files(variants) if not (run_dir / n).is_file()]
     if missing:
         parser.error(f"{run_dir}: no {', '.join(missing)} (run student_seeds.py there first)")
-    out = (args.out or run_dir / "variants").resolve()
+    out = (args.out or run_dir / ("variants" + (f"+{CODE_TAG}" if CODE_TAG else ""))).resolve()
     out.mkdir(parents=True, exist_ok=True)
     try:
         val = validation_set(out, int(run_dir.name.removeprefix("seed")))
