@@ -93,6 +93,17 @@ def test_a_student_learns_exactly_the_truth_from_them(synth_dataset, tmp_path) -
             assert np.allclose(ignored[0].tolist(), [x, y, x + w, y + h])
 
 
+def _first_six_images(synth_dataset, tmp_path):
+    """The synthetic set's first 6 images and their boxes: (raw COCO dict, loaded truth)."""
+    raw = json.loads(synth_dataset.read_text())
+    raw["images"] = raw["images"][:6]
+    raw["annotations"] = [a for a in raw["annotations"] if a["image_id"] in
+                          {im["id"] for im in raw["images"]}]  # fmt: skip
+    path = tmp_path / "truth.json"
+    path.write_text(json.dumps(raw))
+    return raw, load_coco(path)
+
+
 def test_truth_corrected_pseudo_labels_fix_one_kind_of_error(synth_dataset, tmp_path) -> None:
     """Pseudo labels with a dropped box (missed), a box shrunk to IoU 0.3 with its object
     and one relabelled (false positives, whose objects are then missed too): correcting the
@@ -100,13 +111,7 @@ def test_truth_corrected_pseudo_labels_fix_one_kind_of_error(synth_dataset, tmp_
     kept as ignore regions; correcting the misses gives recall 1 at the same precision."""
     from dpl_tools.data.truth_labels import truth_corrected_pseudo_labels, truth_pseudo_labels
 
-    raw = json.loads(synth_dataset.read_text())
-    raw["images"] = raw["images"][:6]
-    raw["annotations"] = [a for a in raw["annotations"] if a["image_id"] in
-                          {im["id"] for im in raw["images"]}]  # fmt: skip
-    path = tmp_path / "truth.json"
-    path.write_text(json.dumps(raw))
-    gt = load_coco(path)
+    raw, gt = _first_six_images(synth_dataset, tmp_path)
     rows = truth_pseudo_labels(gt).to_pylist()
     boxes = len(rows)
     assert boxes >= 6 and all(r["teacher_x1"] is not None for r in rows)
@@ -150,13 +155,7 @@ def test_truth_corrected_pseudo_labels_fix_boxes_and_combinations(synth_dataset,
 
     from dpl_tools.data.truth_labels import truth_corrected_pseudo_labels, truth_pseudo_labels
 
-    raw = json.loads(synth_dataset.read_text())
-    raw["images"] = raw["images"][:6]
-    raw["annotations"] = [a for a in raw["annotations"] if a["image_id"] in
-                          {im["id"] for im in raw["images"]}]  # fmt: skip
-    path = tmp_path / "truth.json"
-    path.write_text(json.dumps(raw))
-    gt = load_coco(path)
+    raw, gt = _first_six_images(synth_dataset, tmp_path)
     truth = truth_pseudo_labels(gt)
     rows = truth.to_pylist()
     boxes = len(rows)
