@@ -105,7 +105,9 @@ def _augment(augment: str) -> dict[str, Setting]:
             0.7, "strong: boxes erased at least this much leave the loss", UNIT
         ),
         "aug_min_visible": Setting(
-            0.3, "strong: boxes the affine leaves less of than this leave the loss", UNIT
+            0.3,
+            "boxes the strong affine or train_crop leaves less of than this leave the loss",
+            UNIT,
         ),
     }
 
@@ -124,6 +126,15 @@ def _detector_training(warmup_iters: int, augment: str = "weak") -> dict[str, Se
             item=float,
         ),  # fmt: skip
         "hflip": Setting(True, "random horizontal flips"),
+        "train_crop": Setting(
+            None,
+            "train on a random train_crop x train_crop px window of each resized image "
+            "(null: whole images): steps cost what a small image costs while objects keep "
+            "their test size (large images, small objects); inference sees whole images",
+            Range(32, None),
+            nullable=True,
+            kind=int,
+        ),
         **_augment(augment),
         "workers": Setting(2, "DataLoader worker processes", NON_NEGATIVE),
         "checkpoint_every": Setting(

@@ -84,6 +84,7 @@ AUGMENT_KEYS = {
     "aug_scale": [0.6, 1.4], "aug_translate": 0.1, "aug_erase_patches": [1, 5],
     "aug_erase_size": [0.05, 0.2],
     "aug_erase_fill": "noise", "aug_erase_drop": 0.7, "aug_min_visible": 0.3,
+    "train_crop": None,  # random training windows for large images (off: whole images)
 }  # fmt: skip
 NEW_KEYS = {
     "teacher": {"find_unused_parameters": False, **AUGMENT_KEYS, "augment": "weak"},

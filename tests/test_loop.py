@@ -341,8 +341,12 @@ def _ddp_worker(rank: int, init_file: str, out: str) -> None:
             model.load_state_dict(resume["weights"])
         torch.manual_seed(100 + rank)  # each rank draws its own dropout masks
         saved = []
-        hooks = [LRSchedule(), Checkpointer(
-            lambda net, state, final: saved.append(copy.deepcopy((state, net.state_dict()))), 2)]
+        hooks = [
+            LRSchedule(),
+            Checkpointer(
+                lambda net, state, final: saved.append(copy.deepcopy((state, net.state_dict()))), 2
+            ),
+        ]
         if stop_at is not None:
             hooks.insert(0, StopAt(stop_at))
         noise = torch.Generator().manual_seed(1 + rank)

@@ -13,12 +13,12 @@ from torchvision.ops import MultiScaleRoIAlign, box_iou
 
 from dpl_tools.data.pseudo_targets import ROW_COLUMNS, PseudoImage
 from dpl_tools.models.student_criterion import (
-    PseudoLabelTransform,
     StudentRoIHeads,
     make_student,
     student_target,
     supervision,
 )
+from dpl_tools.models.transform import DetectorTransform
 
 LABELS = {1: 1, 2: 2, 3: 3}  # COCO ids = detector labels here
 
@@ -103,7 +103,7 @@ def test_cls_and_reg_targets_come_from_their_own_pseudo_labels() -> None:
 
 
 def test_transform_resizes_regression_pseudo_labels_with_the_image() -> None:
-    transform = PseudoLabelTransform(64, 64, [0.0] * 3, [1.0] * 3)
+    transform = DetectorTransform(64, 64, [0.0] * 3, [1.0] * 3)
     image = torch.rand(3, 32, 32)
     target = pseudo_target([4.0, 4.0, 12.0, 12.0], 1, [8.0, 2.0, 16.0, 30.0], 1, size=(32, 32))
     _, (out,) = transform([image], [target])

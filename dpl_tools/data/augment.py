@@ -162,6 +162,30 @@ def erased_fraction(boxes: Tensor, patches: Tensor, size: tuple[int, int]) -> Te
     return covered / _area(b.float()).clamp(min=1.0)
 
 
+def clip_to_image(
+    target: Target,
+    key: str,
+    size: Sequence[int],
+    min_visible: float,
+    valid: Tensor | None = None,
+) -> None:
+    """Clip box set ``key`` of a moved (shifted, scaled, cropped) image's target to the
+    image (``size``: h, w), and drop the boxes left thinner than a pixel or with less than
+    ``min_visible`` of their moved area inside (and the rows not ``valid``, if given)."""
+    height, width = size
+    boxes = target[key]
+    moved_area = _area(boxes)
+    boxes = torch.stack(
+        [boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height),
+         boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)], dim=1,
+    ).reshape(-1, 4)  # fmt: skip
+    target[key] = boxes
+    visible = _area(boxes) / moved_area.clamp(min=1e-6)
+    wide = (boxes[:, 2] - boxes[:, 0] >= MIN_SIDE) & (boxes[:, 3] - boxes[:, 1] >= MIN_SIDE)
+    keep = wide & (visible >= min_visible)
+    _keep(target, key, keep if valid is None else keep & valid)
+
+
 class DetectionAugment:
     """``augment(image, target) -> (image, target)`` for training: the image (float CHW,
     0..1) and every box set of the target transformed together; dropped boxes leave with
@@ -211,7 +235,7 @@ class DetectionAugment:
             picture, boxed = self.geometric(picture, boxed)
             for k in keys:
                 target[k] = boxed[k].as_subclass(Tensor)
-                self._drop_cut(target, k, before[k], size)
+                clip_to_image(target, k, size, self.settings.min_visible, before[k] > 0)
             erased, patches = erase_patches(picture.as_subclass(Tensor), self.settings)
             for k in keys:
                 covered = erased_fraction(target[k], patches, size)
@@ -220,22 +244,6 @@ class DetectionAugment:
         for k in keys:
             target[k] = boxed[k].as_subclass(Tensor)
         return picture.as_subclass(Tensor), target
-
-    def _drop_cut(self, target: Target, key: str, area_before: Tensor, size: tuple) -> None:
-        """Clip box set ``key`` to the image and drop boxes left thinner than a pixel or
-        with less than ``min_visible`` of their (scaled) area inside."""
-        height, width = size
-        boxes = target[key]
-        scaled_area = _area(boxes)
-        boxes = torch.stack(
-            [boxes[:, 0].clamp(0, width), boxes[:, 1].clamp(0, height),
-             boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)], dim=1,
-        ).reshape(-1, 4)  # fmt: skip
-        target[key] = boxes
-        visible = _area(boxes) / scaled_area.clamp(min=1e-6)
-        wide = (boxes[:, 2] - boxes[:, 0] >= MIN_SIDE) & (boxes[:, 3] - boxes[:, 1] >= MIN_SIDE)
-        keep = wide & (visible >= self.settings.min_visible) & (area_before > 0)
-        _keep(target, key, keep)
 
 
 def training_augment(

@@ -32,16 +32,21 @@ class TrainSetup:
     device: torch.device
     dist: DistInfo
     cfg: TrainConfig
+    train_crop: int | None = None  # a detector's random training window (px), None: whole
+    min_visible: float = 0.3  # a box cropped to less of its area leaves the loss
 
 
 def setup_training(section: dict[str, Any], device: str, seed: int) -> TrainSetup:
     """Resolve ``device``, join the process group under torchrun (pinning this rank's GPU)
-    and read the loop settings of a config section (with ``seed``)."""
+    and read the loop settings of a config section (with ``seed``) and, for a detector,
+    its training crop."""
     torch_device = resolve_device(device)
     dist = init_distributed(torch_device)
     if dist.enabled and torch_device.type == "cuda":
         torch.cuda.set_device(torch_device)
-    return TrainSetup(torch_device, dist, TrainConfig.from_section(section, seed=seed))
+    cfg = TrainConfig.from_section(section, seed=seed)
+    crop = section.get("train_crop")
+    return TrainSetup(torch_device, dist, cfg, crop, section.get("aug_min_visible", 0.3))
 
 
 def resume_checkpoint(

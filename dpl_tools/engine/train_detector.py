@@ -47,6 +47,7 @@ from dpl_tools.models.checkpoint import (
     save_detector,
     unwrap,
 )
+from dpl_tools.models.transform import set_train_crop
 from dpl_tools.runtime import seed_everything
 
 __all__ = [
@@ -127,8 +128,11 @@ def train_detector(
     hooks: Sequence[Hook] = (),
 ) -> TrainResult:
     """The second half: ``train`` the started detector on ``dataset`` (each rank seeded
-    apart), with periodic checkpoints beside ``out`` and the final one at ``out``."""
+    apart; on random ``train_crop`` windows when the section sets one), with periodic
+    checkpoints beside ``out`` and the final one at ``out``."""
     seed_everything(seed + run.dist.rank)
+    if run.train_crop:
+        set_train_crop(start.model, run.train_crop, run.min_visible)
     more = {"collate_fn": collate_fn} if collate_fn is not None else {}
     return train(
         start.model,

@@ -303,6 +303,11 @@ def train_student(
     console = console or Console()
     ann, out = Path(ann), Path(out)
     scfg = config["student"]
+    if scfg["negatives"] == "soft" and scfg["train_crop"]:
+        raise DplError(
+            "--negatives soft cannot train on crops (student.train_crop): the teacher scores "
+            "the background on whole images; use ignore or hard, or train_crop: null"
+        )
     run = setup_training(scfg, device, seed)
     dist = run.dist
     dataset, stats = load_student_data(

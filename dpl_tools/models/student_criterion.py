@@ -33,7 +33,7 @@ probability for it (``TeacherBackground``), foreground proposals by 1, and the s
 divided by the sum of the weights (at least 1); the RPN stays hard.
 
 Target contract: every target key ending in ``boxes`` holds xyxy pixel boxes of its image;
-``PseudoLabelTransform`` resizes them and the dataset flips them together with the image.
+``DetectorTransform`` resizes them and the dataset flips them together with the image.
 """
 
 from __future__ import annotations
@@ -50,13 +50,13 @@ from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork
-from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import box_iou
 
 from dpl_tools.data.pseudo_labels import usable_boxes
 from dpl_tools.data.pseudo_views import LABEL_SETS, LabelSet
 from dpl_tools.defaults import DEFAULTS, PSEUDO_VIEWS, STUDENT_NEGATIVES
 from dpl_tools.errors import DplError
+from dpl_tools.models.transform import DetectorTransform, detector_transform
 
 if TYPE_CHECKING:
     from dpl_tools.data.pseudo_targets import PseudoImage
@@ -188,21 +188,6 @@ def used_categories(image: PseudoImage, chosen: Supervision) -> set[int]:
         cats = np.asarray(rows[part.labels][take], dtype=np.float64)
         used.update(int(c) for c in cats[np.isfinite(cats)])
     return used
-
-
-class PseudoLabelTransform(GeneralizedRCNNTransform):
-    """torchvision's resize/normalize transform that also resizes every other ``*boxes``
-    key of a target (``reg_boxes``) with the image."""
-
-    def resize(
-        self, image: Tensor, target: dict[str, Tensor] | None = None
-    ) -> tuple[Tensor, dict[str, Tensor] | None]:
-        original_size = list(image.shape[-2:])
-        image, target = super().resize(image, target)
-        if target is not None:
-            for key in [k for k in target if k.endswith("boxes") and k != "boxes"]:
-                target[key] = resize_boxes(target[key], original_size, list(image.shape[-2:]))
-        return image, target
 
 
 class StudentRoIHeads(RoIHeads):
@@ -401,15 +386,8 @@ def make_student(model: FasterRCNN) -> FasterRCNN:
     Module names and the state dict are unchanged, so the trained student saves and loads
     as an ordinary detector; inference behaves exactly as before.
     """
-    t = model.transform
-    model.transform = PseudoLabelTransform(
-        t.min_size,
-        t.max_size,
-        t.image_mean,
-        t.image_std,
-        size_divisible=t.size_divisible,
-        fixed_size=t.fixed_size,
-    )
+    if not isinstance(model.transform, DetectorTransform):
+        model.transform = detector_transform(model.transform)
     if not isinstance(model.rpn, StudentRPN):
         model.rpn = StudentRPN.from_rpn(model.rpn)
     if not isinstance(model.roi_heads, StudentRoIHeads):

@@ -1,0 +1,154 @@
+"""Training crops (``train_crop``): every box set moves with the random window and stays on
+its pixels, mostly-cut boxes leave with their labels, inference sees whole images, seeded
+crops repeat, and the teacher trains on crops end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpl_tools.config import load_config
+from dpl_tools.engine.train_detector import train_teacher
+from dpl_tools.engine.train_student import train_student
+from dpl_tools.errors import DplError
+from dpl_tools.models.transform import DetectorTransform
+
+SIZE = 100  # test images are 100 x 100 and the transform's size is 100: resize is identity
+
+
+def _transform(crop: int | None) -> DetectorTransform:
+    t = DetectorTransform(SIZE, SIZE, [0.0] * 3, [1.0] * 3)
+    t.train_crop = crop
+    return t.train()
+
+
+def _painted(boxes: list[list[float]]) -> torch.Tensor:
+    """A black image with each box's pixels painted in its own grey level (1-based)."""
+    image = torch.zeros(3, SIZE, SIZE)
+    for i, (x0, y0, x1, y1) in enumerate(boxes, start=1):
+        image[:, int(y0) : int(y1), int(x0) : int(x1)] = i / 10
+    return image
+
+
+def test_crop_moves_every_box_set_onto_its_pixels() -> None:
+    cls = [[10.0, 10.0, 30.0, 30.0], [60.0, 55.0, 90.0, 80.0]]
+    reg = [[40.0, 10.0, 55.0, 40.0]]
+    ignore = [[15.0, 60.0, 35.0, 95.0]]
+    image = _painted(cls + reg + ignore)
+    target = {
+        "boxes": torch.tensor(cls),
+        "labels": torch.tensor([1, 2]),
+        "reg_boxes": torch.tensor(reg),
+        "reg_labels": torch.tensor([3]),
+        "ignore_boxes": torch.tensor(ignore),
+    }
+    transform = _transform(48)
+    seen = 0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        out, t = transform.resize(image.clone(), {k: v.clone() for k, v in target.items()})
+        assert out.shape == (3, 48, 48)
+        assert len(t["labels"]) == len(t["boxes"]) and len(t["reg_labels"]) == len(t["reg_boxes"])
+        # each box's painted grey: classification boxes by label, then regression, ignore
+        greys = {"boxes": [g / 10 for g in t["labels"].tolist()],
+                 "reg_boxes": [0.3] * len(t["reg_boxes"]),
+                 "ignore_boxes": [0.4] * len(t["ignore_boxes"])}  # fmt: skip
+        for key, levels in greys.items():
+            for box, grey in zip(t[key], levels, strict=True):
+                x0, y0, x1, y1 = box.round().int().tolist()
+                assert 0 <= x0 < x1 <= 48 and 0 <= y0 < y1 <= 48
+                patch = out[0, y0:y1, x0:x1]
+                assert torch.allclose(patch, torch.full_like(patch, grey)), (seed, key)
+                seen += 1
+    assert seen > 40  # the windows kept many boxes
+
+
+def test_crop_drops_mostly_cut_boxes_with_their_labels() -> None:
+    # the image's pixels hold their own coordinates, so each output tells its window
+    ys, xs = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    image = torch.stack([xs, ys, xs]).float() / 1000
+    boxes = torch.tensor(
+        [[5.0, 5.0, 25.0, 25.0], [30.0, 30.0, 70.0, 70.0], [60.0, 10.0, 95.0, 40.0]]
+    )
+    labels = torch.tensor([1, 2, 3])
+    transform = _transform(40)
+    kinds = set()
+    for seed in range(60):
+        torch.manual_seed(seed)
+        target = {"boxes": boxes.clone(), "labels": labels, "ignore_boxes": boxes.clone()}
+        out, t = transform.resize(image, target)
+        left, top = round(float(out[0, 0, 0]) * 1000), round(float(out[1, 0, 0]) * 1000)
+        window = torch.tensor([left, top, left, top])
+        inside = (boxes - window).clamp(0, 40)
+        area = (inside[:, 2] - inside[:, 0]) * (inside[:, 3] - inside[:, 1])
+        visible = area / ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+        kept = visible >= 0.3
+        assert t["labels"].tolist() == labels[kept].tolist(), seed
+        torch.testing.assert_close(t["boxes"], inside[kept])
+        torch.testing.assert_close(t["ignore_boxes"], inside[kept])
+        kinds.update(
+            ("kept" if k else "dropped", bool(0 < v < 1))
+            for k, v in zip(kept, visible, strict=True)
+        )
+    # the draws covered whole boxes, boxes cut but kept, and boxes cut and dropped
+    assert {("kept", False), ("kept", True), ("dropped", True)} <= kinds
+
+
+def test_no_crop_at_inference_or_on_a_small_image_and_seeded_crops_repeat() -> None:
+    image = torch.rand(3, SIZE, SIZE)
+    target = {"boxes": torch.tensor([[10.0, 10.0, 90.0, 90.0]]), "labels": torch.tensor([1])}
+    transform = _transform(200)  # larger than the image: the whole image
+    out, t = transform.resize(image, dict(target))
+    assert out.shape == image.shape and torch.equal(t["boxes"], target["boxes"])
+    transform = _transform(50).eval()
+    out, _ = transform.resize(image, dict(target))
+    assert out.shape == image.shape
+    transform.train()
+    crops = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        crops.append(transform.resize(image, dict(target))[0])
+    assert crops[0].shape == (3, 50, 50) and torch.equal(crops[0], crops[1])
+
+
+def _teacher_config(crop: int | None) -> dict:
+    return load_config(
+        None,
+        {
+            "model": {"arch": "mobilenet_v2_fpn", "min_size": 96, "max_size": 128,
+                      "detector_kwargs": {"rpn_pre_nms_top_n_train": 200,
+                                          "rpn_post_nms_top_n_train": 100,
+                                          "box_batch_size_per_image": 32}},
+            "teacher": {"iters": 2, "batch_size": 2, "workers": 0, "warmup_iters": 1,
+                        "checkpoint_every": 0, "multiscale": None, "train_crop": crop},
+        },
+    )  # fmt: skip
+
+
+def test_teacher_trains_on_crops_and_infers_on_whole_images(synth_dataset, tmp_path, monkeypatch):
+    images = synth_dataset.parent / "images"
+    shapes: list[tuple[int, int]] = []
+    crop = DetectorTransform.crop
+
+    def spy(self, image, target):
+        out, t = crop(self, image, target)
+        shapes.append(tuple(out.shape[-2:]))
+        return out, t
+
+    monkeypatch.setattr(DetectorTransform, "crop", spy)
+    model, spec, result = train_teacher(
+        synth_dataset, images, tmp_path / "t.pt", _teacher_config(64), "cpu", seed=0
+    )
+    assert result.iterations == 2
+    # 128 x 96 images resized to 128 x 96 (min_size 96), then 64 x 64 windows, 2 per step
+    assert shapes == [(64, 64)] * 4
+    model.eval()
+    with torch.no_grad():
+        batch, _ = model.transform([torch.rand(3, 96, 128)])
+    assert batch.image_sizes == [(96, 128)]
+
+
+def test_soft_negatives_refuse_training_crops(tmp_path) -> None:
+    config = load_config(None, {"student": {"negatives": "soft", "train_crop": 64}})
+    with pytest.raises(DplError, match="train_crop"):
+        train_student(tmp_path / "a.json", tmp_path, None, tmp_path / "s.pt", config, "imagenet")
