@@ -42,6 +42,9 @@ Variants (the full method is the run's own ``train-student``):
     full-no-fp-miss  false positives made ignore regions and missed objects added together
     full-corrected  all three corrections (boxes, false positives, missed): what is left
                   between it and perfect is the ignore regions and the keep flags
+    full-long     the full method at twice the schedule (1,600 iterations): does a student
+                  on pseudo labels gain from longer training where the labeled-only one
+                  (labeled-only-long, the same 1,600) cannot?
     oracle        the labeled-only recipe on every training image's truth
     online        train-student --online from the teacher with the run's polisher (the
                   runner's online row); its EMA teacher is scored too (row "<variant> EMA")
@@ -106,6 +109,8 @@ VARIANTS: dict[str, tuple[str | None, list[str]]] = {
     "full-true-boxes": ("labels-true-boxes", []),
     "full-no-fp-miss": ("labels-no-fp-miss", []),
     "full-corrected": ("labels-corrected", []),
+    "full-long": ("labels", ["--iters", "1600"]),
+    "labeled-only-long": (None, ["--iters", "1600"]),
     "oracle": (None, []),
     "online": (ONLINE, []),
     "online-lr": (ONLINE, ["--lr", "0.001"]),
