@@ -100,6 +100,34 @@ def test_boxes_pushed_out_of_the_image_are_dropped_with_their_labels() -> None:
     pytest.fail("no seed shifted a box out of the image")
 
 
+def test_student_boxes_mostly_pushed_out_become_ignore_regions() -> None:
+    settings = dataclasses.replace(NO_COLOUR_NO_ERASE, hflip=False, scale=(1.0, 1.0),
+                                   translate=0.6)  # fmt: skip
+    teacher, student = (
+        DetectionAugment("strong", settings),
+        DetectionAugment("strong", settings, cut_to_ignore=True),
+    )
+    slivers = 0
+    for seed in range(30):
+        torch.manual_seed(seed)
+        _, dropped = teacher(*_scene())
+        torch.manual_seed(seed)
+        image, kept = student(*_scene())
+        # the same draw: the same boxes kept; every extra ignore region lies on what is left
+        # of a classification or regression object (its grey level, 1.0 or 0.8)
+        assert torch.equal(kept["boxes"], dropped["boxes"])
+        assert torch.equal(kept["reg_boxes"], dropped["reg_boxes"])
+        extra = kept["ignore_boxes"][len(dropped["ignore_boxes"]) :]
+        for x1, y1, x2, y2 in extra.round().int().tolist():
+            patch = image[0, y1:y2, x1:x2]
+            assert patch.numel() and (
+                torch.allclose(patch, torch.ones_like(patch))
+                or torch.allclose(patch, torch.full_like(patch, 0.8))
+            )
+        slivers += len(extra)
+    assert slivers > 0  # some draws left an object partly, and too little, in the image
+
+
 def test_erased_boxes_leave_the_loss_and_the_rest_stay() -> None:
     patches = torch.tensor([[0.0, 0.0, 45.0, 55.0]])  # covers the first box whole
     image, target = _scene()
@@ -109,14 +137,20 @@ def test_erased_boxes_leave_the_loss_and_the_rest_stay() -> None:
     half = erased_fraction(box, patch, (H, W))
     assert half[0] == pytest.approx(0.5)
 
-    # one patch the size of the image: every box of every set is erased, so all are dropped
+    # one patch the size of the image: every box is erased, so it leaves its set (an ignore
+    # region stays one)
     whole = dataclasses.replace(NO_COLOUR_NO_ERASE, erase_patches=(1, 1), erase_size=(1.0, 1.0),
                                 geometric_prob=0.0, erase_fill="grey")  # fmt: skip
     out_image, out = DetectionAugment("strong", whole)(image, target)
     assert torch.allclose(out_image, torch.full_like(out_image, 0.5))
-    for key in OBJECTS:
-        assert len(out[key]) == 0
+    assert len(out["boxes"]) == len(out["reg_boxes"]) == 0
     assert len(out["labels"]) == 0 and len(out["reg_labels"]) == 0
+    assert out["ignore_boxes"].tolist() == OBJECTS["ignore_boxes"][0]
+    # the student's augmentation makes the erased boxes ignore regions instead
+    _, out = DetectionAugment("strong", whole, cut_to_ignore=True)(image, target)
+    assert len(out["boxes"]) == len(out["reg_boxes"]) == len(out["labels"]) == 0
+    every = [b for boxes, _ in OBJECTS.values() for b in boxes]
+    assert sorted(out["ignore_boxes"].tolist()) == sorted(every)
 
     # small patches: a box stays unless at least erase_drop of it is grey
     some = dataclasses.replace(whole, erase_patches=(3, 3), erase_size=(0.2, 0.3))

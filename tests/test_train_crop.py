@@ -11,7 +11,9 @@ from dpl_tools.config import load_config
 from dpl_tools.engine.train_detector import train_teacher
 from dpl_tools.engine.train_student import train_student
 from dpl_tools.errors import DplError
-from dpl_tools.models.transform import DetectorTransform
+from dpl_tools.models.detector import build_detector
+from dpl_tools.models.student_criterion import make_student
+from dpl_tools.models.transform import DetectorTransform, set_train_crop
 
 SIZE = 100  # test images are 100 x 100 and the transform's size is 100: resize is identity
 
@@ -63,7 +65,8 @@ def test_crop_moves_every_box_set_onto_its_pixels() -> None:
     assert seen > 40  # the windows kept many boxes
 
 
-def test_crop_drops_mostly_cut_boxes_with_their_labels() -> None:
+@pytest.mark.parametrize("student", [False, True])
+def test_mostly_cut_boxes_leave_with_their_labels_for_ignore_regions(student: bool) -> None:
     # the image's pixels hold their own coordinates, so each output tells its window
     ys, xs = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
     image = torch.stack([xs, ys, xs]).float() / 1000
@@ -72,6 +75,7 @@ def test_crop_drops_mostly_cut_boxes_with_their_labels() -> None:
     )
     labels = torch.tensor([1, 2, 3])
     transform = _transform(40)
+    transform.cut_to_ignore = student  # the student's transform (make_student sets it)
     kinds = set()
     for seed in range(60):
         torch.manual_seed(seed)
@@ -80,18 +84,39 @@ def test_crop_drops_mostly_cut_boxes_with_their_labels() -> None:
         left, top = round(float(out[0, 0, 0]) * 1000), round(float(out[1, 0, 0]) * 1000)
         window = torch.tensor([left, top, left, top])
         inside = (boxes - window).clamp(0, 40)
-        area = (inside[:, 2] - inside[:, 0]) * (inside[:, 3] - inside[:, 1])
-        visible = area / ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
-        kept = visible >= 0.3
+        width, height = inside[:, 2] - inside[:, 0], inside[:, 3] - inside[:, 1]
+        wide = (width >= 1) & (height >= 1)
+        visible = width * height / ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+        kept = wide & (visible >= 0.3)
         assert t["labels"].tolist() == labels[kept].tolist(), seed
         torch.testing.assert_close(t["boxes"], inside[kept])
-        torch.testing.assert_close(t["ignore_boxes"], inside[kept])
+        # ignore regions stay while any of them is in the window; the student's boxes cut
+        # to less than min_visible join them
+        ignore = [inside[wide], inside[wide & ~kept]] if student else [inside[wide]]
+        torch.testing.assert_close(t["ignore_boxes"], torch.cat(ignore))
         kinds.update(
-            ("kept" if k else "dropped", bool(0 < v < 1))
-            for k, v in zip(kept, visible, strict=True)
+            ("kept" if k else "cut" if w else "gone", bool(0 < v < 1))
+            for k, w, v in zip(kept, wide, visible, strict=True)
         )
-    # the draws covered whole boxes, boxes cut but kept, and boxes cut and dropped
-    assert {("kept", False), ("kept", True), ("dropped", True)} <= kinds
+    # the draws covered whole boxes, boxes cut but kept, and boxes cut too much
+    assert {("kept", False), ("kept", True), ("cut", True)} <= kinds
+
+
+def test_windows_reach_the_image_border() -> None:
+    # centre drawn over the image, window pushed inside: a 40 px window of 100 px touches
+    # each border in about 40 / (2 x 100) = 20% of draws (uniform corners: 1 in 61)
+    transform = _transform(40)
+    ys, xs = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    image = torch.stack([xs, ys, xs]).float() / 1000
+    torch.manual_seed(0)
+    lefts = []
+    for _ in range(400):
+        out, _ = transform.resize(image, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)})
+        lefts.append(round(float(out[0, 0, 0]) * 1000))
+    at_left = sum(x == 0 for x in lefts) / len(lefts)
+    at_right = sum(x == SIZE - 40 for x in lefts) / len(lefts)
+    assert 0.14 < at_left < 0.26 and 0.14 < at_right < 0.26
+    assert len(set(lefts)) > 40  # and every position in between
 
 
 def test_no_crop_at_inference_or_on_a_small_image_and_seeded_crops_repeat() -> None:
@@ -152,3 +177,13 @@ def test_soft_negatives_refuse_training_crops(tmp_path) -> None:
     config = load_config(None, {"student": {"negatives": "soft", "train_crop": 64}})
     with pytest.raises(DplError, match="train_crop"):
         train_student(tmp_path / "a.json", tmp_path, None, tmp_path / "s.pt", config, "imagenet")
+
+
+def test_the_student_keeps_ignore_regions_for_cut_boxes_when_crops_are_set() -> None:
+    teacher = build_detector("mobilenet_v2_fpn", 2, "none", min_size=64, max_size=64)
+    set_train_crop(teacher, 32)
+    assert teacher.transform.train_crop == 32 and not teacher.transform.cut_to_ignore
+    student = make_student(build_detector("mobilenet_v2_fpn", 2, "none", min_size=64, max_size=64))
+    set_train_crop(student, 32, 0.5)  # what train_detector does after make_student
+    t = student.transform
+    assert (t.train_crop, t.min_visible, t.cut_to_ignore) == (32, 0.5, True)

@@ -13,8 +13,11 @@ torchvision.transforms.v2 with ``tv_tensors.BoundingBoxes``:
 
 Boxes the affine pushes mostly out of the image (less than ``min_visible`` of their area
 left) and boxes the patches mostly cover (at least ``erase_drop`` of their area erased)
-are **dropped** from every loss: their pixels are gone, so the image now shows
-background there. Mixup and mosaic of pseudo-labeled images (MixPL) are ``mix_samples``.
+leave their box set. For the student (``cut_to_ignore``) they become ignore regions: what
+is left of the object is neither taught as an object nor as background. The teacher's
+torchvision heads have no ignore regions, so there they are dropped. Ignore regions
+themselves stay while any pixel of them is in the image. Mixup and mosaic of
+pseudo-labeled images (MixPL) are ``mix_samples``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from dpl_tools.errors import DplError
 
 FILL = 0.5  # grey: what an affine's empty border and a Cutout patch show
 LABELS_OF = {"boxes": "labels", "reg_boxes": "reg_labels"}  # box set -> its label vector
+IGNORE_BOXES = "ignore_boxes"  # the student's ignore regions (student_criterion.IGNORE_KEY)
 MIN_SIDE = 1.0  # px: a box thinner than this after clipping is dropped
 
 Target = dict[str, Any]
@@ -168,10 +172,13 @@ def clip_to_image(
     size: Sequence[int],
     min_visible: float,
     valid: Tensor | None = None,
-) -> None:
+) -> Tensor:
     """Clip box set ``key`` of a moved (shifted, scaled, cropped) image's target to the
-    image (``size``: h, w), and drop the boxes left thinner than a pixel or with less than
-    ``min_visible`` of their moved area inside (and the rows not ``valid``, if given)."""
+    image (``size``: h, w) and drop the boxes left thinner than a pixel or with less than
+    ``min_visible`` of their moved area inside (and the rows not ``valid``, if given).
+    Returns the clipped boxes dropped for visibility alone: a caller whose loss has ignore
+    regions makes them ignore regions (``add_ignore_regions``), so an object's visible
+    sliver is not taught as background."""
     height, width = size
     boxes = target[key]
     moved_area = _area(boxes)
@@ -180,10 +187,22 @@ def clip_to_image(
          boxes[:, 2].clamp(0, width), boxes[:, 3].clamp(0, height)], dim=1,
     ).reshape(-1, 4)  # fmt: skip
     target[key] = boxes
-    visible = _area(boxes) / moved_area.clamp(min=1e-6)
+    visible = _area(boxes) / moved_area.clamp(min=1e-6) >= min_visible
     wide = (boxes[:, 2] - boxes[:, 0] >= MIN_SIDE) & (boxes[:, 3] - boxes[:, 1] >= MIN_SIDE)
-    keep = wide & (visible >= min_visible)
-    _keep(target, key, keep if valid is None else keep & valid)
+    if valid is not None:
+        wide = wide & valid
+    _keep(target, key, wide & visible)
+    return boxes[wide & ~visible]
+
+
+def add_ignore_regions(target: Target, boxes: Sequence[Tensor]) -> None:
+    """Append ``boxes`` (e.g. objects mostly cut out of a training view) to the target's
+    ignore regions (``ignore_boxes``), creating the set when the target has none."""
+    boxes = [b.reshape(-1, 4) for b in boxes if len(b)]
+    if boxes:
+        ignore = target.get(IGNORE_BOXES)
+        target[IGNORE_BOXES] = torch.cat([*([ignore.reshape(-1, 4)] if ignore is not None else []),
+                                          *[b.to(boxes[0]) for b in boxes]])  # fmt: skip
 
 
 class DetectionAugment:
@@ -192,10 +211,16 @@ class DetectionAugment:
     their labels. Randomness comes from torch's global generator, so ``seed_everything``
     (and DataLoader worker seeding) makes it reproducible."""
 
-    def __init__(self, kind: str = "weak", settings: AugmentSettings | None = None) -> None:
+    def __init__(
+        self,
+        kind: str = "weak",
+        settings: AugmentSettings | None = None,
+        cut_to_ignore: bool = False,
+    ) -> None:
         if kind not in AUGMENTS:
             raise ValueError(f"unknown augment {kind!r} (choose from {', '.join(AUGMENTS)})")
         self.kind = kind
+        self.cut_to_ignore = cut_to_ignore
         self.settings = settings or AugmentSettings()
         s = self.settings
         self.flip = v2.RandomHorizontalFlip(0.5) if s.hflip else None
@@ -233,13 +258,20 @@ class DetectionAugment:
             picture = self.colour(picture)
             before = {k: _area(b.as_subclass(Tensor)) for k, b in boxed.items()}
             picture, boxed = self.geometric(picture, boxed)
+            cut = []
             for k in keys:
                 target[k] = boxed[k].as_subclass(Tensor)
-                clip_to_image(target, k, size, self.settings.min_visible, before[k] > 0)
+                least = 0.0 if k == IGNORE_BOXES else self.settings.min_visible
+                cut.append(clip_to_image(target, k, size, least, before[k] > 0))
             erased, patches = erase_patches(picture.as_subclass(Tensor), self.settings)
             for k in keys:
-                covered = erased_fraction(target[k], patches, size)
-                _keep(target, k, covered < self.settings.erase_drop)
+                if k == IGNORE_BOXES:
+                    continue  # an ignore region stays one, erased or not
+                gone = erased_fraction(target[k], patches, size) >= self.settings.erase_drop
+                cut.append(target[k][gone])
+                _keep(target, k, ~gone)
+            if self.cut_to_ignore:
+                add_ignore_regions(target, cut)
             return erased, target
         for k in keys:
             target[k] = boxed[k].as_subclass(Tensor)
@@ -251,9 +283,11 @@ def training_augment(
 ) -> DetectionAugment:
     """The training augmentation a config section asks for: ``section[key]`` (weak or
     strong; the student's ``pseudo_augment``, null meaning its ``augment``) with the
-    section's ``aug_*`` settings."""
+    section's ``aug_*`` settings. The student's loss has ignore regions, so its boxes
+    mostly cut out of a view become ignore regions; the teacher's are dropped."""
     kind = section[key] or section["augment"]
-    return DetectionAugment(kind, AugmentSettings.from_config(section, name))
+    settings = AugmentSettings.from_config(section, name)
+    return DetectionAugment(kind, settings, cut_to_ignore=name == "student")
 
 
 def _resized(image: Tensor, target: Target, size: Sequence[int]) -> tuple[Tensor, Target]:

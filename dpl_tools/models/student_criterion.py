@@ -52,6 +52,7 @@ from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import box_iou
 
+from dpl_tools.data.augment import IGNORE_BOXES
 from dpl_tools.data.pseudo_labels import usable_boxes
 from dpl_tools.data.pseudo_views import LABEL_SETS, LabelSet
 from dpl_tools.defaults import DEFAULTS, PSEUDO_VIEWS, STUDENT_NEGATIVES
@@ -79,7 +80,7 @@ class Supervision:
 
 VIEWS = PSEUDO_VIEWS  # --pseudo-view: polished, raw, reg-only, cls-only
 NEGATIVES = STUDENT_NEGATIVES  # --negatives: hard, ignore, soft
-IGNORE_KEY = "ignore_boxes"  # target key of the ignore regions (negatives="ignore")
+IGNORE_KEY = IGNORE_BOXES  # target key of the ignore regions (negatives="ignore", cut boxes)
 
 # (--pseudo-view, --disentangle) -> (classification set, regression set), names of
 # LABEL_SETS; a view that uses one set for both trains as torchvision does (one sampling)
@@ -380,14 +381,15 @@ class StudentRPN(RegionProposalNetwork):
 
 def make_student(model: FasterRCNN) -> FasterRCNN:
     """Give a torchvision Faster R-CNN the student's supervision, in place: the transform
-    resizes every ``*boxes`` target key, the RPN is ``StudentRPN``, the RoI heads are
-    ``StudentRoIHeads``.
+    resizes every ``*boxes`` target key (and makes boxes a training crop cuts off ignore
+    regions), the RPN is ``StudentRPN``, the RoI heads are ``StudentRoIHeads``.
 
     Module names and the state dict are unchanged, so the trained student saves and loads
     as an ordinary detector; inference behaves exactly as before.
     """
     if not isinstance(model.transform, DetectorTransform):
         model.transform = detector_transform(model.transform)
+    model.transform.cut_to_ignore = True  # its targets may have ignore regions
     if not isinstance(model.rpn, StudentRPN):
         model.rpn = StudentRPN.from_rpn(model.rpn)
     if not isinstance(model.roi_heads, StudentRoIHeads):

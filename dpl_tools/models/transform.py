@@ -7,8 +7,9 @@ pseudo labels and ignore regions) and, in training with ``train_crop`` set, take
 (objects as large as at inference) while a step costs what a small image costs, which is
 what a set of large images with small objects needs on CPU (DeepPCB: 640 px scans, 35 px
 defects). Boxes move with the window; a box left with less than ``min_visible`` of its
-area inside leaves the loss, the rule of the augmentation's affine
-(``dpl_tools.data.augment.clip_to_image``). Inference always sees the whole image.
+area inside leaves its set, the rule of the augmentation's affine
+(``dpl_tools.data.augment.clip_to_image``): for the student it becomes an ignore region,
+the teacher drops it. Inference always sees the whole image.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
-from dpl_tools.data.augment import box_sets, clip_to_image
+from dpl_tools.data.augment import IGNORE_BOXES, add_ignore_regions, box_sets, clip_to_image
 
 
 class DetectorTransform(GeneralizedRCNNTransform):
@@ -26,6 +27,7 @@ class DetectorTransform(GeneralizedRCNNTransform):
 
     train_crop: int | None = None
     min_visible: float = 0.3
+    cut_to_ignore: bool = False  # the student: boxes mostly cut off become ignore regions
 
     def resize(
         self, image: Tensor, target: dict[str, Tensor] | None = None
@@ -42,28 +44,33 @@ class DetectorTransform(GeneralizedRCNNTransform):
 
     def crop(self, image: Tensor, target: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """A random ``train_crop`` window of a resized image (each side at most the
-        image's), every box set shifted into it, clipped, and dropped when mostly cut off.
-        Draws from torch's global generator, so seeded runs repeat."""
+        image's), every box set shifted into it and clipped; a box mostly cut off leaves
+        its set, for an ignore region when ``cut_to_ignore`` (the student). The window's
+        centre is drawn uniformly over the image and the window then pushed inside it, so
+        a border pixel is in a window as often as ``train_crop / (2 x side)``, not almost
+        never (uniform corners). Draws from torch's global generator: seeded runs repeat."""
         height, width = image.shape[-2:]
         crop_h, crop_w = min(self.train_crop, height), min(self.train_crop, width)
         if (crop_h, crop_w) == (height, width):
             return image, target
-        top = int(torch.randint(height - crop_h + 1, (1,)))
-        left = int(torch.randint(width - crop_w + 1, (1,)))
+        centre = torch.rand(2) * torch.tensor([height, width])
+        top = min(max(round(float(centre[0]) - crop_h / 2), 0), height - crop_h)
+        left = min(max(round(float(centre[1]) - crop_w / 2), 0), width - crop_w)
         target = dict(target)
+        cut = []
         for key in box_sets(target):
             shift = target[key].new_tensor([left, top, left, top])
             target[key] = target[key].reshape(-1, 4) - shift
-            clip_to_image(target, key, (crop_h, crop_w), self.min_visible)
+            least = 0.0 if key == IGNORE_BOXES else self.min_visible
+            cut.append(clip_to_image(target, key, (crop_h, crop_w), least))
+        if self.cut_to_ignore:
+            add_ignore_regions(target, cut)
         return image[:, top : top + crop_h, left : left + crop_w], target
 
 
-def detector_transform(
-    transform: GeneralizedRCNNTransform,
-    train_crop: int | None = None,
-    min_visible: float = 0.3,
-) -> DetectorTransform:
-    """A ``DetectorTransform`` with ``transform``'s sizes and normalisation."""
+def detector_transform(transform: GeneralizedRCNNTransform) -> DetectorTransform:
+    """A ``DetectorTransform`` with ``transform``'s sizes and normalisation (and, when it
+    is one, its crop settings)."""
     out = DetectorTransform(
         transform.min_size,
         transform.max_size,
@@ -72,11 +79,15 @@ def detector_transform(
         size_divisible=transform.size_divisible,
         fixed_size=transform.fixed_size,
     )
-    out.train_crop, out.min_visible = train_crop, min_visible
+    if isinstance(transform, DetectorTransform):
+        out.train_crop, out.min_visible = transform.train_crop, transform.min_visible
+        out.cut_to_ignore = transform.cut_to_ignore
     return out.train(transform.training)
 
 
 def set_train_crop(model: nn.Module, train_crop: int | None, min_visible: float = 0.3) -> None:
     """Train ``model`` (a torchvision detector) on random ``train_crop`` windows of its
     resized images (None: whole images); in place, state dict unchanged."""
-    model.transform = detector_transform(model.transform, train_crop, min_visible)
+    if not isinstance(model.transform, DetectorTransform):
+        model.transform = detector_transform(model.transform)
+    model.transform.train_crop, model.transform.min_visible = train_crop, min_visible
