@@ -352,7 +352,9 @@ SETTINGS: dict[str, dict[str, Setting]] = {
         ),
         "mosaic": Setting(
             0.0,
-            "chance that a pseudo-labeled image is a 2 x 2 mosaic with three others (MixPL)",
+            "chance that a pseudo-labeled image is a 2 x 2 mosaic with three others (MixPL); "
+            "the detector resizes the mosaic as one image, so its objects train at half "
+            "size (mind small objects)",
             UNIT,
         ),
         "unlabeled_ratio": Setting(1.0, "pseudo-labeled images per labeled image", NON_NEGATIVE),
