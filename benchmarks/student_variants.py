@@ -15,7 +15,8 @@ the test split is left for final figures (the issue's rule: nothing is tuned on 
 Students and logs go to ``--out`` (default ``<run-dir>/variants``); each finished
 student's validation figures are kept in git, in
 ``benchmarks/results/variants/demo-bench/<code version>/seed<k>/val-<variant>-s<seed>.json``,
-so a table is completed over several sittings (run directories do not outlive one).
+so a table is completed over several sittings (run directories do not outlive one); a
+student cut short resumes from its periodic checkpoint (``train-student --resume``).
 Variants (the full method is the run's own ``train-student``):
 
     labeled-only  the labeled images only, as many per step as full (student_seeds' control)
@@ -198,7 +199,7 @@ def train_and_validate(run_dir: Path, out: Path, variant: str, seed: int, val: P
     ann = run_dir / ("data/train/annotations.json" if variant == "oracle" else "split/labeled.json")
     argv = ["train-student", "--ann", str(ann), "--images", str(run_dir / "data/train/images"),
             "--teacher", str(run_dir / "teacher.pt"), "--out", str(student), "--seed", str(seed),
-            "--config", str(CONFIG), "--device", "cpu", *extra]  # fmt: skip
+            "--config", str(CONFIG), "--device", "cpu", "--resume", *extra]  # fmt: skip
     if labels is None:
         control = labeled_only_settings(str(CONFIG))
         argv += ["--unlabeled-ratio", "0", "--batch-size", str(control["batch_size"])]
