@@ -14,6 +14,7 @@ from dpl_tools.errors import DplError
 from dpl_tools.models.detector import build_detector
 from dpl_tools.models.student_criterion import make_student
 from dpl_tools.models.transform import DetectorTransform, set_train_crop
+from dpl_tools.report.augment_preview import training_samples
 
 SIZE = 100  # test images are 100 x 100 and the transform's size is 100: resize is identity
 
@@ -187,3 +188,16 @@ def test_the_student_keeps_ignore_regions_for_cut_boxes_when_crops_are_set() -> 
     set_train_crop(student, 32, 0.5)  # what train_detector does after make_student
     t = student.transform
     assert (t.train_crop, t.min_visible, t.cut_to_ignore) == (32, 0.5, True)
+
+
+def test_show_augment_draws_the_training_windows(synth_dataset) -> None:
+    config = _teacher_config(48)
+    samples, _ = training_samples(
+        synth_dataset, synth_dataset.parent / "images", config, "teacher", count=4
+    )
+    assert len(samples) == 4
+    for image, target in samples:
+        assert tuple(image.shape[-2:]) == (48, 48)  # 128 x 96 images at min_size 96
+        boxes = target["boxes"]
+        assert len(target["labels"]) == len(boxes)
+        assert bool((boxes >= 0).all() and (boxes[:, 2:] <= 48).all())

@@ -118,6 +118,8 @@ def command(
         with atomic_path(out, suffix=".png") as tmp:
             grid.save(tmp, format="PNG")
         kind = cfg[section]["augment"]
+        if cfg[section]["train_crop"]:
+            kind += f", {cfg[section]['train_crop']} px training windows"
         Console().print(f"{len(samples)} {section} training sample(s) ({kind}) drawn to {out}")
         return
     if image is None or labels is None:

@@ -2,7 +2,8 @@
 
 ``dpl show --augment`` draws a grid of training samples exactly as the teacher's or the
 student's DataLoader serves them (``dpl_tools.data.augment``: flip, colour op, affine,
-Cutout; mixup and mosaic of pseudo-labeled images), so a user can check that the boxes
+Cutout; mixup and mosaic of pseudo-labeled images) and, with ``train_crop``, cut to a
+training window as the detector's transform cuts them, so a user can check that the boxes
 still sit on their objects and that the augmentation is not too strong.
 
 Colours: classification boxes (ground truth, or kept pseudo labels) green; regression
@@ -111,4 +112,23 @@ def training_samples(
         sample = source[int(torch.randint(len(source), (1,)))]
         if sample is not None:
             samples.append(sample)
+    if config[section].get("train_crop"):
+        samples = [training_window(*sample, config, section) for sample in samples]
     return samples, names
+
+
+def training_window(
+    image: torch.Tensor, target: dict[str, Any], config: dict[str, Any], section: str
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A served sample as the detector's own transform passes it on in training when the
+    section sets ``train_crop``: resized (multi-scale) and cut to a random window."""
+    from dpl_tools.models.detector import multiscale_sizes
+    from dpl_tools.models.transform import DetectorTransform
+
+    model, train = config["model"], config[section]
+    sizes = multiscale_sizes(model["min_size"], train["multiscale"])
+    sizes = sizes if isinstance(sizes, tuple) else (sizes,)
+    transform = DetectorTransform(sizes, model["max_size"], [0.0] * 3, [1.0] * 3)
+    transform.train_crop, transform.min_visible = train["train_crop"], train["aug_min_visible"]
+    transform.cut_to_ignore = section == "student"
+    return transform.train().resize(image, dict(target))
