@@ -25,7 +25,7 @@ import shutil
 import socket
 import stat
 import time
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -378,21 +378,37 @@ def owned_folder(
             shutil.rmtree(staging, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def file_set(folder: str | Path, names: Sequence[str], command: str) -> Iterator[dict[str, Path]]:
-    """Yield a staging path per name; on success publish them all as ``folder/<name>``.
-
-    The old members are removed first, then the new ones renamed in: a kill at any moment
-    leaves the old set, the new set, or some files missing (a loud error for the next
-    reader), never files of two runs side by side. Other files in ``folder`` are untouched.
-    """
-    folder = Path(folder)
-    targets = [folder / name for name in names]
+def _check_replaceable(targets: Sequence[Path], ours: Callable[[Path], bool], command: str) -> None:
+    """Refuse a set member that is a folder, a link, or a file ``ours`` does not
+    recognise as an earlier output of ``command``."""
     for target in targets:
         if target.is_dir():
             raise DplError(f"{target}: is a folder; cannot write a file there")
+        if target.is_symlink() or (target.exists() and not ours(target)):
+            raise DplError(
+                f"{target}: exists and was not written by {command}; dpl replaces only its "
+                f"own files: move it away or choose another folder"
+            )
+
+
+@contextlib.contextmanager
+def file_set(
+    folder: str | Path, names: Sequence[str], command: str, ours: Callable[[Path], bool]
+) -> Iterator[dict[str, Path]]:
+    """Yield a staging path per name; on success publish them all as ``folder/<name>``.
+
+    An existing member is replaced only when ``ours(path)`` says ``command`` wrote it (a
+    user's file of the same name is refused before any work). The old members are removed
+    first, then the new ones renamed in: a kill at any moment leaves the old set, the new
+    set, or some files missing (a loud error for the next reader), never files of two runs
+    side by side. Other files in ``folder`` are untouched.
+    """
+    folder = Path(folder)
+    targets = [folder / name for name in names]
+    _check_replaceable(targets, ours, command)
     folder.mkdir(parents=True, exist_ok=True)
     with output_lock(folder, command, folder=True):
+        _check_replaceable(targets, ours, command)  # again, now that we hold the lock
         clean_stale_temps(folder / STAGING, min_age_s=0.0)  # we hold the lock
         staging = make_temp(folder / STAGING, directory=True)
         try:

@@ -92,3 +92,21 @@ def test_cli_split_writes_into_run_dir(synth_dataset, tmp_path):
     assert json.loads((again / "labeled.json").read_text()) == labeled
     result = runner.invoke(app, ["split", str(synth_dataset), "-p", "5", "--labeled-count", "3"])
     assert isinstance(result.exception, DplError) and "not both" in str(result.exception)
+
+
+def test_split_replaces_only_an_earlier_splits_files(synth_dataset, tmp_path):
+    coco = load_coco(synth_dataset)
+    out = tmp_path / "split"
+    out.mkdir()
+    mine = out / "unlabeled.json"
+    mine.write_text('{"mine": 1}')
+    (out / "notes.txt").write_text("keep")
+    with pytest.raises(DplError, match="unlabeled.json: exists and was not written by dpl split"):
+        write_split(split_coco(coco, percent=50, fold=1, seed=0), out)
+    assert mine.read_text() == '{"mine": 1}' and not (out / "labeled.json").exists()
+    mine.unlink()
+    write_split(split_coco(coco, percent=50, fold=1, seed=0), out)
+    # a new split replaces the earlier split's files; other files stay
+    paths = write_split(split_coco(coco, percent=25, fold=1, seed=0), out)
+    assert json.loads(paths["labeled"].read_text())["dpl_split"]["percent"] == 25
+    assert (out / "notes.txt").read_text() == "keep"

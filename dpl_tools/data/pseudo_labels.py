@@ -239,7 +239,9 @@ ALTERED = "the file was not written by dpl polish or was altered"
 def check_images(table: pa.Table, source: str | Path) -> None:
     """Refuse (one-line DplError naming ``source``) a table whose processed images hold no
     positive width and height, or whose image ids do not name one image each (two file
-    names under one ``image_id``: their boxes would be merged by every reader keyed by id)."""
+    names under one ``image_id``: their boxes would be merged by every reader keyed by id;
+    one file name under two ``image_id``s: a reader keyed by name merges its boxes, one
+    keyed by id finds boxes of an image id that names no image)."""
     ok = table.filter(pc.equal(table["status"], "ok"))
     bad_size = pc.or_kleene(
         pc.or_kleene(pc.is_null(ok["width"]), pc.is_null(ok["height"])),
@@ -263,6 +265,17 @@ def check_images(table: pa.Table, source: str | Path) -> None:
         raise DplError(
             f"{source}: image_id {image_id} is given to {len(files)} file names ({two}); each "
             f"image needs its own id, so its boxes cannot be told apart; {ALTERED}"
+        )
+    per_name = names.group_by("file_name").aggregate([("image_id", "count_distinct")])
+    split = per_name.filter(pc.greater(per_name["image_id_count_distinct"], 1))
+    if split.num_rows:
+        name = split["file_name"][0].as_py()
+        ids = sorted(names.filter(pc.equal(names["file_name"], name))["image_id"].to_pylist())
+        more = f" and {len(ids) - 2} more" if len(ids) > 2 else ""
+        raise DplError(
+            f"{source}: file_name {name!r} appears under {len(ids)} image_ids ({ids[0]} and "
+            f"{ids[1]}{more}); each image needs one id, or its boxes are split between ids "
+            f"of which only one names the image; {ALTERED}"
         )
 
 

@@ -9,6 +9,7 @@ apart to evaluate pseudo labels later).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,11 +101,23 @@ def split_paths(out_dir: str | Path) -> dict[str, Path]:
     return {name: Path(out_dir) / f"{name}.json" for name in PARTS}
 
 
+def is_split_file(path: Path) -> bool:
+    """Whether ``path`` is a file ``dpl split`` wrote (a COCO JSON with its ``dpl_split``
+    record), i.e. one a new split may replace."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("dpl_split"), dict)
+
+
 def write_split(split: Split, out_dir: str | Path) -> dict[str, Path]:
     """Write labeled.json, unlabeled.json, unlabeled_gt.json into ``out_dir`` as one set
-    (``dpl_tools.outputs.file_set``): a killed split never leaves files of two seeds."""
+    (``dpl_tools.outputs.file_set``): a killed split never leaves files of two seeds, and
+    only an earlier split's files are replaced."""
     paths = split_paths(out_dir)
-    with file_set(out_dir, [p.name for p in paths.values()], "dpl split") as staged:
+    names = [p.name for p in paths.values()]
+    with file_set(out_dir, names, "dpl split", is_split_file) as staged:
         for name, path in paths.items():
             save_coco(getattr(split, name), staged[path.name])
     return paths
