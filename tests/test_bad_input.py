@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +221,18 @@ def test_json_read_errors_name_file_line_and_problem(tmp_path):
         read_json(latin)
     with pytest.raises(DplError, match=r": is a directory, not a JSON file"):
         read_json(tmp_path)
+
+
+def test_error_lines_keep_square_brackets_of_file_names(tmp_path):
+    # the CLI prints errors through rich: a name like "[abc]x.json" is not markup
+    missing = tmp_path / "[abc]x.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpl_tools.cli", "convert", "--format", "coco", str(missing),
+         "--out", str(tmp_path / "o.json")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert f"error: {missing}: file not found" in " ".join(proc.stderr.split())
 
 
 # ------------------------------------------------------------- S4 image sizes

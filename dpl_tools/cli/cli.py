@@ -8,6 +8,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from dpl_tools.errors import DplError
 
@@ -157,7 +158,7 @@ def main() -> None:
     try:
         app()
     except DplError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]")
@@ -167,13 +168,15 @@ def main() -> None:
         # a folder should be), not a defect: one line naming the path and the OS's reason
         if os.environ.get("DPL_TRACEBACK"):
             raise
-        err.print(f"[bold red]error:[/] {os_error_line(e)}", highlight=False, soft_wrap=True)
+        err.print(
+            f"[bold red]error:[/] {escape(os_error_line(e))}", highlight=False, soft_wrap=True
+        )
         sys.exit(EXIT_USER_ERROR)
     except Exception as e:
         if os.environ.get("DPL_TRACEBACK"):
             raise
         err.print(
-            f"[bold red]error:[/] internal error: {type(e).__name__}: {e} "
+            f"[bold red]error:[/] internal error: {type(e).__name__}: {escape(str(e))} "
             "(a defect of dpl: rerun with DPL_TRACEBACK=1 and report the traceback)",
             highlight=False,
             soft_wrap=True,
