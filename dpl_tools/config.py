@@ -192,7 +192,21 @@ def load_config(
         for section, values in (overrides or {}).items()
     }
     config = merge(config, check_config(given, "command line"))
-    return Config(resolve_derived(merge(config, check_config(sets or {}, "--set"))))
+    config = resolve_derived(merge(config, check_config(sets or {}, "--set")))
+    check_together(config)
+    return Config(config)
+
+
+def check_together(config: Mapping[str, Any]) -> None:
+    """Refuse settings that are valid alone but not together (a one-line DplError), so a
+    `dpl run` fails before its first stage rather than hours later at the student's."""
+    student = config.get("student", {})
+    if student.get("negatives") == "soft" and student.get("train_crop"):
+        raise DplError(
+            f"student.negatives soft cannot train on crops (student.train_crop "
+            f"{student['train_crop']}): the teacher scores the background on whole images; "
+            "use negatives ignore or hard, or train_crop null"
+        )
 
 
 def resolve_derived(config: dict[str, Any]) -> dict[str, Any]:

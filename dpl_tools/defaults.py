@@ -82,19 +82,28 @@ def _augment(augment: str) -> dict[str, Setting]:
         ),
         "aug_geometric_prob": Setting(1.0, "strong: chance of the affine", UNIT),
         "aug_scale": Setting(
-            [0.6, 1.4], "strong: affine scale jitter [low, high]", POSITIVE, item=float
+            [0.6, 1.4],
+            "strong: affine scale jitter [low, high]",
+            POSITIVE,
+            item=float,
+            pair=True,
         ),
         "aug_translate": Setting(
             0.1, "strong: affine shift, fraction of the image side", Range(0, 1, high_open=True)
         ),
         "aug_erase_patches": Setting(
-            [1, 5], "strong: Cutout patches per image [low, high]", NON_NEGATIVE, item=int
+            [1, 5],
+            "strong: Cutout patches per image [low, high]",
+            NON_NEGATIVE,
+            item=int,
+            pair=True,
         ),
         "aug_erase_size": Setting(
             [0.05, 0.2],
-            "strong: Cutout patch side, fraction of the image side",
+            "strong: Cutout patch side [low, high], fraction of the image side",
             UNIT,
             item=float,
+            pair=True,
         ),  # fmt: skip
         "aug_erase_fill": Setting(
             "noise",

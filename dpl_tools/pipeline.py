@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from dpl_tools.config import merge, preset_path, read_config
+from dpl_tools.config import check_together, merge, preset_path, read_config
 from dpl_tools.defaults import RUN_SETTINGS
 from dpl_tools.errors import DplError
 from dpl_tools.io import atomic_path, sha256_file, write_json
@@ -222,6 +222,10 @@ def load_run_config(
     sections = {k: v for k, v in raw.items() if k not in ("data", "run")}
     if run.get("preset"):
         sections = merge(read_config(preset_path(run["preset"])), sections)
+    try:
+        check_together(sections)
+    except DplError as e:
+        raise DplError(f"{path}: {e}") from None
     return data, run_dir, write_stage_config(run_dir, sections)
 
 

@@ -67,6 +67,7 @@ class Setting:
     kind: type | None = None
     item: type | None = None
     keys: Mapping[str, Setting] | None = None
+    pair: bool = False  # a list that is an ordered [low, high] pair
 
     @property
     def type(self) -> type:
@@ -89,6 +90,8 @@ class Setting:
                     out.append(item.check(v))
                 except SettingError as e:
                     raise SettingError(f"item {i}: {e}") from None
+            if self.pair and (len(out) != 2 or out[0] > out[1]):
+                raise SettingError(f"expected [low, high] with low <= high, got {out}")
             return out
         if self.type is dict:
             if not isinstance(value, dict):

@@ -14,6 +14,7 @@ from dpl_tools.errors import DplError
 from dpl_tools.models.detector import build_detector
 from dpl_tools.models.student_criterion import make_student
 from dpl_tools.models.transform import DetectorTransform, set_train_crop
+from dpl_tools.pipeline import load_run_config
 from dpl_tools.report.augment_preview import training_samples
 
 SIZE = 100  # test images are 100 x 100 and the transform's size is 100: resize is identity
@@ -174,10 +175,34 @@ def test_teacher_trains_on_crops_and_infers_on_whole_images(synth_dataset, tmp_p
     assert batch.image_sizes == [(96, 128)]
 
 
-def test_soft_negatives_refuse_training_crops(tmp_path) -> None:
-    config = load_config(None, {"student": {"negatives": "soft", "train_crop": 64}})
+def test_soft_negatives_and_crops_are_refused_when_the_config_is_read(tmp_path) -> None:
+    with pytest.raises(DplError, match="negatives soft cannot train on crops"):
+        load_config(None, {"student": {"negatives": "soft", "train_crop": 64}})
+    # a dpl run config: refused when it is read, naming the file, before any stage
+    run = tmp_path / "run.yaml"
+    run.write_text(
+        f"data: {{ann: {tmp_path}/a.json, images: {tmp_path}}}\n"
+        "student: {negatives: soft, train_crop: 320}\n"
+    )
+    with pytest.raises(DplError, match=r"run.yaml: student.negatives soft cannot train on crops"):
+        load_run_config(run, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # and a config that did not come through load_config, at the student's start
+    config = load_config()
+    config = {**config, "student": {**config["student"], "negatives": "soft", "train_crop": 64}}
     with pytest.raises(DplError, match="train_crop"):
         train_student(tmp_path / "a.json", tmp_path, None, tmp_path / "s.pt", config, "imagenet")
+
+
+def test_reversed_pairs_are_refused_naming_the_file(tmp_path) -> None:
+    with pytest.raises(DplError, match=r"--set: student.aug_scale: expected \[low, high\]"):
+        load_config(None, None, {"student": {"aug_scale": [1.4, 0.6]}})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: {aug_erase_size: [0.3, 0.1]}\n")
+    with pytest.raises(DplError, match=r"bad.yaml: teacher.aug_erase_size: expected \[low, high\]"):
+        load_config(bad)
+    with pytest.raises(DplError, match=r"aug_erase_patches: expected \[low, high\]"):
+        load_config(None, None, {"student": {"aug_erase_patches": [1, 2, 3]}})
 
 
 def test_the_student_keeps_ignore_regions_for_cut_boxes_when_crops_are_set() -> None:

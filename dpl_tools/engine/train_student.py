@@ -25,7 +25,7 @@ from typing import Any
 from rich.console import Console
 from torch import nn
 
-from dpl_tools.config import plain
+from dpl_tools.config import check_together, plain
 from dpl_tools.data.augment import training_augment
 from dpl_tools.data.coco import check_inside_root
 from dpl_tools.data.detection import DetectionDataset
@@ -303,11 +303,7 @@ def train_student(
     console = console or Console()
     ann, out = Path(ann), Path(out)
     scfg = config["student"]
-    if scfg["negatives"] == "soft" and scfg["train_crop"]:
-        raise DplError(
-            "--negatives soft cannot train on crops (student.train_crop): the teacher scores "
-            "the background on whole images; use ignore or hard, or train_crop: null"
-        )
+    check_together(config)  # for a config that did not come through load_config
     run = setup_training(scfg, device, seed)
     dist = run.dist
     dataset, stats = load_student_data(
