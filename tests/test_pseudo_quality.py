@@ -8,8 +8,13 @@ import pytest
 from rich.console import Console
 
 from dpl_tools.data.coco import validate_coco
-from dpl_tools.data.pseudo_labels import SCHEMA
-from dpl_tools.evaluation.pseudo_quality import greedy_match, pseudo_label_quality
+from dpl_tools.data.pseudo_labels import META_CATEGORIES, SCHEMA
+from dpl_tools.errors import DplError
+from dpl_tools.evaluation.pseudo_quality import (
+    greedy_match,
+    pseudo_label_quality,
+    scored_against_truth,
+)
 from dpl_tools.evaluation.quality_tables import format_quality_table
 
 
@@ -177,3 +182,16 @@ def test_per_class_figures_add_up_to_the_view(case):
     console.print(format_class_table(res))
     text = console.export_text()
     assert "cat" in text and "dog" in text and "0.333 / 1.000 / 1.000" in text
+
+
+def test_a_truth_that_does_not_fit_the_pseudo_labels_is_refused(case):
+    table, gt = case
+    meta = {META_CATEGORIES: [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]}
+    figures = scored_against_truth(table, meta, gt, "p.parquet")
+    assert figures["images"]["evaluated"] == 2  # the same scores as pseudo_label_quality
+    swapped = {META_CATEGORIES: [{"id": 1, "name": "dog"}, {"id": 2, "name": "cat"}]}
+    with pytest.raises(DplError, match=r"p.parquet: pseudo-label categories .* differ from"):
+        scored_against_truth(table, swapped, gt, "p.parquet")
+    other = gt_data([(7, "x.png")], [(7, 1, [0, 0, 5, 5])])
+    with pytest.raises(DplError, match=r"gt.json: none of the 3 image\(s\) of p.parquet is in"):
+        scored_against_truth(table, meta, other, "p.parquet")

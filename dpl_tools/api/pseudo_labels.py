@@ -304,12 +304,12 @@ def evaluate_pseudo(
     ``ann``; ``figures["thresholds"]`` are those polish used, with their sources."""
     from dpl_tools.data.coco import load_coco
     from dpl_tools.data.pseudo_labels import META_THRESHOLDS
-    from dpl_tools.evaluation.pseudo_quality import pseudo_label_quality
+    from dpl_tools.evaluation.pseudo_quality import scored_against_truth
     from dpl_tools.io import write_json
 
     check_distinct_outputs({"--ann": ann, "--pseudo": pseudo}, {"--json": json_out})
     table, meta = read_pseudo_labels(pseudo)
-    figures = pseudo_label_quality(table, load_coco(ann))
+    figures = scored_against_truth(table, meta, load_coco(ann), pseudo)
     figures["thresholds"] = meta.get(META_THRESHOLDS)
     written = []
     if json_out:

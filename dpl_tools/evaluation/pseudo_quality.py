@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ import pyarrow as pa
 from dpl_tools.data.coco import CocoData
 from dpl_tools.data.pseudo_labels import drop_unusable_rows
 from dpl_tools.data.pseudo_views import BOX_COORDS, LABEL_SETS
+from dpl_tools.errors import DplError
 from dpl_tools.evaluation.coco_eval import coco_evaluation
 from dpl_tools.evaluation.matching import box_iou_np, greedy_match, paired_iou
 
@@ -451,3 +453,22 @@ def pseudo_label_quality(table: pa.Table, gt: CocoData) -> dict[str, Any]:
         },
         "pr_curves": curves,
     }  # fmt: skip
+
+
+def scored_against_truth(
+    table: pa.Table, meta: dict[str, Any], gt: CocoData, pseudo_path: str | Path
+) -> dict[str, Any]:
+    """``pseudo_label_quality`` of the pseudo labels read from ``pseudo_path`` (``table``
+    and its metadata ``meta``), once the truth is known to fit them: the same categories
+    (ids and names), and at least one image in common; else a one-line DplError (scored
+    against another set's truth, every figure would be wrong or n/a without a word)."""
+    from dpl_tools.data.student_data import check_pseudo_categories
+
+    check_pseudo_categories(meta, (), gt, pseudo_path)
+    figures = pseudo_label_quality(table, gt)
+    if figures["images"]["ok"] and not figures["images"]["evaluated"]:
+        raise DplError(
+            f"{gt.path}: none of the {figures['images']['ok']} image(s) of {pseudo_path} is "
+            "in this truth (matched by file name, then id): is it the truth of these images?"
+        )
+    return figures

@@ -26,7 +26,7 @@ from dpl_tools.data.pseudo_labels import (
 )
 from dpl_tools.errors import DplError
 from dpl_tools.evaluation.keep_sweep import keep_rule_sweep
-from dpl_tools.evaluation.pseudo_quality import pseudo_label_quality
+from dpl_tools.evaluation.pseudo_quality import scored_against_truth
 from dpl_tools.outputs import check_owned_folder, owned_folder
 from dpl_tools.progress import Progress
 from dpl_tools.report.gallery import gallery_items, write_thumbnail
@@ -94,7 +94,7 @@ def build_report(
     gt = load_coco(ann) if ann is not None else None
     names = category_names(meta, gt.categories if gt else None)
     summary = summarize(table)
-    quality = pseudo_label_quality(table, gt) if gt is not None else None
+    quality = scored_against_truth(table, meta, gt, labels) if gt is not None else None
     thresholds = meta.get(META_THRESHOLDS) or {}
     sweep = None
     if gt is not None and {"cls_prob", "teacher_score"} <= set(thresholds):
