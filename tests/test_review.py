@@ -204,10 +204,26 @@ def test_reviewed_label_studio_export_reads_the_human_annotation(data, tmp_path)
     name = tasks[0]["data"]["file_name"]
     ((label, box),) = back[name]
     assert label == data["names"][2] and box[0] == pytest.approx(40.0)  # 50% of 80 px
+    # without --classes the ids follow first appearance: said in one warning
+    assert "no --classes: category ids follow the order" in " ".join(result.output.split())
+    result = run("convert", "--format", "label-studio", out, "--out", coco, "--classes",
+                 ",".join(data["names"].values()))  # fmt: skip
+    assert result.exit_code == 0 and "no --classes" not in result.output
+
+
+ONE_RECT = (
+    '[{"data": {"image": "a.png"}, "annotations": [{"result": [{"type": '
+    '"rectanglelabels", "original_width": 80, "original_height": 60, "value": {"x": 10, '
+    '"y": 10, "width": 20, "height": 20, "rectanglelabels": LABELS}}]}]}]'
+)
 
 
 @pytest.mark.parametrize("text, fmt", [("{not json", "label-studio"), ("<a><b>", "cvat"),
-                                       ('[{"data": {}}]', "label-studio")])  # fmt: skip
+                                       ('[{"data": {}}]', "label-studio"),
+                                       # a class name as a string, not a list: was class "s"
+                                       (ONE_RECT.replace("LABELS", '"square"'), "label-studio"),
+                                       (ONE_RECT.replace("LABELS", "[]"),
+                                        "label-studio")])  # fmt: skip
 def test_bad_review_file_is_one_line(tmp_path, text, fmt):
     bad = tmp_path / ("bad.json" if fmt == "label-studio" else "bad.xml")
     bad.write_text(text)

@@ -1,10 +1,14 @@
-"""Convert Pascal VOC XML or YOLO txt annotations to one validated COCO JSON.
+"""Convert Pascal VOC XML, YOLO txt, Label Studio JSON or CVAT XML annotations to one
+validated COCO JSON.
 
 VOC: SRC is a VOC root (Annotations/, JPEGImages/, ImageSets/Main/) or a
 folder of XML files; boxes follow the VOC 1-based inclusive convention
 (x = xmin - 1, w = xmax - xmin + 1). YOLO: SRC holds images/ and labels/
 (optionally per split) or txt files beside the images; class names come
-from data.yaml or classes.txt. COCO: validated pass-through.
+from data.yaml or classes.txt. Label Studio (a JSON export of tasks) and
+CVAT (CVAT for images 1.1 XML): reviewed labels, e.g. of `dpl export
+--format label-studio / cvat`; give --classes with the labeled set's class
+names in order so the ids match it. COCO: validated pass-through.
 
 Every problem found is repaired or dropped and counted. A bad annotation
 file (malformed XML, a bad YOLO label file) skips its image and is listed in
@@ -21,6 +25,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from dpl_tools import api
 from dpl_tools.cli.options import AllowOutsideRoot
@@ -47,7 +52,11 @@ def print_summary(console: Console, coco: CocoData, title: str) -> None:
 
 def command(
     src: Annotated[
-        Path, typer.Argument(help="VOC root / XML folder, YOLO dataset folder, or COCO JSON.")
+        Path,
+        typer.Argument(
+            help="VOC root / XML folder, YOLO dataset folder, Label Studio JSON, CVAT XML, or "
+            "COCO JSON."
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="COCO JSON file to write.")],
     fmt: Annotated[
@@ -65,7 +74,9 @@ def command(
         typer.Option(
             "--classes",
             help="Comma-separated class names fixing category order (VOC default: sorted "
-            "names found; YOLO default: data.yaml / classes.txt).",
+            "names found; YOLO default: data.yaml / classes.txt; Label Studio / CVAT "
+            "default: order of first appearance, so give the labeled set's names to keep "
+            "its ids).",
         ),
     ] = None,
     images: Annotated[
@@ -94,6 +105,13 @@ def command(
     console = Console()
     fmt = fmt.lower()
     names = [n.strip() for n in classes.split(",") if n.strip()] if classes is not None else None
+    if names is None and fmt in ("label-studio", "cvat"):
+        console.print(
+            f"[yellow]warning:[/] no --classes: category ids follow the order the classes "
+            f"first appear in {escape(str(src))}, which may not be the labeled set's; give "
+            "--classes NAME,NAME,... in the labeled set's order to merge the two",
+            highlight=False,
+        )
     result = api.convert(
         src, out, fmt, split=split, classes=names, images=images,
         skip_difficult=skip_difficult, strict=strict, allow_outside_root=allow_outside_root,

@@ -220,9 +220,12 @@ def read_label_studio(
             v = r.get("value") or {}
             try:
                 x, y, w, h = (float(v[k]) for k in ("x", "y", "width", "height"))
-                label = str(v["rectanglelabels"][0])
-            except (KeyError, IndexError, TypeError, ValueError):
-                raise DplError(f"{path}: task {n} ({name}): a malformed rectangle") from None
+                names = v["rectanglelabels"]
+                if not isinstance(names, list) or not names or not isinstance(names[0], str):
+                    raise TypeError("rectanglelabels is not a list of class names")
+                label = names[0]
+            except (KeyError, IndexError, TypeError, ValueError) as e:
+                raise DplError(f"{path}: task {n} ({name}): a malformed rectangle ({e})") from None
             if float(v.get("rotation") or 0) != 0:
                 raise DplError(f"{path}: task {n} ({name}): rotated boxes are not supported")
             x1, y1 = x / 100 * width, y / 100 * height
