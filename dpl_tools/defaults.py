@@ -251,7 +251,9 @@ SETTINGS: dict[str, dict[str, Setting]] = {
             512, "classification samples (pairs + RPN proposals) per image per step", AT_LEAST_1
         ),
         "max_proposals": Setting(1000, "teacher RPN proposals added per image", NON_NEGATIVE),
-        "ema_momentum": Setting(0.99, "EMA momentum of the saved copy", UNIT),
+        "ema_momentum": Setting(
+            0.99, "EMA momentum of the saved copy", Range(0, 1, high_open=True)
+        ),
         "val_fraction": Setting(0.1, "labeled images held out for validation (0: off)", UNIT),
         "fit_keep_rule": Setting(
             True,

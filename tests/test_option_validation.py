@@ -189,6 +189,7 @@ CONFIG_CASES = [
     ("polish", {"polish": {"cls_prob": 2}}, "polish.cls_prob: must be in [0, 1], got 2"),
     ("polish", {"polish": {"workers": -1}}, "polish.workers: must be >= 0, got -1"),
     ("demo", {"student": {"iters": 0}}, "student.iters: must be >= 1, got 0"),
+    ("train-polisher", {"polisher": {"ema_momentum": 1}}, "polisher.ema_momentum: must be in"),
 ]
 
 
@@ -202,6 +203,14 @@ def test_bad_config_value_is_refused_before_any_work(tmp_path, command, raw, mes
     assert str(result.exception).startswith(f"{config}: {message}")
     assert "\n" not in str(result.exception)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_set_of_a_key_below_a_value_is_a_usage_error():
+    argv = ["train-teacher", "--ann", "a.json", "--images", "img", "--set", "teacher.iters=5",
+            "--set", "teacher.iters.x=1"]  # fmt: skip
+    result = CliRunner().invoke(app, argv, env=WIDE)
+    assert result.exit_code == 2  # was an internal error (TypeError), exit 3
+    assert "teacher.iters is set to a value already" in " ".join(result.output.split())
 
 
 def test_list_flag_values_obey_the_table():
@@ -224,3 +233,9 @@ def test_the_real_cli_exits_2_with_one_error_line(tmp_path):
     )  # fmt: skip
     assert run.returncode == 2
     assert run.stderr.strip() == f"error: {config}: teacher.iters: must be >= 1, got 0"
+
+
+def test_export_format_error_names_every_format(tmp_path):
+    result = CliRunner().invoke(app, ["export", "--format", "voc", "--out", str(tmp_path / "x")])
+    assert isinstance(result.exception, DplError)
+    assert str(result.exception) == "--format 'voc': choose from coco, yolo, label-studio, cvat"

@@ -27,9 +27,10 @@ from rich.console import Console
 
 from dpl_tools import api
 from dpl_tools.cli.options import AllowOutsideRoot, RunDir, within
-from dpl_tools.data.export_dataset import SUMMARY_FILE, ExportSummary
+from dpl_tools.data.export_dataset import DATASET_FORMATS, SUMMARY_FILE, ExportSummary
 from dpl_tools.data.pseudo_labels import dropped_warning
 from dpl_tools.data.review import LOCAL_FILES, REVIEW_FORMATS
+from dpl_tools.errors import DplError
 from dpl_tools.run_dir import DEFAULT_RUN_DIR, resolve_input
 from dpl_tools.settings import AT_LEAST_1, UNIT
 from dpl_tools.tables import ReportTable
@@ -179,6 +180,9 @@ def command(
     run_dir: RunDir = DEFAULT_RUN_DIR,
 ) -> None:
     console = Console()
+    if fmt not in (*DATASET_FORMATS, *REVIEW_FORMATS):
+        known = ", ".join((*DATASET_FORMATS, *REVIEW_FORMATS))
+        raise DplError(f"--format {fmt!r}: choose from {known}")
     if fmt in REVIEW_FORMATS:
         labels = resolve_input(labels, run_dir, "labels", "--labels")
         review = api.export_review(

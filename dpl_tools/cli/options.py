@@ -124,8 +124,11 @@ def set_overrides(values: list[str] | None) -> dict[str, dict[str, Any]]:
             raise typer.BadParameter(str(e)) from None
         *parents, last = key.split(".")  # model.detector_kwargs.box_batch_size_per_image
         node = out.setdefault(section, {})
-        for parent in parents:
+        for depth, parent in enumerate(parents, start=1):
             node = node.setdefault(parent, {})
+            if not isinstance(node, dict):  # an earlier --set gave this key a value
+                taken = ".".join([section, *parents[:depth]])
+                raise typer.BadParameter(f"--set {item!r}: {taken} is set to a value already")
         node[last] = value
     return out
 
