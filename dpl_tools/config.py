@@ -135,8 +135,13 @@ def preset_path(name_or_path: str | Path) -> Path:
 def read_yaml(path: Path) -> dict[str, Any]:
     """A YAML mapping of sections, or a one-line DplError."""
     raw = read_yaml_file(path) or {}  # one-line DplError: unreadable, not UTF-8, alias bomb
-    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+    if not isinstance(raw, dict):
         raise DplError(f"{path}: a config must map section names (model, teacher, ...) to mappings")
+    # a section left with every key commented out is empty, not an error
+    raw = {section: {} if values is None else values for section, values in raw.items()}
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            raise DplError(f"{path}: section {section} must be a mapping of settings")
     return raw
 
 
@@ -159,6 +164,13 @@ def check_config(
             raise DplError(f"{source}: {unknown('section ', section, tables)}")
         if not isinstance(values, dict):
             raise DplError(f"{source}: section {section} must be a mapping of settings")
+        for key in values:
+            homes = [name for name, table in tables.items() if key in table]
+            if key not in tables[section] and homes:
+                raise DplError(
+                    f"{source}: unknown key {section}.{key} (a setting of the "
+                    f"{' and '.join(homes)} section{'s' if len(homes) > 1 else ''})"
+                )
         try:
             out[section] = check_mapping(values, tables[section], f"{section}.")
         except SettingError as e:

@@ -83,6 +83,21 @@ class _BoundedLoader(yaml.SafeLoader):
             self.aliases += 1
         return super().compose_node(parent, index)
 
+    def construct_mapping(self, node, deep=False):
+        # a key given twice is an error (PyYAML keeps the last silently); merge keys (<<)
+        # may be overridden, as YAML specifies
+        seen: set[tuple[str, str]] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = (key_node.tag, key_node.value)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
     def compose_document(self):
         node = super().compose_document()
         if self.aliases and node is not None:

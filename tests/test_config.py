@@ -497,3 +497,22 @@ def test_crafted_checkpoint_through_the_cli(tiny_run, tmp_path):
         f"error: {model}: invalid detector checkpoint: min_size must be a positive integer, "
         "got '480'"
     )
+
+
+def test_yaml_mistakes_are_named(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("teacher:\n  iters: 5\n  iters: 6\n")
+    with pytest.raises(
+        DplError, match=r"dup.yaml: not valid YAML \(duplicate key 'iters' at line 3"
+    ):
+        load_config(dup)
+    # a section with every key commented out is empty, not an error
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("teacher:\n  iters: 7\nstudent:\n  # iters: 9\n")
+    assert load_config(empty)["teacher"]["iters"] == 7
+    # a key of another section says where it belongs
+    elsewhere = tmp_path / "elsewhere.yaml"
+    elsewhere.write_text("polisher:\n  train_crop: 320\n")
+    with pytest.raises(DplError, match=r"elsewhere.yaml: unknown key polisher.train_crop \(a "
+                       r"setting of the teacher and student sections\)"):  # fmt: skip
+        load_config(elsewhere)
