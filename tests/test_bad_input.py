@@ -612,7 +612,7 @@ def test_one_bad_yolo_label_file_skips_its_image_not_its_boxes(yolo):
     assert problems == {
         "latin.txt": "not UTF-8 text (byte 0xe9 at offset 5)",
         "inf.txt": "1: non-finite value in '0 0.5 0.5 inf 0.5'",
-        "badrow.txt": "2: expected 'class cx cy w h' (class a non-negative integer)",
+        "badrow.txt": "2: expected 'class cx cy w h': a box row needs 5 values, got 2 in '0 0.5'",
     }
     with pytest.raises(DplError, match=r"badrow.txt:2: expected 'class cx cy w h'"):
         convert_yolo(yolo, progress=False, strict=True)

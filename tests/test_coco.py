@@ -151,3 +151,30 @@ def test_truth_by_file_is_xyxy_by_file_name_without_crowds():
         3
     ]
     assert truth["c.jpg"][0].shape == (0, 4) and truth["c.jpg"][1].shape == (0,)
+
+
+@pytest.mark.parametrize("value", ["yes", "0", "1", None, 2, -1, 0.5, 1.0, [1], {"x": 1}])
+def test_iscrowd_other_than_0_or_1_is_refused_naming_the_annotation(value):
+    """pycocotools reads iscrowd with int(): "yes" crashed later readers, and dpl took the
+    string "0" for a crowd box where pycocotools does not; only 0 / 1 (or absent) pass."""
+    raw = _raw()
+    raw["annotations"][1]["iscrowd"] = value
+    with pytest.raises(DplError) as e:
+        validate_coco(raw, "ann.json")
+    message = str(e.value)
+    assert message.startswith("ann.json: 1 annotation(s) with an invalid iscrowd (e.g. ")
+    assert f"annotation 2: iscrowd = {json.dumps(value)})" in message and "\n" not in message
+
+
+def test_iscrowd_0_1_and_json_booleans_are_accepted():
+    raw = _raw()
+    raw["annotations"].append(
+        {"id": 3, "image_id": 1, "category_id": 3, "bbox": [0, 0, 5, 5], "iscrowd": 1}
+    )
+    raw["annotations"][0]["iscrowd"] = 0
+    coco = validate_coco(raw, "ann.json")
+    assert [a["iscrowd"] for a in coco.annotations] == [0, 0, 1]  # absent: 0
+    raw["annotations"][0]["iscrowd"], raw["annotations"][2]["iscrowd"] = False, True
+    coco = validate_coco(raw, "ann.json")
+    crowd = [a["iscrowd"] for a in coco.annotations]
+    assert crowd == [0, 0, 1] and all(type(v) is int for v in crowd)  # stored as pycocotools' ints

@@ -226,3 +226,33 @@ def test_cli_error_is_one_line_through_real_entry_point(voc_root, tmp_path):
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "img1.xml: not valid XML" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_yolo_only_label_file_bad_writes_nothing_and_says_why(tmp_path):
+    """Three images, one label file whose only line has 4 values: its image is skipped, the
+    two background images are left with no box. That run wrote a 0-box COCO JSON under
+    "validation: no problems found" (the skipped file's box was not counted as input)."""
+    root = tmp_path / "yolo"
+    root.mkdir()
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (40, 30), (9, 9, 9)).save(root / f"{name}.png")
+    (root / "a.txt").write_text("0 0.5 0.5 0.4\n")
+    (root / "classes.txt").write_text("thing\n")
+    out = tmp_path / "out.json"
+    result = CliRunner().invoke(app, ["convert", "-f", "yolo", str(root), "--out", str(out)])
+    assert isinstance(result.exception, DplError), result.output
+    message = str(result.exception)
+    assert message.startswith(f"{root}: all 1 boxes of the input were dropped, nothing written")
+    assert "1 file(s) skipped" in message and "\n" not in message
+    assert "needs 5 values, got 4 in '0 0.5 0.5 0.4'" in message
+    assert not out.exists()
+    assert "no problems found" not in result.output
+    with pytest.raises(DplError, match=r"a.txt:1: expected 'class cx cy w h': a box row needs 5"):
+        convert_yolo(root, progress=False, strict=True)
+    # with a good label file beside it the set is written, still not as "no problems found"
+    (root / "b.txt").write_text("0 0.5 0.5 0.4 0.4\n")
+    result = CliRunner().invoke(app, ["convert", "-f", "yolo", str(root), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "no problems found" not in result.output
+    assert "validation of" in result.output and "unusable file" in result.output
+    assert len(json.loads(out.read_text())["annotations"]) == 1

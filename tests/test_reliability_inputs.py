@@ -30,6 +30,8 @@ from dpl_tools.data.convert import convert
 from dpl_tools.data.detections import read_category_map, read_classes
 from dpl_tools.data.image_list import load_image_list
 from dpl_tools.data.images import ImageReadError, image_size, read_image
+from dpl_tools.data.pseudo_label_writer import rows_to_table
+from dpl_tools.data.pseudo_labels import META_CATEGORIES, read_pseudo_labels
 from dpl_tools.data.voc import convert_voc
 from dpl_tools.data.yolo_labels import convert_yolo
 from dpl_tools.errors import DplError
@@ -460,3 +462,89 @@ def test_voc_xml_repeating_an_image_is_skipped_not_fatal(tmp_path):
         (str(voc / "Annotations" / "img1.xml"), "its image img1.png is already annotated by "
          "copy.xml")
     ]  # fmt: skip
+
+
+# ------------------------------------- one image under two ids in a pseudo-label file
+
+BOX = ("x1", "y1", "x2", "y2")
+
+
+def _pseudo_row(image_id: int, name: str, box: tuple) -> dict:
+    return {
+        "image_id": image_id, "file_name": name, "width": 40, "height": 30, "status": "ok",
+        **{f"teacher_{c}": v for c, v in zip(BOX, box, strict=True)},
+        **{f"polished_{c}": v for c, v in zip(BOX, box, strict=True)},
+        "teacher_label": 1, "polished_label": 1, "teacher_score": 0.9, "polisher_prob": 0.95,
+        "use_cls": True, "use_reg": True,
+    }  # fmt: skip
+
+
+def _pseudo_file(path: Path, rows: list[dict]) -> Path:
+    cols = {k: [r[k] for r in rows] for k in rows[0]}
+    meta = {META_CATEGORIES: [{"id": 1, "name": "thing"}]}
+    pq.write_table(rows_to_table(cols, meta), path)
+    return path
+
+
+def test_pseudo_labels_with_one_file_name_under_two_image_ids_are_refused(tmp_path):
+    """a.png's boxes under ids 1 and 3: export-only wrote annotations of image 3, which no
+    image has (invalid COCO); export dropped them silently and show merged them."""
+    rows = [
+        _pseudo_row(1, "a.png", (1, 1, 10, 10)),
+        _pseudo_row(2, "b.png", (2, 2, 12, 12)),
+        _pseudo_row(3, "a.png", (5, 5, 20, 20)),
+    ]
+    labels = _pseudo_file(tmp_path / "p.parquet", rows)
+    expect = f"{labels}: file_name 'a.png' appears under 2 image_ids (1 and 3); "
+    with pytest.raises(DplError) as e:
+        read_pseudo_labels(labels)
+    assert str(e.value).startswith(expect) and "\n" not in str(e.value)
+    coco_out = tmp_path / "x.json"
+    proc = dpl("polish", "--export-only", "--out", str(labels), "--coco-out", str(coco_out))
+    _one_line_error(proc, expect)
+    assert not coco_out.exists()
+    rows.append(_pseudo_row(4, "a.png", (6, 6, 20, 20)))  # three ids: two named, the rest counted
+    with pytest.raises(DplError, match=r"'a.png' appears under 3 image_ids \(1, 3 and 1 more\)"):
+        read_pseudo_labels(_pseudo_file(tmp_path / "p3.parquet", rows))
+    # the same ids on the same file names are fine
+    table, _ = read_pseudo_labels(_pseudo_file(tmp_path / "ok.parquet", rows[:2]))
+    assert table.num_rows == 2
+
+
+# ------------------------------------------------------------ COCO iscrowd values
+
+
+def test_coco_iscrowd_string_is_one_line_error_in_convert_and_evaluate(tmp_path):
+    """An iscrowd of "yes" passed convert and crashed evaluate --pseudo with an internal
+    error; "0" was a crowd box to dpl but not to pycocotools. Both: one line, exit 2."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (40, 30), (200, 50, 50)).save(images / name)
+    labels = _pseudo_file(
+        tmp_path / "p.parquet",
+        [_pseudo_row(1, "a.png", (1, 1, 11, 11)), _pseudo_row(2, "b.png", (2, 2, 12, 12))],
+    )
+    out = tmp_path / "out.json"
+    for value, argv in (
+        ("yes", ["convert", "-f", "coco", "--images", str(images), "--out", str(out)]),
+        ("0", ["evaluate", "--pseudo", str(labels), "--json", str(out), "--ann"]),
+    ):
+        raw = _coco(
+            images=[
+                {"id": 1, "file_name": "a.png", "width": 40, "height": 30},
+                {"id": 2, "file_name": "b.png", "width": 40, "height": 30},
+            ],
+            annotations=[
+                {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 10, 10]},
+                {"id": 7, "image_id": 2, "category_id": 1, "bbox": [2, 2, 9, 9], "iscrowd": value},
+            ],
+        )
+        ann = tmp_path / f"ann-{value}.json"
+        ann.write_text(json.dumps(raw))
+        proc = dpl(*argv, str(ann))
+        _one_line_error(
+            proc, f'{ann}: 1 annotation(s) with an invalid iscrowd (e.g. annotation 7: iscrowd = "'
+            f'{value}")',
+        )  # fmt: skip
+        assert not out.exists()

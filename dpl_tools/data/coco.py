@@ -3,9 +3,12 @@
 Structural problems (unreadable JSON, missing keys, duplicate ids, duplicate image file
 names or category names, ids that are not integers or do not fit in int64, file names that
 are not strings, category names with control characters such as a newline, images without
-a positive finite width/height, file names leaving the image folder) are fatal
-``DplError``s naming the file, with how many items are affected and a first example. Ids
-are normalised to ``int`` (``1.0`` is ``1``).
+a positive finite width/height, file names leaving the image folder, an ``iscrowd`` other
+than 0 or 1) are fatal ``DplError``s naming the file, with how many items are affected and
+a first example. Ids are normalised to ``int`` (``1.0`` is ``1``). ``iscrowd`` is absent
+(read as 0), the integer 0 or 1, or JSON ``false`` / ``true`` (stored as 0 / 1, what
+pycocotools makes of them); a string such as ``"0"`` or ``"yes"``, a null, or any other
+number is refused, since dpl and pycocotools would read it differently or not at all.
 Per-annotation problems are repaired and counted: zero/negative-size, sub-pixel
 (< ``MIN_BOX_SIDE``), non-finite or malformed boxes and boxes of unknown images or
 categories are dropped, boxes reaching outside their image are clipped.
@@ -391,6 +394,27 @@ def _checked_images(path: Path, raw: dict) -> list[dict]:
     return images
 
 
+def _check_iscrowd(path: Path, annotations: list[dict]) -> None:
+    """Make each annotation's ``iscrowd`` 0 or 1 in place (absent stays absent, JSON
+    false/true become 0/1), or one DplError naming the first annotation with another value."""
+    bad = []
+    for a in annotations:
+        if "iscrowd" not in a:
+            continue
+        value = a["iscrowd"]
+        if isinstance(value, bool):
+            a["iscrowd"] = int(value)
+        elif type(value) is not int or value not in (0, 1):
+            bad.append(a)
+    if bad:
+        a = bad[0]
+        raise DplError(
+            f"{path}: {len(bad)} annotation(s) with an invalid iscrowd (e.g. annotation "
+            f"{a['id']}: iscrowd = {json.dumps(a['iscrowd'])}); it must be 0 or 1 (JSON "
+            "false/true read as 0/1), or absent"
+        )
+
+
 def _repaired_box(
     a: dict, im: dict, box_map: BoxMap | None, report: ValidationReport
 ) -> dict | None:
@@ -467,6 +491,7 @@ def validate_coco(
     annotations = [dict(a) for a in annotations]
     _normalize_ids(path, annotations, ("id", "image_id", "category_id"), "annotation")
     _check_unique(path, annotations, "annotation")
+    _check_iscrowd(path, annotations)
     kept_anns = []
     for a in annotations:
         if a["image_id"] not in image_by_id:

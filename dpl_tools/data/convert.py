@@ -28,7 +28,10 @@ Conventions (tested with exact numbers):
   (YAML through the alias-bomb-safe ``dpl_tools.textfiles`` loader); a bad one, or a class
   name with a control character or given twice, is a DplError naming the file.
 * A conversion that leaves no image, or drops every box the input had, is a DplError:
-  an empty dataset is never written.
+  an empty dataset is never written. The boxes of a skipped file count as the input's
+  (a YOLO label file with one bad line among background images writes nothing), and each
+  skipped file is counted in the validation report too, so a run that skipped files never
+  reports "no problems found".
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ from dpl_tools.data.yolo_labels import convert_yolo
 from dpl_tools.errors import DplError
 
 FORMATS = ("voc", "yolo", "coco", *REVIEW_FORMATS)
+# The validation report's line for the files a conversion skipped (each listed in the
+# skipped-files table with its problem).
+SKIPPED_FILE = "unusable file (skipped, listed below)"
 
 
 def convert_coco(
@@ -76,9 +82,14 @@ def require_usable(result: Conversion, src: str | Path) -> Conversion:
             why = "the input lists no images"
         raise DplError(f"{src}: no usable image left, nothing written ({why})")
     if result.input_boxes and not coco.annotations:
+        why = (
+            f"{skipped} file(s) skipped, e.g. {': '.join(result.skipped_files[0])}"
+            if skipped
+            else "see the problems above: wrong --classes? boxes outside the images?"
+        )
         raise DplError(
             f"{src}: all {result.input_boxes} boxes of the input were dropped, nothing written "
-            "(see the problems above: wrong --classes? boxes outside the images?)"
+            f"({why})"
         )
     return result
 
@@ -97,14 +108,19 @@ def convert(
     """Dispatch on ``fmt`` (voc, yolo, coco, label-studio, cvat); bad files are skipped
     unless ``strict``.
 
-    The set is not checked for being usable: see ``require_usable``.
+    The set is not checked for being usable: see ``require_usable``. Each skipped file is
+    counted in the set's validation report (``SKIPPED_FILE``).
     """
     if fmt == "voc":
-        return convert_voc(src, split, classes, images_dir, skip_difficult, progress, strict)
-    if fmt == "yolo":
-        return convert_yolo(src, split, classes, progress, strict)
-    if fmt == "coco":
-        return convert_coco(src, images_dir, allow_outside_root)
-    if fmt in REVIEW_FORMATS:
-        return convert_review(fmt, src, classes, images_dir, allow_outside_root)
-    raise DplError(f"unknown format '{fmt}' (choose from {', '.join(FORMATS)})")
+        result = convert_voc(src, split, classes, images_dir, skip_difficult, progress, strict)
+    elif fmt == "yolo":
+        result = convert_yolo(src, split, classes, progress, strict)
+    elif fmt == "coco":
+        result = convert_coco(src, images_dir, allow_outside_root)
+    elif fmt in REVIEW_FORMATS:
+        result = convert_review(fmt, src, classes, images_dir, allow_outside_root)
+    else:
+        raise DplError(f"unknown format '{fmt}' (choose from {', '.join(FORMATS)})")
+    for name, problem in result.skipped_files:
+        result.coco.report.add(SKIPPED_FILE, f"{name}: {problem}")
+    return result

@@ -266,16 +266,18 @@ def check_images(table: pa.Table, source: str | Path) -> None:
             f"{source}: image_id {image_id} is given to {len(files)} file names ({two}); each "
             f"image needs its own id, so its boxes cannot be told apart; {ALTERED}"
         )
-    per_name = names.group_by("file_name").aggregate([("image_id", "count_distinct")])
+    named = names.filter(pc.is_valid(names["file_name"]))
+    per_name = named.group_by("file_name").aggregate([("image_id", "count_distinct")])
     split = per_name.filter(pc.greater(per_name["image_id_count_distinct"], 1))
     if split.num_rows:
         name = split["file_name"][0].as_py()
-        ids = sorted(names.filter(pc.equal(names["file_name"], name))["image_id"].to_pylist())
+        ids = sorted(named.filter(pc.equal(named["file_name"], name))["image_id"].to_pylist())
         more = f" and {len(ids) - 2} more" if len(ids) > 2 else ""
+        listed = f"{ids[0]}, {ids[1]}{more}" if more else f"{ids[0]} and {ids[1]}"
         raise DplError(
-            f"{source}: file_name {name!r} appears under {len(ids)} image_ids ({ids[0]} and "
-            f"{ids[1]}{more}); each image needs one id, or its boxes are split between ids "
-            f"of which only one names the image; {ALTERED}"
+            f"{source}: file_name {name!r} appears under {len(ids)} image_ids ({listed}); "
+            "each image needs one id, or its boxes are split between ids of which only one "
+            f"names the image; {ALTERED}"
         )
 
 

@@ -105,7 +105,12 @@ def _parse_yolo_row(txt: Path, lineno: int, line: str) -> tuple[int, list[float]
         raise DplError(f"{where}: non-numeric value in '{line}'") from None
     if not all(math.isfinite(v) for v in values):
         raise DplError(f"{where}: non-finite value in '{line}'")
-    if len(values) < 5 or values[0] != int(values[0]) or values[0] < 0:
+    if len(values) < 5:
+        raise DplError(
+            f"{where}: expected 'class cx cy w h': a box row needs 5 values, got "
+            f"{len(values)} in '{line.strip()}'"
+        )
+    if values[0] != int(values[0]) or values[0] < 0:
         raise DplError(f"{where}: expected 'class cx cy w h' (class a non-negative integer)")
     cls, rest = int(values[0]), values[1:]
     if len(rest) >= 6 and len(rest) % 2 == 0:  # polygon x1 y1 x2 y2 ... (segmentation)
@@ -133,6 +138,7 @@ def convert_yolo(
     raw_images: list[dict[str, Any]] = []
     raw_anns: list[dict[str, Any]] = []
     used_labels: set[Path] = set()
+    input_boxes = 0  # rows of every image's label file, those of skipped files included
     scan = scan_images(images_dir)
     for entry, reason in scan.skipped:
         skips.add(entry, reason)
@@ -141,18 +147,22 @@ def convert_yolo(
         txt = labels_dir / rel.with_suffix(".txt")
         used_labels.add(txt)
         if not utf8_name(rel):
+            input_boxes += _row_count(txt)
             skips.add(path, "file name is not valid UTF-8 (image skipped)")
             continue
         try:
             width, height = image_size(path)
         except ImageReadError as e:
+            input_boxes += _row_count(txt)
             report.add("unreadable image (image dropped)", str(e))
             continue
         try:
             rows = _read_yolo_labels(txt)
         except DplError as e:
+            input_boxes += _row_count(txt)
             skips.error(txt, e)
             continue
+        input_boxes += len(rows)
         image_id = len(raw_images) + 1
         raw_images.append(
             {"id": image_id, "file_name": rel.as_posix(), "width": width, "height": height}
@@ -182,7 +192,20 @@ def convert_yolo(
     coco = validate_coco(raw, src)
     report.merge(coco.report)
     coco.report = report
-    return Conversion(coco, images_dir, skips.files, len(raw_anns))
+    return Conversion(coco, images_dir, skips.files, input_boxes)
+
+
+def _row_count(txt: Path) -> int:
+    """The box rows of a label file that was not parsed (a bad one, or that of a skipped
+    image): its non-blank, non-comment lines, read as bytes so a file that is not UTF-8
+    counts too; 0 when there is no file, 1 when it cannot be read (it may hold boxes)."""
+    if not txt.is_file():
+        return 0
+    try:
+        data = txt.read_bytes()
+    except OSError:
+        return 1
+    return sum(1 for ln in data.splitlines() if ln.strip() and not ln.lstrip().startswith(b"#"))
 
 
 def _read_yolo_labels(txt: Path) -> list[tuple[int, int, list[float], bool]]:
