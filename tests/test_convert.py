@@ -256,3 +256,22 @@ def test_yolo_only_label_file_bad_writes_nothing_and_says_why(tmp_path):
     assert "no problems found" not in result.output
     assert "validation of" in result.output and "unusable file" in result.output
     assert len(json.loads(out.read_text())["annotations"]) == 1
+
+
+def test_voc_only_xml_with_objects_bad_writes_nothing(tmp_path):
+    """The XML with the set's only objects is malformed (skipped), the others have none:
+    the objects of the skipped file count as input, so nothing is written (a 0-box COCO
+    JSON was written before)."""
+    root = tmp_path / "voc"
+    (root / "annotations").mkdir(parents=True)
+    (root / "images").mkdir()
+    for name in ("r1", "r2"):
+        Image.new("RGB", (64, 48)).save(root / "images" / f"{name}.jpg")
+    (root / "annotations" / "r1.xml").write_text(_xml("r1.jpg", []))
+    good = _xml("r2.jpg", [("raccoon", 2, 2, 9, 9, 0), ("raccoon", 3, 3, 20, 20, 0)])
+    (root / "annotations" / "r2.xml").write_text(good.replace("</annotation>", ""))
+    out = tmp_path / "out.json"
+    result = CliRunner().invoke(app, ["convert", "-f", "voc", str(root), "--out", str(out)])
+    assert isinstance(result.exception, DplError), result.output
+    assert "all 2 boxes of the input were dropped, nothing written" in str(result.exception)
+    assert not out.exists()

@@ -10,6 +10,7 @@ conventions are in ``dpl_tools.data.convert``'s docstring.
 from __future__ import annotations
 
 import math
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -176,6 +177,16 @@ def _annotation(obj: VocObject, ann_id: int, image_id: int, category_id: int) ->
     return ann
 
 
+def _object_count(xml: Path) -> int:
+    """The ``<object>`` elements of an XML file that could not be parsed, counted in its
+    bytes; 1 when it cannot be read (it may hold boxes)."""
+    try:
+        data = xml.read_bytes()
+    except OSError:
+        return 1
+    return len(re.findall(rb"<object[\s>]", data))
+
+
 def convert_voc(
     src: str | Path,
     split: str | None = None,
@@ -194,12 +205,14 @@ def convert_voc(
 
     skips = Skips(strict)
     records = []
+    unparsed_boxes = 0  # the objects of skipped XML files count as input boxes too
     for p in track(xml_paths, description="reading VOC XML", disable=not progress):
         try:
             records.append(parse_voc_xml(p))
         except DplError as e:
             skips.error(p, e)
-    input_boxes = sum(len(r.objects) for r in records)
+            unparsed_boxes += _object_count(p)
+    input_boxes = unparsed_boxes + sum(len(r.objects) for r in records)
     names = classes or sorted({o.name for r in records for o in r.objects})
     cat_id = {n: i + 1 for i, n in enumerate(names)}
     raw_images: list[dict[str, Any]] = []
