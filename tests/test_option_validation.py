@@ -239,3 +239,20 @@ def test_export_format_error_names_every_format(tmp_path):
     result = CliRunner().invoke(app, ["export", "--format", "voc", "--out", str(tmp_path / "x")])
     assert isinstance(result.exception, DplError)
     assert str(result.exception) == "--format 'voc': choose from coco, yolo, label-studio, cvat"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--export-only", "--cls-prob", "0.99"], "--cls-prob apply to polishing only"),
+        (["--export-only", "--images", "imgs", "--max-dets", "5"],
+         "--images, --max-dets apply to polishing only"),
+        (["--save-conf", "--coco-out", "x.json"], "--save-conf applies to --yolo-out labels"),
+    ],
+)  # fmt: skip
+def test_polish_options_that_would_be_ignored_are_refused(tmp_path, extra, message):
+    argv = ["polish", "--out", str(tmp_path / "p.parquet"), "--coco-out", str(tmp_path / "c.json")]
+    result = CliRunner().invoke(app, [*argv, *extra], env=WIDE)
+    assert isinstance(result.exception, DplError), result.output
+    assert message in str(result.exception)
+    assert sorted(tmp_path.iterdir()) == []

@@ -172,7 +172,21 @@ def command(
     flags = dict(flags or {})
     api.stage_config(config, "polish", flags=flags)  # a bad --config fails first
     out = resolve_output(out, run_dir, "labels")
+    if save_conf and yolo_out is None:
+        raise DplError("--save-conf applies to --yolo-out labels; give --yolo-out")
     if export_only:
+        polishing = {"--images": images, "--teacher": teacher, "--polisher": polisher,
+                     "--image-root": image_root, "--config": config, "--shard": shard,
+                     "--detections": detections, "--detection-classes": detection_classes,
+                     "--category-map": category_map}  # fmt: skip
+        unused = [name for name, value in polishing.items() if value is not None]
+        unused += [POLISH_FLAG_NAMES.get(k, f"--{k.replace('_', '-')}")
+                   for k, v in flags.get("polish", {}).items() if v is not None]  # fmt: skip
+        if unused:
+            raise DplError(
+                f"--export-only writes the labels of --out as they are; {', '.join(unused)} "
+                "apply to polishing only (run dpl polish without --export-only to use them)"
+            )
         api.export_labels(out, coco_out, yolo_out, coco_view, overwrite, console, save_conf)
         return
     if images is None:
