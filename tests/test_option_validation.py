@@ -256,3 +256,17 @@ def test_polish_options_that_would_be_ignored_are_refused(tmp_path, extra, messa
     assert isinstance(result.exception, DplError), result.output
     assert message in str(result.exception)
     assert sorted(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--format", "coco", "--top", "5"], "--top: not used by --format coco"),
+        (["--format", "label-studio", "--labeled", "gt.json", "--val", "v.json"],
+         "--labeled, --val: not used by --format label-studio"),
+    ],
+)  # fmt: skip
+def test_export_options_of_another_format_are_refused(tmp_path, extra, message):
+    result = CliRunner().invoke(app, ["export", "--out", str(tmp_path / "x"), *extra])
+    assert isinstance(result.exception, DplError), result.output
+    assert str(result.exception) == message

@@ -184,6 +184,18 @@ def command(
         known = ", ".join((*DATASET_FORMATS, *REVIEW_FORMATS))
         raise DplError(f"--format {fmt!r}: choose from {known}")
     if fmt in REVIEW_FORMATS:
+        dataset_only = {"--labeled": labeled, "--val": val, "--images": images,
+                        "--unlabeled-images": unlabeled_images, "--val-images": val_images,
+                        "--copy-images": copy_images or None}  # fmt: skip
+    else:
+        dataset_only = {
+            "--top": top,
+            "--image-prefix": None if image_prefix == LOCAL_FILES else image_prefix,
+        }
+    unused = [name for name, value in dataset_only.items() if value is not None]
+    if unused:
+        raise DplError(f"{', '.join(unused)}: not used by --format {fmt}")
+    if fmt in REVIEW_FORMATS:
         labels = resolve_input(labels, run_dir, "labels", "--labels")
         review = api.export_review(
             labels, out, fmt, view=view, top=top, image_prefix=image_prefix, min_score=min_score
