@@ -630,7 +630,8 @@ def test_convert_with_nothing_usable_left_fails_and_writes_nothing(tmp_path, voc
         str(result.exception)
     )
     assert not out.exists()
-    with pytest.raises(DplError, match=r"all 1 boxes of the input were dropped"):
+    # the good file's box (not a cat) and the objects of the two skipped files
+    with pytest.raises(DplError, match=r"all 3 boxes of the input were dropped"):
         require_usable(convert("voc", voc, classes=["cat"], progress=False), voc)
     for xml in (voc / "Annotations").glob("*.xml"):
         xml.write_text("<annotation>")

@@ -66,7 +66,7 @@ CASES = [
     ("train-polisher", "--reg-per-image", "0", "must be >= 1, got 0"),
     ("train-polisher", "--cls-per-image", "-1", "must be >= 1, got -1"),
     ("train-polisher", "--max-proposals", "-1", "must be >= 0, got -1"),
-    ("train-polisher", "--ema-momentum", "1.5", "must be in [0, 1], got 1.5"),
+    ("train-polisher", "--ema-momentum", "1.5", "must be in [0, 1), got 1.5"),
     ("train-polisher", "--val-fraction", "-0.1", "must be in [0, 1], got -0.1"),
     ("train-polisher", "--workers", "-1", "must be >= 0, got -1"),
     ("train-polisher", "--checkpoint-every", "-1", "must be >= 0, got -1"),
