@@ -270,3 +270,14 @@ def test_export_options_of_another_format_are_refused(tmp_path, extra, message):
     result = CliRunner().invoke(app, ["export", "--out", str(tmp_path / "x"), *extra])
     assert isinstance(result.exception, DplError), result.output
     assert str(result.exception) == message
+
+
+def test_evaluate_pseudo_refuses_the_options_of_a_model(tmp_path):
+    argv = ["evaluate", "--pseudo", str(tmp_path / "p.parquet"), "--ann",
+            str(tmp_path / "a.json"), "--model", str(tmp_path / "m.pt"), "--predictions",
+            str(tmp_path / "pr.json")]  # fmt: skip
+    result = CliRunner().invoke(app, argv)
+    assert isinstance(result.exception, DplError), result.output
+    message = "--model, --predictions: for evaluating a model, not with --pseudo"
+    assert str(result.exception) == message
+    assert sorted(tmp_path.iterdir()) == []

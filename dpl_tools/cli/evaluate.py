@@ -133,6 +133,11 @@ def command(
     allow_outside_root: AllowOutsideRoot = False,
 ) -> None:
     console = Console()
+    if pseudo is not None:
+        model_only = {"--model": model, "--images": images, "--predictions": predictions}
+        unused = [name for name, value in model_only.items() if value is not None]
+        if unused:
+            raise DplError(f"{', '.join(unused)}: for evaluating a model, not with --pseudo")
     model_in = None if pseudo is not None else model or artifact(run_dir, "teacher")
     check_distinct_outputs(
         {"--ann": ann, "--pseudo": pseudo, "--images": images, "--model": model_in},
