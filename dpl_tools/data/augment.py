@@ -175,10 +175,12 @@ def clip_to_image(
 ) -> Tensor:
     """Clip box set ``key`` of a moved (shifted, scaled, cropped) image's target to the
     image (``size``: h, w) and drop the boxes left thinner than a pixel or with less than
-    ``min_visible`` of their moved area inside (and the rows not ``valid``, if given).
-    Returns the clipped boxes dropped for visibility alone: a caller whose loss has ignore
-    regions makes them ignore regions (``add_ignore_regions``), so an object's visible
-    sliver is not taught as background."""
+    ``min_visible`` of their moved area inside (and the rows not ``valid``, if given); an
+    ignore region stays while any of it is inside. Returns the clipped boxes dropped for
+    visibility alone: a caller whose loss has ignore regions makes them ignore regions
+    (``add_ignore_regions``), so an object's visible sliver is not taught as background."""
+    if key == IGNORE_BOXES:
+        min_visible = 0.0
     height, width = size
     boxes = target[key]
     moved_area = _area(boxes)
@@ -261,8 +263,7 @@ class DetectionAugment:
             cut = []
             for k in keys:
                 target[k] = boxed[k].as_subclass(Tensor)
-                least = 0.0 if k == IGNORE_BOXES else self.settings.min_visible
-                cut.append(clip_to_image(target, k, size, least, before[k] > 0))
+                cut.append(clip_to_image(target, k, size, self.settings.min_visible, before[k] > 0))
             erased, patches = erase_patches(picture.as_subclass(Tensor), self.settings)
             for k in keys:
                 if k == IGNORE_BOXES:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
-from dpl_tools.data.augment import IGNORE_BOXES, add_ignore_regions, box_sets, clip_to_image
+from dpl_tools.data.augment import add_ignore_regions, box_sets, clip_to_image
 
 
 class DetectorTransform(GeneralizedRCNNTransform):
@@ -61,8 +61,7 @@ class DetectorTransform(GeneralizedRCNNTransform):
         for key in box_sets(target):
             shift = target[key].new_tensor([left, top, left, top])
             target[key] = target[key].reshape(-1, 4) - shift
-            least = 0.0 if key == IGNORE_BOXES else self.min_visible
-            cut.append(clip_to_image(target, key, (crop_h, crop_w), least))
+            cut.append(clip_to_image(target, key, (crop_h, crop_w), self.min_visible))
         if self.cut_to_ignore:
             add_ignore_regions(target, cut)
         return image[:, top : top + crop_h, left : left + crop_w], target
